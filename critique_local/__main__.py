@@ -1,0 +1,3 @@
+from critique_local.cli import main
+
+main()

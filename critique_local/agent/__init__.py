@@ -1,0 +1,1 @@
+"""Driving ``opencode serve`` headless: its HTTP client, its config, and its events."""

@@ -1,0 +1,1 @@
+"""The HTTP API: schemas, routes, auth, SSE and the generated OpenAPI document."""

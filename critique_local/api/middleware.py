@@ -1,0 +1,79 @@
+"""The one place errors become HTTP responses, and where API keys are checked."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from critique_local.api.registry import Handler, Route
+from critique_local.errors import (
+    ApiError,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from critique_local.store.db import Database
+from critique_local.store.keys import Principal, principal_for_key
+from critique_local.tokens import API_KEY_PREFIX
+
+log = logging.getLogger(__name__)
+ANONYMOUS = Principal("", "", frozenset())
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return web.json_response(exc.body(), status=exc.status)
+    except web.HTTPRequestEntityTooLarge:
+        err: ApiError = PayloadTooLarge("request body is too large")
+        return web.json_response(err.body(), status=err.status)
+    except web.HTTPNotFound:
+        err = NotFound(f"no route for {request.path}")
+        return web.json_response(err.body(), status=err.status)
+    except web.HTTPMethodNotAllowed:
+        err = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+        return web.json_response(err.body(), status=err.status)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return web.json_response({"error": {"code": exc.reason.lower().replace(" ", "_"),
+                                                "message": exc.text or exc.reason}}, status=exc.status)
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return web.json_response({"error": {"code": "internal_error", "message": "internal server error"}},
+                                 status=500)
+
+
+def bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def authenticated(route: Route, db_key: web.AppKey[Database]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    handler: Handler = route.handler
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        if route.scope is None:
+            return await handler(request, ANONYMOUS)
+        token = bearer(request)
+        if token is None or not token.startswith(API_KEY_PREFIX):
+            raise Unauthorized("missing or malformed API key: send Authorization: Bearer crt_...")
+        principal = await principal_for_key(request.app[db_key], token)
+        if principal is None:
+            raise Unauthorized("invalid or revoked API key")
+        if route.scope not in principal.scopes:
+            raise Forbidden(f"this key lacks the {route.scope} scope")
+        return await handler(request, principal)
+
+    return wrapped

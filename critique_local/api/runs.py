@@ -1,0 +1,137 @@
+"""Routes of the Coding Agent API: create, list, get, messages, stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+from aiohttp_sse import sse_response
+
+from critique_local.api.http import parse_body, parse_query, respond
+from critique_local.api.registry import Route
+from critique_local.api.schemas import (
+    CreateRunRequest,
+    GetRunQuery,
+    ListRunsQuery,
+    MessageRequest,
+    RunEnvelope,
+    RunList,
+    StreamQuery,
+)
+from critique_local.api.views import run_view
+from critique_local.appkeys import SCHEDULER, SERVICES
+from critique_local.errors import InvalidRequest, NotFound, Unsupported
+from critique_local.runs import create as creating
+from critique_local.runs.states import TERMINAL, RunStatus
+from critique_local.store import events as events_store
+from critique_local.store import runs as store
+from critique_local.store.keys import Principal
+from critique_local.store.runs import RunRow
+
+HEARTBEAT_S = 10.0
+BASE = "/api/v1/coding-agent/runs"
+
+
+async def _owned_run(request: web.Request, principal: Principal) -> RunRow:
+    run = await store.get_run(request.app[SERVICES].db, request.match_info["id"], principal.user_id)
+    if run is None:  # another user's run is indistinguishable from a missing one
+        raise NotFound("run not found", code="run_not_found")
+    return run
+
+
+async def _view(request: web.Request, run: RunRow, *, patch: bool = False, events: bool = False) -> RunEnvelope:
+    s = request.app[SERVICES]
+    return RunEnvelope(run=run_view(
+        run, s.public_url,
+        turns=await store.turns_of(s.db, run.id),
+        patch=await store.get_patch(s.db, run.id) if patch else None,
+        events=await events_store.after(s.db, run.id, 0, limit=100_000) if events else None,
+    ))
+
+
+async def create_run(request: web.Request, principal: Principal) -> web.StreamResponse:
+    req, raw = await parse_body(request, CreateRunRequest)
+    s = request.app[SERVICES]
+    run, created = await creating.create(s, principal, req, raw, request.headers.get("Idempotency-Key"))
+    if created:
+        await s.hub.status(run)
+        request.app[SCHEDULER].submit(run.id)
+    return respond(await _view(request, run), status=201 if created else 200)
+
+
+async def list_runs(request: web.Request, principal: Principal) -> web.StreamResponse:
+    q = parse_query(request, ListRunsQuery)
+    s = request.app[SERVICES]
+    rows = await store.list_runs(s.db, principal.user_id, q.limit + 1, int(q.cursor) if q.cursor else None)
+    page = rows[: q.limit]
+    views = [(await _view(request, r)).run for r in page]
+    return respond(RunList(data=views, next_cursor=str(page[-1].seq) if len(rows) > q.limit else None))
+
+
+async def get_run(request: web.Request, principal: Principal) -> web.StreamResponse:
+    q = parse_query(request, GetRunQuery)
+    run = await _owned_run(request, principal)
+    return respond(await _view(request, run, patch=q.patch in ("1", "true"), events=q.events in ("1", "true")))
+
+
+async def send_message(request: web.Request, principal: Principal) -> web.StreamResponse:
+    await _owned_run(request, principal)
+    await parse_body(request, MessageRequest)
+    raise Unsupported("follow-up messages (warm sessions) are not supported yet; start a new run",
+                      field="prompt")
+
+
+def _resume_point(request: web.Request) -> int:
+    q = parse_query(request, StreamQuery)
+    header = request.headers.get("Last-Event-ID")
+    if header is not None:
+        if not header.strip().isdigit():
+            raise InvalidRequest("Last-Event-ID must be an event id", field="Last-Event-ID")
+        return max(int(header), q.after or 0)
+    return q.after or 0
+
+
+async def stream(request: web.Request, principal: Principal) -> web.StreamResponse:
+    run = await _owned_run(request, principal)
+    last = _resume_point(request)
+    s = request.app[SERVICES]
+    async with sse_response(request, ping_interval=HEARTBEAT_S) as sse:
+        while sse.is_connected():
+            signal = s.hub.signal(run.id)
+            batch = await events_store.after(s.db, run.id, last)
+            for ev in batch:
+                await sse.send(_json(ev.data, ev.seq, ev.created_at), id=str(ev.seq), event=ev.kind)
+                last = ev.seq
+            if batch:
+                continue
+            current = await store.get_run(s.db, run.id)
+            if current is None or current.status in TERMINAL or current.status is RunStatus.IDLE:
+                # the closing run.status may have landed between the read above and this check
+                for ev in await events_store.after(s.db, run.id, last):
+                    await sse.send(_json(ev.data, ev.seq, ev.created_at), id=str(ev.seq), event=ev.kind)
+                break
+            try:
+                await asyncio.wait_for(signal.wait(), HEARTBEAT_S)
+            except TimeoutError:
+                continue
+    return sse
+
+
+def _json(data: dict[str, object], seq: int, created_at: str) -> str:
+    return json.dumps({"id": seq, "createdAt": created_at, **data})
+
+
+ROUTES = [
+    Route("POST", BASE, create_run, "Start a run", "write:builder", request=CreateRunRequest,
+          response=RunEnvelope, status=201, errors=(400, 401, 403, 404, 413, 422)),
+    Route("GET", BASE, list_runs, "List your recent runs, newest first", "read:builder", query=ListRunsQuery,
+          response=RunList, errors=(401, 403, 422)),
+    Route("GET", BASE + "/{id}", get_run, "Status, summary, optional patch and events", "read:builder",
+          query=GetRunQuery, response=RunEnvelope, errors=(401, 403, 404, 422)),
+    Route("POST", BASE + "/{id}/messages", send_message, "Send a follow-up (not supported yet: 422)",
+          "write:builder", request=MessageRequest, response=RunEnvelope, status=202,
+          errors=(400, 401, 403, 404, 409, 422)),
+    Route("GET", BASE + "/{id}/stream", stream, "Server-Sent Events: builder.event and run.status",
+          "read:builder", query=StreamQuery, sse=True, errors=(401, 403, 404, 422)),
+]

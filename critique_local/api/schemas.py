@@ -1,0 +1,235 @@
+"""Request and response models (camelCase on the wire). These drive validation and the
+OpenAPI document; field limits here are the API's documented bounds."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+MAX_PROMPT_CHARS = 120_000
+MAX_TAGS = 20
+MAX_TAG_CHARS = 64
+MAX_METADATA_KEYS = 32
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+# ---- requests ---------------------------------------------------------------------------
+
+class Publish(Model):
+    mode: Literal["draft_pr", "none"] = Field("none", description="draft_pr opens a draft pull request.")
+    branch: str | None = Field(None, max_length=200, description="Branch name when publishing.")
+
+
+class Billing(Model):
+    mode: Literal["managed", "openrouter"] = Field("managed", description="Who pays for model calls.")
+    open_router_api_key: SecretStr | None = Field(
+        None, alias="openRouterApiKey", max_length=512, description="With openrouter: your key, for this run only."
+    )
+
+
+class SafetyNetwork(Model):
+    mode: Literal["none", "restricted", "open"] = Field(description="Sandbox egress policy.")
+    allowlist: list[str] = Field(default_factory=list, max_length=100, description="Hosts for restricted mode.")
+
+
+class SafetyResources(Model):
+    max_turns: int | None = Field(None, ge=1, le=1000, description="Budget: agent model calls.")
+    max_credits: float | None = Field(None, gt=0, le=1_000_000, description="Budget: credits.")
+
+
+class Safety(Model):
+    network: SafetyNetwork | None = None
+    resources: SafetyResources | None = None
+
+
+class CreateRunRequest(Model):
+    repository: str | None = Field(None, max_length=201, description="owner/name.")
+    repository_full_name: str | None = Field(None, max_length=201, description="owner/name (alias of repository).")
+    repository_id: str | None = Field(None, max_length=64, description="A repository id from an earlier run.")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Task instruction.")
+    model_id: str | None = Field(None, max_length=200, description="Model from GET /api/v1/coding-agent/models.")
+    task_kind: Literal["code", "plan"] = Field("code", description="plan uses the read-only plan agent.")
+    base_ref: str | None = Field(None, max_length=200, description="Branch, tag or commit to check out.")
+    git_checkout_ref: str | None = Field(None, max_length=200, description="Alias of baseRef.")
+    validation_mode: Literal["basic", "tests", "minimal"] | None = Field(None, description="Checks after a turn.")
+    publish: Publish | None = None
+    billing: Billing | None = None
+    title: str | None = Field(None, max_length=200)
+    tags: list[str] = Field(default_factory=list, description="Normalized: trimmed, lower-cased, de-duplicated.")
+    metadata: dict[str, str] = Field(default_factory=dict, description="Up to 32 string keys; values <= 512 chars.")
+    safety: Safety | None = None
+
+    @field_validator("tags", mode="after")
+    @classmethod
+    def _tags(cls, tags: list[str]) -> list[str]:
+        out: list[str] = []
+        for tag in tags:
+            norm = tag.strip().lower()
+            if not norm:
+                raise ValueError("tags must not be empty")
+            if len(norm) > MAX_TAG_CHARS:
+                raise ValueError(f"each tag must be at most {MAX_TAG_CHARS} characters")
+            if norm not in out:
+                out.append(norm)
+        if len(out) > MAX_TAGS:
+            raise ValueError(f"at most {MAX_TAGS} tags")
+        return out
+
+    @field_validator("metadata", mode="after")
+    @classmethod
+    def _metadata(cls, metadata: dict[str, str]) -> dict[str, str]:
+        if len(metadata) > MAX_METADATA_KEYS:
+            raise ValueError(f"at most {MAX_METADATA_KEYS} keys")
+        for key, value in metadata.items():
+            if not key or len(key) > MAX_METADATA_KEY_CHARS:
+                raise ValueError(f"keys must be 1-{MAX_METADATA_KEY_CHARS} characters")
+            if len(value) > MAX_METADATA_VALUE_CHARS:
+                raise ValueError(f"values must be at most {MAX_METADATA_VALUE_CHARS} characters")
+        return metadata
+
+    @model_validator(mode="after")
+    def _one_repository(self) -> CreateRunRequest:
+        given = [v for v in (self.repository, self.repository_full_name, self.repository_id) if v]
+        if not given:
+            raise ValueError("one of repository, repositoryFullName or repositoryId is required")
+        if self.repository and self.repository_full_name and self.repository != self.repository_full_name:
+            raise ValueError("repository and repositoryFullName disagree")
+        if self.base_ref and self.git_checkout_ref and self.base_ref != self.git_checkout_ref:
+            raise ValueError("baseRef and gitCheckoutRef disagree")
+        return self
+
+
+class MessageRequest(Model):
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    publish: Publish | None = None
+    end_session: bool | None = None
+
+
+class ListRunsQuery(Model):
+    limit: int = Field(20, ge=1, le=100)
+    cursor: str | None = Field(None, max_length=32, pattern=r"^[0-9]+$", description="nextCursor of the last page.")
+
+
+class GetRunQuery(Model):
+    patch: Literal["0", "1", "true", "false"] = Field("0", description="1: include the patch text.")
+    events: Literal["0", "1", "true", "false"] = Field("0", description="1: include the activity timeline.")
+
+
+class StreamQuery(Model):
+    after: int | None = Field(None, ge=0, description="Resume after this event id (or send Last-Event-ID).")
+
+
+# ---- responses --------------------------------------------------------------------------
+
+class RepositoryView(Model):
+    id: str
+    full_name: str
+
+
+class DiffStats(Model):
+    files_changed: int
+    additions: int
+    deletions: int
+
+
+class RunErrorView(Model):
+    code: str = Field(description="Stable machine-readable code, e.g. server_restarted, model_error.")
+    message: str
+
+
+class EventView(Model):
+    id: int = Field(description="Per-run increasing event id (the SSE id).")
+    event: Literal["builder.event", "run.status"]
+    data: dict[str, Any]
+    created_at: str
+
+
+class TurnView(Model):
+    index: int
+    status: str
+    summary: str | None
+    diff_stats: DiffStats | None
+    started_at: str | None
+    finished_at: str | None
+
+
+class RunView(Model):
+    id: str
+    status: Literal["queued", "running", "idle", "completed", "failed", "cancelled"]
+    lifecycle: str = Field(description="Where the run is; see the README's lifecycle table.")
+    terminal: bool
+    awaiting_follow_up: bool
+    can_follow_up: bool
+    next_actions: list[str]
+    session_active: bool
+    session_expires_at: str | None
+    turn_count: int
+    repository: RepositoryView
+    model_id: str
+    task_kind: Literal["code", "plan"]
+    title: str | None
+    tags: list[str]
+    metadata: dict[str, str]
+    intent: str = Field(description="Deterministic prompt classification: see README.")
+    base_ref: str | None
+    base_commit: str | None
+    validation_mode: str
+    publish: Publish
+    billing_mode: str
+    summary: str | None
+    changed_paths: list[str]
+    diff_stats: DiffStats | None
+    patch: str | None = Field(None, description="Only with ?patch=1.")
+    events: list[EventView] | None = Field(None, description="Only with ?events=1.")
+    turns: list[TurnView]
+    error: RunErrorView | None
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    agent_ready_at: str | None
+    finished_at: str | None
+    status_url: str
+    stream_url: str
+
+
+class RunEnvelope(Model):
+    run: RunView
+
+
+class RunList(Model):
+    data: list[RunView]
+    next_cursor: str | None
+
+
+class ModelView(Model):
+    id: str
+    name: str
+    provider: str
+    context_tokens: int
+
+
+class ModelList(Model):
+    data: list[ModelView]
+
+
+class Health(Model):
+    ok: bool
+    version: str
+    backend: str
+
+
+class ErrorBody(Model):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorEnvelope(Model):
+    error: ErrorBody

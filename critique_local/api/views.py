@@ -1,0 +1,68 @@
+"""RunRow (+ optional patch, events, turns) -> the public RunView."""
+
+from __future__ import annotations
+
+from critique_local.api.schemas import (
+    DiffStats,
+    EventView,
+    Publish,
+    RepositoryView,
+    RunErrorView,
+    RunView,
+    TurnView,
+)
+from critique_local.runs.states import lifecycle_of
+from critique_local.store.events import EventRow
+from critique_local.store.runs import RunRow
+
+
+def run_view(
+    run: RunRow,
+    base_url: str,
+    *,
+    turns: list[dict[str, object]],
+    patch: str | None = None,
+    events: list[EventRow] | None = None,
+) -> RunView:
+    lc = lifecycle_of(run.status, run.phase, run.has_patch)
+    req = run.request
+    url = f"{base_url}/api/v1/coding-agent/runs/{run.id}"
+    return RunView(
+        id=run.id,
+        status=run.status.value,
+        lifecycle=lc.lifecycle,
+        terminal=lc.terminal,
+        awaiting_follow_up=lc.awaiting_follow_up,
+        can_follow_up=lc.can_follow_up,
+        next_actions=list(lc.next_actions),
+        session_active=False,
+        session_expires_at=run.session_expires_at,
+        turn_count=run.turn_count,
+        repository=RepositoryView(id=run.repository_id, full_name=run.repository_full_name),
+        model_id=run.model_id,
+        task_kind="plan" if run.task_kind == "plan" else "code",
+        title=req.get("title"),
+        tags=list(req.get("tags") or []),
+        metadata=dict(req.get("metadata") or {}),
+        intent=run.intent,
+        base_ref=run.base_ref,
+        base_commit=run.base_commit,
+        validation_mode=req.get("validationMode") or "minimal",
+        publish=Publish.model_validate(req.get("publish") or {}),
+        billing_mode=str(req.get("billingMode") or "managed"),
+        summary=run.summary,
+        changed_paths=run.changed_paths,
+        diff_stats=DiffStats.model_validate(run.diff_stats) if run.diff_stats else None,
+        patch=patch,
+        events=[EventView(id=e.seq, event=e.kind, data=e.data, created_at=e.created_at)  # type: ignore[arg-type]
+                for e in events] if events is not None else None,
+        turns=[TurnView.model_validate(t) for t in turns],
+        error=RunErrorView(code=run.error_code, message=run.error_message or "") if run.error_code else None,
+        created_at=run.created_at,
+        updated_at=run.updated_at,
+        started_at=run.started_at,
+        agent_ready_at=run.agent_ready_at,
+        finished_at=run.finished_at,
+        status_url=url,
+        stream_url=f"{url}/stream",
+    )

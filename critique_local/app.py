@@ -1,0 +1,112 @@
+"""Building and serving the application.
+
+Two listeners share one set of services: the public API (``server.host:port``) and a
+sandbox-facing listener that serves only the model gateway, bound to the address sandboxes
+can route to (the internal Docker network's gateway). Sandboxes therefore cannot reach the
+Coding Agent API, and clients outside never need to reach the sandbox network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+from collections.abc import Callable
+
+from aiohttp import web
+
+from critique_local.api import meta, runs
+from critique_local.api.middleware import authenticated, error_middleware
+from critique_local.api.registry import Route
+from critique_local.appkeys import DB, SCHEDULER, SERVICES, UPSTREAM
+from critique_local.config import Settings
+from critique_local.gateway import routes as gateway
+from critique_local.gateway.catalog import Catalog
+from critique_local.gateway.upstream import Upstream
+from critique_local.runs.events import EventHub
+from critique_local.runs.scheduler import Scheduler
+from critique_local.sandboxes.factory import make_backend
+from critique_local.services import Services
+from critique_local.store.db import Database
+
+log = logging.getLogger("critique_local")
+
+
+def instance_id(settings: Settings) -> str:
+    """A stable id for this data dir; labels our sandboxes so two servers never touch each other's."""
+    path = settings.server.data_dir / "instance_id"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(8))
+    return path.read_text().strip()
+
+
+def _application(services: Services, scheduler: Scheduler, upstream: Upstream, routes: list[Route]) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=services.settings.limits.max_body_bytes)
+    app[SERVICES] = services
+    app[DB] = services.db
+    app[SCHEDULER] = scheduler
+    app[UPSTREAM] = upstream
+    for route in routes:
+        app.router.add_route(route.method, route.path, authenticated(route, DB))
+    return app
+
+
+def public_app(services: Services, scheduler: Scheduler, upstream: Upstream) -> web.Application:
+    return _application(services, scheduler, upstream, [*runs.ROUTES, *meta.ROUTES, *gateway.ROUTES])
+
+
+def sandbox_app(services: Services, scheduler: Scheduler, upstream: Upstream) -> web.Application:
+    return _application(services, scheduler, upstream, list(gateway.ROUTES))
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            return int(server.sockets[0].getsockname()[1])
+    raise RuntimeError("listener has no socket")
+
+
+async def serve(settings: Settings, on_ready: Callable[[Services], None] | None = None) -> None:
+    settings.server.data_dir.mkdir(parents=True, exist_ok=True)
+    db = await Database.open(settings.db_path)
+    backend = make_backend(settings, instance_id(settings))
+    services = Services(settings=settings, db=db, hub=EventHub(db), backend=backend,
+                        catalog=Catalog.from_settings(settings), instance_id=instance_id(settings))
+    upstream = Upstream()
+    scheduler = Scheduler(services)
+    runners: list[web.AppRunner] = []
+    try:
+        await backend.start()
+        gateway_host = backend.gateway_bind_host()
+        if gateway_host is not None:
+            runner = web.AppRunner(sandbox_app(services, scheduler, upstream), access_log=None)
+            await runner.setup()
+            runners.append(runner)
+            await web.TCPSite(runner, gateway_host, settings.docker.gateway_port).start()
+            services.gateway_url = f"http://{gateway_host}:{_bound_port(runner)}/api/v1"
+        runner = web.AppRunner(public_app(services, scheduler, upstream), access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, settings.server.host, settings.server.port).start()
+        services.public_url = settings.public_base_url(_bound_port(runner))
+        await scheduler.start()
+        if on_ready:
+            on_ready(services)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await scheduler.stop()
+        for runner in reversed(runners):
+            await runner.cleanup()
+        await upstream.aclose()
+        await backend.close()
+        await db.close()

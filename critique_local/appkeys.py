@@ -1,0 +1,15 @@
+"""Typed application state keys (one module, so every owner of app state is listed here)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from critique_local.gateway.upstream import Upstream
+from critique_local.runs.scheduler import Scheduler
+from critique_local.services import Services
+from critique_local.store.db import Database
+
+SERVICES = web.AppKey("services", Services)
+DB = web.AppKey("db", Database)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+UPSTREAM = web.AppKey("upstream", Upstream)

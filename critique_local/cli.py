@@ -1,0 +1,236 @@
+"""The ``critique-local`` command: serve, keys (admin, local DB), runs (HTTP client)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import httpx
+from httpx_sse import connect_sse
+
+from critique_local.config import ConfigError, Settings, load_settings
+from critique_local.services import Services
+from critique_local.store.db import Database
+from critique_local.store.keys import DEFAULT_SCOPES, create_key, list_keys, revoke_key
+
+T = TypeVar("T")
+config_option = click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+                             default=None, envvar="CRITIQUE_LOCAL_CONFIG", help="TOML config file.")
+
+
+def _settings(config_path: Path | None) -> Settings:
+    if config_path is None and Path("critique-local.toml").exists():
+        config_path = Path("critique-local.toml")
+    try:
+        return load_settings(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _with_db(settings: Settings, fn: Callable[[Database], Awaitable[T]]) -> T:
+    async def go() -> T:
+        db = await Database.open(settings.db_path)
+        try:
+            return await fn(db)
+        finally:
+            await db.close()
+
+    return asyncio.run(go())
+
+
+@click.group()
+def main() -> None:
+    """critique-local: a self-hosted Coding Agent API."""
+
+
+@main.command()
+@config_option
+@click.option("--host", default=None, help="Override server.host.")
+@click.option("--port", type=int, default=None, help="Override server.port.")
+def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
+    """Start the API server."""
+    from critique_local.app import serve as run_server
+
+    settings = _settings(config_path)
+    if host is not None:
+        settings.server.host = host
+    if port is not None:
+        settings.server.port = port
+    logging.basicConfig(level=settings.server.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+    def ready(services: Services) -> None:
+        url = services.public_url
+        click.echo(f"critique-local listening on {url} (sandbox backend: {services.backend.name})")
+        click.echo(json.dumps({"event": "ready", "url": url, "gateway": services.gateway_url}), err=True)
+
+    try:
+        asyncio.run(run_server(settings, ready))
+    except KeyboardInterrupt:
+        pass
+
+
+@main.group()
+def keys() -> None:
+    """Manage API keys (works on the local database; the server may be running)."""
+
+
+@keys.command("create")
+@config_option
+@click.option("--user", "user_name", required=True, help="User name (created if new).")
+@click.option("--scopes", default=",".join(DEFAULT_SCOPES), show_default=True, help="Comma-separated scopes.")
+def keys_create(config_path: Path | None, user_name: str, scopes: str) -> None:
+    """Create a key; the key itself is printed once, as the last line."""
+    wanted = tuple(s.strip() for s in scopes.split(",") if s.strip())
+    try:
+        plain, record = _with_db(_settings(config_path), lambda db: create_key(db, user_name, wanted))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"created key {record.id} for user {user_name} with scopes {','.join(record.scopes)}")
+    click.echo("store it now; it is not shown again:")
+    click.echo(plain)
+
+
+@keys.command("list")
+@config_option
+@click.option("--user", "user_name", default=None)
+def keys_list(config_path: Path | None, user_name: str | None) -> None:
+    """List keys (never the keys themselves)."""
+    for k in _with_db(_settings(config_path), lambda db: list_keys(db, user_name)):
+        state = f"revoked {k.revoked_at}" if k.revoked_at else "active"
+        click.echo(f"{k.id}  {k.user_name}  {k.prefix}...  {','.join(k.scopes)}  {k.created_at}  {state}")
+
+
+@keys.command("revoke")
+@config_option
+@click.argument("key_id")
+def keys_revoke(config_path: Path | None, key_id: str) -> None:
+    """Revoke a key by id."""
+    if not _with_db(_settings(config_path), lambda db: revoke_key(db, key_id)):
+        raise click.ClickException(f"no active key {key_id}")
+    click.echo(f"revoked {key_id}")
+
+
+# ---- runs: an HTTP client for people ------------------------------------------------------
+
+url_option = click.option("--url", envvar="CRITIQUE_LOCAL_URL", default="http://127.0.0.1:8787", show_default=True)
+key_option = click.option("--key", envvar="CRITIQUE_LOCAL_API_KEY", required=True, help="crt_ key (or env).")
+
+
+def _client(url: str, key: str) -> httpx.Client:
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def _check(resp: httpx.Response) -> Any:
+    data = resp.json()
+    if resp.status_code >= 400:
+        err = data.get("error", {})
+        raise click.ClickException(f"HTTP {resp.status_code} {err.get('code')}: {err.get('message')}")
+    return data
+
+
+@main.group()
+def runs() -> None:
+    """Create and follow runs on a server."""
+
+
+@runs.command("create")
+@url_option
+@key_option
+@click.option("--repo", required=True, help="owner/name")
+@click.option("--prompt", required=True, help="Task text, or @FILE to read it from a file ('-' for stdin).")
+@click.option("--model", default=None)
+@click.option("--task-kind", type=click.Choice(["code", "plan"]), default="code")
+@click.option("--ref", default=None)
+@click.option("--title", default=None)
+@click.option("--tag", "tags", multiple=True)
+@click.option("--idempotency-key", default=None)
+@click.option("--watch/--no-watch", default=False, help="Follow the stream until the run ends.")
+def runs_create(url: str, key: str, repo: str, prompt: str, model: str | None, task_kind: str, ref: str | None,
+                title: str | None, tags: tuple[str, ...], idempotency_key: str | None, watch: bool) -> None:
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    elif prompt.startswith("@") and os.path.isfile(prompt[1:]):
+        prompt = Path(prompt[1:]).read_text()
+    body: dict[str, Any] = {"repository": repo, "prompt": prompt, "taskKind": task_kind}
+    for name, value in (("modelId", model), ("baseRef", ref), ("title", title)):
+        if value:
+            body[name] = value
+    if tags:
+        body["tags"] = list(tags)
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    with _client(url, key) as c:
+        run = _check(c.post("/api/v1/coding-agent/runs", json=body, headers=headers))["run"]
+    click.echo(f"{run['id']}  {run['status']}  {run['repository']['fullName']}")
+    if watch:
+        _watch(url, key, run["id"])
+
+
+@runs.command("get")
+@url_option
+@key_option
+@click.argument("run_id")
+@click.option("--patch", is_flag=True)
+@click.option("--events", is_flag=True)
+def runs_get(url: str, key: str, run_id: str, patch: bool, events: bool) -> None:
+    params = {"patch": "1" if patch else "0", "events": "1" if events else "0"}
+    with _client(url, key) as c:
+        click.echo(json.dumps(_check(c.get(f"/api/v1/coding-agent/runs/{run_id}", params=params)), indent=2))
+
+
+@runs.command("list")
+@url_option
+@key_option
+@click.option("--limit", default=20, show_default=True)
+def runs_list(url: str, key: str, limit: int) -> None:
+    with _client(url, key) as c:
+        data = _check(c.get("/api/v1/coding-agent/runs", params={"limit": limit}))
+    for r in data["data"]:
+        click.echo(f"{r['id']}  {r['status']:<10} {r['repository']['fullName']:<30} {r['createdAt']}  "
+                   f"{(r['title'] or '')[:40]}")
+
+
+def format_event(kind: str, data: dict[str, Any]) -> str:
+    """One readable line per event for ``runs watch``."""
+    if kind == "run.status":
+        extra = f" ({data['error']['code']}: {data['error']['message']})" if data.get("error") else ""
+        return f"== {data['status']} [{data['lifecycle']}]{extra}"
+    t = data.get("type")
+    if t == "tool":
+        detail = data.get("title") or json.dumps(data.get("input", {}))[:100]
+        return f"   tool {data.get('tool')} {data.get('status')}: {detail}"
+    if t == "text":
+        return "   says: " + str(data.get("text", "")).replace("\n", "\n         ")
+    if t == "file.edited":
+        return f"   edited {data.get('path')}"
+    if t == "error":
+        return f"!! error {data.get('code') or data.get('name')}: {data.get('message')}"
+    if t == "agent.ready":
+        return f"   agent ready after {data.get('sinceCreatedMs')} ms"
+    return f"   {t}"
+
+
+def _watch(url: str, key: str, run_id: str) -> None:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=httpx.Timeout(30, read=None)) as c:
+        with connect_sse(c, "GET", f"/api/v1/coding-agent/runs/{run_id}/stream") as source:
+            if source.response.status_code >= 400:
+                _check(source.response.read() and source.response)
+            for sse in source.iter_sse():
+                click.echo(format_event(sse.event, json.loads(sse.data)))
+
+
+@runs.command("watch")
+@url_option
+@key_option
+@click.argument("run_id")
+def runs_watch(url: str, key: str, run_id: str) -> None:
+    """Follow a run's live stream as a readable log."""
+    _watch(url, key, run_id)

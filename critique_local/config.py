@@ -1,0 +1,150 @@
+"""Settings: one TOML file plus ``CRITIQUE_LOCAL_<SECTION>_<KEY>`` environment overrides.
+
+Every key is declared once here, with its default and help text; ``config.example.toml``
+documents the same keys and a test keeps the two in step. Unknown sections or keys fail at
+start-up instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "CRITIQUE_LOCAL_"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerSettings(Section):
+    host: str = Field("127.0.0.1", description="Address the public API listens on.")
+    port: int = Field(8787, ge=0, le=65535, description="Port of the public API (0 picks a free one).")
+    data_dir: Path = Field(Path("./.critique-local"), description="State: SQLite database, secret key.")
+    public_url: str = Field("", description="Base URL clients use (statusUrl/streamUrl); default from host:port.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+
+class GitSettings(Section):
+    local_root: Path = Field(
+        Path("./repos"), description="Repository owner/name resolves to <local_root>/owner/name.git (bare)."
+    )
+    clone_timeout_s: float = Field(600, gt=0, description="Upper bound for preparing one checkout.")
+
+
+class GitHubSettings(Section):
+    enabled: bool = Field(False, description="Clone repositories not found under git.local_root from GitHub.")
+    base_url: str = Field("https://github.com", description="github.com or a GitHub Enterprise Server URL.")
+    token: str = Field("", description="Token used (server side only) to clone private repositories.")
+
+
+class SandboxSettings(Section):
+    backend: Literal["docker"] = Field("docker", description="Sandbox backend: docker (e2b in a later release).")
+    image: str = Field("critique-local/sandbox:latest", description="Sandbox image built from sandboxes/docker.")
+    cpus: float = Field(1.0, gt=0, description="CPU limit per sandbox.")
+    memory_mb: int = Field(2048, ge=256, description="Memory limit per sandbox (OpenCode alone uses ~0.4-0.8 GB).")
+    pids_limit: int = Field(512, ge=16, description="Process limit per sandbox (fork bombs stop here).")
+    agent_ready_timeout_s: float = Field(60, gt=0, description="How long OpenCode may take to become healthy.")
+    turn_timeout_s: float = Field(1800, gt=0, description="Upper bound for one agent turn.")
+
+
+class DockerSettings(Section):
+    network: str = Field("critique-sandboxes", description="Internal Docker network (no route out) for sandboxes.")
+    gateway_port: int = Field(
+        8788, ge=0, le=65535, description="Port of the model gateway on the sandbox network's gateway address."
+    )
+
+
+class SchedulerSettings(Section):
+    max_concurrent_runs: int = Field(4, ge=1, description="Runs executing at once; later ones wait queued.")
+
+
+class ModelsSettings(Section):
+    default: str = Field("critique/scripted", description="modelId used when a run does not name one.")
+
+
+class LimitsSettings(Section):
+    max_patch_bytes: int = Field(10_000_000, ge=1024, description="A larger patch fails the run (patch_too_large).")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
+
+
+class ProviderSettings(Section):
+    base_url: str = Field(description="OpenAI-compatible base URL, e.g. http://127.0.0.1:11434/v1.")
+    api_key: str = Field("", description="Provider key; stays in the server.")
+    timeout_s: float = Field(300, gt=0, description="Upper bound for one upstream call.")
+
+
+class CatalogModel(Section):
+    id: str = Field(description="modelId clients use.")
+    provider: str = Field(description="Name of a [providers.NAME] section.")
+    upstream_id: str = Field("", description="Model name sent upstream (default: id).")
+    name: str = Field("", description="Display name.")
+    context_tokens: int = Field(128_000, ge=1024, description="Context window told to OpenCode.")
+    output_tokens: int = Field(8192, ge=256, description="Output limit told to OpenCode.")
+
+
+class Settings(Section):
+    server: ServerSettings = ServerSettings()
+    git: GitSettings = GitSettings()
+    github: GitHubSettings = GitHubSettings()
+    sandbox: SandboxSettings = SandboxSettings()
+    docker: DockerSettings = DockerSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    models: ModelsSettings = ModelsSettings()
+    limits: LimitsSettings = LimitsSettings()
+    providers: dict[str, ProviderSettings] = Field(default_factory=dict)
+    catalog: list[CatalogModel] = Field(default_factory=list)
+
+    @property
+    def db_path(self) -> Path:
+        return self.server.data_dir / "critique.db"
+
+    def public_base_url(self, bound_port: int | None = None) -> str:
+        if self.server.public_url:
+            return self.server.public_url.rstrip("/")
+        port = bound_port or self.server.port
+        host = self.server.host if self.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        return f"http://{host}:{port}"
+
+
+class ConfigError(Exception):
+    """The configuration file or an override is invalid; the message says where."""
+
+
+SCALAR_SECTIONS = ("server", "git", "github", "sandbox", "docker", "scheduler", "models", "limits")
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for section in SCALAR_SECTIONS:
+        model = Settings.model_fields[section].annotation
+        assert isinstance(model, type) and issubclass(model, Section)
+        for key in model.model_fields:
+            name = f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
+            if name in environ:
+                out.setdefault(section, {})[key] = environ[name]
+    return out
+
+
+def load_settings(path: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Read ``path`` (if given), apply environment overrides, validate strictly."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    for section, values in _env_overrides(dict(os.environ if environ is None else environ)).items():
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        target.update(values)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid configuration: {problems}") from exc

@@ -1,0 +1,92 @@
+"""The exception tree. API errors carry an HTTP status and a stable code; the
+middleware in ``api/middleware.py`` is the one place they become responses.
+
+    ApiError                      -> {"error": {"code", "message", "field"?}}
+      InvalidRequest      422       invalid_request (bad field value; ``field`` names it)
+        Unsupported       422       unsupported (a field whose behaviour is not built yet)
+        IdempotencyKeyReused 422    idempotency_key_reused
+      BadRequest          400       bad_json, ...
+      Unauthorized        401       unauthorized
+      Forbidden           403       forbidden
+      NotFound            404       not_found / run_not_found / repository_not_found
+      Conflict            409       turn_in_progress, run_terminal, ...
+      PayloadTooLarge     413       payload_too_large
+    RunFailure                    a run ended with ``error.code`` (never an HTTP error)
+"""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, dict[str, str]]:
+        err = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            err["field"] = self.field
+        return {"error": err}
+
+
+class BadRequest(ApiError):
+    status = 400
+    code = "bad_request"
+
+
+class InvalidRequest(ApiError):
+    status = 422
+    code = "invalid_request"
+
+
+class Unsupported(InvalidRequest):
+    code = "unsupported"
+
+
+class IdempotencyKeyReused(InvalidRequest):
+    code = "idempotency_key_reused"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ApiError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    code = "payload_too_large"
+
+
+class RunFailure(Exception):
+    """A run cannot go on; ``code`` becomes the run's ``error.code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message

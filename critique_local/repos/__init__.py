@@ -1,0 +1,1 @@
+"""Repositories: name and ref validation, where a repository comes from, and checkouts."""

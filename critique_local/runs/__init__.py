@@ -1,0 +1,1 @@
+"""Runs: lifecycle states, the scheduler, and the executor that takes one run end to end."""

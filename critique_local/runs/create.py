@@ -1,0 +1,93 @@
+"""Accepting a run: validate what config and state decide (repository, ref, model, fields
+whose behaviour is not built yet), then insert it, idempotently."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from critique_local.api.schemas import CreateRunRequest
+from critique_local.errors import IdempotencyKeyReused, InvalidRequest, NotFound, Unsupported
+from critique_local.repos.checkout import resolve_source
+from critique_local.repos.names import ref_problem, repository_name_problem
+from critique_local.runs import intent
+from critique_local.services import Services
+from critique_local.store import runs as store
+from critique_local.store.keys import Principal
+from critique_local.tokens import new_id
+
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+
+
+def reject_unbuilt(req: CreateRunRequest) -> None:
+    """Fields whose behaviour belongs to a later release are refused, never silently ignored."""
+    if req.publish is not None and req.publish.mode == "draft_pr":
+        raise Unsupported("publish.mode draft_pr is not supported yet", field="publish.mode")
+    if req.publish is not None and req.publish.branch is not None:
+        raise Unsupported("publish.branch is not supported yet", field="publish.branch")
+    if req.validation_mode in ("basic", "tests"):
+        raise Unsupported(f"validationMode {req.validation_mode} is not supported yet", field="validationMode")
+    if req.billing is not None and req.billing.mode == "openrouter":
+        raise Unsupported("billing.mode openrouter is not supported yet", field="billing.mode")
+    if req.billing is not None and req.billing.open_router_api_key is not None:
+        raise Unsupported("billing.openRouterApiKey is not supported yet", field="billing.openRouterApiKey")
+    if req.safety is not None and req.safety.network is not None:
+        raise Unsupported("safety.network is not supported yet", field="safety.network")
+    if req.safety is not None and req.safety.resources is not None:
+        raise Unsupported("safety.resources budgets are not supported yet", field="safety.resources")
+
+
+def body_hash(raw: Any) -> str:
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+async def _repository_id(s: Services, req: CreateRunRequest) -> str:
+    if req.repository_id and not (req.repository or req.repository_full_name):
+        name = await store.repository_by_id(s.db, req.repository_id)
+        if name is None:
+            raise NotFound(f"repository {req.repository_id} not found", field="repositoryId",
+                           code="repository_not_found")
+        return req.repository_id
+    full_name = str(req.repository or req.repository_full_name)
+    field = "repository" if req.repository else "repositoryFullName"
+    problem = repository_name_problem(full_name)
+    if problem:
+        raise InvalidRequest(f"{field} {problem}", field=field)
+    if resolve_source(s.settings.git, s.settings.github, full_name) is None:
+        raise NotFound(f"repository {full_name} not found", field=field, code="repository_not_found")
+    repo_id = await store.ensure_repository(s.db, new_id("repo"), full_name, "local")
+    if req.repository_id and req.repository_id != repo_id:
+        raise InvalidRequest("repositoryId does not match repository", field="repositoryId")
+    return repo_id
+
+
+async def create(
+    s: Services, principal: Principal, req: CreateRunRequest, raw: Any, idempotency_key: str | None
+) -> tuple[store.RunRow, bool]:
+    reject_unbuilt(req)
+    if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS):
+        raise InvalidRequest("Idempotency-Key must be 1-255 characters", field="Idempotency-Key")
+    ref = req.base_ref or req.git_checkout_ref
+    if ref is not None and (problem := ref_problem(ref)):
+        raise InvalidRequest(f"baseRef {problem}", field="baseRef" if req.base_ref else "gitCheckoutRef")
+    model_id = req.model_id or s.settings.models.default
+    if s.catalog.get(model_id) is None:
+        raise InvalidRequest(f"unknown model {model_id!r}; see GET /api/v1/coding-agent/models",
+                             field="modelId", code="unknown_model")
+    repo_id = await _repository_id(s, req)
+    stored_request = req.model_dump(mode="json", by_alias=True, exclude={"prompt", "billing"})
+    stored_request["billingMode"] = req.billing.mode if req.billing else "managed"
+    new = store.NewRun(
+        id=new_id("run"), user_id=principal.user_id, repository_id=repo_id, request=stored_request,
+        model_id=model_id, task_kind=req.task_kind, intent=intent.classify(req.prompt), base_ref=ref,
+        prompt=req.prompt,
+    )
+    digest = body_hash(raw)
+    result = await store.create_run(s.db, new, (idempotency_key, digest) if idempotency_key else None)
+    if not result.created and result.body_hash != digest:
+        raise IdempotencyKeyReused("Idempotency-Key was already used with a different body",
+                                   field="Idempotency-Key")
+    run = await store.get_run(s.db, result.run_id)
+    assert run is not None
+    return run, result.created

@@ -1,0 +1,50 @@
+"""Run events: persist first, then wake whoever follows the run (SSE streams)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from critique_local.runs.states import lifecycle_of
+from critique_local.store import events as store
+from critique_local.store.db import Database
+from critique_local.store.runs import RunRow
+
+BUILDER_EVENT = "builder.event"
+RUN_STATUS = "run.status"
+
+
+def status_payload(run: RunRow) -> dict[str, Any]:
+    lc = lifecycle_of(run.status, run.phase, run.has_patch)
+    payload: dict[str, Any] = {
+        "runId": run.id, "status": run.status.value, "lifecycle": lc.lifecycle, "terminal": lc.terminal,
+        "awaitingFollowUp": lc.awaiting_follow_up, "canFollowUp": lc.can_follow_up,
+        "nextActions": list(lc.next_actions), "turnCount": run.turn_count,
+    }
+    if run.error_code:
+        payload["error"] = {"code": run.error_code, "message": run.error_message}
+    return payload
+
+
+class EventHub:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._signals: dict[str, asyncio.Event] = {}
+
+    def signal(self, run_id: str) -> asyncio.Event:
+        """The event set on the next append for ``run_id``. Take it *before* reading, so an
+        append between the read and the wait is never missed."""
+        return self._signals.setdefault(run_id, asyncio.Event())
+
+    async def emit(self, run_id: str, kind: str, data: dict[str, Any]) -> store.EventRow:
+        row = await store.append(self._db, run_id, kind, data)
+        old = self._signals.pop(run_id, None)
+        if old is not None:
+            old.set()
+        return row
+
+    async def builder(self, run_id: str, data: dict[str, Any]) -> store.EventRow:
+        return await self.emit(run_id, BUILDER_EVENT, data)
+
+    async def status(self, run: RunRow) -> store.EventRow:
+        return await self.emit(run.id, RUN_STATUS, status_payload(run))

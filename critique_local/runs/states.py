@@ -1,0 +1,97 @@
+"""Run status, phase and the lifecycle contract clients read.
+
+``status`` is the coarse public state of the reference docs; ``phase`` is where a running run
+is. Everything else (``lifecycle``, ``terminal``, ``awaitingFollowUp``, ``canFollowUp``,
+``nextActions``) is derived here, in pure functions, so it can never disagree with ``status``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class RunStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    IDLE = "idle"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Phase(StrEnum):
+    QUEUED = "queued"
+    PROVISIONING = "provisioning"
+    AGENT_RUNNING = "agent_running"
+    COLLECTING = "collecting"
+    AWAITING_FOLLOW_UP = "awaiting_follow_up"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+_ALLOWED: dict[RunStatus, frozenset[RunStatus]] = {
+    RunStatus.QUEUED: frozenset({RunStatus.RUNNING, RunStatus.FAILED, RunStatus.CANCELLED}),
+    RunStatus.RUNNING: frozenset({RunStatus.RUNNING, RunStatus.IDLE, RunStatus.COMPLETED, RunStatus.FAILED,
+                                  RunStatus.CANCELLED}),
+    RunStatus.IDLE: frozenset({RunStatus.RUNNING, RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED}),
+    RunStatus.COMPLETED: frozenset(),
+    RunStatus.FAILED: frozenset(),
+    RunStatus.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(Exception):
+    pass
+
+
+def check_transition(current: RunStatus, target: RunStatus) -> None:
+    if target not in _ALLOWED[current]:
+        raise IllegalTransition(f"{current} -> {target}")
+
+
+# Lifecycle values (the stable contract documented in README and OpenAPI):
+LIFECYCLE_DOC: dict[str, str] = {
+    "queued": "Accepted, waiting for a free execution slot.",
+    "provisioning": "Preparing the repository checkout and the sandbox; starting OpenCode.",
+    "agent_running": "The agent is working on the current turn.",
+    "collecting": "The turn ended; changed paths, diff stats and the patch are being read.",
+    "awaiting_follow_up": "Idle with a warm session: send a message or end the session.",
+    "finished": "Completed (terminal).",
+    "failed": "Failed (terminal); see error.code.",
+    "cancelled": "Cancelled (terminal).",
+}
+
+NEXT_ACTIONS_DOC: dict[str, str] = {
+    "get_patch": "GET /api/v1/coding-agent/runs/{id}?patch=1 returns a patch.",
+}
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    lifecycle: str
+    terminal: bool
+    awaiting_follow_up: bool
+    can_follow_up: bool
+    next_actions: tuple[str, ...]
+
+
+def lifecycle_of(status: RunStatus, phase: Phase, has_patch: bool) -> Lifecycle:
+    terminal = status in TERMINAL
+    if status is RunStatus.QUEUED:
+        name = "queued"
+    elif status is RunStatus.RUNNING:
+        name = phase.value if phase in (Phase.PROVISIONING, Phase.AGENT_RUNNING, Phase.COLLECTING) else "provisioning"
+    elif status is RunStatus.IDLE:
+        name = "awaiting_follow_up"
+    elif status is RunStatus.COMPLETED:
+        name = "finished"
+    else:
+        name = status.value
+    actions: list[str] = []
+    if has_patch and status in (RunStatus.COMPLETED, RunStatus.IDLE):
+        actions.append("get_patch")
+    return Lifecycle(name, terminal, False, False, tuple(actions))

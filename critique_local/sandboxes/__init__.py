@@ -1,0 +1,1 @@
+"""Sandbox backends behind one small interface (``base.py``); ``factory.py`` picks one from config."""

@@ -1,0 +1,119 @@
+"""The sandbox interface. A sandbox is a remote-style machine: we run commands in it, upload a
+tarball into it, start background processes, and reach a port inside it over HTTP. Nothing here
+assumes a shared filesystem with the server, so a cloud backend fits as well as Docker.
+
+Errors from the underlying SDK are translated to :class:`SandboxError` at the backend boundary.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SandboxError(Exception):
+    """A sandbox operation failed; ``code`` becomes a run's ``error.code`` when fatal."""
+
+    def __init__(self, message: str, code: str = "sandbox_error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SandboxGone(SandboxError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "sandbox_gone")
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    run_id: str
+    user_id: str
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    truncated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How the server reaches a port inside the sandbox."""
+
+    base_url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    id: str
+    run_id: str | None
+    running: bool
+
+
+class Sandbox(abc.ABC):
+    id: str
+
+    @abc.abstractmethod
+    async def exec(
+        self,
+        argv: list[str],
+        *,
+        cwd: str = "/workspace",
+        env: Mapping[str, str] | None = None,
+        timeout_s: float = 60,
+        max_output_bytes: int = 1_000_000,
+    ) -> ExecResult:
+        """Run a command to completion as the sandbox user (killed after ``timeout_s``)."""
+
+    @abc.abstractmethod
+    async def spawn(self, argv: list[str], *, env: Mapping[str, str], cwd: str, log_path: str) -> None:
+        """Start a long-lived background process whose output goes to ``log_path``."""
+
+    @abc.abstractmethod
+    async def upload_tar(self, dest_dir: str, tar_path: Path) -> None:
+        """Extract a local tarball into ``dest_dir`` inside the sandbox."""
+
+    @abc.abstractmethod
+    async def endpoint(self, port: int) -> Endpoint:
+        """Where the server reaches ``port`` inside the sandbox."""
+
+
+class SandboxBackend(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Prepare shared resources (networks, templates). Called once at server start."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def gateway_bind_host(self) -> str | None:
+        """An address the server should listen on so sandboxes reach the model gateway, or None
+        when sandboxes reach the gateway through ``gateway_url`` configured elsewhere."""
+
+    @abc.abstractmethod
+    async def create(self, spec: SandboxSpec) -> Sandbox: ...
+
+    @abc.abstractmethod
+    async def connect(self, sandbox_id: str) -> Sandbox | None:
+        """Reattach to a live sandbox (e.g. after a restart); None when it is gone."""
+
+    @abc.abstractmethod
+    async def destroy(self, sandbox_id: str) -> None:
+        """Remove the sandbox; no error when it is already gone."""
+
+    @abc.abstractmethod
+    async def list_ours(self) -> list[SandboxInfo]:
+        """Every sandbox this server instance created that still exists."""

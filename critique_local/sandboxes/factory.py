@@ -1,0 +1,14 @@
+"""Pick the configured backend."""
+
+from __future__ import annotations
+
+from critique_local.config import Settings
+from critique_local.sandboxes.base import SandboxBackend
+
+
+def make_backend(settings: Settings, instance_id: str) -> SandboxBackend:
+    if settings.sandbox.backend == "docker":
+        from critique_local.sandboxes.docker import DockerBackend
+
+        return DockerBackend(settings.sandbox, settings.docker, instance_id)
+    raise ValueError(f"unknown sandbox backend {settings.sandbox.backend!r}")

@@ -1,0 +1,24 @@
+"""The long-lived objects one server owns, handed to routes, the scheduler and the executor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from critique_local.config import Settings
+from critique_local.gateway.catalog import Catalog
+from critique_local.runs.events import EventHub
+from critique_local.sandboxes.base import SandboxBackend
+from critique_local.store.db import Database
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    hub: EventHub
+    backend: SandboxBackend
+    catalog: Catalog
+    instance_id: str
+    gateway_url: str = ""  # how sandboxes reach /api/v1; set once the sandbox-facing listener is bound
+    public_url: str = ""  # how clients reach us; set once the public listener is bound
+    extra: dict[str, object] = field(default_factory=dict)

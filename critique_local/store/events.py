@@ -1,0 +1,40 @@
+"""The per-run event log: append with the next per-run sequence number, read after an id."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from critique_local.clock import now_iso
+from critique_local.store.db import Database
+
+
+@dataclass(frozen=True)
+class EventRow:
+    run_id: str
+    seq: int
+    kind: str  # "builder.event" | "run.status"
+    data: dict[str, Any]
+    created_at: str
+
+
+async def append(db: Database, run_id: str, kind: str, data: dict[str, Any]) -> EventRow:
+    created = now_iso()
+    async with db.tx() as conn:
+        cur = await conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE run_id = ?", (run_id,))
+        row = await cur.fetchone()
+        seq = int(row[0]) if row else 1
+        await conn.execute(
+            "INSERT INTO events (run_id, seq, kind, data, created_at) VALUES (?, ?, ?, ?, ?)",
+            (run_id, seq, kind, json.dumps(data), created),
+        )
+    return EventRow(run_id, seq, kind, data, created)
+
+
+async def after(db: Database, run_id: str, after_seq: int, limit: int = 500) -> list[EventRow]:
+    rows = await db.all(
+        "SELECT seq, kind, data, created_at FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        (run_id, after_seq, limit),
+    )
+    return [EventRow(run_id, r[0], r[1], json.loads(r[2]), r[3]) for r in rows]

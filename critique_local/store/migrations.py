@@ -1,0 +1,85 @@
+"""Schema, as an ordered list of migrations applied once each (tracked by ``user_version``)."""
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id),
+        prefix TEXT NOT NULL,
+        key_hash TEXT NOT NULL UNIQUE,
+        scopes TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE TABLE repositories (
+        id TEXT PRIMARY KEY,
+        full_name TEXT NOT NULL UNIQUE,
+        source TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE runs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        user_id TEXT NOT NULL REFERENCES users(id),
+        repository_id TEXT NOT NULL REFERENCES repositories(id),
+        status TEXT NOT NULL,
+        phase TEXT NOT NULL,
+        request TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        task_kind TEXT NOT NULL,
+        intent TEXT NOT NULL,
+        base_ref TEXT,
+        base_commit TEXT,
+        summary TEXT,
+        changed_paths TEXT NOT NULL DEFAULT '[]',
+        diff_stats TEXT,
+        patch TEXT,
+        error_code TEXT,
+        error_message TEXT,
+        turn_count INTEGER NOT NULL DEFAULT 0,
+        sandbox_id TEXT,
+        sandbox_token_hash TEXT UNIQUE,
+        agent_session_id TEXT,
+        session_expires_at TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        started_at TEXT,
+        agent_ready_at TEXT,
+        finished_at TEXT
+    );
+    CREATE INDEX runs_user ON runs(user_id, seq DESC);
+    CREATE INDEX runs_status ON runs(status);
+    CREATE TABLE turns (
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        idx INTEGER NOT NULL,
+        prompt TEXT NOT NULL,
+        status TEXT NOT NULL,
+        summary TEXT,
+        diff_stats TEXT,
+        started_at TEXT,
+        finished_at TEXT,
+        PRIMARY KEY (run_id, idx)
+    );
+    CREATE TABLE events (
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    );
+    CREATE TABLE idempotency_keys (
+        user_id TEXT NOT NULL REFERENCES users(id),
+        key TEXT NOT NULL,
+        body_hash TEXT NOT NULL,
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (user_id, key)
+    );
+    """,
+]

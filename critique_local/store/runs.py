@@ -1,0 +1,225 @@
+"""Runs, turns and idempotency keys: all run SQL lives here."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from critique_local.clock import iso, now, now_iso
+from critique_local.runs.states import Phase, RunStatus, check_transition
+from critique_local.store.db import Database
+
+IDEMPOTENCY_TTL_H = 24
+
+
+@dataclass(frozen=True)
+class RunRow:
+    seq: int
+    id: str
+    user_id: str
+    repository_id: str
+    repository_full_name: str
+    status: RunStatus
+    phase: Phase
+    request: dict[str, Any]
+    model_id: str
+    task_kind: str
+    intent: str
+    base_ref: str | None
+    base_commit: str | None
+    summary: str | None
+    changed_paths: list[str]
+    diff_stats: dict[str, int] | None
+    has_patch: bool
+    error_code: str | None
+    error_message: str | None
+    turn_count: int
+    sandbox_id: str | None
+    agent_session_id: str | None
+    session_expires_at: str | None
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    agent_ready_at: str | None
+    finished_at: str | None
+
+
+_COLUMNS = (
+    "r.seq, r.id, r.user_id, r.repository_id, p.full_name, r.status, r.phase, r.request, r.model_id, r.task_kind, "
+    "r.intent, r.base_ref, r.base_commit, r.summary, r.changed_paths, r.diff_stats, r.patch IS NOT NULL, "
+    "r.error_code, r.error_message, r.turn_count, r.sandbox_id, r.agent_session_id, r.session_expires_at, "
+    "r.created_at, r.updated_at, r.started_at, r.agent_ready_at, r.finished_at"
+)
+_FROM = "FROM runs r JOIN repositories p ON p.id = r.repository_id"
+
+
+def _row(r: sqlite3.Row) -> RunRow:
+    return RunRow(
+        seq=r[0], id=r[1], user_id=r[2], repository_id=r[3], repository_full_name=r[4],
+        status=RunStatus(r[5]), phase=Phase(r[6]), request=json.loads(r[7]), model_id=r[8], task_kind=r[9],
+        intent=r[10], base_ref=r[11], base_commit=r[12], summary=r[13], changed_paths=json.loads(r[14]),
+        diff_stats=json.loads(r[15]) if r[15] else None, has_patch=bool(r[16]), error_code=r[17],
+        error_message=r[18], turn_count=r[19], sandbox_id=r[20], agent_session_id=r[21],
+        session_expires_at=r[22], created_at=r[23], updated_at=r[24], started_at=r[25],
+        agent_ready_at=r[26], finished_at=r[27],
+    )
+
+
+@dataclass(frozen=True)
+class NewRun:
+    id: str
+    user_id: str
+    repository_id: str
+    request: dict[str, Any]
+    model_id: str
+    task_kind: str
+    intent: str
+    base_ref: str | None
+    prompt: str
+
+
+async def ensure_repository(db: Database, repo_id: str, full_name: str, source: str) -> str:
+    async with db.tx() as conn:
+        cur = await conn.execute("SELECT id FROM repositories WHERE full_name = ?", (full_name,))
+        row = await cur.fetchone()
+        if row:
+            return str(row[0])
+        await conn.execute(
+            "INSERT INTO repositories (id, full_name, source, created_at) VALUES (?, ?, ?, ?)",
+            (repo_id, full_name, source, now_iso()),
+        )
+        return repo_id
+
+
+async def repository_by_id(db: Database, repo_id: str) -> str | None:
+    row = await db.one("SELECT full_name FROM repositories WHERE id = ?", (repo_id,))
+    return str(row[0]) if row else None
+
+
+@dataclass(frozen=True)
+class Created:
+    run_id: str
+    created: bool
+    body_hash: str | None = None  # of the first request, when an idempotency key was replayed
+
+
+async def create_run(db: Database, run: NewRun, idempotency: tuple[str, str] | None) -> Created:
+    """Insert a queued run (and its first turn). With ``idempotency=(key, body_hash)`` the key is
+    claimed in the same transaction, so concurrent duplicates create exactly one run; a live key
+    (younger than 24 h) returns the run it created instead."""
+    now = now_iso()
+    async with db.tx() as conn:
+        if idempotency is not None:
+            cur = await conn.execute(
+                "SELECT run_id, body_hash FROM idempotency_keys WHERE user_id = ? AND key = ? AND created_at > ?",
+                (run.user_id, idempotency[0], _day_ago()),
+            )
+            existing = await cur.fetchone()
+            if existing is not None:
+                return Created(str(existing[0]), False, str(existing[1]))
+            await conn.execute("DELETE FROM idempotency_keys WHERE user_id = ? AND key = ?", (run.user_id, idempotency[0]))
+        await conn.execute(
+            "INSERT INTO runs (id, user_id, repository_id, status, phase, request, model_id, task_kind, intent, "
+            "base_ref, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run.id, run.user_id, run.repository_id, RunStatus.QUEUED.value, Phase.QUEUED.value,
+             json.dumps(run.request), run.model_id, run.task_kind, run.intent, run.base_ref, now, now),
+        )
+        await conn.execute(
+            "INSERT INTO turns (run_id, idx, prompt, status) VALUES (?, 1, ?, 'queued')", (run.id, run.prompt)
+        )
+        if idempotency is not None:
+            await conn.execute(
+                "INSERT INTO idempotency_keys (user_id, key, body_hash, run_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                (run.user_id, idempotency[0], idempotency[1], run.id, now),
+            )
+    return Created(run.id, True)
+
+
+def _day_ago() -> str:
+    return iso(now() - timedelta(hours=IDEMPOTENCY_TTL_H))
+
+
+async def get_run(db: Database, run_id: str, user_id: str | None = None) -> RunRow | None:
+    sql = f"SELECT {_COLUMNS} {_FROM} WHERE r.id = ?"
+    params: list[Any] = [run_id]
+    if user_id is not None:
+        sql += " AND r.user_id = ?"
+        params.append(user_id)
+    row = await db.one(sql, params)
+    return _row(row) if row else None
+
+
+async def list_runs(db: Database, user_id: str, limit: int, before_seq: int | None) -> list[RunRow]:
+    sql = f"SELECT {_COLUMNS} {_FROM} WHERE r.user_id = ?"
+    params: list[Any] = [user_id]
+    if before_seq is not None:
+        sql += " AND r.seq < ?"
+        params.append(before_seq)
+    rows = await db.all(sql + " ORDER BY r.seq DESC LIMIT ?", [*params, limit])
+    return [_row(r) for r in rows]
+
+
+async def runs_with_status(db: Database, *statuses: RunStatus) -> list[RunRow]:
+    marks = ",".join("?" for _ in statuses)
+    rows = await db.all(f"SELECT {_COLUMNS} {_FROM} WHERE r.status IN ({marks}) ORDER BY r.seq", [s.value for s in statuses])
+    return [_row(r) for r in rows]
+
+
+async def get_patch(db: Database, run_id: str) -> str | None:
+    row = await db.one("SELECT patch FROM runs WHERE id = ?", (run_id,))
+    return row[0] if row else None
+
+
+async def first_prompt(db: Database, run_id: str) -> str:
+    row = await db.one("SELECT prompt FROM turns WHERE run_id = ? ORDER BY idx LIMIT 1", (run_id,))
+    return str(row[0]) if row else ""
+
+
+async def turns_of(db: Database, run_id: str) -> list[dict[str, Any]]:
+    rows = await db.all(
+        "SELECT idx, status, summary, diff_stats, started_at, finished_at FROM turns WHERE run_id = ? ORDER BY idx",
+        (run_id,),
+    )
+    return [
+        {"index": r[0], "status": r[1], "summary": r[2], "diffStats": json.loads(r[3]) if r[3] else None,
+         "startedAt": r[4], "finishedAt": r[5]}
+        for r in rows
+    ]
+
+
+async def transition(
+    db: Database, run_id: str, status: RunStatus, phase: Phase, **fields: Any
+) -> RunRow:
+    """Move a run to ``status``/``phase`` (checked against the allowed transitions) and set
+    other columns in the same transaction."""
+    async with db.tx() as conn:
+        cur = await conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,))
+        row = await cur.fetchone()
+        if row is None:
+            raise KeyError(run_id)
+        check_transition(RunStatus(row[0]), status)
+        cols = {"status": status.value, "phase": phase.value, "updated_at": now_iso(), **fields}
+        sets = ", ".join(f"{k} = ?" for k in cols)
+        await conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", (*cols.values(), run_id))
+    updated = await get_run(db, run_id)
+    assert updated is not None
+    return updated
+
+
+async def update_run(db: Database, run_id: str, **fields: Any) -> None:
+    cols = {"updated_at": now_iso(), **fields}
+    sets = ", ".join(f"{k} = ?" for k in cols)
+    await db.write(f"UPDATE runs SET {sets} WHERE id = ?", (*cols.values(), run_id))
+
+
+async def update_turn(db: Database, run_id: str, idx: int, **fields: Any) -> None:
+    sets = ", ".join(f"{k} = ?" for k in fields)
+    await db.write(f"UPDATE turns SET {sets} WHERE run_id = ? AND idx = ?", (*fields.values(), run_id, idx))
+
+
+async def run_for_sandbox_token(db: Database, token_hash: str) -> RunRow | None:
+    row = await db.one(f"SELECT {_COLUMNS} {_FROM} WHERE r.sandbox_token_hash = ?", (token_hash,))
+    return _row(row) if row else None
