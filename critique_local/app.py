@@ -88,6 +88,7 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
             runners.append(runner)
             await web.TCPSite(runner, gateway_host, settings.docker.gateway_port).start()
             services.gateway_url = f"http://{gateway_host}:{_bound_port(runner)}/api/v1"
+        await scheduler.recover()
         runner = web.AppRunner(public_app(services, scheduler, upstream), access_log=None)
         await runner.setup()
         runners.append(runner)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 from typing import Any
@@ -39,8 +40,10 @@ class Executor:
         if run is None or run.status is not RunStatus.QUEUED:
             return
         sandbox: Sandbox | None = None
+        failure: tuple[str, str] | None = None
         try:
-            run = await self._transition(run, RunStatus.RUNNING, Phase.PROVISIONING, started_at=now_iso())
+            run = await self._transition(run, RunStatus.RUNNING, Phase.PROVISIONING, started_at=now_iso(),
+                                         turn_count=1)
             await store.update_turn(self.s.db, run.id, 1, status="running", started_at=now_iso())
             sandbox, agent, session_id = await self._provision(run)
             try:
@@ -51,26 +54,36 @@ class Executor:
                 result = await collect(sandbox, run.base_commit, self.s.settings.limits.max_patch_bytes)
             finally:
                 await agent.aclose()
-            finished = now_iso()
-            await store.update_turn(self.s.db, run.id, 1, status="completed", summary=summary,
-                                    diff_stats=_json(result.diff_stats), finished_at=finished)
-            await self._transition(
-                run, RunStatus.COMPLETED, Phase.FINISHED, summary=summary, changed_paths=_json(result.changed_paths),
-                diff_stats=_json(result.diff_stats), patch=result.patch or None, turn_count=1, finished_at=finished,
-                sandbox_token_hash=None,
-            )
         except asyncio.CancelledError:
             # server shutdown: the run is failed as server_restarted when the server starts again
+            if sandbox is not None:
+                await asyncio.shield(self._destroy(sandbox))
             raise
         except (RunFailure, SandboxError, AgentError) as exc:
-            await self._fail(run_id, exc.code, getattr(exc, "message", str(exc)))
+            failure = (exc.code, getattr(exc, "message", str(exc)))
         except Exception as exc:
             log.exception("run %s crashed", run_id)
-            await self._fail(run_id, "internal_error", f"{exc.__class__.__name__}: {exc}")
-        finally:
-            if sandbox is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self.s.backend.destroy(sandbox.id))
+            failure = ("internal_error", f"{exc.__class__.__name__}: {exc}")
+        # teardown first, so a terminal status always means the sandbox is gone
+        if sandbox is not None:
+            await self._destroy(sandbox)
+        if failure is not None:
+            await self._fail(run_id, *failure)
+            return
+        finished = now_iso()
+        await store.update_turn(self.s.db, run.id, 1, status="completed", summary=summary,
+                                diff_stats=_json(result.diff_stats), finished_at=finished)
+        await self._transition(
+            run, RunStatus.COMPLETED, Phase.FINISHED, summary=summary, changed_paths=_json(result.changed_paths),
+            diff_stats=_json(result.diff_stats), patch=result.patch or None, finished_at=finished,
+            sandbox_token_hash=None,
+        )
+
+    async def _destroy(self, sandbox: Sandbox) -> None:
+        try:
+            await self.s.backend.destroy(sandbox.id)
+        except SandboxError:
+            log.warning("could not remove sandbox %s; startup reconciliation will", sandbox.id[:12])
 
     async def _transition(self, run: RunRow, status: RunStatus, phase: Phase, **fields: Any) -> RunRow:
         updated = await store.transition(self.s.db, run.id, status, phase, **fields)
@@ -194,6 +207,4 @@ class Executor:
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value)

@@ -31,7 +31,7 @@ class Scheduler:
         self._queue.put_nowait(run_id)
 
     async def start(self) -> None:
-        await self.recover()
+        """Start executing. Call :meth:`recover` first, before the API accepts requests."""
         self._workers = [
             asyncio.create_task(self._work(), name=f"run-worker-{i}")
             for i in range(self.s.settings.scheduler.max_concurrent_runs)
@@ -56,6 +56,14 @@ class Scheduler:
 
     async def recover(self) -> None:
         db = self.s.db
+        queued = await store.runs_with_status(db, RunStatus.QUEUED)
+        keep = {r.id for r in queued}
+        # sandboxes first, so that a terminal status always means the sandbox is gone
+        for info in await self.s.backend.list_ours():
+            if info.run_id not in keep:
+                log.info("removing sandbox %s of run %s left from before the restart", info.id[:12], info.run_id)
+                with contextlib.suppress(Exception):
+                    await self.s.backend.destroy(info.id)
         for run in await store.runs_with_status(db, RunStatus.RUNNING, RunStatus.IDLE):
             failed = await store.transition(
                 db, run.id, RunStatus.FAILED, Phase.FAILED, error_code="server_restarted",
@@ -64,11 +72,5 @@ class Scheduler:
             )
             await store.update_turn(db, run.id, max(run.turn_count, 1), status="failed", finished_at=now_iso())
             await self.s.hub.status(failed)
-        live = {r.id for r in await store.runs_with_status(db, RunStatus.QUEUED)}
-        for info in await self.s.backend.list_ours():
-            if info.run_id not in live:
-                log.info("removing orphan sandbox %s (run %s)", info.id[:12], info.run_id)
-                with contextlib.suppress(Exception):
-                    await self.s.backend.destroy(info.id)
-        for run in await store.runs_with_status(db, RunStatus.QUEUED):
+        for run in queued:
             self.submit(run.id)

@@ -1,0 +1,46 @@
+# Quickstart: `make serve` and `make test` install whatever is missing first.
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTHON ?= python3
+
+.PHONY: serve test setup deps docker image lint typecheck unit e2e bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+deps: $(STAMP)
+
+docker:
+	@bash scripts/ensure-docker.sh
+
+image: docker
+	@bash sandboxes/docker/build.sh
+
+setup: deps image
+
+serve: setup
+	@bash scripts/serve.sh
+
+lint: deps
+	$(BIN)/ruff check critique_local tests bench
+
+typecheck: deps
+	$(BIN)/mypy
+
+unit: deps
+	$(BIN)/pytest -m "not e2e" -q
+
+e2e: setup
+	$(BIN)/pytest -m e2e -q
+
+test: setup lint typecheck
+	$(BIN)/pytest -q -rs
+
+bench: setup
+	$(BIN)/python bench/run_bench.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

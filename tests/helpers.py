@@ -1,0 +1,166 @@
+"""Test helpers: a real server process, bare repositories, and polling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "critique_local"]
+TERMINAL = {"completed", "failed", "cancelled"}
+
+
+def git(*args: str, cwd: Path | None = None) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def make_repo(root: Path, full_name: str, files: dict[str, str], branches: dict[str, dict[str, str]] | None = None) -> Path:
+    """A bare repository at <root>/<owner>/<name>.git with ``files`` on main (and extra branches)."""
+    owner, name = full_name.split("/")
+    bare = root / owner / f"{name}.git"
+    work = root / ".work" / owner / name
+    work.mkdir(parents=True)
+    git("init", "-q", "-b", "main", cwd=work)
+    for path, text in files.items():
+        (work / path).parent.mkdir(parents=True, exist_ok=True)
+        (work / path).write_text(text)
+    git("add", "-A", cwd=work)
+    git("commit", "-qm", "initial", cwd=work)
+    for branch, extra in (branches or {}).items():
+        git("checkout", "-q", "-b", branch, cwd=work)
+        for path, text in extra.items():
+            (work / path).write_text(text)
+        git("add", "-A", cwd=work)
+        git("commit", "-qm", f"on {branch}", cwd=work)
+        git("checkout", "-q", "main", cwd=work)
+    bare.parent.mkdir(parents=True, exist_ok=True)
+    git("clone", "-q", "--bare", str(work), str(bare))
+    return bare
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """A ``critique-local serve`` process on loopback with its own data dir and repos."""
+
+    base: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    @property
+    def data_dir(self) -> Path:
+        return self.base / "data"
+
+    @property
+    def repos(self) -> Path:
+        return self.base / "repos"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "CRITIQUE_LOCAL_SERVER_DATA_DIR": str(self.data_dir),
+            "CRITIQUE_LOCAL_GIT_LOCAL_ROOT": str(self.repos),
+            "CRITIQUE_LOCAL_SERVER_PORT": str(self.port),
+            "CRITIQUE_LOCAL_DOCKER_GATEWAY_PORT": "0",
+            **self.extra_env,
+        }
+
+    def start(self) -> None:
+        self.repos.mkdir(parents=True, exist_ok=True)
+        if not self.port:
+            self.port = free_port()
+        log = (self.base / "server.log").open("ab")
+        self.proc = subprocess.Popen([*CLI, "serve"], env=self.env, cwd=ROOT, stdout=log, stderr=log)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(self.base / 'server.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not become healthy")
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup at all, like a crash."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+            self.proc = None
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *args], env=self.env, cwd=ROOT, capture_output=True, text=True, check=check)
+
+    def new_key(self, user: str, scopes: str | None = None) -> str:
+        args = ["keys", "create", "--user", user] + (["--scopes", scopes] if scopes else [])
+        return self.cli(*args).stdout.strip().splitlines()[-1]
+
+    def client(self, key: str | None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+def wait_for(client: httpx.Client, run_id: str, statuses: set[str], timeout_s: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    run: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        run = client.get(f"/api/v1/coding-agent/runs/{run_id}").json()["run"]
+        if run["status"] in statuses:
+            return run
+        time.sleep(0.2)
+    raise AssertionError(f"run {run_id} still {run.get('status')}/{run.get('lifecycle')} after {timeout_s}s")
+
+
+def sse_events(client: httpx.Client, run_id: str, headers: dict[str, str] | None = None,
+               params: dict[str, str] | None = None) -> list[tuple[int, str, dict[str, Any]]]:
+    """Read the run's stream until the server closes it: [(id, event, data)]."""
+    from httpx_sse import connect_sse
+
+    out = []
+    with connect_sse(client, "GET", f"/api/v1/coding-agent/runs/{run_id}/stream", headers=headers or {},
+                     params=params or {}, timeout=httpx.Timeout(30, read=60)) as source:
+        assert source.response.status_code == 200, source.response.read()
+        for sse in source.iter_sse():
+            out.append((int(sse.id), sse.event, json.loads(sse.data)))
+    return out
+
+
+def our_containers(run_id: str) -> list[str]:
+    res = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=critique.run={run_id}"],
+                         capture_output=True, text=True, check=True)
+    return res.stdout.split()
