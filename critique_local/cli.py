@@ -222,7 +222,8 @@ def _watch(url: str, key: str, run_id: str) -> None:
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=httpx.Timeout(30, read=None)) as c:
         with connect_sse(c, "GET", f"/api/v1/coding-agent/runs/{run_id}/stream") as source:
             if source.response.status_code >= 400:
-                _check(source.response.read() and source.response)
+                source.response.read()
+                _check(source.response)
             for sse in source.iter_sse():
                 click.echo(format_event(sse.event, json.loads(sse.data)))
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Server, make_repo
+from tests.upstream_standin import UpstreamStandIn
 
 SAMPLE_FILES = {
     "README.md": "# web\n",
@@ -14,11 +15,27 @@ SAMPLE_FILES = {
 }
 
 
+UPSTREAM_KEY = "sk-upstream-operator-key-0123456789"
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One real server for the session (Docker backend, scripted model)."""
+def upstream() -> Iterator[UpstreamStandIn]:
+    standin = UpstreamStandIn()
+    standin.start()
+    yield standin
+    standin.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamStandIn) -> Iterator[Server]:
+    """One real server for the session (Docker backend, scripted model, one loopback upstream)."""
     base = tmp_path_factory.mktemp("server")
-    srv = Server(base)
+    config = base / "config.toml"
+    config.write_text(
+        f'[providers.standin]\nbase_url = "http://127.0.0.1:{upstream.port}/v1"\napi_key = "{UPSTREAM_KEY}"\n'
+        '[[catalog]]\nid = "acme/coder-large"\nprovider = "standin"\nupstream_id = "coder-large-v2"\n'
+    )
+    srv = Server(base, extra_env={"CRITIQUE_LOCAL_CONFIG": str(config)})
     srv.repos.mkdir(parents=True)
     make_repo(srv.repos, "acme/web", SAMPLE_FILES, branches={"feature": {"FEATURE.md": "on feature\n"}})
     srv.start()

@@ -54,7 +54,7 @@ def run_view(
         changed_paths=run.changed_paths,
         diff_stats=DiffStats.model_validate(run.diff_stats) if run.diff_stats else None,
         patch=patch,
-        events=[EventView(id=e.seq, event=e.kind, data=e.data, created_at=e.created_at)  # type: ignore[arg-type]
+        events=[EventView(id=e.seq, event=e.kind, data=e.data, created_at=e.created_at)
                 for e in events] if events is not None else None,
         turns=[TurnView.model_validate(t) for t in turns],
         error=RunErrorView(code=run.error_code, message=run.error_message or "") if run.error_code else None,

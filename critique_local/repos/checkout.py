@@ -81,8 +81,7 @@ async def prepare(
     if source is None:
         raise RunFailure("repository_not_found", f"repository {full_name} is not available")
     env = _git_env(github, source)
-    scratch.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="checkout-", dir=scratch))
+    workdir = await asyncio.to_thread(_new_workdir, scratch)
     try:
         ws = workdir / "ws"
         t = git.clone_timeout_s
@@ -123,6 +122,11 @@ async def _resolve_ref(ws: Path, env: dict[str, str], ref: str) -> tuple[str, st
         return await _git(["rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}"], ws, env, 60), None
     except RunFailure as exc:
         raise RunFailure("ref_not_found", f"ref {ref!r} does not exist in the repository") from exc
+
+
+def _new_workdir(scratch: Path) -> Path:
+    scratch.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="checkout-", dir=scratch))
 
 
 def discard(checkout: Checkout) -> None:

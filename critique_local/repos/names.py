@@ -11,7 +11,7 @@ _REF_CHARS = re.compile(r"^[A-Za-z0-9._/+-]+$")
 
 def repository_name_problem(name: str) -> str | None:
     """Why ``name`` is not a safe ``owner/name``, or None."""
-    if not _FULL_NAME.match(name):
+    if not _FULL_NAME.fullmatch(name):
         return "must be owner/name of letters, digits, '.', '_' or '-' (each part starting with a letter or digit)"
     if ".." in name or name.endswith(".git") or name.endswith("."):
         return "must not contain '..' or end in '.git' or '.'"
@@ -26,6 +26,6 @@ def ref_problem(ref: str) -> str | None:
         return "must not start with '-' or '/' or end with '/' or '.'"
     if ".." in ref or "@{" in ref or "//" in ref or ref.endswith(".lock") or "/." in ref or ref.startswith("."):
         return "must not contain '..', '@{', '//', '/.' or end in '.lock'"
-    if not _REF_CHARS.match(ref):
+    if not _REF_CHARS.fullmatch(ref):
         return "may contain only letters, digits and . _ / + -"
     return None

@@ -41,7 +41,8 @@ AGENT_USER = "1000:1000"
 
 
 class DockerSandbox(Sandbox):
-    def __init__(self, container: Container, network: str) -> None:
+    def __init__(self, client: docker.DockerClient, container: Container, network: str) -> None:
+        self._api = client.api
         self._container = container
         self._network = network
         self.id = str(container.id)
@@ -59,7 +60,7 @@ class DockerSandbox(Sandbox):
         return await asyncio.to_thread(self._exec_blocking, wrapped, cwd, dict(env or {}), max_output_bytes)
 
     def _exec_blocking(self, argv: list[str], cwd: str, env: dict[str, str], cap: int) -> ExecResult:
-        api = self._container.client.api
+        api = self._api
         try:
             exec_id = api.exec_create(self.id, argv, user=AGENT_USER, workdir=cwd, environment=env)["Id"]
             out, err = bytearray(), bytearray()
@@ -80,7 +81,7 @@ class DockerSandbox(Sandbox):
 
     async def spawn(self, argv: list[str], *, env: Mapping[str, str], cwd: str, log_path: str) -> None:
         line = f"exec {shlex.join(argv)} >{shlex.quote(log_path)} 2>&1"
-        api = self._container.client.api
+        api = self._api
 
         def start() -> None:
             exec_id = api.exec_create(self.id, ["bash", "-c", line], user=AGENT_USER, workdir=cwd,
@@ -196,7 +197,7 @@ class DockerBackend(SandboxBackend):
             container = await asyncio.to_thread(run)
         except docker.errors.APIError as exc:
             raise SandboxError(f"could not start a sandbox: {exc.explanation or exc}", "sandbox_start_failed") from exc
-        return DockerSandbox(container, self._settings.network)
+        return DockerSandbox(self.client, container, self._settings.network)
 
     async def connect(self, sandbox_id: str) -> Sandbox | None:
         try:
@@ -205,7 +206,7 @@ class DockerBackend(SandboxBackend):
             return None
         if container.status != "running" or container.labels.get(LABEL_INSTANCE) != self._instance:
             return None
-        return DockerSandbox(container, self._settings.network)
+        return DockerSandbox(self.client, container, self._settings.network)
 
     async def destroy(self, sandbox_id: str) -> None:
         def remove() -> None:

@@ -3,7 +3,6 @@ real Docker container, driven by the scripted model."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 

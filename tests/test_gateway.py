@@ -1,0 +1,118 @@
+"""The model gateway: an OpenAI-compatible door that the official SDK can use, that forwards
+to upstream providers with the operator's key, and that confines sandbox tokens to their run."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import UPSTREAM_KEY
+from tests.helpers import Server, wait_for
+from tests.upstream_standin import UpstreamStandIn
+
+pytestmark = pytest.mark.e2e
+RUNS = "/api/v1/coding-agent/runs"
+
+
+def sdk(server: Server, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/api/v1", api_key=key, max_retries=0)
+
+
+def test_openai_sdk_gets_scripted_tool_calls_and_text(server: Server, alice: str) -> None:
+    client = sdk(server, alice)
+    tools = [{"type": "function", "function": {"name": "bash", "parameters": {"type": "object"}}}]
+    first = client.chat.completions.create(model="critique/scripted", tools=tools,  # type: ignore[arg-type]
+                                           messages=[{"role": "user", "content": "@bash echo hi\n@say bye"}])
+    call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert call.function.name == "bash" and json.loads(call.function.arguments) == {"command": "echo hi"}
+    assert first.choices[0].finish_reason == "tool_calls" and first.usage and first.usage.prompt_tokens > 0
+
+    stream = client.chat.completions.create(
+        model="critique/scripted", tools=tools, stream=True, stream_options={"include_usage": True},  # type: ignore[arg-type]
+        messages=[{"role": "user", "content": "@bash echo hi\n@say bye"},
+                  {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                   "function": {"name": "bash", "arguments": "{}"}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "hi"}])
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "bye" and chunks[-1].usage is not None
+
+
+def test_scripted_failure_is_a_clear_4xx(server: Server, alice: str) -> None:
+    with pytest.raises(openai.BadRequestError, match="boom"):
+        sdk(server, alice).chat.completions.create(
+            model="critique/scripted", tools=[{"type": "function", "function": {"name": "x"}}],  # type: ignore[list-item]
+            messages=[{"role": "user", "content": "@fail boom"}])
+
+
+def test_upstream_models_are_forwarded_with_the_operators_key(server: Server, alice: str,
+                                                              upstream: UpstreamStandIn) -> None:
+    client = sdk(server, alice)
+    reply = client.chat.completions.create(model="acme/coder-large", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content == "upstream says hi to coder-large-v2"
+    got = upstream.requests[-1]
+    assert got["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert got["body"]["model"] == "coder-large-v2" and got["body"]["messages"][0]["content"] == "hi"
+    streamed = client.chat.completions.create(model="acme/coder-large", stream=True,
+                                              messages=[{"role": "user", "content": "hi"}])
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices).startswith("upstream says hi")
+    assert alice not in json.dumps(upstream.requests)  # the caller's key never goes upstream
+
+
+def test_gateway_auth(server: Server) -> None:
+    no_inference = server.new_key("noinf", scopes="read:builder,write:builder")
+    with pytest.raises(openai.PermissionDeniedError):
+        sdk(server, no_inference).chat.completions.create(model="critique/scripted",
+                                                          messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):
+        sdk(server, "crs_not-a-live-run").chat.completions.create(model="critique/scripted",
+                                                                  messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.UnprocessableEntityError):
+        sdk(server, server.new_key("inf")).chat.completions.create(model="nope",
+                                                                   messages=[{"role": "user", "content": "x"}])
+
+
+PROBE = r'''@write probe.py
+import json, os, urllib.request, urllib.error
+gw = json.loads(os.environ["OPENCODE_CONFIG_CONTENT"])["provider"]["critique"]["options"]["baseURL"]
+tok = os.environ["CRITIQUE_GATEWAY_TOKEN"]
+def call(path, body=None):
+    req = urllib.request.Request(gw + path, data=json.dumps(body).encode() if body else None,
+                                 headers={"Authorization": "Bearer " + tok, "Content-Type": "application/json"})
+    try:
+        return urllib.request.urlopen(req, timeout=5).status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except Exception as e:
+        return type(e).__name__
+out = {"models": call("/models"),
+       "other_model": call("/chat/completions", {"model": "acme/coder-large", "messages": [{"role": "user", "content": "x"}]}),
+       "runs_api": call("/coding-agent/runs"),
+       "token": tok}
+open("probe.json", "w").write(json.dumps(out))
+@end
+@bash python3 probe.py && cat probe.json && rm probe.py probe.json
+@say probed
+'''
+
+
+def test_sandbox_token_is_confined_to_its_run_and_its_lifetime(server: Server, alice: str) -> None:
+    with server.client(alice) as api:
+        run = api.post(RUNS, json={"repository": "acme/web", "prompt": PROBE}).json()["run"]
+        done = wait_for(api, run["id"], {"completed", "failed"})
+        assert done["status"] == "completed", done["error"]
+        events = api.get(f"{RUNS}/{run['id']}", params={"events": "1"}).json()["run"]["events"]
+    output = next(e["data"]["output"] for e in events if e["data"].get("tool") == "bash" and "output" in e["data"])
+    probe = json.loads(output.strip().splitlines()[-1])
+    assert probe["models"] == 200
+    assert probe["other_model"] == 403  # only the run's own model
+    assert probe["runs_api"] == 404  # the sandbox-facing listener serves only the gateway
+    assert probe["token"].startswith("crs_")
+    # once the run is over, its token opens nothing
+    resp = httpx.post(server.url + "/api/v1/chat/completions", headers={"Authorization": f"Bearer {probe['token']}"},
+                      json={"model": "critique/scripted", "messages": [{"role": "user", "content": "x"}]})
+    assert resp.status_code == 401
+    assert done["changedPaths"] == []

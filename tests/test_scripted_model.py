@@ -1,0 +1,57 @@
+"""The scripted model decides each step from the conversation alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from critique_local.gateway.scripted import ScriptError, Step, parse_script, plan_reply
+
+PROMPT = "Intro text\n@write a/b.txt\nline 1\nline 2\n@end\n@sleep 1.5\n@bash ls -la\n@say All done"
+
+
+def convo(prompt: str, assistant_turns: int) -> list[dict[str, object]]:
+    msgs: list[dict[str, object]] = [{"role": "system", "content": "sys"}, {"role": "user", "content": prompt}]
+    for i in range(assistant_turns):
+        msgs += [{"role": "assistant", "tool_calls": [{"id": f"c{i}"}]}, {"role": "tool", "content": "ok"}]
+    return msgs
+
+
+def test_parse_script() -> None:
+    assert parse_script(PROMPT) == [
+        Step("write", "a/b.txt", "line 1\nline 2\n"),
+        Step("bash", "ls -la", "", 1.5),
+        Step("say", "All done"),
+    ]
+
+
+def test_write_without_end_is_an_error() -> None:
+    with pytest.raises(ScriptError):
+        parse_script("@write x\nno end")
+
+
+def test_one_step_per_call_in_order() -> None:
+    first = plan_reply(convo(PROMPT, 0), has_tools=True)
+    assert first.tool_name == "write" and first.tool_args == {"filePath": "a/b.txt", "content": "line 1\nline 2\n"}
+    second = plan_reply(convo(PROMPT, 1), has_tools=True)
+    assert second.tool_name == "bash" and second.tool_args == {"command": "ls -la"} and second.delay_s == 1.5
+    third = plan_reply(convo(PROMPT, 2), has_tools=True)
+    assert third.text == "All done" and third.tool_name is None
+
+
+def test_steps_restart_for_each_new_user_message() -> None:
+    msgs = [*convo(PROMPT, 3), {"role": "assistant", "content": "All done"}, {"role": "user", "content": "@say two"}]
+    assert plan_reply(msgs, has_tools=True).text == "two"
+
+
+def test_fail_and_exhausted_script() -> None:
+    assert plan_reply(convo("@fail boom", 0), has_tools=True).error == "boom"
+    assert plan_reply(convo("@bash true", 1), has_tools=True).text == "Done: completed 1 scripted step(s)."
+
+
+def test_prompt_without_script_makes_a_default_edit() -> None:
+    reply = plan_reply(convo("Please improve things", 0), has_tools=True)
+    assert reply.tool_name == "write" and reply.tool_args["filePath"] == "CRITIQUE_SCRIPTED.md"
+
+
+def test_calls_without_tools_get_plain_text() -> None:
+    assert plan_reply(convo(PROMPT, 0), has_tools=False).tool_name is None
