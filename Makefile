@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 deps: $(STAMP)
 
 docker:
-	@bash scripts/ensure-docker.sh
+	@bash scripts/ensure-system.sh
 
 image: docker
 	@bash sandboxes/docker/build.sh

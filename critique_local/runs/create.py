@@ -54,9 +54,10 @@ async def _repository_id(s: Services, req: CreateRunRequest) -> str:
     problem = repository_name_problem(full_name)
     if problem:
         raise InvalidRequest(f"{field} {problem}", field=field)
-    if resolve_source(s.settings.git, s.settings.github, full_name) is None:
+    source = resolve_source(s.settings.git, s.settings.github, full_name)
+    if source is None:
         raise NotFound(f"repository {full_name} not found", field=field, code="repository_not_found")
-    repo_id = await store.ensure_repository(s.db, new_id("repo"), full_name, "local")
+    repo_id = await store.ensure_repository(s.db, new_id("repo"), full_name, "local" if source.local else "github")
     if req.repository_id and req.repository_id != repo_id:
         raise InvalidRequest("repositoryId does not match repository", field="repositoryId")
     return repo_id

@@ -163,10 +163,12 @@ class Executor:
                 props = event.get("properties") or {}
                 if kind == "session.idle" and props.get("sessionID") == session_id:
                     idle.set()
-                if kind == "permission.asked" and props.get("sessionID") == session_id:
-                    await agent.reply_permission(str(props.get("id")), "reject")
-                if kind == "question.asked" and props.get("sessionID") == session_id:
-                    await agent.reject_question(str(props.get("id")))
+                # safety net: a prompt nobody answers would hang the headless turn forever
+                with contextlib.suppress(AgentError):
+                    if kind == "permission.asked" and props.get("sessionID") == session_id:
+                        await agent.reply_permission(str(props.get("id")), "reject")
+                    if kind == "question.asked" and props.get("sessionID") == session_id:
+                        await agent.reject_question(str(props.get("id")))
                 row = normalize(event)
                 if row is not None:
                     if row["type"] == "text":

@@ -1,0 +1,39 @@
+"""The README's curl walk-through works as written (run verbatim against a real server)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from tests.helpers import ROOT, Server, make_repo
+
+pytestmark = pytest.mark.e2e
+
+
+def walkthrough() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Walk-through", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    assert len(blocks) == 1
+    return str(blocks[0])
+
+
+def test_readme_walkthrough(server: Server) -> None:
+    if not (server.repos / "demo" / "hello.git").exists():
+        make_repo(server.repos, "demo/hello", {"hello.py": "def greet(name):\n    return f'Hello, {name}!'\n"})
+    key = server.new_key("readme")
+    env = {**server.env, "BASE": server.url, "CRT_API_KEY": key}
+    res = subprocess.run(["bash", "-euo", "pipefail", "-c", walkthrough()], env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "Status: completed" in out
+    assert "event: builder.event" in out and "event: run.status" in out
+    assert '"summary": "Added farewell.py with farewell(name)."' in out
+    assert '"changedPaths": [\n    "farewell.py"\n  ]' in out
+    assert "+    return f\\\"Goodbye, {name}!\\\"" in out
+    assert "Goodbye, 42!" in out  # the agent's bash step ran the new code
+    resumed = out.split("Status: completed", 1)[1]
+    assert "id: 5\n" not in resumed and "id: 6\n" in resumed  # ?after=5 resumes after event 5
