@@ -20,11 +20,13 @@ from aiohttp import web
 from critique_local.api import meta, runs
 from critique_local.api.middleware import authenticated, error_middleware
 from critique_local.api.registry import Route
-from critique_local.appkeys import DB, SCHEDULER, SERVICES, UPSTREAM
+from critique_local.appkeys import CONTROL, DB, SCHEDULER, SERVICES, UPSTREAM
 from critique_local.config import Settings
+from critique_local.crypto import SecretBox
 from critique_local.gateway import routes as gateway
 from critique_local.gateway.catalog import Catalog
 from critique_local.gateway.upstream import Upstream
+from critique_local.runs.control import RunControl
 from critique_local.runs.events import EventHub
 from critique_local.runs.scheduler import Scheduler
 from critique_local.sandboxes.factory import make_backend
@@ -48,6 +50,7 @@ def _application(services: Services, scheduler: Scheduler, upstream: Upstream, r
     app[SERVICES] = services
     app[DB] = services.db
     app[SCHEDULER] = scheduler
+    app[CONTROL] = RunControl(scheduler)
     app[UPSTREAM] = upstream
     for route in routes:
         app.router.add_route(route.method, route.path, authenticated(route, DB))
@@ -75,7 +78,8 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
     db = await Database.open(settings.db_path)
     backend = make_backend(settings, instance_id(settings))
     services = Services(settings=settings, db=db, hub=EventHub(db), backend=backend,
-                        catalog=Catalog.from_settings(settings), instance_id=instance_id(settings))
+                        catalog=Catalog.from_settings(settings), instance_id=instance_id(settings),
+                        box=SecretBox.from_data_dir(settings.server.data_dir))
     upstream = Upstream()
     scheduler = Scheduler(services)
     runners: list[web.AppRunner] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from critique_local.gateway.upstream import Upstream
+from critique_local.runs.control import RunControl
 from critique_local.runs.scheduler import Scheduler
 from critique_local.services import Services
 from critique_local.store.db import Database
@@ -13,3 +14,4 @@ SERVICES = web.AppKey("services", Services)
 DB = web.AppKey("db", Database)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 UPSTREAM = web.AppKey("upstream", Upstream)
+CONTROL = web.AppKey("control", RunControl)

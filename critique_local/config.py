@@ -50,6 +50,9 @@ class SandboxSettings(Section):
     pids_limit: int = Field(512, ge=16, description="Process limit per sandbox (fork bombs stop here).")
     agent_ready_timeout_s: float = Field(60, gt=0, description="How long OpenCode may take to become healthy.")
     turn_timeout_s: float = Field(1800, gt=0, description="Upper bound for one agent turn.")
+    idle_timeout_s: float = Field(1800, gt=0, description="A warm session expires this long after its last turn.")
+    max_lifetime_s: float = Field(14400, gt=0, description="Hard cap on one sandbox's total lifetime.")
+    reap_interval_s: float = Field(5, gt=0, description="How often expired sessions are looked for.")
 
 
 class DockerSettings(Section):
@@ -61,6 +64,7 @@ class DockerSettings(Section):
 
 class SchedulerSettings(Section):
     max_concurrent_runs: int = Field(4, ge=1, description="Runs executing at once; later ones wait queued.")
+    max_concurrent_runs_per_user: int = Field(2, ge=1, description="Turns one user may have executing at once.")
 
 
 class ModelsSettings(Section):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from critique_local.config import Settings
+from critique_local.crypto import SecretBox
 from critique_local.gateway.catalog import Catalog
 from critique_local.runs.events import EventHub
 from critique_local.sandboxes.base import SandboxBackend
@@ -19,6 +20,7 @@ class Services:
     backend: SandboxBackend
     catalog: Catalog
     instance_id: str
+    box: SecretBox
     gateway_url: str = ""  # how sandboxes reach /api/v1; set once the sandbox-facing listener is bound
     public_url: str = ""  # how clients reach us; set once the public listener is bound
     extra: dict[str, object] = field(default_factory=dict)

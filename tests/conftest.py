@@ -16,6 +16,8 @@ SAMPLE_FILES = {
 
 
 UPSTREAM_KEY = "sk-upstream-operator-key-0123456789"
+# warm sessions end quickly in tests, so idle sandboxes do not pile up on a 2-core machine
+SHORT_SESSIONS = {"CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S": "30", "CRITIQUE_LOCAL_SANDBOX_REAP_INTERVAL_S": "0.5"}
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +37,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamStandIn) 
         f'[providers.standin]\nbase_url = "http://127.0.0.1:{upstream.port}/v1"\napi_key = "{UPSTREAM_KEY}"\n'
         '[[catalog]]\nid = "acme/coder-large"\nprovider = "standin"\nupstream_id = "coder-large-v2"\n'
     )
-    srv = Server(base, extra_env={"CRITIQUE_LOCAL_CONFIG": str(config)})
+    srv = Server(base, extra_env={"CRITIQUE_LOCAL_CONFIG": str(config), **SHORT_SESSIONS})
     srv.repos.mkdir(parents=True)
     make_repo(srv.repos, "acme/web", SAMPLE_FILES, branches={"feature": {"FEATURE.md": "on feature\n"}})
     srv.start()
@@ -56,7 +58,7 @@ def bob(server: Server) -> str:
 @pytest.fixture
 def fresh_server(tmp_path: Path) -> Iterator[Server]:
     """A server of its own, for tests that kill or restart it."""
-    srv = Server(tmp_path)
+    srv = Server(tmp_path, extra_env=dict(SHORT_SESSIONS))
     srv.repos.mkdir(parents=True)
     make_repo(srv.repos, "acme/web", SAMPLE_FILES)
     yield srv

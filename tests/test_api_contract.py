@@ -158,13 +158,6 @@ def test_unknown_route_and_method_use_the_error_envelope(server: Server, alice: 
         assert resp.status_code == 405 and error_of(resp)["code"] == "method_not_allowed"
 
 
-def test_messages_are_refused_until_warm_sessions_land(server: Server, alice: str) -> None:
-    with server.client(alice) as api:
-        run_id = api.post(RUNS, json=OK_BODY).json()["run"]["id"]
-        resp = api.post(f"{RUNS}/{run_id}/messages", json={"prompt": "again"})
-        assert resp.status_code == 422 and error_of(resp)["code"] == "unsupported"
-
-
 # ---- idempotency ---------------------------------------------------------------------------
 
 def test_same_idempotency_key_and_body_returns_the_original_run(server: Server) -> None:

@@ -102,9 +102,10 @@ open("probe.json", "w").write(json.dumps(out))
 def test_sandbox_token_is_confined_to_its_run_and_its_lifetime(server: Server, alice: str) -> None:
     with server.client(alice) as api:
         run = api.post(RUNS, json={"repository": "acme/web", "prompt": PROBE}).json()["run"]
-        done = wait_for(api, run["id"], {"completed", "failed"})
-        assert done["status"] == "completed", done["error"]
+        done = wait_for(api, run["id"], {"idle", "failed"})
+        assert done["status"] == "idle", done["error"]
         events = api.get(f"{RUNS}/{run['id']}", params={"events": "1"}).json()["run"]["events"]
+        assert api.post(f"{RUNS}/{run['id']}/messages", json={"endSession": True}).status_code == 200
     output = next(e["data"]["output"] for e in events if e["data"].get("tool") == "bash" and "output" in e["data"])
     probe = json.loads(output.strip().splitlines()[-1])
     assert probe["models"] == 200

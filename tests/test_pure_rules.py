@@ -24,16 +24,31 @@ def test_intent(prompt: str, intent: str) -> None:
     assert classify(prompt) == intent
 
 
-@pytest.mark.parametrize("status", list(RunStatus))
-def test_lifecycle_agrees_with_status(status: RunStatus) -> None:
-    for phase in Phase:
-        for has_patch in (False, True):
-            lc = lifecycle_of(status, phase, has_patch)
-            assert lc.terminal == (status in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED))
-            assert lc.awaiting_follow_up == lc.can_follow_up == False  # noqa: E712 (no warm sessions yet)
-            assert ("get_patch" in lc.next_actions) == (has_patch and status in (RunStatus.COMPLETED, RunStatus.IDLE))
-            if status is RunStatus.COMPLETED:
-                assert lc.lifecycle == "finished"
+LIFECYCLE_TABLE = [
+    # status, phase, session end, chained to -> lifecycle, awaitingFollowUp, canFollowUp, nextActions
+    (RunStatus.QUEUED, Phase.QUEUED, None, None, "queued", False, False, {"cancel"}),
+    (RunStatus.RUNNING, Phase.PROVISIONING, None, None, "provisioning", False, False, {"cancel"}),
+    (RunStatus.RUNNING, Phase.AGENT_RUNNING, None, None, "agent_running", False, False, {"cancel"}),
+    (RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, None, None, "awaiting_follow_up", True, True,
+     {"send_message", "end_session", "cancel"}),
+    (RunStatus.COMPLETED, Phase.FINISHED, "end_session", None, "finished", False, False, set()),
+    (RunStatus.COMPLETED, Phase.FINISHED, "expired", None, "finished", False, True, {"send_message"}),
+    (RunStatus.COMPLETED, Phase.FINISHED, "sandbox_lost", None, "finished", False, True, {"send_message"}),
+    (RunStatus.COMPLETED, Phase.FINISHED, "expired", "run_x", "finished", False, False, set()),
+    (RunStatus.FAILED, Phase.FAILED, "finished", None, "failed", False, False, set()),
+    (RunStatus.CANCELLED, Phase.CANCELLED, "finished", None, "cancelled", False, False, set()),
+]
+
+
+@pytest.mark.parametrize(("status", "phase", "end", "chained", "name", "awaiting", "can", "actions"), LIFECYCLE_TABLE)
+def test_lifecycle_table(status: RunStatus, phase: Phase, end: str | None, chained: str | None, name: str,
+                         awaiting: bool, can: bool, actions: set[str]) -> None:
+    for has_patch in (False, True):
+        lc = lifecycle_of(status, phase, has_patch, end, chained)
+        assert lc.lifecycle == name
+        assert lc.terminal == (status in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED))
+        assert (lc.awaiting_follow_up, lc.can_follow_up, lc.session_active) == (awaiting, can, status is RunStatus.IDLE)
+        assert set(lc.next_actions) == actions | ({"get_patch"} if has_patch else set())
 
 
 def test_terminal_states_are_final() -> None:
@@ -70,4 +85,4 @@ def test_bad_refs(ref: str) -> None:
 
 def test_parse_numstat() -> None:
     raw = b"1\t0\tnew.txt\x002\t3\tdir/a b.py\x00-\t-\timg.png\x00\x00SIZE 123"
-    assert parse_numstat(raw) == (["new.txt", "dir/a b.py", "img.png"], 3, 3, 123)
+    assert parse_numstat(raw + b"\x00TREE abc") == (["new.txt", "dir/a b.py", "img.png"], 3, 3, 123, "abc")

@@ -20,8 +20,8 @@ from critique_local.api.schemas import (
     StreamQuery,
 )
 from critique_local.api.views import run_view
-from critique_local.appkeys import SCHEDULER, SERVICES
-from critique_local.errors import InvalidRequest, NotFound, Unsupported
+from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES
+from critique_local.errors import InvalidRequest, NotFound
 from critique_local.runs import create as creating
 from critique_local.runs.states import TERMINAL, RunStatus
 from critique_local.store import events as events_store
@@ -56,7 +56,7 @@ async def create_run(request: web.Request, principal: Principal) -> web.StreamRe
     run, created = await creating.create(s, principal, req, raw, request.headers.get("Idempotency-Key"))
     if created:
         await s.hub.status(run)
-        request.app[SCHEDULER].submit(run.id)
+        request.app[SCHEDULER].submit(run.id, run.user_id)
     return respond(await _view(request, run), status=201 if created else 200)
 
 
@@ -76,10 +76,15 @@ async def get_run(request: web.Request, principal: Principal) -> web.StreamRespo
 
 
 async def send_message(request: web.Request, principal: Principal) -> web.StreamResponse:
-    await _owned_run(request, principal)
-    await parse_body(request, MessageRequest)
-    raise Unsupported("follow-up messages (warm sessions) are not supported yet; start a new run",
-                      field="prompt")
+    run = await _owned_run(request, principal)
+    req, _ = await parse_body(request, MessageRequest)
+    carrier = await request.app[CONTROL].message(run, req)
+    return respond(await _view(request, carrier), status=200 if req.end_session else 202)
+
+
+async def cancel_run(request: web.Request, principal: Principal) -> web.StreamResponse:
+    run = await _owned_run(request, principal)
+    return respond(await _view(request, await request.app[CONTROL].cancel(run)))
 
 
 def _resume_point(request: web.Request) -> int:
@@ -129,9 +134,12 @@ ROUTES = [
           response=RunList, errors=(401, 403, 422)),
     Route("GET", BASE + "/{id}", get_run, "Status, summary, optional patch and events", "read:builder",
           query=GetRunQuery, response=RunEnvelope, errors=(401, 403, 404, 422)),
-    Route("POST", BASE + "/{id}/messages", send_message, "Send a follow-up (not supported yet: 422)",
-          "write:builder", request=MessageRequest, response=RunEnvelope, status=202,
+    Route("POST", BASE + "/{id}/messages", send_message,
+          "Follow-up on the warm session (202), chained run when the session ended (202, new run), "
+          "or {endSession: true} (200)", "write:builder", request=MessageRequest, response=RunEnvelope, status=202,
           errors=(400, 401, 403, 404, 409, 422)),
+    Route("POST", BASE + "/{id}/cancel", cancel_run, "Abort the turn, destroy the sandbox (idempotent)",
+          "write:builder", response=RunEnvelope, errors=(401, 403, 404, 409)),
     Route("GET", BASE + "/{id}/stream", stream, "Server-Sent Events: builder.event and run.status",
           "read:builder", query=StreamQuery, sse=True, errors=(401, 403, 404, 422)),
 ]

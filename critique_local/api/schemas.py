@@ -107,9 +107,11 @@ class CreateRunRequest(Model):
 
 
 class MessageRequest(Model):
-    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS, description="The follow-up.")
     publish: Publish | None = None
-    end_session: bool | None = None
+    end_session: bool | None = Field(None, description="true: destroy the sandbox and complete the run.")
+    fallback: Literal["chain", "none"] = Field(
+        "chain", description="When the session has ended: chain a new run (default) or answer 409 session_expired.")
 
 
 class ListRunsQuery(Model):
@@ -189,6 +191,9 @@ class RunView(Model):
     patch: str | None = Field(None, description="Only with ?patch=1.")
     events: list[EventView] | None = Field(None, description="Only with ?events=1.")
     turns: list[TurnView]
+    agent_session_id: str | None = Field(description="The OpenCode session id; unchanged across warm turns.")
+    chained_from_run_id: str | None = Field(description="The run this one continues (chained fallback).")
+    chained_to_run_id: str | None = Field(description="The run that continued this one.")
     error: RunErrorView | None
     created_at: str
     updated_at: str

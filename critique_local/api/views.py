@@ -11,6 +11,7 @@ from critique_local.api.schemas import (
     RunView,
     TurnView,
 )
+from critique_local.clock import now_iso
 from critique_local.runs.states import lifecycle_of
 from critique_local.store.events import EventRow
 from critique_local.store.runs import RunRow
@@ -24,7 +25,7 @@ def run_view(
     patch: str | None = None,
     events: list[EventRow] | None = None,
 ) -> RunView:
-    lc = lifecycle_of(run.status, run.phase, run.has_patch)
+    lc = lifecycle_of(run.status, run.phase, run.has_patch, run.session_end_reason, run.chained_to_run_id)
     req = run.request
     url = f"{base_url}/api/v1/coding-agent/runs/{run.id}"
     return RunView(
@@ -35,8 +36,8 @@ def run_view(
         awaiting_follow_up=lc.awaiting_follow_up,
         can_follow_up=lc.can_follow_up,
         next_actions=list(lc.next_actions),
-        session_active=False,
-        session_expires_at=run.session_expires_at,
+        session_active=lc.session_active and (run.session_expires_at or "") > now_iso(),
+        session_expires_at=run.session_expires_at if lc.session_active else None,
         turn_count=run.turn_count,
         repository=RepositoryView(id=run.repository_id, full_name=run.repository_full_name),
         model_id=run.model_id,
@@ -57,6 +58,9 @@ def run_view(
         events=[EventView(id=e.seq, event=e.kind, data=e.data, created_at=e.created_at)
                 for e in events] if events is not None else None,
         turns=[TurnView.model_validate(t) for t in turns],
+        agent_session_id=run.agent_session_id,
+        chained_from_run_id=run.chained_from_run_id,
+        chained_to_run_id=run.chained_to_run_id,
         error=RunErrorView(code=run.error_code, message=run.error_message or "") if run.error_code else None,
         created_at=run.created_at,
         updated_at=run.updated_at,

@@ -15,12 +15,15 @@ RUN_STATUS = "run.status"
 
 
 def status_payload(run: RunRow) -> dict[str, Any]:
-    lc = lifecycle_of(run.status, run.phase, run.has_patch)
+    lc = lifecycle_of(run.status, run.phase, run.has_patch, run.session_end_reason, run.chained_to_run_id)
     payload: dict[str, Any] = {
         "runId": run.id, "status": run.status.value, "lifecycle": lc.lifecycle, "terminal": lc.terminal,
         "awaitingFollowUp": lc.awaiting_follow_up, "canFollowUp": lc.can_follow_up,
-        "nextActions": list(lc.next_actions), "turnCount": run.turn_count,
+        "nextActions": list(lc.next_actions), "sessionActive": lc.session_active,
+        "sessionExpiresAt": run.session_expires_at if lc.session_active else None, "turnCount": run.turn_count,
     }
+    if run.chained_to_run_id:
+        payload["chainedToRunId"] = run.chained_to_run_id
     if run.error_code:
         payload["error"] = {"code": run.error_code, "message": run.error_message}
     return payload

@@ -1,4 +1,10 @@
-"""One run, end to end: checkout -> sandbox -> OpenCode -> the turn -> results -> teardown.
+"""Runs, turn by turn.
+
+The first turn provisions: checkout -> sandbox -> ``opencode serve`` -> session. Every turn then
+prompts the session, streams its events, and reads cumulative results out of the sandbox. When
+a turn ends the run goes ``idle`` with the sandbox and the OpenCode session kept warm; the
+bindings (sandbox id, OpenCode address, its password sealed at rest, session id, expiry) are
+persisted, so a follow-up turn reattaches from the database alone, also after a restart.
 
 Git and agent setup live here, not in the sandbox backends: a backend only knows how to run
 commands, upload files and expose a port.
@@ -11,16 +17,17 @@ import contextlib
 import json
 import logging
 import secrets
+from datetime import timedelta
 from typing import Any
 
 from critique_local.agent.config import OPENCODE_PORT, PROVIDER_ID, TOKEN_ENV, opencode_config
 from critique_local.agent.normalize import Normalizer
 from critique_local.agent.opencode import AgentError, OpenCodeClient, basic_auth
-from critique_local.clock import ms_between, now_iso
+from critique_local.clock import iso, ms_between, now, now_iso, parse_iso
 from critique_local.errors import RunFailure
 from critique_local.repos import checkout
 from critique_local.runs.collect import collect
-from critique_local.runs.states import Phase, RunStatus
+from critique_local.runs.states import Phase, RunStatus, SessionEnd
 from critique_local.sandboxes.base import Sandbox, SandboxError, SandboxSpec
 from critique_local.services import Services
 from critique_local.store import runs as store
@@ -35,77 +42,63 @@ class Executor:
     def __init__(self, services: Services) -> None:
         self.s = services
 
+    # ---- entry point (one scheduler job) ------------------------------------------------------
+
     async def execute(self, run_id: str) -> None:
         run = await store.get_run(self.s.db, run_id)
-        if run is None or run.status is not RunStatus.QUEUED:
+        if run is None:
             return
+        if run.status is RunStatus.QUEUED:
+            await self._guarded(run, first=True)
+        elif run.status is RunStatus.RUNNING and await store.queued_turn(self.s.db, run.id):
+            await self._guarded(run, first=False)
+
+    async def _guarded(self, run: RunRow, *, first: bool) -> None:
         sandbox: Sandbox | None = None
+        agent: OpenCodeClient | None = None
         failure: tuple[str, str] | None = None
         try:
-            run = await self._transition(run, RunStatus.RUNNING, Phase.PROVISIONING, started_at=now_iso(),
-                                         turn_count=1)
-            await store.update_turn(self.s.db, run.id, 1, status="running", started_at=now_iso())
-            sandbox, agent, session_id = await self._provision(run)
-            try:
-                run = await self._transition(run, RunStatus.RUNNING, Phase.AGENT_RUNNING)
-                summary = await self._turn(run, agent, session_id, await store.first_prompt(self.s.db, run.id))
-                run = await self._transition(run, RunStatus.RUNNING, Phase.COLLECTING)
-                assert run.base_commit is not None
-                result = await collect(sandbox, run.base_commit, self.s.settings.limits.max_patch_bytes)
-            finally:
-                await agent.aclose()
+            if first:
+                run = await self._transition(run, RunStatus.RUNNING, Phase.PROVISIONING, started_at=now_iso(),
+                                             turn_count=1)
+                sandbox, agent, run = await self._provision(run)
+            else:
+                sandbox, agent = await self._reattach(run)
+            queued = await store.queued_turn(self.s.db, run.id)
+            assert queued is not None
+            await self._run_turn(run, sandbox, agent, *queued)
+            return
         except asyncio.CancelledError:
-            # server shutdown: the run is failed as server_restarted when the server starts again
-            if sandbox is not None:
-                await asyncio.shield(self._destroy(sandbox))
+            # cancel or shutdown: stop the agent, remove the sandbox; the canceller (or the next
+            # start's recovery) records the outcome
+            if agent is not None and run.agent_session_id:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(asyncio.wait_for(agent.abort(run.agent_session_id), 1.0))
+            sid = sandbox.id if sandbox is not None else run.sandbox_id
+            if sid:
+                await asyncio.shield(self.destroy(sid))
             raise
         except (RunFailure, SandboxError, AgentError) as exc:
             failure = (exc.code, getattr(exc, "message", str(exc)))
         except Exception as exc:
-            log.exception("run %s crashed", run_id)
+            log.exception("run %s crashed", run.id)
             failure = ("internal_error", f"{exc.__class__.__name__}: {exc}")
+        finally:
+            if agent is not None:
+                await agent.aclose()
         # teardown first, so a terminal status always means the sandbox is gone
-        if sandbox is not None:
-            await self._destroy(sandbox)
-        if failure is not None:
-            await self._fail(run_id, *failure)
-            return
-        finished = now_iso()
-        await store.update_turn(self.s.db, run.id, 1, status="completed", summary=summary,
-                                diff_stats=_json(result.diff_stats), finished_at=finished)
-        await self._transition(
-            run, RunStatus.COMPLETED, Phase.FINISHED, summary=summary, changed_paths=_json(result.changed_paths),
-            diff_stats=_json(result.diff_stats), patch=result.patch or None, finished_at=finished,
-            sandbox_token_hash=None,
-        )
+        current = await store.get_run(self.s.db, run.id)
+        sid = sandbox.id if sandbox is not None else (current.sandbox_id if current else None)
+        if sid:
+            await self.destroy(sid)
+        await self.fail(run.id, *failure)
 
-    async def _destroy(self, sandbox: Sandbox) -> None:
-        try:
-            await self.s.backend.destroy(sandbox.id)
-        except SandboxError:
-            log.warning("could not remove sandbox %s; startup reconciliation will", sandbox.id[:12])
+    # ---- provisioning and reattaching ---------------------------------------------------------
 
-    async def _transition(self, run: RunRow, status: RunStatus, phase: Phase, **fields: Any) -> RunRow:
-        updated = await store.transition(self.s.db, run.id, status, phase, **fields)
-        if updated.status is not run.status or updated.phase is not run.phase:
-            await self.s.hub.status(updated)
-        return updated
-
-    async def _fail(self, run_id: str, code: str, message: str) -> None:
-        run = await store.get_run(self.s.db, run_id)
-        if run is None or run.status in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED):
-            return
-        log.info("run %s failed: %s: %s", run_id, code, message)
-        await self.s.hub.builder(run_id, {"type": "error", "code": code, "message": message})
-        await store.update_turn(self.s.db, run_id, max(run.turn_count, 1), status="failed", finished_at=now_iso())
-        await self._transition(run, RunStatus.FAILED, Phase.FAILED, error_code=code, error_message=message,
-                               finished_at=now_iso(), sandbox_token_hash=None)
-
-    async def _provision(self, run: RunRow) -> tuple[Sandbox, OpenCodeClient, str]:
+    async def _provision(self, run: RunRow) -> tuple[Sandbox, OpenCodeClient, RunRow]:
         settings = self.s.settings
-        scratch = settings.server.data_dir / "tmp"
         prepared = await checkout.prepare(settings.git, settings.github, run.repository_full_name,
-                                          run.base_ref, scratch)
+                                          run.base_ref, settings.server.data_dir / "tmp")
         try:
             token = new_token(SANDBOX_TOKEN_PREFIX)
             password = secrets.token_urlsafe(24)
@@ -117,38 +110,96 @@ class Executor:
                     self.s.gateway_url, run.model_id, model.context_tokens if model else 128_000,
                     model.output_tokens if model else 8192),
             }
-            await store.update_run(self.s.db, run.id, base_commit=prepared.base_commit,
-                                   base_ref=prepared.base_ref, sandbox_token_hash=token_hash(token))
+            await store.update_run(self.s.db, run.id, base_commit=prepared.base_commit, base_ref=prepared.base_ref,
+                                   sandbox_token_hash=token_hash(token),
+                                   agent_secret=self.s.box.seal(password, run.id))
             sandbox = await self.s.backend.create(SandboxSpec(run.id, run.user_id))
         except BaseException:
             checkout.discard(prepared)
             raise
+        await store.update_run(self.s.db, run.id, sandbox_id=sandbox.id, sandbox_started_at=now_iso())
+        await sandbox.upload_tar(WORKSPACE, prepared.tar_path)
+        checkout.discard(prepared)
+        await sandbox.spawn(["opencode", "serve", "--hostname", "0.0.0.0", "--port", str(OPENCODE_PORT)],
+                            env=env, cwd=WORKSPACE, log_path="/tmp/opencode.log")
+        endpoint = await sandbox.endpoint(OPENCODE_PORT)
+        agent = OpenCodeClient(endpoint.base_url, {**endpoint.headers, **basic_auth(password)})
         try:
-            await store.update_run(self.s.db, run.id, sandbox_id=sandbox.id)
-            await sandbox.upload_tar(WORKSPACE, prepared.tar_path)
-            checkout.discard(prepared)
-            await sandbox.spawn(["opencode", "serve", "--hostname", "0.0.0.0", "--port", str(OPENCODE_PORT)],
-                                env=env, cwd=WORKSPACE, log_path="/tmp/opencode.log")
-            endpoint = await sandbox.endpoint(OPENCODE_PORT)
-            agent = OpenCodeClient(endpoint.base_url, {**endpoint.headers, **basic_auth(password)})
-            try:
-                await agent.wait_healthy(settings.sandbox.agent_ready_timeout_s)
-                title = str(run.request.get("title") or f"critique-local {run.id}")
-                session_id = await agent.create_session(title)
-            except BaseException:
-                await agent.aclose()
-                raise
+            await agent.wait_healthy(settings.sandbox.agent_ready_timeout_s)
+            title = str(run.request.get("title") or f"critique-local {run.id}")
+            session_id = await agent.create_session(title)
         except BaseException:
-            checkout.discard(prepared)
-            await asyncio.shield(self.s.backend.destroy(sandbox.id))
+            await agent.aclose()
             raise
         ready = now_iso()
-        await store.update_run(self.s.db, run.id, agent_session_id=session_id, agent_ready_at=ready)
+        await store.update_run(self.s.db, run.id, agent_session_id=session_id, agent_ready_at=ready,
+                               agent_url=endpoint.base_url)
         await self.s.hub.builder(run.id, {"type": "agent.ready", "sessionId": session_id,
                                           "sinceCreatedMs": ms_between(run.created_at, ready)})
-        return sandbox, agent, session_id
+        updated = await store.get_run(self.s.db, run.id)
+        assert updated is not None
+        return sandbox, agent, updated
 
-    async def _turn(self, run: RunRow, agent: OpenCodeClient, session_id: str, prompt: str) -> str:
+    async def attach(self, run: RunRow) -> tuple[Sandbox, OpenCodeClient] | None:
+        """The live sandbox and a healthy OpenCode of an idle run, or None when either is gone."""
+        if not (run.sandbox_id and run.agent_url and run.agent_secret):
+            return None
+        try:
+            sandbox = await self.s.backend.connect(run.sandbox_id)
+        except SandboxError:
+            return None
+        if sandbox is None:
+            return None
+        endpoint = await sandbox.endpoint(OPENCODE_PORT)
+        agent = OpenCodeClient(endpoint.base_url,
+                               {**endpoint.headers, **basic_auth(self.s.box.open(run.agent_secret, run.id))})
+        try:
+            await agent.wait_healthy(3.0)
+        except AgentError:
+            await agent.aclose()
+            return None
+        return sandbox, agent
+
+    async def _reattach(self, run: RunRow) -> tuple[Sandbox, OpenCodeClient]:
+        attached = await self.attach(run)
+        if attached is None:
+            raise RunFailure("sandbox_gone", "the run's sandbox or its OpenCode server is no longer available")
+        return attached
+
+    # ---- one turn -------------------------------------------------------------------------------
+
+    async def _run_turn(self, run: RunRow, sandbox: Sandbox, agent: OpenCodeClient, idx: int, prompt: str) -> None:
+        await store.update_turn(self.s.db, run.id, idx, status="running", started_at=now_iso())
+        run = await self._transition(run, RunStatus.RUNNING, Phase.AGENT_RUNNING)
+        base, session_id = run.base_commit, run.agent_session_id
+        assert base is not None and session_id is not None
+        summary = await self._prompt(run, agent, session_id, prompt)
+        run = await self._transition(run, RunStatus.RUNNING, Phase.COLLECTING)
+        previous = await self._previous_tree(run.id, idx) or base
+        result = await collect(sandbox, base, previous, self.s.settings.limits.max_patch_bytes)
+        finished = now_iso()
+        await store.update_turn(self.s.db, run.id, idx, status="completed", summary=summary,
+                                diff_stats=json.dumps(result.turn_stats), tree=result.tree, finished_at=finished)
+        await self._transition(
+            run, RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, summary=summary,
+            changed_paths=json.dumps(result.changed_paths), diff_stats=json.dumps(result.diff_stats),
+            patch=result.patch or None, session_expires_at=self._expiry(run),
+        )
+
+    async def _previous_tree(self, run_id: str, idx: int) -> str | None:
+        for row in await store.turns_raw(self.s.db, run_id):
+            if row[0] == idx - 1:
+                return str(row[4]) if row[4] else None
+        return None
+
+    def _expiry(self, run: RunRow) -> str:
+        sb = self.s.settings.sandbox
+        idle_until = now() + timedelta(seconds=sb.idle_timeout_s)
+        if run.sandbox_started_at:
+            idle_until = min(idle_until, parse_iso(run.sandbox_started_at) + timedelta(seconds=sb.max_lifetime_s))
+        return iso(idle_until)
+
+    async def _prompt(self, run: RunRow, agent: OpenCodeClient, session_id: str, prompt: str) -> str:
         normalize = Normalizer(session_id)
         connected = asyncio.Event()
         idle = asyncio.Event()
@@ -207,6 +258,35 @@ class Executor:
         final = "\n".join(p.get("text", "") for p in parts if p.get("type") == "text" and not p.get("synthetic"))
         return final.strip() or (texts[-1] if texts else "")
 
+    # ---- state changes --------------------------------------------------------------------------
 
-def _json(value: Any) -> str:
-    return json.dumps(value)
+    async def _transition(self, run: RunRow, status: RunStatus, phase: Phase, **fields: Any) -> RunRow:
+        updated = await store.transition(self.s.db, run.id, status, phase, **fields)
+        if updated.status is not run.status or updated.phase is not run.phase:
+            await self.s.hub.status(updated)
+        return updated
+
+    async def destroy(self, sandbox_id: str) -> None:
+        try:
+            await self.s.backend.destroy(sandbox_id)
+        except SandboxError:
+            log.warning("could not remove sandbox %s; startup reconciliation will", sandbox_id[:12])
+
+    async def fail(self, run_id: str, code: str, message: str) -> None:
+        run = await store.get_run(self.s.db, run_id)
+        if run is None or run.status in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED):
+            return
+        log.info("run %s failed: %s: %s", run_id, code, message)
+        await self.s.hub.builder(run_id, {"type": "error", "code": code, "message": message})
+        await store.update_turn(self.s.db, run_id, max(run.turn_count, 1), status="failed", finished_at=now_iso())
+        await self._transition(run, RunStatus.FAILED, Phase.FAILED, error_code=code, error_message=message,
+                               finished_at=now_iso(), sandbox_token_hash=None, agent_secret=None,
+                               session_end_reason=SessionEnd.FINISHED.value)
+
+    async def close_session(self, run: RunRow, status: RunStatus, phase: Phase, reason: SessionEnd,
+                            **fields: Any) -> RunRow:
+        """Destroy an idle run's sandbox, then record the terminal state."""
+        if run.sandbox_id:
+            await self.destroy(run.sandbox_id)
+        return await self._transition(run, status, phase, finished_at=now_iso(), sandbox_token_hash=None,
+                                      agent_secret=None, session_end_reason=reason.value, **fields)

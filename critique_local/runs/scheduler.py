@@ -1,8 +1,11 @@
-"""The in-process scheduler: a FIFO of run ids and at most ``max_concurrent_runs`` executing.
+"""The in-process scheduler: a FIFO of jobs (first turns and follow-up turns), at most
+``max_concurrent_runs`` executing and at most ``max_concurrent_runs_per_user`` per user, a reaper
+for expired warm sessions, and cancellation by run id.
 
-The queue itself is the ``runs`` table (status ``queued``): on start, queued runs are
-resubmitted in creation order, runs that were executing when the server died are failed with
-``server_restarted``, and containers of ours that belong to no live run are removed.
+The queue itself is durable in the ``runs`` table: on start, queued runs are resubmitted in
+creation order, idle runs whose sandbox and OpenCode still answer are kept (reattached), runs
+that were executing are failed with ``server_restarted``, and containers of ours that belong to
+neither are removed.
 """
 
 from __future__ import annotations
@@ -10,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import defaultdict
 
 from critique_local.clock import now_iso
 from critique_local.runs.executor import Executor
-from critique_local.runs.states import Phase, RunStatus
+from critique_local.runs.queue import RunQueue
+from critique_local.runs.states import Phase, RunStatus, SessionEnd
 from critique_local.services import Services
 from critique_local.store import runs as store
 
@@ -23,54 +28,96 @@ log = logging.getLogger(__name__)
 class Scheduler:
     def __init__(self, services: Services) -> None:
         self.s = services
-        self._executor = Executor(services)
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self.executor = Executor(services)
+        self._queue = RunQueue(services.settings.scheduler.max_concurrent_runs_per_user)
         self._workers: list[asyncio.Task[None]] = []
+        self._reaper: asyncio.Task[None] | None = None
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
-    def submit(self, run_id: str) -> None:
-        self._queue.put_nowait(run_id)
+    def lock(self, run_id: str) -> asyncio.Lock:
+        """Serialises state changes of one run (message, endSession, cancel, expiry)."""
+        return self._locks[run_id]
+
+    def submit(self, run_id: str, user_id: str) -> None:
+        self._queue.put(run_id, user_id)
 
     async def start(self) -> None:
         """Start executing. Call :meth:`recover` first, before the API accepts requests."""
-        self._workers = [
-            asyncio.create_task(self._work(), name=f"run-worker-{i}")
-            for i in range(self.s.settings.scheduler.max_concurrent_runs)
-        ]
+        self._workers = [asyncio.create_task(self._work(), name=f"run-worker-{i}")
+                         for i in range(self.s.settings.scheduler.max_concurrent_runs)]
+        self._reaper = asyncio.create_task(self._reap_forever(), name="session-reaper")
 
-    async def stop(self, timeout_s: float = 5.0) -> None:
-        for task in self._workers:
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        tasks = [*self._workers, *self._running.values(), *([self._reaper] if self._reaper else [])]
+        for task in tasks:
             task.cancel()
-        if self._workers:
-            await asyncio.wait(self._workers, timeout=timeout_s)
-        self._workers = []
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+        self._workers, self._reaper = [], None
 
     async def _work(self) -> None:
         while True:
-            run_id = await self._queue.get()
+            run_id, user_id = await self._queue.get()
+            task = asyncio.create_task(self.executor.execute(run_id), name=f"run-{run_id}")
+            self._running[run_id] = task
             try:
-                await self._executor.execute(run_id)
-            except Exception:
-                log.exception("executor failed for run %s", run_id)
+                await asyncio.wait({task})
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("executor failed for run %s", run_id, exc_info=task.exception())
             finally:
-                self._queue.task_done()
+                self._running.pop(run_id, None)
+                self._queue.done(user_id)
+
+    async def interrupt(self, run_id: str, timeout_s: float = 4.0) -> None:
+        """Stop whatever executes for ``run_id`` (the executor removes the sandbox) and wait."""
+        self._queue.discard(run_id)
+        task = self._running.get(run_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task}, timeout=timeout_s)
+
+    # ---- expiry -------------------------------------------------------------------------------
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.s.settings.sandbox.reap_interval_s)
+            try:
+                await self.reap()
+            except Exception:
+                log.exception("session reaper failed")
+
+    async def reap(self) -> None:
+        for run_id in await store.expired_idle_runs(self.s.db, now_iso()):
+            async with self.lock(run_id):
+                run = await store.get_run(self.s.db, run_id)
+                if run is not None and run.status is RunStatus.IDLE and (run.session_expires_at or "") <= now_iso():
+                    log.info("session of run %s expired", run_id)
+                    await self.executor.close_session(run, RunStatus.COMPLETED, Phase.FINISHED, SessionEnd.EXPIRED)
+
+    # ---- restart ------------------------------------------------------------------------------
 
     async def recover(self) -> None:
         db = self.s.db
         queued = await store.runs_with_status(db, RunStatus.QUEUED)
         keep = {r.id for r in queued}
+        lost: list[store.RunRow] = []
+        for run in await store.runs_with_status(db, RunStatus.IDLE):
+            attached = await self.executor.attach(run)
+            if attached is None:
+                lost.append(run)
+            else:
+                keep.add(run.id)
+                await attached[1].aclose()
         # sandboxes first, so that a terminal status always means the sandbox is gone
         for info in await self.s.backend.list_ours():
             if info.run_id not in keep:
                 log.info("removing sandbox %s of run %s left from before the restart", info.id[:12], info.run_id)
                 with contextlib.suppress(Exception):
                     await self.s.backend.destroy(info.id)
-        for run in await store.runs_with_status(db, RunStatus.RUNNING, RunStatus.IDLE):
-            failed = await store.transition(
-                db, run.id, RunStatus.FAILED, Phase.FAILED, error_code="server_restarted",
-                error_message="the server restarted while this run was active", finished_at=now_iso(),
-                sandbox_token_hash=None,
-            )
-            await store.update_turn(db, run.id, max(run.turn_count, 1), status="failed", finished_at=now_iso())
-            await self.s.hub.status(failed)
+        for run in lost:
+            await self.executor.close_session(run, RunStatus.COMPLETED, Phase.FINISHED, SessionEnd.SANDBOX_LOST)
+        for run in await store.runs_with_status(db, RunStatus.RUNNING):
+            await self.executor.fail(run.id, "server_restarted", "the server restarted while this run was active")
         for run in queued:
-            self.submit(run.id)
+            self.submit(run.id, run.user_id)

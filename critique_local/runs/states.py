@@ -53,6 +53,17 @@ def check_transition(current: RunStatus, target: RunStatus) -> None:
         raise IllegalTransition(f"{current} -> {target}")
 
 
+class SessionEnd(StrEnum):
+    """Why a run's sandbox is gone (``session_end_reason``); decides what a message does next."""
+
+    END_SESSION = "end_session"  # the client ended it: messages get 409 run_terminal
+    EXPIRED = "expired"  # idle timeout or lifetime cap: messages start a chained run
+    SANDBOX_LOST = "sandbox_lost"  # sandbox or OpenCode died while idle: messages chain
+    FINISHED = "finished"  # turn ended with the run (failed, cancelled)
+
+
+CHAINABLE = frozenset({SessionEnd.EXPIRED, SessionEnd.SANDBOX_LOST})
+
 # Lifecycle values (the stable contract documented in README and OpenAPI):
 LIFECYCLE_DOC: dict[str, str] = {
     "queued": "Accepted, waiting for a free execution slot.",
@@ -66,7 +77,11 @@ LIFECYCLE_DOC: dict[str, str] = {
 }
 
 NEXT_ACTIONS_DOC: dict[str, str] = {
-    "get_patch": "GET /api/v1/coding-agent/runs/{id}?patch=1 returns a patch.",
+    "send_message": "POST /runs/{id}/messages {prompt}: a follow-up turn (warm), or a chained run once the "
+                    "session expired.",
+    "end_session": "POST /runs/{id}/messages {endSession: true}: destroy the sandbox, complete the run.",
+    "cancel": "POST /runs/{id}/cancel: abort the turn, destroy the sandbox, status cancelled.",
+    "get_patch": "GET /runs/{id}?patch=1 returns a patch.",
 }
 
 
@@ -76,22 +91,33 @@ class Lifecycle:
     terminal: bool
     awaiting_follow_up: bool
     can_follow_up: bool
+    session_active: bool
     next_actions: tuple[str, ...]
 
 
-def lifecycle_of(status: RunStatus, phase: Phase, has_patch: bool) -> Lifecycle:
+def lifecycle_of(status: RunStatus, phase: Phase, has_patch: bool, session_end: str | None = None,
+                 chained_to: str | None = None) -> Lifecycle:
+    """Everything a client reads about what it may do next, from the stored state alone."""
     terminal = status in TERMINAL
+    idle = status is RunStatus.IDLE
     if status is RunStatus.QUEUED:
         name = "queued"
     elif status is RunStatus.RUNNING:
         name = phase.value if phase in (Phase.PROVISIONING, Phase.AGENT_RUNNING, Phase.COLLECTING) else "provisioning"
-    elif status is RunStatus.IDLE:
+    elif idle:
         name = "awaiting_follow_up"
     elif status is RunStatus.COMPLETED:
         name = "finished"
     else:
         name = status.value
+    chainable = status is RunStatus.COMPLETED and session_end in CHAINABLE and chained_to is None
     actions: list[str] = []
-    if has_patch and status in (RunStatus.COMPLETED, RunStatus.IDLE):
+    if idle or chainable:
+        actions.append("send_message")
+    if idle:
+        actions.append("end_session")
+    if status in (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.IDLE):
+        actions.append("cancel")
+    if has_patch:
         actions.append("get_patch")
-    return Lifecycle(name, terminal, False, False, tuple(actions))
+    return Lifecycle(name, terminal, idle, idle or chainable, idle, tuple(actions))

@@ -83,3 +83,33 @@ MIGRATIONS: list[str] = [
     );
     """,
 ]
+
+# Warm sessions, chaining, cancel, webhooks.
+MIGRATIONS.append(
+    """
+    ALTER TABLE runs ADD COLUMN agent_url TEXT;
+    ALTER TABLE runs ADD COLUMN agent_secret TEXT;
+    ALTER TABLE runs ADD COLUMN sandbox_started_at TEXT;
+    ALTER TABLE runs ADD COLUMN session_end_reason TEXT;
+    ALTER TABLE runs ADD COLUMN chained_from_run_id TEXT;
+    ALTER TABLE runs ADD COLUMN chained_to_run_id TEXT;
+    ALTER TABLE turns ADD COLUMN tree TEXT;
+    ALTER TABLE users ADD COLUMN webhook_secret TEXT;
+    CREATE TABLE webhook_deliveries (
+        id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        url TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL,
+        last_status_code INTEGER,
+        last_error TEXT,
+        created_at TEXT NOT NULL,
+        delivered_at TEXT
+    );
+    CREATE INDEX webhook_due ON webhook_deliveries(state, next_attempt_at);
+    CREATE INDEX webhook_run ON webhook_deliveries(run_id, created_at);
+    """
+)

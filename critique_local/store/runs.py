@@ -45,13 +45,20 @@ class RunRow:
     started_at: str | None
     agent_ready_at: str | None
     finished_at: str | None
+    agent_url: str | None
+    agent_secret: str | None
+    sandbox_started_at: str | None
+    session_end_reason: str | None
+    chained_from_run_id: str | None
+    chained_to_run_id: str | None
 
 
 _COLUMNS = (
     "r.seq, r.id, r.user_id, r.repository_id, p.full_name, r.status, r.phase, r.request, r.model_id, r.task_kind, "
     "r.intent, r.base_ref, r.base_commit, r.summary, r.changed_paths, r.diff_stats, r.patch IS NOT NULL, "
     "r.error_code, r.error_message, r.turn_count, r.sandbox_id, r.agent_session_id, r.session_expires_at, "
-    "r.created_at, r.updated_at, r.started_at, r.agent_ready_at, r.finished_at"
+    "r.created_at, r.updated_at, r.started_at, r.agent_ready_at, r.finished_at, r.agent_url, r.agent_secret, "
+    "r.sandbox_started_at, r.session_end_reason, r.chained_from_run_id, r.chained_to_run_id"
 )
 _FROM = "FROM runs r JOIN repositories p ON p.id = r.repository_id"
 
@@ -64,7 +71,8 @@ def _row(r: sqlite3.Row) -> RunRow:
         diff_stats=json.loads(r[15]) if r[15] else None, has_patch=bool(r[16]), error_code=r[17],
         error_message=r[18], turn_count=r[19], sandbox_id=r[20], agent_session_id=r[21],
         session_expires_at=r[22], created_at=r[23], updated_at=r[24], started_at=r[25],
-        agent_ready_at=r[26], finished_at=r[27],
+        agent_ready_at=r[26], finished_at=r[27], agent_url=r[28], agent_secret=r[29], sandbox_started_at=r[30],
+        session_end_reason=r[31], chained_from_run_id=r[32], chained_to_run_id=r[33],
     )
 
 
@@ -223,3 +231,36 @@ async def update_turn(db: Database, run_id: str, idx: int, **fields: Any) -> Non
 async def run_for_sandbox_token(db: Database, token_hash: str) -> RunRow | None:
     row = await db.one(f"SELECT {_COLUMNS} {_FROM} WHERE r.sandbox_token_hash = ?", (token_hash,))
     return _row(row) if row else None
+
+
+async def turns_raw(db: Database, run_id: str) -> list[sqlite3.Row]:
+    return await db.all("SELECT idx, prompt, status, summary, tree FROM turns WHERE run_id = ? ORDER BY idx", (run_id,))
+
+
+async def queued_turn(db: Database, run_id: str) -> tuple[int, str] | None:
+    row = await db.one("SELECT idx, prompt FROM turns WHERE run_id = ? AND status = 'queued' ORDER BY idx LIMIT 1",
+                       (run_id,))
+    return (int(row[0]), str(row[1])) if row else None
+
+
+async def begin_follow_up(db: Database, run_id: str, prompt: str) -> int | None:
+    """IDLE -> RUNNING with a new queued turn, atomically; None when the run was not idle
+    (so two concurrent messages cannot both start a turn)."""
+    async with db.tx() as conn:
+        cur = await conn.execute("SELECT status, turn_count FROM runs WHERE id = ?", (run_id,))
+        row = await cur.fetchone()
+        if row is None or row[0] != RunStatus.IDLE.value:
+            return None
+        idx = int(row[1]) + 1
+        await conn.execute("INSERT INTO turns (run_id, idx, prompt, status) VALUES (?, ?, ?, 'queued')",
+                           (run_id, idx, prompt))
+        await conn.execute(
+            "UPDATE runs SET status = ?, phase = ?, turn_count = ?, updated_at = ? WHERE id = ?",
+            (RunStatus.RUNNING.value, Phase.AGENT_RUNNING.value, idx, now_iso(), run_id),
+        )
+    return idx
+
+
+async def expired_idle_runs(db: Database, now_text: str) -> list[str]:
+    rows = await db.all("SELECT id FROM runs WHERE status = 'idle' AND session_expires_at <= ?", (now_text,))
+    return [str(r[0]) for r in rows]

@@ -34,10 +34,11 @@ def test_run_with_write_bash_say_completes_with_patch(server: Server, alice: str
         assert run["intent"] == "feature"
         assert run["statusUrl"].endswith(f"{RUNS}/{run['id']}")
 
-        done = wait_for(api, run["id"], {"completed", "failed"})
-        assert done["status"] == "completed", done["error"]
-        assert done["terminal"] is True and done["lifecycle"] == "finished"
-        assert done["nextActions"] == ["get_patch"]
+        done = wait_for(api, run["id"], {"idle", "failed"})
+        assert done["status"] == "idle", done["error"]
+        assert done["terminal"] is False and done["lifecycle"] == "awaiting_follow_up"
+        assert done["sessionActive"] is True and done["awaitingFollowUp"] is True
+        assert set(done["nextActions"]) == {"send_message", "end_session", "cancel", "get_patch"}
         assert done["summary"] == "Added greeting.py and checked it prints a greeting."
         assert done["changedPaths"] == ["greeting.py", "test_app.py"]
         assert done["diffStats"] == {"filesChanged": 2, "additions": 3, "deletions": 1}
@@ -51,6 +52,10 @@ def test_run_with_write_bash_say_completes_with_patch(server: Server, alice: str
         bash_out = next(e["data"]["output"] for e in full["events"]
                         if e["data"].get("tool") == "bash" and e["data"]["status"] == "completed")
         assert "Hello, Ada!" in bash_out and "agent" in bash_out  # ran as the non-root sandbox user
+
+        ended = api.post(f"{RUNS}/{run['id']}/messages", json={"endSession": True})
+        assert ended.status_code == 200
+        assert ended.json()["run"]["status"] == "completed" and ended.json()["run"]["nextActions"] == ["get_patch"]
 
     # the patch applies with `git apply` to a fresh clone of the base
     clone = tmp_path / "clone"
@@ -71,8 +76,8 @@ def test_stream_shows_tool_events_then_status_and_resumes_without_gaps(server: S
         kinds = [(ev, d.get("type") or d.get("status")) for _, ev, d in live]
         first_tool = kinds.index(("builder.event", "tool"))
         assert any(k == ("run.status", "running") for k in kinds[:first_tool])
-        assert kinds[-1] == ("run.status", "completed")
-        assert live[-1][2]["terminal"] is True
+        assert kinds[-1] == ("run.status", "idle")  # the stream closes once the turn is over
+        assert live[-1][2]["awaitingFollowUp"] is True
 
         middle = ids[len(ids) // 2]
         after = sse_events(api, run["id"], params={"after": str(middle)})
@@ -85,8 +90,8 @@ def test_checkout_at_a_branch(server: Server, alice: str) -> None:
     with server.client(alice) as api:
         run = api.post(RUNS, json={"repository": "acme/web", "gitCheckoutRef": "feature",
                                    "prompt": "@bash cat FEATURE.md && git branch --show-current\n@say read"}).json()["run"]
-        done = wait_for(api, run["id"], {"completed", "failed"})
-        assert done["status"] == "completed", done["error"]
+        done = wait_for(api, run["id"], {"idle", "failed"})
+        assert done["status"] == "idle", done["error"]
         assert done["baseRef"] == "feature" and done["changedPaths"] == []
         events = api.get(f"{RUNS}/{run['id']}", params={"events": "1"}).json()["run"]["events"]
         out = next(e["data"]["output"] for e in events if e["data"].get("tool") == "bash" and "output" in e["data"])
@@ -97,12 +102,12 @@ def test_plan_run_leaves_the_tree_unchanged(server: Server, alice: str) -> None:
     with server.client(alice) as api:
         prompt = "Plan how to add logging.\n@write plan-was-here.txt\nnope\n@end\n@bash touch via-bash.txt\n@say The plan."
         run = api.post(RUNS, json={"repository": "acme/web", "taskKind": "plan", "prompt": prompt}).json()["run"]
-        done = wait_for(api, run["id"], {"completed", "failed"})
-        assert done["status"] == "completed", done["error"]
+        done = wait_for(api, run["id"], {"idle", "failed"})
+        assert done["status"] == "idle", done["error"]
         assert done["taskKind"] == "plan"
         assert done["changedPaths"] == [] and done["diffStats"] == {"filesChanged": 0, "additions": 0, "deletions": 0}
         assert api.get(f"{RUNS}/{run['id']}", params={"patch": "1"}).json()["run"]["patch"] is None
-        assert done["nextActions"] == []
+        assert set(done["nextActions"]) == {"send_message", "end_session", "cancel"}
 
 
 def test_model_failure_fails_the_run_with_a_clear_code(server: Server, alice: str) -> None:
@@ -119,8 +124,8 @@ def test_default_prompt_makes_a_small_edit(server: Server, alice: str) -> None:
     with server.client(alice) as api:
         run = api.post(RUNS, json={"repository": "acme/web", "prompt": "Improve the docs"}).json()["run"]
         assert run["intent"] == "docs"
-        done = wait_for(api, run["id"], {"completed", "failed"})
-        assert done["status"] == "completed", done["error"]
+        done = wait_for(api, run["id"], {"idle", "failed"})
+        assert done["status"] == "idle", done["error"]
         assert done["changedPaths"] == ["CRITIQUE_SCRIPTED.md"]
 
 
@@ -158,8 +163,8 @@ def test_queued_runs_survive_a_crash(fresh_server: Server) -> None:
     fresh_server.start()
     with fresh_server.client(key) as api:
         assert api.get(f"{RUNS}/{blocker['id']}").json()["run"]["error"]["code"] == "server_restarted"
-        done = wait_for(api, waiting["id"], {"completed", "failed"})
-        assert done["status"] == "completed" and done["summary"] == "queued one"
+        done = wait_for(api, waiting["id"], {"idle", "failed"})
+        assert done["status"] == "idle" and done["summary"] == "queued one"
 
 
 def test_cli_watch_prints_a_readable_log(server: Server, alice: str) -> None:
@@ -167,7 +172,7 @@ def test_cli_watch_prints_a_readable_log(server: Server, alice: str) -> None:
                      "--prompt", "@bash echo from-cli\n@say cli done", "--watch")
     assert "tool bash completed" in res.stdout
     assert "says: cli done" in res.stdout
-    assert res.stdout.rstrip().splitlines()[-1].startswith("== completed")
+    assert res.stdout.rstrip().splitlines()[-1].startswith("== idle [awaiting_follow_up]")
     run_id = res.stdout.split()[0]
     listed = server.cli("runs", "list", "--url", server.url, "--key", alice).stdout
     assert run_id in listed

@@ -29,11 +29,14 @@ def test_readme_walkthrough(server: Server) -> None:
                          timeout=180)
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    assert "Status: completed" in out
+    assert out.count("Status: idle") == 2
     assert "event: builder.event" in out and "event: run.status" in out
     assert '"summary": "Added farewell.py with farewell(name)."' in out
     assert '"changedPaths": [\n    "farewell.py"\n  ]' in out
     assert "+    return f\\\"Goodbye, {name}!\\\"" in out
     assert "Goodbye, 42!" in out  # the agent's bash step ran the new code
-    resumed = out.split("Status: completed", 1)[1]
+    assert '"turnCount": 2' in out and '"Added test_farewell.py; it passes."' in out
+    assert "1 passed" in out  # the follow-up's pytest ran in the same sandbox, next to turn 1's file
+    assert '"status": "completed",\n  "lifecycle": "finished",\n  "terminal": true,\n  "sessionActive": false' in out
+    resumed = out.split('"sessionActive": false\n}', 1)[1]
     assert "id: 5\n" not in resumed and "id: 6\n" in resumed  # ?after=5 resumes after event 5

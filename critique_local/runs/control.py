@@ -1,0 +1,118 @@
+"""The run control plane: follow-up messages, endSession, chained fallback, cancel.
+
+Every state change of one run happens under that run's lock, so a message, an endSession, a
+cancel and the expiry reaper can never interleave on the same run.
+"""
+
+from __future__ import annotations
+
+from critique_local.api.schemas import MessageRequest
+from critique_local.clock import now_iso
+from critique_local.errors import Conflict, InvalidRequest, Unsupported
+from critique_local.runs.scheduler import Scheduler
+from critique_local.runs.states import CHAINABLE, TERMINAL, Phase, RunStatus, SessionEnd
+from critique_local.store import runs as store
+from critique_local.store.runs import RunRow
+from critique_local.tokens import new_id
+
+
+class TurnInProgress(Conflict):
+    code = "turn_in_progress"
+
+
+class RunTerminal(Conflict):
+    code = "run_terminal"
+
+
+class SessionExpired(Conflict):
+    code = "session_expired"
+
+
+class RunControl:
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.s = scheduler.s
+        self.executor = scheduler.executor
+
+    async def message(self, run: RunRow, req: MessageRequest) -> RunRow:
+        """Returns the run that will carry the turn: the same one (warm) or a chained one."""
+        if req.publish is not None and req.publish.mode == "draft_pr":
+            raise Unsupported("publish.mode draft_pr is not supported yet", field="publish.mode")
+        if req.end_session:
+            if req.prompt is not None:
+                raise InvalidRequest("send either prompt or endSession, not both", field="endSession")
+            return await self.end_session(run)
+        if req.prompt is None:
+            raise InvalidRequest("prompt is required (or endSession: true)", field="prompt")
+        async with self.scheduler.lock(run.id):
+            run = await self._reload(run.id)
+            if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+                raise TurnInProgress("a turn is in progress on this run; wait until it is idle")
+            if run.status is RunStatus.IDLE:
+                live = (run.session_expires_at or "") > now_iso()
+                attached = await self.executor.attach(run) if live else None
+                if attached is not None:
+                    await attached[1].aclose()
+                    if await store.begin_follow_up(self.s.db, run.id, req.prompt) is None:
+                        raise TurnInProgress("a turn is in progress on this run")
+                    run = await self._reload(run.id)
+                    await self.s.hub.status(run)
+                    self.scheduler.submit(run.id, run.user_id)
+                    return run
+                reason = SessionEnd.EXPIRED if not live else SessionEnd.SANDBOX_LOST
+                run = await self.executor.close_session(run, RunStatus.COMPLETED, Phase.FINISHED, reason)
+            if not (run.status is RunStatus.COMPLETED and run.session_end_reason in CHAINABLE):
+                raise RunTerminal(f"run is {run.status.value}; start a new run")
+            if run.chained_to_run_id:
+                raise RunTerminal(f"this run was already continued as {run.chained_to_run_id}; message that run")
+            if req.fallback == "none":
+                raise SessionExpired("the session of this run has ended and fallback is none")
+            return await self._chain(run, req.prompt)
+
+    async def _chain(self, old: RunRow, prompt: str) -> RunRow:
+        summaries = [(r[0], r[3]) for r in await store.turns_raw(self.s.db, old.id) if r[3]]
+        context = "".join(f"> Turn {i}: {line}\n" for i, summary in summaries for line in summary.splitlines())
+        chained_prompt = prompt if not context else (
+            f"Earlier turns of this task (run {old.id}; their changes are not in this checkout):\n{context}\n{prompt}")
+        new = store.NewRun(
+            id=new_id("run"), user_id=old.user_id, repository_id=old.repository_id,
+            request={**old.request, "chainedFromRunId": old.id}, model_id=old.model_id, task_kind=old.task_kind,
+            intent=old.intent, base_ref=old.base_ref, prompt=chained_prompt,
+        )
+        await store.create_run(self.s.db, new, None)
+        await store.update_run(self.s.db, new.id, chained_from_run_id=old.id)
+        await store.update_run(self.s.db, old.id, chained_to_run_id=new.id)
+        run = await self._reload(new.id)
+        await self.s.hub.status(run)
+        self.scheduler.submit(run.id, run.user_id)
+        return run
+
+    async def end_session(self, run: RunRow) -> RunRow:
+        async with self.scheduler.lock(run.id):
+            run = await self._reload(run.id)
+            if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+                raise TurnInProgress("a turn is in progress; cancel it or wait until the run is idle")
+            if run.status is not RunStatus.IDLE:
+                raise RunTerminal(f"run is {run.status.value}")
+            return await self.executor.close_session(run, RunStatus.COMPLETED, Phase.FINISHED, SessionEnd.END_SESSION)
+
+    async def cancel(self, run: RunRow) -> RunRow:
+        """Abort the turn, destroy the sandbox, status cancelled. Idempotent."""
+        async with self.scheduler.lock(run.id):
+            run = await self._reload(run.id)
+            if run.status is RunStatus.CANCELLED:
+                return run
+            if run.status in TERMINAL:
+                raise RunTerminal(f"run is already {run.status.value}")
+            await self.scheduler.interrupt(run.id)
+            run = await self._reload(run.id)
+            if run.status in TERMINAL:  # the turn finished on its own in the meantime
+                return run
+            await store.update_turn(self.s.db, run.id, max(run.turn_count, 1), status="cancelled",
+                                    finished_at=now_iso())
+            return await self.executor.close_session(run, RunStatus.CANCELLED, Phase.CANCELLED, SessionEnd.FINISHED)
+
+    async def _reload(self, run_id: str) -> RunRow:
+        run = await store.get_run(self.s.db, run_id)
+        assert run is not None
+        return run

@@ -1,0 +1,41 @@
+"""A FIFO of run ids that never hands out more than ``per_user`` active jobs for one user."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+
+class RunQueue:
+    def __init__(self, per_user: int) -> None:
+        self._per_user = per_user
+        self._items: list[tuple[str, str]] = []
+        self._active: Counter[str] = Counter()
+        self._changed = asyncio.Event()
+
+    def put(self, run_id: str, user_id: str) -> None:
+        if any(r == run_id for r, _ in self._items):
+            return
+        self._items.append((run_id, user_id))
+        self._changed.set()
+
+    def discard(self, run_id: str) -> None:
+        self._items = [(r, u) for r, u in self._items if r != run_id]
+
+    async def get(self) -> tuple[str, str]:
+        """The oldest job whose user is under the limit (waits until there is one)."""
+        while True:
+            for i, (run_id, user_id) in enumerate(self._items):
+                if self._active[user_id] < self._per_user:
+                    del self._items[i]
+                    self._active[user_id] += 1
+                    return run_id, user_id
+            self._changed.clear()
+            await self._changed.wait()
+
+    def done(self, user_id: str) -> None:
+        self._active[user_id] -= 1
+        self._changed.set()
+
+    def __len__(self) -> int:
+        return len(self._items)
