@@ -73,6 +73,25 @@ def _bound_port(runner: web.AppRunner) -> int:
     raise RuntimeError("listener has no socket")
 
 
+async def _bind_gateway(runner: web.AppRunner, host: str, settings: Settings) -> int:
+    """Bind the sandbox-facing listener. Warm sandboxes keep the gateway URL they were started
+    with, so with ``gateway_port = 0`` the port picked first is remembered in the data dir and
+    reused after a restart."""
+    port = settings.docker.gateway_port
+    remembered = settings.server.data_dir / "gateway_port"
+    if port == 0 and remembered.exists():
+        try:
+            await web.TCPSite(runner, host, int(remembered.read_text())).start()
+            return _bound_port(runner)
+        except (OSError, ValueError):
+            log.warning("remembered gateway port is taken; warm sessions from before will chain")
+    await web.TCPSite(runner, host, port).start()
+    bound = _bound_port(runner)
+    if port == 0:
+        remembered.write_text(str(bound))
+    return bound
+
+
 async def serve(settings: Settings, on_ready: Callable[[Services], None] | None = None) -> None:
     settings.server.data_dir.mkdir(parents=True, exist_ok=True)
     db = await Database.open(settings.db_path)
@@ -90,8 +109,8 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
             runner = web.AppRunner(sandbox_app(services, scheduler, upstream), access_log=None)
             await runner.setup()
             runners.append(runner)
-            await web.TCPSite(runner, gateway_host, settings.docker.gateway_port).start()
-            services.gateway_url = f"http://{gateway_host}:{_bound_port(runner)}/api/v1"
+            port = await _bind_gateway(runner, gateway_host, settings)
+            services.gateway_url = f"http://{gateway_host}:{port}/api/v1"
         await scheduler.recover()
         runner = web.AppRunner(public_app(services, scheduler, upstream), access_log=None)
         await runner.setup()
