@@ -20,7 +20,7 @@ from aiohttp import web
 from critique_local.api import meta, runs
 from critique_local.api.middleware import authenticated, error_middleware
 from critique_local.api.registry import Route
-from critique_local.appkeys import CONTROL, DB, SCHEDULER, SERVICES, UPSTREAM
+from critique_local.appkeys import CONTROL, DB, SCHEDULER, SERVICES, UPSTREAM, WEBHOOKS
 from critique_local.config import Settings
 from critique_local.crypto import SecretBox
 from critique_local.gateway import routes as gateway
@@ -32,6 +32,7 @@ from critique_local.runs.scheduler import Scheduler
 from critique_local.sandboxes.factory import make_backend
 from critique_local.services import Services
 from critique_local.store.db import Database
+from critique_local.webhooks import Webhooks
 
 log = logging.getLogger("critique_local")
 
@@ -45,24 +46,26 @@ def instance_id(settings: Settings) -> str:
     return path.read_text().strip()
 
 
-def _application(services: Services, scheduler: Scheduler, upstream: Upstream, routes: list[Route]) -> web.Application:
+def _application(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks,
+                 routes: list[Route]) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=services.settings.limits.max_body_bytes)
     app[SERVICES] = services
     app[DB] = services.db
     app[SCHEDULER] = scheduler
     app[CONTROL] = RunControl(scheduler)
     app[UPSTREAM] = upstream
+    app[WEBHOOKS] = webhooks
     for route in routes:
         app.router.add_route(route.method, route.path, authenticated(route, DB))
     return app
 
 
-def public_app(services: Services, scheduler: Scheduler, upstream: Upstream) -> web.Application:
-    return _application(services, scheduler, upstream, [*runs.ROUTES, *meta.ROUTES, *gateway.ROUTES])
+def public_app(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks) -> web.Application:
+    return _application(services, scheduler, upstream, webhooks, [*runs.ROUTES, *meta.ROUTES, *gateway.ROUTES])
 
 
-def sandbox_app(services: Services, scheduler: Scheduler, upstream: Upstream) -> web.Application:
-    return _application(services, scheduler, upstream, list(gateway.ROUTES))
+def sandbox_app(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks) -> web.Application:
+    return _application(services, scheduler, upstream, webhooks, list(gateway.ROUTES))
 
 
 def _bound_port(runner: web.AppRunner) -> int:
@@ -100,24 +103,28 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
                         catalog=Catalog.from_settings(settings), instance_id=instance_id(settings),
                         box=SecretBox.from_data_dir(settings.server.data_dir))
     upstream = Upstream()
+    webhooks = Webhooks(db, services.box, settings.webhooks)
+    services.hub.on_status_change = webhooks.enqueue
     scheduler = Scheduler(services)
     runners: list[web.AppRunner] = []
+    delivery: asyncio.Task[None] | None = None
     try:
         await backend.start()
         gateway_host = backend.gateway_bind_host()
         if gateway_host is not None:
-            runner = web.AppRunner(sandbox_app(services, scheduler, upstream), access_log=None)
+            runner = web.AppRunner(sandbox_app(services, scheduler, upstream, webhooks), access_log=None)
             await runner.setup()
             runners.append(runner)
             port = await _bind_gateway(runner, gateway_host, settings)
             services.gateway_url = f"http://{gateway_host}:{port}/api/v1"
         await scheduler.recover()
-        runner = web.AppRunner(public_app(services, scheduler, upstream), access_log=None)
+        runner = web.AppRunner(public_app(services, scheduler, upstream, webhooks), access_log=None)
         await runner.setup()
         runners.append(runner)
         await web.TCPSite(runner, settings.server.host, settings.server.port).start()
         services.public_url = settings.public_base_url(_bound_port(runner))
         await scheduler.start()
+        delivery = asyncio.create_task(webhooks.run_forever(), name="webhook-delivery")
         if on_ready:
             on_ready(services)
         stop = asyncio.Event()
@@ -128,7 +135,10 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
         await stop.wait()
         log.info("shutting down")
     finally:
+        if delivery is not None:
+            delivery.cancel()
         await scheduler.stop()
+        await webhooks.aclose()
         for runner in reversed(runners):
             await runner.cleanup()
         await upstream.aclose()

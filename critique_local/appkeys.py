@@ -9,9 +9,11 @@ from critique_local.runs.control import RunControl
 from critique_local.runs.scheduler import Scheduler
 from critique_local.services import Services
 from critique_local.store.db import Database
+from critique_local.webhooks import Webhooks
 
 SERVICES = web.AppKey("services", Services)
 DB = web.AppKey("db", Database)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 UPSTREAM = web.AppKey("upstream", Upstream)
 CONTROL = web.AppKey("control", RunControl)
+WEBHOOKS = web.AppKey("webhooks", Webhooks)

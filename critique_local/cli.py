@@ -119,6 +119,32 @@ def keys_revoke(config_path: Path | None, key_id: str) -> None:
     click.echo(f"revoked {key_id}")
 
 
+@main.group()
+def webhooks() -> None:
+    """Webhook signing secrets (Standard Webhooks)."""
+
+
+@webhooks.command("secret")
+@config_option
+@click.option("--user", "user_name", required=True)
+def webhooks_secret(config_path: Path | None, user_name: str) -> None:
+    """Create (or rotate) a user's signing secret; printed once, as the last line."""
+    from critique_local.crypto import SecretBox
+    from critique_local.store.keys import ensure_user
+    from critique_local.webhooks import user_secret
+
+    settings = _settings(config_path)
+
+    async def go(db: Database) -> str:
+        user_id = await ensure_user(db, user_name)
+        secret, _ = await user_secret(db, SecretBox.from_data_dir(settings.server.data_dir), user_id, rotate=True)
+        return secret
+
+    secret = _with_db(settings, go)
+    click.echo(f"new webhook signing secret for {user_name} (verify webhook-signature with it):")
+    click.echo(secret)
+
+
 # ---- runs: an HTTP client for people ------------------------------------------------------
 
 url_option = click.option("--url", envvar="CRITIQUE_LOCAL_URL", default="http://127.0.0.1:8787", show_default=True)

@@ -7,6 +7,7 @@ start-up instead of being ignored.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -71,6 +72,18 @@ class ModelsSettings(Section):
     default: str = Field("critique/scripted", description="modelId used when a run does not name one.")
 
 
+class WebhookSettings(Section):
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Hosts webhook URLs may name (exact, or *.example.com); empty: none.")
+    timeout_s: float = Field(10, gt=0, description="Upper bound for one delivery attempt.")
+    retry_base_s: float = Field(5, gt=0, description="First retry delay; doubles each attempt.")
+    retry_max_s: float = Field(3600, gt=0, description="Longest delay between two attempts.")
+    retry_window_s: float = Field(90000, gt=0, description="Give up after this long (default 25 h).")
+    poll_interval_s: float = Field(1, gt=0, description="How often due deliveries are looked for.")
+    user_urls: dict[str, list[str]] = Field(
+        default_factory=dict, description="Default endpoints per user name, for every run of that user.")
+
+
 class LimitsSettings(Section):
     max_patch_bytes: int = Field(10_000_000, ge=1024, description="A larger patch fails the run (patch_too_large).")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
@@ -100,6 +113,7 @@ class Settings(Section):
     scheduler: SchedulerSettings = SchedulerSettings()
     models: ModelsSettings = ModelsSettings()
     limits: LimitsSettings = LimitsSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
     catalog: list[CatalogModel] = Field(default_factory=list)
 
@@ -119,18 +133,24 @@ class ConfigError(Exception):
     """The configuration file or an override is invalid; the message says where."""
 
 
-SCALAR_SECTIONS = ("server", "git", "github", "sandbox", "docker", "scheduler", "models", "limits")
+SCALAR_SECTIONS = ("server", "git", "github", "sandbox", "docker", "scheduler", "models", "limits", "webhooks")
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
+def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
     for section in SCALAR_SECTIONS:
         model = Settings.model_fields[section].annotation
         assert isinstance(model, type) and issubclass(model, Section)
         for key in model.model_fields:
             name = f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
             if name in environ:
-                out.setdefault(section, {})[key] = environ[name]
+                value: Any = environ[name]
+                if value.startswith(("[", "{")):  # lists and tables as JSON
+                    try:
+                        value = json.loads(value)
+                    except ValueError as exc:
+                        raise ConfigError(f"{name}: invalid JSON: {exc}") from exc
+                out.setdefault(section, {})[key] = value
     return out
 
 

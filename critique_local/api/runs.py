@@ -12,6 +12,8 @@ from critique_local.api.http import parse_body, parse_query, respond
 from critique_local.api.registry import Route
 from critique_local.api.schemas import (
     CreateRunRequest,
+    DeliveryList,
+    DeliveryView,
     GetRunQuery,
     ListRunsQuery,
     MessageRequest,
@@ -20,7 +22,7 @@ from critique_local.api.schemas import (
     StreamQuery,
 )
 from critique_local.api.views import run_view
-from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES
+from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES, WEBHOOKS
 from critique_local.errors import InvalidRequest, NotFound
 from critique_local.runs import create as creating
 from critique_local.runs.states import TERMINAL, RunStatus
@@ -87,6 +89,12 @@ async def cancel_run(request: web.Request, principal: Principal) -> web.StreamRe
     return respond(await _view(request, await request.app[CONTROL].cancel(run)))
 
 
+async def webhook_deliveries(request: web.Request, principal: Principal) -> web.StreamResponse:
+    run = await _owned_run(request, principal)
+    rows = await request.app[WEBHOOKS].for_run(run.id)
+    return respond(DeliveryList(data=[DeliveryView.model_validate(r) for r in rows]))
+
+
 def _resume_point(request: web.Request) -> int:
     q = parse_query(request, StreamQuery)
     header = request.headers.get("Last-Event-ID")
@@ -140,6 +148,9 @@ ROUTES = [
           errors=(400, 401, 403, 404, 409, 422)),
     Route("POST", BASE + "/{id}/cancel", cancel_run, "Abort the turn, destroy the sandbox (idempotent)",
           "write:builder", response=RunEnvelope, errors=(401, 403, 404, 409)),
+    Route("GET", BASE + "/{id}/webhook-deliveries", webhook_deliveries,
+          "run.status webhook deliveries of this run, with attempts and outcomes", "read:builder",
+          response=DeliveryList, errors=(401, 403, 404)),
     Route("GET", BASE + "/{id}/stream", stream, "Server-Sent Events: builder.event and run.status",
           "read:builder", query=StreamQuery, sse=True, errors=(401, 403, 404, 422)),
 ]

@@ -49,6 +49,10 @@ class Safety(Model):
     resources: SafetyResources | None = None
 
 
+class Webhook(Model):
+    url: str = Field(min_length=8, max_length=2000, description="Receives run.status deliveries (Standard Webhooks).")
+
+
 class CreateRunRequest(Model):
     repository: str | None = Field(None, max_length=201, description="owner/name.")
     repository_full_name: str | None = Field(None, max_length=201, description="owner/name (alias of repository).")
@@ -65,6 +69,7 @@ class CreateRunRequest(Model):
     tags: list[str] = Field(default_factory=list, description="Normalized: trimmed, lower-cased, de-duplicated.")
     metadata: dict[str, str] = Field(default_factory=dict, description="Up to 32 string keys; values <= 512 chars.")
     safety: Safety | None = None
+    webhook: Webhook | None = Field(None, description="run.status deliveries; the host must be allowed by config.")
 
     @field_validator("tags", mode="after")
     @classmethod
@@ -211,6 +216,24 @@ class RunEnvelope(Model):
 class RunList(Model):
     data: list[RunView]
     next_cursor: str | None
+
+
+class DeliveryView(Model):
+    id: str = Field(description="The webhook-id header value.")
+    url: str
+    event_type: str
+    status: str = Field(description="The run status this delivery announces.")
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    created_at: str
+    delivered_at: str | None
+    next_attempt_at: str | None
+
+
+class DeliveryList(Model):
+    data: list[DeliveryView]
 
 
 class ModelView(Model):

@@ -16,6 +16,7 @@ from critique_local.services import Services
 from critique_local.store import runs as store
 from critique_local.store.keys import Principal
 from critique_local.tokens import new_id
+from critique_local.webhooks import check_url
 
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
@@ -72,6 +73,8 @@ async def create(
     ref = req.base_ref or req.git_checkout_ref
     if ref is not None and (problem := ref_problem(ref)):
         raise InvalidRequest(f"baseRef {problem}", field="baseRef" if req.base_ref else "gitCheckoutRef")
+    if req.webhook is not None:
+        check_url(s.settings.webhooks, req.webhook.url)
     model_id = req.model_id or s.settings.models.default
     if s.catalog.get(model_id) is None:
         raise InvalidRequest(f"unknown model {model_id!r}; see GET /api/v1/coding-agent/models",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from critique_local.runs.states import lifecycle_of
@@ -10,6 +12,7 @@ from critique_local.store import events as store
 from critique_local.store.db import Database
 from critique_local.store.runs import RunRow
 
+log = logging.getLogger(__name__)
 BUILDER_EVENT = "builder.event"
 RUN_STATUS = "run.status"
 
@@ -29,10 +32,14 @@ def status_payload(run: RunRow) -> dict[str, Any]:
     return payload
 
 
+StatusListener = Callable[[RunRow, dict[str, Any]], Awaitable[None]]
+
+
 class EventHub:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._signals: dict[str, asyncio.Event] = {}
+        self.on_status_change: StatusListener | None = None  # webhooks
 
     def signal(self, run_id: str) -> asyncio.Event:
         """The event set on the next append for ``run_id``. Take it *before* reading, so an
@@ -50,4 +57,13 @@ class EventHub:
         return await self.emit(run_id, BUILDER_EVENT, data)
 
     async def status(self, run: RunRow) -> store.EventRow:
-        return await self.emit(run.id, RUN_STATUS, status_payload(run))
+        """A run.status event (every status or lifecycle change); listeners hear status changes."""
+        previous = await store.last_of_kind(self._db, run.id, RUN_STATUS)
+        payload = status_payload(run)
+        row = await self.emit(run.id, RUN_STATUS, payload)
+        if self.on_status_change is not None and (previous is None or previous.get("status") != run.status.value):
+            try:
+                await self.on_status_change(run, payload)
+            except Exception:
+                log.exception("status listener failed for run %s", run.id)
+        return row

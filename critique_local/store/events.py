@@ -38,3 +38,9 @@ async def after(db: Database, run_id: str, after_seq: int, limit: int = 500) -> 
         (run_id, after_seq, limit),
     )
     return [EventRow(run_id, r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
+
+
+async def last_of_kind(db: Database, run_id: str, kind: str) -> dict[str, Any] | None:
+    row = await db.one("SELECT data FROM events WHERE run_id = ? AND kind = ? ORDER BY seq DESC LIMIT 1",
+                       (run_id, kind))
+    return dict(json.loads(row[0])) if row else None

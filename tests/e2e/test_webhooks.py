@@ -1,0 +1,119 @@
+"""run.status webhooks: Standard Webhooks signatures, retries after receiver failures, and
+deliveries that survive a server crash."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.helpers import Server, wait_for
+
+pytestmark = pytest.mark.e2e
+RUNS = "/api/v1/coding-agent/runs"
+
+
+class Receiver:
+    """A loopback webhook endpoint that answers 500 until ``healthy`` is set."""
+
+    def __init__(self) -> None:
+        self.healthy = False
+        self.received: list[dict[str, Any]] = []
+        self.failures = 0
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def hook(request: web.Request) -> web.Response:
+            body = await request.read()
+            if not self.healthy:
+                self.failures += 1
+                return web.Response(status=500)
+            self.received.append({"headers": dict(request.headers), "body": body})
+            return web.Response(status=204)
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            app = web.Application()
+            app.router.add_post("/hook", hook)
+            runner = web.AppRunner(app)
+            self._loop.run_until_complete(runner.setup())
+            self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+            self.port = runner.addresses[0][1]
+            ready.set()
+            self._loop.run_forever()
+
+        threading.Thread(target=run, daemon=True).start()
+        ready.wait(10)
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
+    """The Standard Webhooks check, written from the spec (not with our own signing code)."""
+    key = base64.b64decode(secret.split("_", 1)[1])
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return any(sig.split(",", 1)[1] == expected for sig in headers["webhook-signature"].split())
+
+
+def test_signed_deliveries_retry_and_survive_a_crash(fresh_server: Server) -> None:
+    receiver = Receiver()
+    fresh_server.extra_env.update({
+        "CRITIQUE_LOCAL_WEBHOOKS_ALLOWED_HOSTS": '["127.0.0.1"]',
+        "CRITIQUE_LOCAL_WEBHOOKS_RETRY_BASE_S": "0.3", "CRITIQUE_LOCAL_WEBHOOKS_RETRY_MAX_S": "1",
+        "CRITIQUE_LOCAL_WEBHOOKS_POLL_INTERVAL_S": "0.2"})
+    fresh_server.start()
+    key = fresh_server.new_key("hank")
+    secret = fresh_server.cli("webhooks", "secret", "--user", "hank").stdout.strip().splitlines()[-1]
+    assert secret.startswith("whsec_")
+    url = f"http://127.0.0.1:{receiver.port}/hook"
+    with fresh_server.client(key) as api:
+        refused = api.post(RUNS, json={"repository": "acme/web", "prompt": "@say x",
+                                       "webhook": {"url": "http://example.invalid/hook"}})
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "webhook_not_allowed"
+        run = api.post(RUNS, json={"repository": "acme/web", "prompt": "@say hooked",
+                                   "webhook": {"url": url}}).json()["run"]
+        wait_for(api, run["id"], {"idle"})
+        deadline = time.monotonic() + 20
+        while receiver.failures < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        pending = api.get(f"{RUNS}/{run['id']}/webhook-deliveries").json()["data"]
+        assert [d["status"] for d in pending] == ["queued", "running", "idle"]
+        assert all(d["state"] == "pending" and d["lastStatusCode"] == 500 for d in pending)
+    fresh_server.kill()  # deliveries are rows in SQLite: nothing is lost
+    receiver.healthy = True
+    fresh_server.start()
+    with fresh_server.client(key) as api:
+        deadline = time.monotonic() + 30
+        while len(receiver.received) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        delivered = api.get(f"{RUNS}/{run['id']}/webhook-deliveries").json()["data"]
+        assert all(d["state"] == "delivered" and d["attempts"] >= 2 for d in delivered)
+        api.post(f"{RUNS}/{run['id']}/messages", json={"endSession": True})
+        deadline = time.monotonic() + 20
+        while len(receiver.received) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    statuses = []
+    for got in receiver.received:
+        headers = {k.lower(): v for k, v in got["headers"].items()}
+        assert verify(secret, headers, got["body"])
+        assert abs(int(headers["webhook-timestamp"]) - time.time()) < 120
+        body = json.loads(got["body"])
+        assert body["type"] == "run.status" and body["data"]["runId"] == run["id"]
+        statuses.append(body["data"]["status"])
+    assert sorted(statuses) == sorted(["queued", "running", "idle", "completed"])
+    assert not verify("whsec_" + base64.b64encode(b"x" * 24).decode(), headers, got["body"])
+    receiver.stop()
