@@ -254,6 +254,46 @@ def _watch(url: str, key: str, run_id: str) -> None:
                 click.echo(format_event(sse.event, json.loads(sse.data)))
 
 
+def _post(url: str, key: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    with _client(url, key) as c:
+        run: dict[str, Any] = _check(c.post(path, json=body))["run"]
+    click.echo(f"{run['id']}  {run['status']}  [{run['lifecycle']}]  turns={run['turnCount']}")
+    return run
+
+
+@runs.command("send")
+@url_option
+@key_option
+@click.argument("run_id")
+@click.option("--prompt", required=True)
+@click.option("--no-fallback", is_flag=True, help="Answer 409 instead of chaining when the session ended.")
+@click.option("--watch/--no-watch", default=False)
+def runs_send(url: str, key: str, run_id: str, prompt: str, no_fallback: bool, watch: bool) -> None:
+    """Send a follow-up (a chained run is printed when the session had ended)."""
+    body: dict[str, Any] = {"prompt": prompt, "fallback": "none" if no_fallback else "chain"}
+    run = _post(url, key, f"/api/v1/coding-agent/runs/{run_id}/messages", body)
+    if watch:
+        _watch(url, key, run["id"])
+
+
+@runs.command("end")
+@url_option
+@key_option
+@click.argument("run_id")
+def runs_end(url: str, key: str, run_id: str) -> None:
+    """End the warm session (destroys the sandbox)."""
+    _post(url, key, f"/api/v1/coding-agent/runs/{run_id}/messages", {"endSession": True})
+
+
+@runs.command("cancel")
+@url_option
+@key_option
+@click.argument("run_id")
+def runs_cancel(url: str, key: str, run_id: str) -> None:
+    """Cancel a queued, running or idle run."""
+    _post(url, key, f"/api/v1/coding-agent/runs/{run_id}/cancel")
+
+
 @runs.command("watch")
 @url_option
 @key_option

@@ -1,7 +1,7 @@
 """``POST /api/v1/chat/completions`` and ``GET /api/v1/models``: the OpenAI-compatible door.
 
-Callers are either a sandbox (a per-run ``crs_`` token, valid only while its run is live and
-only for the run's model) or a user (a ``crt_`` key with the ``inference`` scope). Provider
+Callers are either a sandbox (a per-run ``crs_`` token, valid only while a turn of its run is
+running and only for the run's model) or a user (a ``crt_`` key with the ``inference`` scope). Provider
 keys are added upstream-side in ``upstream.py`` and never leave the server.
 """
 
@@ -30,7 +30,9 @@ from critique_local.store import runs as store
 from critique_local.store.keys import Principal, principal_for_key
 from critique_local.tokens import API_KEY_PREFIX, SANDBOX_TOKEN_PREFIX, token_hash
 
-LIVE = (RunStatus.RUNNING, RunStatus.IDLE)
+# A sandbox may call models only while one of its turns runs: a process left behind in an idle
+# sandbox cannot spend anything.
+LIVE = (RunStatus.RUNNING,)
 
 
 class ChatRequest(Model):

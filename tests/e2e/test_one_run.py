@@ -176,3 +176,9 @@ def test_cli_watch_prints_a_readable_log(server: Server, alice: str) -> None:
     run_id = res.stdout.split()[0]
     listed = server.cli("runs", "list", "--url", server.url, "--key", alice).stdout
     assert run_id in listed
+    sent = server.cli("runs", "send", run_id, "--url", server.url, "--key", alice, "--prompt", "@say more", "--watch")
+    assert "says: more" in sent.stdout
+    ended = server.cli("runs", "end", run_id, "--url", server.url, "--key", alice)
+    assert "completed  [finished]  turns=2" in ended.stdout
+    refused = server.cli("runs", "cancel", run_id, "--url", server.url, "--key", alice, check=False)
+    assert refused.returncode != 0 and "409 run_terminal" in refused.stderr
