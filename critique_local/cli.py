@@ -90,8 +90,10 @@ def keys() -> None:
 def keys_create(config_path: Path | None, user_name: str, scopes: str) -> None:
     """Create a key; the key itself is printed once, as the last line."""
     wanted = tuple(s.strip() for s in scopes.split(",") if s.strip())
+    settings = _settings(config_path)
     try:
-        plain, record = _with_db(_settings(config_path), lambda db: create_key(db, user_name, wanted))
+        plain, record = _with_db(settings, lambda db: create_key(db, user_name, wanted,
+                                                                 settings.billing.initial_credits))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"created key {record.id} for user {user_name} with scopes {','.join(record.scopes)}")
@@ -117,6 +119,67 @@ def keys_revoke(config_path: Path | None, key_id: str) -> None:
     if not _with_db(_settings(config_path), lambda db: revoke_key(db, key_id)):
         raise click.ClickException(f"no active key {key_id}")
     click.echo(f"revoked {key_id}")
+
+
+@main.group()
+def credits() -> None:
+    """Credit balances and plans (managed billing)."""
+
+
+def _user_id(db: Database, name: str, settings: Settings) -> Awaitable[str]:
+    from critique_local.store.keys import ensure_user
+
+    return ensure_user(db, name, settings.billing.initial_credits)
+
+
+@credits.command("grant")
+@config_option
+@click.option("--user", "user_name", required=True)
+@click.argument("amount", type=float)
+def credits_grant(config_path: Path | None, user_name: str, amount: float) -> None:
+    """Add AMOUNT credits (negative to take some away); prints the new balance."""
+    from critique_local import billing
+
+    settings = _settings(config_path)
+
+    async def go(db: Database) -> float:
+        user_id = await _user_id(db, user_name, settings)
+        return await billing.grant(db, user_id, amount, "grant" if amount >= 0 else "adjust")
+
+    click.echo(f"{user_name}: balance {_with_db(settings, go):.6f} credits")
+
+
+@credits.command("show")
+@config_option
+@click.option("--user", "user_name", required=True)
+def credits_show(config_path: Path | None, user_name: str) -> None:
+    """Balance and plan of a user."""
+    from critique_local import billing
+
+    settings = _settings(config_path)
+
+    async def go(db: Database) -> tuple[float, str]:
+        user_id = await _user_id(db, user_name, settings)
+        return await billing.balance(db, user_id), await billing.plan_of(db, settings.billing, user_id)
+
+    balance, plan = _with_db(settings, go)
+    click.echo(f"{user_name}: balance {balance:.6f} credits, plan {plan}")
+
+
+@credits.command("plan")
+@config_option
+@click.option("--user", "user_name", required=True)
+@click.argument("plan")
+def credits_plan(config_path: Path | None, user_name: str, plan: str) -> None:
+    """Put a user on PLAN (catalog models name the plans that may use them)."""
+
+    settings = _settings(config_path)
+
+    async def go(db: Database) -> None:
+        await db.write("UPDATE users SET plan = ? WHERE id = ?", (plan, await _user_id(db, user_name, settings)))
+
+    _with_db(settings, go)
+    click.echo(f"{user_name}: plan {plan}")
 
 
 @main.group()

@@ -70,6 +70,15 @@ class SchedulerSettings(Section):
 
 class ModelsSettings(Section):
     default: str = Field("critique/scripted", description="modelId used when a run does not name one.")
+    scripted_input_price: float = Field(0.0, ge=0, description="Credits per million input tokens of critique/scripted.")
+    scripted_output_price: float = Field(0.0, ge=0, description="Credits per million output tokens of critique/scripted.")
+
+
+class BillingSettings(Section):
+    default_plan: str = Field("free", description="Plan of a new user.")
+    initial_credits: float = Field(0.0, ge=0, description="Credits a new user starts with.")
+    orchestration_credits: float = Field(0.0, ge=0, description="Charged per run in openrouter (BYOK) mode.")
+    byok_provider: str = Field("openrouter", description="[providers.NAME] that BYOK runs' model calls go to.")
 
 
 class WebhookSettings(Section):
@@ -97,6 +106,9 @@ class ProviderSettings(Section):
 
 class CatalogModel(Section):
     id: str = Field(description="modelId clients use.")
+    input_price: float = Field(0.0, ge=0, description="Credits per million input tokens.")
+    output_price: float = Field(0.0, ge=0, description="Credits per million output tokens.")
+    plans: list[str] = Field(default_factory=list, description="Plans that may use the model (empty: all).")
     provider: str = Field(description="Name of a [providers.NAME] section.")
     upstream_id: str = Field("", description="Model name sent upstream (default: id).")
     name: str = Field("", description="Display name.")
@@ -114,6 +126,7 @@ class Settings(Section):
     models: ModelsSettings = ModelsSettings()
     limits: LimitsSettings = LimitsSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    billing: BillingSettings = BillingSettings()
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
     catalog: list[CatalogModel] = Field(default_factory=list)
 
@@ -133,7 +146,7 @@ class ConfigError(Exception):
     """The configuration file or an override is invalid; the message says where."""
 
 
-SCALAR_SECTIONS = ("server", "git", "github", "sandbox", "docker", "scheduler", "models", "limits", "webhooks")
+SCALAR_SECTIONS = ("server", "git", "github", "sandbox", "docker", "scheduler", "models", "limits", "webhooks", "billing")
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:

@@ -7,7 +7,8 @@ middleware in ``api/middleware.py`` is the one place they become responses.
         IdempotencyKeyReused 422    idempotency_key_reused
       BadRequest          400       bad_json, ...
       Unauthorized        401       unauthorized
-      Forbidden           403       forbidden
+      PaymentRequired     402       insufficient_credits
+      Forbidden           403       forbidden / model_not_in_plan
       NotFound            404       not_found / run_not_found / repository_not_found
       Conflict            409       turn_in_progress, run_terminal, ...
       PayloadTooLarge     413       payload_too_large
@@ -61,6 +62,11 @@ class Unauthorized(ApiError):
 class Forbidden(ApiError):
     status = 403
     code = "forbidden"
+
+
+class PaymentRequired(ApiError):
+    status = 402
+    code = "insufficient_credits"
 
 
 class NotFound(ApiError):

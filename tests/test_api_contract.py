@@ -99,9 +99,11 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({**OK_BODY, "publish": {"mode": "none", "branch": "x"}}, "publish.branch", "unsupported"),
     ({**OK_BODY, "validationMode": "tests"}, "validationMode", "unsupported"),
     ({**OK_BODY, "validationMode": "basic"}, "validationMode", "unsupported"),
-    ({**OK_BODY, "billing": {"mode": "openrouter", "openRouterApiKey": "sk-or-v1-x"}}, "billing.mode", "unsupported"),
+    ({**OK_BODY, "billing": {"mode": "managed", "openRouterApiKey": "sk-or-v1-x"}}, "billing.openRouterApiKey",
+     "invalid_request"),
     ({**OK_BODY, "safety": {"network": {"mode": "none"}}}, "safety.network", "unsupported"),
-    ({**OK_BODY, "safety": {"resources": {"maxTurns": 3}}}, "safety.resources", "unsupported"),
+    ({**OK_BODY, "safety": {"resources": {"maxTurns": 0}}}, "safety.resources.maxTurns", "invalid_request"),
+    ({**OK_BODY, "safety": {"resources": {"maxCredits": -1}}}, "safety.resources.maxCredits", "invalid_request"),
     ({**OK_BODY, "publish": {"mode": "sideways"}}, "publish.mode", "invalid_request"),
 ]
 

@@ -9,6 +9,11 @@ from typing import Any
 
 from aiohttp import web
 
+from critique_local.gateway.scripted import plan_reply
+from critique_local.gateway.wire import stream_chunks
+
+USAGE_IN, USAGE_OUT = 1000, 100
+
 
 class UpstreamStandIn:
     def __init__(self) -> None:
@@ -20,6 +25,8 @@ class UpstreamStandIn:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append({"authorization": request.headers.get("Authorization"), "body": body})
+        if body.get("tools"):
+            return await self._agentic(request, body)
         text = f"upstream says hi to {body['model']}"
         usage = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
         if not body.get("stream"):
@@ -31,6 +38,20 @@ class UpstreamStandIn:
         for delta, finish in (({"role": "assistant", "content": text}, None), ({}, "stop")):
             chunk = {"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def _agentic(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        """Calls with tools (an agent): follow the ``@`` script in the prompt, one step per call,
+        and report a fixed usage of 1000 prompt + 100 completion tokens per call."""
+        reply = plan_reply(body["messages"], True)
+        if reply.error:
+            return web.json_response({"error": {"message": reply.error}}, status=400)
+        chunks = stream_chunks(body["model"], reply, USAGE_IN, USAGE_OUT, include_usage=True)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for chunk in chunks:
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
         return resp

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from critique_local import __version__
+from critique_local import __version__, billing
 from critique_local.api.http import respond
 from critique_local.api.registry import Route
 from critique_local.api.schemas import Health, ModelList, ModelView
 from critique_local.appkeys import SERVICES
+from critique_local.gateway.catalog import ModelEntry
 from critique_local.store.keys import Principal
 
 
@@ -18,11 +19,15 @@ async def healthz(request: web.Request, principal: Principal) -> web.StreamRespo
 
 
 async def models(request: web.Request, principal: Principal) -> web.StreamResponse:
+    """The models the caller's plan may use."""
     s = request.app[SERVICES]
-    return respond(ModelList(data=[
-        ModelView(id=m.id, name=m.name, provider=m.provider or "critique-local", context_tokens=m.context_tokens)
-        for m in s.catalog.all()
-    ]))
+    plan = await billing.plan_of(s.db, s.settings.billing, principal.user_id)
+    return respond(ModelList(data=[model_view(m) for m in s.catalog.all() if m.allowed_for(plan)]))
+
+
+def model_view(m: ModelEntry) -> ModelView:
+    return ModelView(id=m.id, name=m.name, provider=m.provider or "critique-local", context_tokens=m.context_tokens,
+                     input_price=m.input_price, output_price=m.output_price, plans=list(m.plans))
 
 
 async def openapi(request: web.Request, principal: Principal) -> web.StreamResponse:

@@ -8,6 +8,7 @@ import json
 from aiohttp import web
 from aiohttp_sse import sse_response
 
+from critique_local import billing
 from critique_local.api.http import parse_body, parse_query, respond
 from critique_local.api.registry import Route
 from critique_local.api.schemas import (
@@ -44,9 +45,13 @@ async def _owned_run(request: web.Request, principal: Principal) -> RunRow:
 
 async def _view(request: web.Request, run: RunRow, *, patch: bool = False, events: bool = False) -> RunEnvelope:
     s = request.app[SERVICES]
+    turns = await store.turns_of(s.db, run.id)
+    for turn in turns:
+        turn["usage"] = (await billing.usage(s.db, run.id, int(turn["index"]))).view()
     return RunEnvelope(run=run_view(
         run, s.public_url,
-        turns=await store.turns_of(s.db, run.id),
+        turns=turns,
+        usage=(await billing.usage(s.db, run.id)).view(),
         patch=await store.get_patch(s.db, run.id) if patch else None,
         events=await events_store.after(s.db, run.id, 0, limit=100_000) if events else None,
     ))

@@ -158,6 +158,13 @@ class EventView(Model):
     created_at: str
 
 
+class UsageView(Model):
+    input_tokens: int
+    output_tokens: int
+    credits: float = Field(description="Model cost at catalog prices (BYOK runs: not debited).")
+    model_calls: int
+
+
 class TurnView(Model):
     index: int
     status: str
@@ -165,6 +172,7 @@ class TurnView(Model):
     diff_stats: DiffStats | None
     started_at: str | None
     finished_at: str | None
+    usage: UsageView
 
 
 class RunView(Model):
@@ -190,6 +198,8 @@ class RunView(Model):
     validation_mode: str
     publish: Publish
     billing_mode: str
+    safety: dict[str, Any] | None = Field(description="As requested (budgets under resources).")
+    usage: UsageView = Field(description="All model calls of the run through the gateway.")
     summary: str | None
     changed_paths: list[str]
     diff_stats: DiffStats | None
@@ -241,6 +251,9 @@ class ModelView(Model):
     name: str
     provider: str
     context_tokens: int
+    input_price: float = Field(description="Credits per million input tokens.")
+    output_price: float = Field(description="Credits per million output tokens.")
+    plans: list[str] = Field(description="Plans that may use the model (empty: every plan).")
 
 
 class ModelList(Model):

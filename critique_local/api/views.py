@@ -10,6 +10,7 @@ from critique_local.api.schemas import (
     RunErrorView,
     RunView,
     TurnView,
+    UsageView,
 )
 from critique_local.clock import now_iso
 from critique_local.runs.states import lifecycle_of
@@ -22,6 +23,7 @@ def run_view(
     base_url: str,
     *,
     turns: list[dict[str, object]],
+    usage: dict[str, object],
     patch: str | None = None,
     events: list[EventRow] | None = None,
 ) -> RunView:
@@ -51,6 +53,8 @@ def run_view(
         validation_mode=req.get("validationMode") or "minimal",
         publish=Publish.model_validate(req.get("publish") or {}),
         billing_mode=str(req.get("billingMode") or "managed"),
+        safety=req.get("safety"),
+        usage=UsageView.model_validate(usage),
         summary=run.summary,
         changed_paths=run.changed_paths,
         diff_stats=DiffStats.model_validate(run.diff_stats) if run.diff_stats else None,

@@ -16,6 +16,19 @@ class ModelEntry:
     upstream_id: str
     context_tokens: int = 128_000
     output_tokens: int = 8192
+    input_price: float = 0.0  # credits per million tokens
+    output_price: float = 0.0
+    plans: tuple[str, ...] = ()  # empty: every plan
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.input_price + output_tokens * self.output_price) / 1_000_000
+
+    @property
+    def free(self) -> bool:
+        return self.input_price == 0 and self.output_price == 0
+
+    def allowed_for(self, plan: str) -> bool:
+        return not self.plans or plan in self.plans
 
 
 class Catalog:
@@ -24,12 +37,15 @@ class Catalog:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Catalog:
-        entries = [ModelEntry(SCRIPTED_ID, "Scripted (deterministic, offline)", None, SCRIPTED_ID)]
+        entries = [ModelEntry(SCRIPTED_ID, "Scripted (deterministic, offline)", None, SCRIPTED_ID,
+                              input_price=settings.models.scripted_input_price,
+                              output_price=settings.models.scripted_output_price)]
         for m in settings.catalog:
             if m.provider not in settings.providers:
                 raise ValueError(f"catalog model {m.id!r} names unknown provider {m.provider!r}")
             entries.append(ModelEntry(m.id, m.name or m.id, m.provider, m.upstream_id or m.id,
-                                      m.context_tokens, m.output_tokens))
+                                      m.context_tokens, m.output_tokens, m.input_price, m.output_price,
+                                      tuple(m.plans)))
         return cls(entries)
 
     def get(self, model_id: str) -> ModelEntry | None:

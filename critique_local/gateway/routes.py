@@ -13,21 +13,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from httpx_sse import ServerSentEvent
 from pydantic import Field, ValidationError
 
+from critique_local import billing
 from critique_local.api.http import read_json, respond, validation_error
+from critique_local.api.meta import model_view
 from critique_local.api.middleware import bearer
 from critique_local.api.registry import Route
-from critique_local.api.schemas import Model, ModelList, ModelView
+from critique_local.api.schemas import Model, ModelList
 from critique_local.appkeys import SERVICES, UPSTREAM
-from critique_local.errors import ApiError, BadRequest, Forbidden, InvalidRequest, Unauthorized
+from critique_local.errors import ApiError, BadRequest, Forbidden, InvalidRequest, PaymentRequired, Unauthorized
 from critique_local.gateway import scripted, wire
 from critique_local.gateway.catalog import ModelEntry
+from critique_local.gateway.metering import Meter
 from critique_local.gateway.upstream import UpstreamError
 from critique_local.runs.states import RunStatus
 from critique_local.services import Services
 from critique_local.store import runs as store
 from critique_local.store.keys import Principal, principal_for_key
+from critique_local.store.runs import RunRow
 from critique_local.tokens import API_KEY_PREFIX, SANDBOX_TOKEN_PREFIX, token_hash
 
 # A sandbox may call models only while one of its turns runs: a process left behind in an idle
@@ -49,9 +54,15 @@ class GatewayError(ApiError):
     code = "upstream_error"
 
 
+class BudgetExceeded(ApiError):
+    # 402 and no retry words: OpenCode ends the turn at once instead of retrying
+    status = 402
+    code = "budget_exceeded"
+
+
 @dataclass(frozen=True)
 class Caller:
-    run_id: str | None
+    run: RunRow | None
     user_id: str
 
 
@@ -60,8 +71,8 @@ async def _caller(s: Services, request: web.Request) -> Caller:
     if token and token.startswith(SANDBOX_TOKEN_PREFIX):
         run = await store.run_for_sandbox_token(s.db, token_hash(token))
         if run is None or run.status not in LIVE:
-            raise Unauthorized("sandbox token is not valid (unknown run, or the run is not live)")
-        return Caller(run.id, run.user_id)
+            raise Unauthorized("sandbox token is not valid (unknown run, or no turn of it is running)")
+        return Caller(run, run.user_id)
     if token and token.startswith(API_KEY_PREFIX):
         principal: Principal | None = await principal_for_key(s.db, token)
         if principal is None:
@@ -73,14 +84,41 @@ async def _caller(s: Services, request: web.Request) -> Caller:
 
 
 async def _entry_for(s: Services, caller: Caller, model_id: str) -> ModelEntry:
-    if caller.run_id is not None:
-        run = await store.get_run(s.db, caller.run_id)
-        if run is None or run.model_id != model_id:
-            raise Forbidden(f"this run may only use its own model, not {model_id!r}", code="model_not_allowed")
+    if caller.run is not None and caller.run.model_id != model_id:
+        raise Forbidden(f"this run may only use its own model, not {model_id!r}", code="model_not_allowed")
     entry = s.catalog.get(model_id)
     if entry is None:
         raise InvalidRequest(f"unknown model {model_id!r}", field="model", code="unknown_model")
+    if caller.run is None and not entry.allowed_for(await billing.plan_of(s.db, s.settings.billing, caller.user_id)):
+        raise Forbidden(f"model {model_id} is not in your plan", field="model", code="model_not_in_plan")
     return entry
+
+
+def _byok(run: RunRow | None) -> bool:
+    return run is not None and run.request.get("billingMode") == "openrouter"
+
+
+async def _check_budget(s: Services, caller: Caller, entry: ModelEntry, messages: list[dict[str, Any]]) -> None:
+    """Refuse the call that would exceed a budget, before it is made."""
+    run = caller.run
+    if run is None:
+        if not entry.free and await billing.balance(s.db, caller.user_id) <= 0:
+            raise PaymentRequired("no credits left")
+        return
+    resources = (run.request.get("safety") or {}).get("resources") or {}
+    max_turns, max_credits = resources.get("maxTurns"), resources.get("maxCredits")
+    if max_turns is not None:
+        this_turn = await billing.usage(s.db, run.id, run.turn_count)
+        if this_turn.model_calls >= max_turns:
+            raise BudgetExceeded(f"budget_exceeded: maxTurns {max_turns} model calls per turn used up")
+    if max_credits is not None:
+        used = await billing.usage(s.db, run.id)
+        projected = used.credits + entry.cost(scripted.estimate_tokens(messages), 0)
+        if projected > max_credits:
+            raise BudgetExceeded(f"budget_exceeded: maxCredits {max_credits} would be exceeded "
+                                 f"({used.credits:.6f} used)")
+    if not _byok(run) and not entry.free and await billing.balance(s.db, run.user_id) <= 0:
+        raise BudgetExceeded("budget_exceeded: no credits left")
 
 
 async def chat_completions(request: web.Request, principal: Principal) -> web.StreamResponse:
@@ -94,12 +132,22 @@ async def chat_completions(request: web.Request, principal: Principal) -> web.St
     except ValidationError as exc:
         raise validation_error(exc) from exc
     entry = await _entry_for(s, caller, req.model)
-    if entry.provider is None:
-        return await _scripted(request, req, raw)
-    return await _forward(request, s, entry, raw, req.stream)
+    await _check_budget(s, caller, entry, req.messages)
+    meter = Meter(req.messages)
+    try:
+        if entry.provider is None:
+            return await _scripted(request, req, raw, meter)
+        return await _forward(request, s, caller, entry, raw, req.stream, meter)
+    finally:
+        if meter.reported is not None or meter.fed:
+            inp, out, estimated = meter.result()
+            await billing.record_call(
+                s.db, user_id=caller.user_id, run_id=caller.run.id if caller.run else None,
+                turn_idx=caller.run.turn_count if caller.run else None, model_id=entry.id, input_tokens=inp,
+                output_tokens=out, credits=entry.cost(inp, out), estimated=estimated, billed=not _byok(caller.run))
 
 
-async def _scripted(request: web.Request, req: ChatRequest, raw: dict[str, Any]) -> web.StreamResponse:
+async def _scripted(request: web.Request, req: ChatRequest, raw: dict[str, Any], meter: Meter) -> web.StreamResponse:
     reply = scripted.plan_reply(req.messages, bool(raw.get("tools")))
     if reply.delay_s:
         await asyncio.sleep(reply.delay_s)
@@ -108,39 +156,53 @@ async def _scripted(request: web.Request, req: ChatRequest, raw: dict[str, Any])
     prompt_tokens = scripted.estimate_tokens(req.messages)
     completion_tokens = scripted.estimate_tokens([reply.text, reply.tool_args])
     if not req.stream:
-        return web.json_response(wire.completion(req.model, reply, prompt_tokens, completion_tokens))
+        body = wire.completion(req.model, reply, prompt_tokens, completion_tokens)
+        meter.feed(body)
+        return web.json_response(body)
     include_usage = bool((raw.get("stream_options") or {}).get("include_usage"))
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     for chunk in wire.stream_chunks(req.model, reply, prompt_tokens, completion_tokens, include_usage):
+        meter.feed(chunk)
         await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+    meter.feed({"usage": wire.usage(prompt_tokens, completion_tokens)})  # we know exactly what we served
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
 
 
-async def _forward(
-    request: web.Request, s: Services, entry: ModelEntry, raw: dict[str, Any], stream: bool
-) -> web.StreamResponse:
+async def _forward(request: web.Request, s: Services, caller: Caller, entry: ModelEntry, raw: dict[str, Any],
+                   stream: bool, meter: Meter) -> web.StreamResponse:
     assert entry.provider is not None
     provider = s.settings.providers[entry.provider]
+    if _byok(caller.run):
+        assert caller.run is not None
+        sealed = await store.byok_key(s.db, caller.run.id)
+        if sealed is None:
+            raise PaymentRequired("this run's provider key is gone", code="byok_key_missing")
+        base = s.settings.providers.get(s.settings.billing.byok_provider, provider)
+        provider = base.model_copy(update={"api_key": s.box.open(sealed, caller.run.id)})
     body = {**raw, "model": entry.upstream_id}
+    if stream:
+        body["stream_options"] = {**(raw.get("stream_options") or {}), "include_usage": True}
     upstream = request.app[UPSTREAM]
     try:
         if not stream:
-            return web.json_response(await upstream.complete(provider, body))
-        chunks = upstream.stream(provider, body)
-        first = await anext(chunks)
+            data = await upstream.complete(provider, body)
+            meter.feed(data)
+            return web.json_response(data)
+        events = upstream.stream(provider, body)
+        first = await anext(events)
     except UpstreamError as exc:
         raise GatewayError(exc.message, code="upstream_error") from exc
     except StopAsyncIteration:
-        first = b""
+        raise GatewayError("upstream closed the stream without data", code="upstream_error") from None
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    await resp.write(first)
     try:
-        async for chunk in chunks:
-            await resp.write(chunk)
+        await _relay(resp, first, meter)
+        async for event in events:
+            await _relay(resp, event, meter)
     except UpstreamError as exc:
         err = {"error": {"code": "upstream_error", "message": exc.message}}
         await resp.write(f"data: {json.dumps(err)}\n\n".encode())
@@ -148,17 +210,25 @@ async def _forward(
     return resp
 
 
+async def _relay(resp: web.StreamResponse, event: ServerSentEvent, meter: Meter) -> None:
+    if event.data and event.data != "[DONE]":
+        try:
+            meter.feed(json.loads(event.data))
+        except ValueError:
+            pass
+    await resp.write(f"data: {event.data}\n\n".encode())
+
+
 async def list_models(request: web.Request, principal: Principal) -> web.StreamResponse:
     s = request.app[SERVICES]
     caller = await _caller(s, request)
     entries = s.catalog.all()
-    if caller.run_id is not None:
-        run = await store.get_run(s.db, caller.run_id)
-        entries = [e for e in entries if run is not None and e.id == run.model_id]
-    return respond(ModelList(data=[
-        ModelView(id=e.id, name=e.name, provider=e.provider or "critique-local", context_tokens=e.context_tokens)
-        for e in entries
-    ]))
+    if caller.run is not None:
+        entries = [e for e in entries if e.id == caller.run.model_id]
+    else:
+        plan = await billing.plan_of(s.db, s.settings.billing, caller.user_id)
+        entries = [e for e in entries if e.allowed_for(plan)]
+    return respond(ModelList(data=[model_view(e) for e in entries]))
 
 
 ROUTES = [

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+from httpx_sse import EventSource, ServerSentEvent
 
 from critique_local.config import ProviderSettings
 
@@ -31,7 +32,7 @@ class Upstream:
     def _request(self, provider: ProviderSettings, body: dict[str, Any]) -> httpx.Request:
         headers = {"Content-Type": "application/json"}
         if provider.api_key:
-            headers["Authorization"] = f"Bearer {provider.api_key}"
+            headers["Authorization"] = f"Bearer {provider.api_key}"  # the operator's key, or a run's BYOK key
         return self._http.build_request(
             "POST", provider.base_url.rstrip("/") + "/chat/completions", json=body, headers=headers,
             timeout=httpx.Timeout(provider.timeout_s, connect=10.0),
@@ -47,8 +48,8 @@ class Upstream:
         data: dict[str, Any] = resp.json()
         return data
 
-    async def stream(self, provider: ProviderSettings, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        """Yields the upstream's SSE bytes unchanged."""
+    async def stream(self, provider: ProviderSettings, body: dict[str, Any]) -> AsyncIterator[ServerSentEvent]:
+        """Yields the upstream's server-sent events (parsed with httpx-sse)."""
         try:
             resp = await self._http.send(self._request(provider, body), stream=True)
         except httpx.HTTPError as exc:
@@ -58,8 +59,8 @@ class Upstream:
                 text = (await resp.aread()).decode(errors="replace")
                 raise UpstreamError(resp.status_code, f"upstream error {resp.status_code}: {text[:500]}")
             try:
-                async for chunk in resp.aiter_raw():
-                    yield chunk
+                async for event in EventSource(resp).aiter_sse():
+                    yield event
             except httpx.HTTPError as exc:
                 raise UpstreamError(502, f"upstream stream broke: {exc.__class__.__name__}") from exc
         finally:

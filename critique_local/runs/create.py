@@ -7,8 +7,16 @@ import hashlib
 import json
 from typing import Any
 
+from critique_local import billing
 from critique_local.api.schemas import CreateRunRequest
-from critique_local.errors import IdempotencyKeyReused, InvalidRequest, NotFound, Unsupported
+from critique_local.errors import (
+    Forbidden,
+    IdempotencyKeyReused,
+    InvalidRequest,
+    NotFound,
+    PaymentRequired,
+    Unsupported,
+)
 from critique_local.repos.checkout import resolve_source
 from critique_local.repos.names import ref_problem, repository_name_problem
 from critique_local.runs import intent
@@ -29,14 +37,22 @@ def reject_unbuilt(req: CreateRunRequest) -> None:
         raise Unsupported("publish.branch is not supported yet", field="publish.branch")
     if req.validation_mode in ("basic", "tests"):
         raise Unsupported(f"validationMode {req.validation_mode} is not supported yet", field="validationMode")
-    if req.billing is not None and req.billing.mode == "openrouter":
-        raise Unsupported("billing.mode openrouter is not supported yet", field="billing.mode")
-    if req.billing is not None and req.billing.open_router_api_key is not None:
-        raise Unsupported("billing.openRouterApiKey is not supported yet", field="billing.openRouterApiKey")
     if req.safety is not None and req.safety.network is not None:
         raise Unsupported("safety.network is not supported yet", field="safety.network")
-    if req.safety is not None and req.safety.resources is not None:
-        raise Unsupported("safety.resources budgets are not supported yet", field="safety.resources")
+
+
+def check_billing(req: CreateRunRequest) -> str | None:
+    """The BYOK key of an openrouter run (None for managed runs)."""
+    billing = req.billing
+    if billing is None or billing.mode == "managed":
+        if billing is not None and billing.open_router_api_key is not None:
+            raise InvalidRequest("openRouterApiKey is only used with billing.mode openrouter",
+                                 field="billing.openRouterApiKey")
+        return None
+    key = billing.open_router_api_key.get_secret_value().strip() if billing.open_router_api_key else ""
+    if not key:
+        raise InvalidRequest("billing.mode openrouter needs billing.openRouterApiKey", field="billing.openRouterApiKey")
+    return key
 
 
 def body_hash(raw: Any) -> str:
@@ -75,10 +91,17 @@ async def create(
         raise InvalidRequest(f"baseRef {problem}", field="baseRef" if req.base_ref else "gitCheckoutRef")
     if req.webhook is not None:
         check_url(s.settings.webhooks, req.webhook.url)
+    byok_key = check_billing(req)
     model_id = req.model_id or s.settings.models.default
-    if s.catalog.get(model_id) is None:
+    entry = s.catalog.get(model_id)
+    if entry is None:
         raise InvalidRequest(f"unknown model {model_id!r}; see GET /api/v1/coding-agent/models",
                              field="modelId", code="unknown_model")
+    if not entry.allowed_for(await billing.plan_of(s.db, s.settings.billing, principal.user_id)):
+        raise Forbidden(f"model {model_id} is not in your plan", field="modelId", code="model_not_in_plan")
+    if byok_key is not None and entry.provider is not None and s.settings.billing.byok_provider not in s.settings.providers:
+        raise InvalidRequest("this server has no provider for billing.mode openrouter", field="billing.mode",
+                             code="unsupported")
     repo_id = await _repository_id(s, req)
     stored_request = req.model_dump(mode="json", by_alias=True, exclude={"prompt", "billing"})
     stored_request["billingMode"] = req.billing.mode if req.billing else "managed"
@@ -88,10 +111,26 @@ async def create(
         prompt=req.prompt,
     )
     digest = body_hash(raw)
+    if idempotency_key is not None:
+        replay = await store.idempotent_run(s.db, principal.user_id, idempotency_key)
+        if replay is not None:
+            if replay[1] != digest:
+                raise IdempotencyKeyReused("Idempotency-Key was already used with a different body",
+                                           field="Idempotency-Key")
+            original = await store.get_run(s.db, replay[0])
+            assert original is not None
+            return original, False
+    needed = s.settings.billing.orchestration_credits if byok_key else (0.0 if entry.free else 1e-9)
+    if needed and await billing.balance(s.db, principal.user_id) < needed:
+        raise PaymentRequired("no credits left for this run; ask your operator for credits "
+                              "(critique-local credits grant)")
     result = await store.create_run(s.db, new, (idempotency_key, digest) if idempotency_key else None)
     if not result.created and result.body_hash != digest:
         raise IdempotencyKeyReused("Idempotency-Key was already used with a different body",
                                    field="Idempotency-Key")
+    if result.created and byok_key is not None:
+        await store.update_run(s.db, new.id, byok_key=s.box.seal(byok_key, new.id))
+        await billing.charge_orchestration(s.db, principal.user_id, new.id, s.settings.billing.orchestration_credits)
     run = await store.get_run(s.db, result.run_id)
     assert run is not None
     return run, result.created

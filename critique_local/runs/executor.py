@@ -20,6 +20,7 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
+from critique_local import billing
 from critique_local.agent.config import OPENCODE_PORT, PROVIDER_ID, TOKEN_ENV, opencode_config
 from critique_local.agent.normalize import Normalizer
 from critique_local.agent.opencode import AgentError, OpenCodeClient, basic_auth
@@ -36,6 +37,15 @@ from critique_local.tokens import SANDBOX_TOKEN_PREFIX, new_token, token_hash
 
 log = logging.getLogger(__name__)
 WORKSPACE = "/workspace"
+
+
+class BudgetStop(Exception):
+    """The gateway refused a model call because of ``safety.resources``."""
+
+    def __init__(self, message: str, partial: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.partial = partial
 
 
 class Executor:
@@ -170,20 +180,35 @@ class Executor:
 
     async def _run_turn(self, run: RunRow, sandbox: Sandbox, agent: OpenCodeClient, idx: int, prompt: str) -> None:
         await store.update_turn(self.s.db, run.id, idx, status="running", started_at=now_iso())
-        run = await self._transition(run, RunStatus.RUNNING, Phase.AGENT_RUNNING)
+        run = await self._transition(run, RunStatus.RUNNING, Phase.AGENT_RUNNING, error_code=None,
+                                     error_message=None)
         base, session_id = run.base_commit, run.agent_session_id
         assert base is not None and session_id is not None
-        summary = await self._prompt(run, agent, session_id, prompt)
+        budget: BudgetStop | None = None
+        try:
+            summary = await self._prompt(run, agent, session_id, prompt)
+        except BudgetStop as stop:
+            # the gateway refused the call that would exceed the budget: the turn ends here, its
+            # work so far is kept, and the run stays usable for follow-ups
+            budget, summary = stop, stop.partial
         run = await self._transition(run, RunStatus.RUNNING, Phase.COLLECTING)
         previous = await self._previous_tree(run.id, idx) or base
         result = await collect(sandbox, base, previous, self.s.settings.limits.max_patch_bytes)
         finished = now_iso()
         await store.update_turn(self.s.db, run.id, idx, status="completed", summary=summary,
                                 diff_stats=json.dumps(result.turn_stats), tree=result.tree, finished_at=finished)
+        errors: dict[str, Any] = {}
+        if budget is not None:
+            used = await billing.usage(self.s.db, run.id)
+            errors = {"error_code": "budget_exceeded",
+                      "error_message": f"{budget.message}; used this run: {used.model_calls} model calls, "
+                                       f"{used.credits:.6f} credits"}
+            await self.s.hub.builder(run.id, {"type": "error", "code": "budget_exceeded",
+                                              "message": errors["error_message"]})
         await self._transition(
             run, RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, summary=summary,
             changed_paths=json.dumps(result.changed_paths), diff_stats=json.dumps(result.diff_stats),
-            patch=result.patch or None, session_expires_at=self._expiry(run),
+            patch=result.patch or None, session_expires_at=self._expiry(run), **errors,
         )
 
     async def _previous_tree(self, run_id: str, idx: int) -> str | None:
@@ -249,14 +274,17 @@ class Executor:
                 await pump_task
         info = result.get("info") or {}
         error = info.get("error")
+        parts = result.get("parts") or []
+        final = "\n".join(p.get("text", "") for p in parts if p.get("type") == "text" and not p.get("synthetic"))
+        summary = final.strip() or (texts[-1] if texts else "")
         if error:
             data = error.get("data") or {}
             message = str(data.get("message") or error.get("name") or "the agent's turn failed")
+            if "budget_exceeded" in message:
+                raise BudgetStop(message[message.index("budget_exceeded"):].removeprefix("budget_exceeded: "), summary)
             code = "model_error" if error.get("name") == "APIError" else "agent_error"
             raise RunFailure(code, message)
-        parts = result.get("parts") or []
-        final = "\n".join(p.get("text", "") for p in parts if p.get("type") == "text" and not p.get("synthetic"))
-        return final.strip() or (texts[-1] if texts else "")
+        return summary
 
     # ---- state changes --------------------------------------------------------------------------
 
@@ -280,7 +308,7 @@ class Executor:
         await self.s.hub.builder(run_id, {"type": "error", "code": code, "message": message})
         await store.update_turn(self.s.db, run_id, max(run.turn_count, 1), status="failed", finished_at=now_iso())
         await self._transition(run, RunStatus.FAILED, Phase.FAILED, error_code=code, error_message=message,
-                               finished_at=now_iso(), sandbox_token_hash=None, agent_secret=None,
+                               finished_at=now_iso(), sandbox_token_hash=None, agent_secret=None, byok_key=None,
                                session_end_reason=SessionEnd.FINISHED.value)
 
     async def close_session(self, run: RunRow, status: RunStatus, phase: Phase, reason: SessionEnd,
@@ -289,4 +317,4 @@ class Executor:
         if run.sandbox_id:
             await self.destroy(run.sandbox_id)
         return await self._transition(run, status, phase, finished_at=now_iso(), sandbox_token_hash=None,
-                                      agent_secret=None, session_end_reason=reason.value, **fields)
+                                      agent_secret=None, byok_key=None, session_end_reason=reason.value, **fields)

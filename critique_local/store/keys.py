@@ -33,7 +33,8 @@ class Principal:
     scopes: frozenset[str]
 
 
-async def ensure_user(db: Database, name: str) -> str:
+async def ensure_user(db: Database, name: str, initial_credits: float = 0.0) -> str:
+    """The user's id; a new user starts with ``initial_credits`` (billing.initial_credits)."""
     async with db.tx() as conn:
         cur = await conn.execute("SELECT id FROM users WHERE name = ?", (name,))
         row = await cur.fetchone()
@@ -41,15 +42,20 @@ async def ensure_user(db: Database, name: str) -> str:
             return str(row[0])
         user_id = new_id("usr")
         await conn.execute("INSERT INTO users (id, name, created_at) VALUES (?, ?, ?)", (user_id, name, now_iso()))
+        if initial_credits:
+            await conn.execute(
+                "INSERT INTO credit_ledger (user_id, amount, reason, created_at) VALUES (?, ?, 'initial', ?)",
+                (user_id, initial_credits, now_iso()))
         return user_id
 
 
-async def create_key(db: Database, user_name: str, scopes: tuple[str, ...]) -> tuple[str, KeyRecord]:
+async def create_key(db: Database, user_name: str, scopes: tuple[str, ...],
+                     initial_credits: float = 0.0) -> tuple[str, KeyRecord]:
     """Returns the plain key (shown once) and its record."""
     unknown = set(scopes) - set(ALL_SCOPES)
     if unknown:
         raise ValueError(f"unknown scope(s): {', '.join(sorted(unknown))}")
-    user_id = await ensure_user(db, user_name)
+    user_id = await ensure_user(db, user_name, initial_credits)
     plain = new_token(API_KEY_PREFIX)
     record = KeyRecord(new_id("key"), user_id, user_name, plain[:10], tuple(scopes), now_iso(), None)
     await db.write(

@@ -113,3 +113,35 @@ MIGRATIONS.append(
     CREATE INDEX webhook_run ON webhook_deliveries(run_id, created_at);
     """
 )
+
+# Billing: plans, credit ledger, metered model calls, per-run BYOK key.
+MIGRATIONS.append(
+    """
+    ALTER TABLE users ADD COLUMN plan TEXT;
+    ALTER TABLE runs ADD COLUMN byok_key TEXT;
+    ALTER TABLE runs ADD COLUMN usage_turn INTEGER;
+    CREATE TABLE credit_ledger (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id TEXT NOT NULL REFERENCES users(id),
+        amount REAL NOT NULL,
+        reason TEXT NOT NULL,
+        run_id TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX credit_user ON credit_ledger(user_id);
+    CREATE TABLE model_calls (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id TEXT NOT NULL REFERENCES users(id),
+        run_id TEXT,
+        turn_idx INTEGER,
+        model_id TEXT NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        credits REAL NOT NULL,
+        estimated INTEGER NOT NULL,
+        billed_to TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX model_calls_run ON model_calls(run_id, turn_idx);
+    """
+)

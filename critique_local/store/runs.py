@@ -264,3 +264,14 @@ async def begin_follow_up(db: Database, run_id: str, prompt: str) -> int | None:
 async def expired_idle_runs(db: Database, now_text: str) -> list[str]:
     rows = await db.all("SELECT id FROM runs WHERE status = 'idle' AND session_expires_at <= ?", (now_text,))
     return [str(r[0]) for r in rows]
+
+
+async def idempotent_run(db: Database, user_id: str, key: str) -> tuple[str, str] | None:
+    row = await db.one("SELECT run_id, body_hash FROM idempotency_keys WHERE user_id = ? AND key = ? AND created_at > ?",
+                       (user_id, key, _day_ago()))
+    return (str(row[0]), str(row[1])) if row else None
+
+
+async def byok_key(db: Database, run_id: str) -> str | None:
+    row = await db.one("SELECT byok_key FROM runs WHERE id = ?", (run_id,))
+    return str(row[0]) if row and row[0] else None
