@@ -117,3 +117,31 @@ def test_sandbox_token_is_confined_to_its_run_and_its_lifetime(server: Server, a
                       json={"model": "critique/scripted", "messages": [{"role": "user", "content": "x"}]})
     assert resp.status_code == 401
     assert done["changedPaths"] == []
+
+
+@pytest.mark.parametrize(("model", "status", "code"), [
+    ("acme/status-400", 400, "upstream_bad_request"), ("acme/status-401", 502, "upstream_unauthorized"),
+    ("acme/status-429", 429, "upstream_rate_limited"), ("acme/status-500", 502, "upstream_error"),
+    ("acme/slow", 504, "upstream_timeout"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_errors_are_mapped(server: Server, alice: str, model: str, status: int, code: str,
+                                    stream: bool) -> None:
+    resp = httpx.post(server.url + "/api/v1/chat/completions", headers={"Authorization": f"Bearer {alice}"},
+                      json={"model": model, "stream": stream, "messages": [{"role": "user", "content": "x"}]},
+                      timeout=30)
+    assert resp.status_code == status
+    assert resp.json()["error"]["code"] == code
+
+
+def test_streamed_tool_calls_are_forwarded(server: Server, alice: str) -> None:
+    client = sdk(server, alice)
+    tools = [{"type": "function", "function": {"name": "bash", "parameters": {"type": "object"}}}]
+    chunks = list(client.chat.completions.create(
+        model="acme/coder-large", stream=True, tools=tools,  # type: ignore[arg-type]
+        messages=[{"role": "user", "content": "@bash echo via upstream"}]))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert calls[0].function and calls[0].function.name == "bash"
+    args = "".join(tc.function.arguments or "" for tc in calls if tc.function)
+    assert json.loads(args) == {"command": "echo via upstream"}
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 1000

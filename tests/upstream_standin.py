@@ -25,6 +25,10 @@ class UpstreamStandIn:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append({"authorization": request.headers.get("Authorization"), "body": body})
+        if body["model"].startswith("status-"):  # e.g. status-429: answer with that status
+            return web.json_response({"error": {"message": "as requested"}}, status=int(body["model"][7:]))
+        if body["model"] == "slow":
+            await asyncio.sleep(5)
         if body.get("tools"):
             return await self._agentic(request, body)
         text = f"upstream says hi to {body['model']}"

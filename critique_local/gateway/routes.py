@@ -53,6 +53,12 @@ class GatewayError(ApiError):
     status = 502
     code = "upstream_error"
 
+    @classmethod
+    def of(cls, exc: UpstreamError) -> GatewayError:
+        err = cls(exc.message, code=exc.code)
+        err.status = exc.status
+        return err
+
 
 class BudgetExceeded(ApiError):
     # 402 and no retry words: OpenCode ends the turn at once instead of retrying
@@ -194,7 +200,7 @@ async def _forward(request: web.Request, s: Services, caller: Caller, entry: Mod
         events = upstream.stream(provider, body)
         first = await anext(events)
     except UpstreamError as exc:
-        raise GatewayError(exc.message, code="upstream_error") from exc
+        raise GatewayError.of(exc) from exc
     except StopAsyncIteration:
         raise GatewayError("upstream closed the stream without data", code="upstream_error") from None
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -204,7 +210,7 @@ async def _forward(request: web.Request, s: Services, caller: Caller, entry: Mod
         async for event in events:
             await _relay(resp, event, meter)
     except UpstreamError as exc:
-        err = {"error": {"code": "upstream_error", "message": exc.message}}
+        err = {"error": {"code": exc.code, "message": exc.message}}
         await resp.write(f"data: {json.dumps(err)}\n\n".encode())
     await resp.write_eof()
     return resp
@@ -234,7 +240,7 @@ async def list_models(request: web.Request, principal: Principal) -> web.StreamR
 ROUTES = [
     Route("POST", "/api/v1/chat/completions", chat_completions,
           "OpenAI-compatible chat completions (sandbox token or a key with the inference scope)", None,
-          errors=(400, 401, 403, 422, 502), tag="inference"),
+          errors=(400, 401, 402, 403, 422, 429, 502, 504), tag="inference"),
     Route("GET", "/api/v1/models", list_models, "Models (OpenAI-compatible list)", None, response=ModelList,
           errors=(401, 403), tag="inference"),
 ]

@@ -16,10 +16,35 @@ from critique_local.config import ProviderSettings
 
 
 class UpstreamError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """What went wrong upstream, already mapped to the status and code our callers get:
+    upstream 400/404/422 -> 400 ``upstream_bad_request``; 401/403 -> 502 ``upstream_unauthorized``
+    (the provider key is wrong: not the caller's fault, unless it is their BYOK key); 429 -> 429
+    ``upstream_rate_limited``; other errors -> 502 ``upstream_error``; no answer within the
+    provider's ``timeout_s`` -> 504 ``upstream_timeout``. The gateway does not retry: OpenCode
+    retries 429 and 5xx itself, so retries stay bounded by one policy."""
+
+    def __init__(self, status: int, message: str, code: str = "upstream_error") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.code = code
+
+    @classmethod
+    def from_status(cls, upstream_status: int, text: str) -> UpstreamError:
+        detail = f"upstream answered {upstream_status}: {text[:500]}"
+        if upstream_status in (400, 404, 422):
+            return cls(400, detail, "upstream_bad_request")
+        if upstream_status in (401, 403):
+            return cls(502, detail, "upstream_unauthorized")
+        if upstream_status == 429:
+            return cls(429, detail, "upstream_rate_limited")
+        return cls(502, detail)
+
+    @classmethod
+    def from_exception(cls, exc: httpx.HTTPError) -> UpstreamError:
+        if isinstance(exc, httpx.TimeoutException):
+            return cls(504, f"upstream did not answer in time ({exc.__class__.__name__})", "upstream_timeout")
+        return cls(502, f"upstream unreachable: {exc.__class__.__name__}")
 
 
 class Upstream:
@@ -42,9 +67,9 @@ class Upstream:
         try:
             resp = await self._http.send(self._request(provider, body))
         except httpx.HTTPError as exc:
-            raise UpstreamError(502, f"upstream unreachable: {exc.__class__.__name__}") from exc
+            raise UpstreamError.from_exception(exc) from exc
         if resp.status_code >= 400:
-            raise UpstreamError(resp.status_code, f"upstream error {resp.status_code}: {resp.text[:500]}")
+            raise UpstreamError.from_status(resp.status_code, resp.text)
         data: dict[str, Any] = resp.json()
         return data
 
@@ -53,15 +78,14 @@ class Upstream:
         try:
             resp = await self._http.send(self._request(provider, body), stream=True)
         except httpx.HTTPError as exc:
-            raise UpstreamError(502, f"upstream unreachable: {exc.__class__.__name__}") from exc
+            raise UpstreamError.from_exception(exc) from exc
         try:
             if resp.status_code >= 400:
-                text = (await resp.aread()).decode(errors="replace")
-                raise UpstreamError(resp.status_code, f"upstream error {resp.status_code}: {text[:500]}")
+                raise UpstreamError.from_status(resp.status_code, (await resp.aread()).decode(errors="replace"))
             try:
                 async for event in EventSource(resp).aiter_sse():
                     yield event
             except httpx.HTTPError as exc:
-                raise UpstreamError(502, f"upstream stream broke: {exc.__class__.__name__}") from exc
+                raise UpstreamError.from_exception(exc) from exc
         finally:
             await resp.aclose()
