@@ -4,6 +4,7 @@ to upstream providers with the operator's key, and that confines sandbox tokens 
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -145,3 +146,24 @@ def test_streamed_tool_calls_are_forwarded(server: Server, alice: str) -> None:
     args = "".join(tc.function.arguments or "" for tc in calls if tc.function)
     assert json.loads(args) == {"command": "echo via upstream"}
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 1000
+
+
+def test_calls_are_metered_from_reported_usage_else_estimated(server: Server) -> None:
+    import sqlite3
+
+    key = server.new_key("meter")
+    client = sdk(server, key)
+    client.chat.completions.create(model="acme/coder-large", messages=[{"role": "user", "content": "hi"}])
+    streamed = client.chat.completions.create(model="acme/coder-large", stream=True,
+                                              messages=[{"role": "user", "content": "hi"}])
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    rows: list[tuple[int, int, int]] = []
+    deadline = time.monotonic() + 5
+    while len(rows) < 2 and time.monotonic() < deadline:  # a call is recorded once its stream has ended
+        time.sleep(0.05)
+        with sqlite3.connect(server.data_dir / "critique.db") as db:
+            rows = db.execute(
+                "SELECT input_tokens, output_tokens, estimated FROM model_calls m JOIN users u ON u.id = m.user_id "
+                "WHERE u.name = 'meter' ORDER BY m.id").fetchall()
+    assert rows[0] == (11, 7, 0)  # the upstream's own numbers
+    assert rows[1][2] == 1 and rows[1][1] == max(1, len(text) // 4)  # no usage in that stream: estimated

@@ -66,6 +66,7 @@ class UpstreamStandIn:
             app = web.Application()
             app.router.add_post("/v1/chat/completions", self._chat)
             runner = web.AppRunner(app)
+            self._runner = runner
             self._loop.run_until_complete(runner.setup())
             site = web.TCPSite(runner, "127.0.0.1", 0)
             self._loop.run_until_complete(site.start())
@@ -77,4 +78,5 @@ class UpstreamStandIn:
         self._ready.wait(10)
 
     def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)

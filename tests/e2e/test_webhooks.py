@@ -45,6 +45,7 @@ class Receiver:
             app = web.Application()
             app.router.add_post("/hook", hook)
             runner = web.AppRunner(app)
+            self._runner = runner
             self._loop.run_until_complete(runner.setup())
             self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
             self.port = runner.addresses[0][1]
@@ -55,6 +56,7 @@ class Receiver:
         ready.wait(10)
 
     def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
 
 
