@@ -314,7 +314,8 @@ def _watch(url: str, key: str, run_id: str) -> None:
                 source.response.read()
                 _check(source.response)
             for sse in source.iter_sse():
-                click.echo(format_event(sse.event, json.loads(sse.data)))
+                if sse.data:  # heartbeat comments arrive as events without data
+                    click.echo(format_event(sse.event, json.loads(sse.data)))
 
 
 def _post(url: str, key: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -124,7 +124,11 @@ class Server:
             self.proc = None
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*CLI, *args], env=self.env, cwd=ROOT, capture_output=True, text=True, check=check)
+        res = subprocess.run([*CLI, *args], env=self.env, cwd=ROOT, capture_output=True, text=True)
+        if check and res.returncode != 0:
+            raise AssertionError(f"critique-local {' '.join(args[:2])} exited {res.returncode}:\n"
+                                 f"stdout: {res.stdout[-2000:]}\nstderr: {res.stderr[-2000:]}")
+        return res
 
     def new_key(self, user: str, scopes: str | None = None) -> str:
         args = ["keys", "create", "--user", user] + (["--scopes", scopes] if scopes else [])
@@ -146,6 +150,14 @@ def wait_for(client: httpx.Client, run_id: str, statuses: set[str], timeout_s: f
     raise AssertionError(f"run {run_id} still {run.get('status')}/{run.get('lifecycle')} after {timeout_s}s")
 
 
+def wait_lifecycle(client: httpx.Client, run_id: str, lifecycle: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.get(f"/api/v1/coding-agent/runs/{run_id}").json()["run"]["lifecycle"] != lifecycle:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"run {run_id} never reached {lifecycle}")
+        time.sleep(0.1)
+
+
 def sse_events(client: httpx.Client, run_id: str, headers: dict[str, str] | None = None,
                params: dict[str, str] | None = None) -> list[tuple[int, str, dict[str, Any]]]:
     """Read the run's stream until the server closes it: [(id, event, data)]."""
@@ -156,7 +168,8 @@ def sse_events(client: httpx.Client, run_id: str, headers: dict[str, str] | None
                      params=params or {}, timeout=httpx.Timeout(30, read=60)) as source:
         assert source.response.status_code == 200, source.response.read()
         for sse in source.iter_sse():
-            out.append((int(sse.id), sse.event, json.loads(sse.data)))
+            if sse.data:  # heartbeat comments arrive as events without data
+                out.append((int(sse.id), sse.event, json.loads(sse.data)))
     return out
 
 

@@ -38,6 +38,8 @@ class RunControl:
         """Returns the run that will carry the turn: the same one (warm) or a chained one."""
         if req.publish is not None and req.publish.mode == "draft_pr":
             raise Unsupported("publish.mode draft_pr is not supported yet", field="publish.mode")
+        if req.publish is not None and req.publish.branch is not None:
+            raise Unsupported("publish.branch is not supported yet", field="publish.branch")
         if req.end_session:
             if req.prompt is not None:
                 raise InvalidRequest("send either prompt or endSession, not both", field="endSession")

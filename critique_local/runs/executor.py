@@ -37,6 +37,7 @@ from critique_local.tokens import SANDBOX_TOKEN_PREFIX, new_token, token_hash
 
 log = logging.getLogger(__name__)
 WORKSPACE = "/workspace"
+ATTACH_HEALTH_TIMEOUT_S = 10.0
 
 
 class BudgetStop(Exception):
@@ -164,7 +165,9 @@ class Executor:
         agent = OpenCodeClient(endpoint.base_url,
                                {**endpoint.headers, **basic_auth(self.s.box.open(run.agent_secret, run.id))})
         try:
-            await agent.wait_healthy(3.0)
+            # generous: on a loaded machine a live OpenCode can be slow to answer, and declaring a
+            # warm session lost throws its state away (the next message would chain)
+            await agent.wait_healthy(ATTACH_HEALTH_TIMEOUT_S)
         except AgentError:
             await agent.aclose()
             return None

@@ -132,7 +132,7 @@ def test_max_credits_is_never_exceeded(billed: Server) -> None:
                                    "safety": {"resources": {"maxCredits": 4}}}).json()["run"]
         done = wait_for(api, run["id"], {"idle", "failed"})
         assert done["error"]["code"] == "budget_exceeded" and "maxCredits" in done["error"]["message"]
-        assert 1 <= done["usage"]["modelCalls"] < 9
+        assert done["usage"]["modelCalls"] in range(1, 9)  # stopped before the script's 9 calls
         assert done["usage"]["credits"] <= 4
 
 

@@ -4,13 +4,12 @@ refused without changing anything."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.helpers import Server, wait_for
+from tests.helpers import Server, wait_for, wait_lifecycle
 
 pytestmark = pytest.mark.e2e
 RUNS = "/api/v1/coding-agent/runs"
@@ -43,13 +42,6 @@ def check_state(api: httpx.Client, run_id: str, expect_status: str) -> dict[str,
     patch = api.get(f"{RUNS}/{run_id}", params={"patch": "1"}).json()["run"]["patch"]
     assert ("get_patch" in allowed) == (patch is not None)
     return dict(run)
-
-
-def wait_lifecycle(api: httpx.Client, run_id: str, lifecycle: str) -> None:
-    deadline = time.monotonic() + 60
-    while api.get(f"{RUNS}/{run_id}").json()["run"]["lifecycle"] != lifecycle:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
 
 
 def test_every_status_agrees_with_what_the_api_accepts(fresh_server: Server) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Server, git, our_containers, sse_events, wait_for
+from tests.helpers import Server, git, our_containers, sse_events, wait_for, wait_lifecycle
 
 pytestmark = pytest.mark.e2e
 
@@ -134,10 +134,7 @@ def test_server_killed_during_a_run_does_not_leave_it_running(fresh_server: Serv
     key = fresh_server.new_key("carol")
     with fresh_server.client(key) as api:
         run = api.post(RUNS, json={"repository": "acme/web", "prompt": "@sleep 60\n@say late"}).json()["run"]
-        deadline = time.monotonic() + 60
-        while api.get(f"{RUNS}/{run['id']}").json()["run"]["lifecycle"] != "agent_running":
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_lifecycle(api, run["id"], "agent_running")
         assert len(our_containers(run["id"])) == 1
     fresh_server.kill()
     fresh_server.start()

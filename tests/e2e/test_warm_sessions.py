@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.helpers import Server, our_containers, wait_for
+from tests.helpers import Server, our_containers, wait_for, wait_lifecycle
 
 pytestmark = pytest.mark.e2e
 RUNS = "/api/v1/coding-agent/runs"
@@ -69,7 +69,8 @@ def test_follow_up_runs_on_the_same_sandbox_and_session(server: Server, alice: s
 
 
 @pytest.mark.parametrize("body", [{}, {"prompt": "x", "endSession": True}, {"prompt": "x", "fallback": "maybe"},
-                                  {"prompt": "x", "extra": 1}])
+                                  {"prompt": "x", "extra": 1}, {"prompt": "x", "publish": {"mode": "draft_pr"}},
+                                  {"prompt": "x", "publish": {"mode": "none", "branch": "b"}}])
 def test_bad_message_bodies_are_422(server: Server, alice: str, body: dict[str, object]) -> None:
     with server.client(alice) as api:
         run_id = api.get(RUNS, params={"limit": 1}).json()["data"][0]["id"]
@@ -79,10 +80,7 @@ def test_bad_message_bodies_are_422(server: Server, alice: str, body: dict[str, 
 def test_cancel_during_a_long_model_call(server: Server, alice: str) -> None:
     with server.client(alice) as api:
         run = api.post(RUNS, json={"repository": "acme/web", "prompt": "@sleep 60\n@say never"}).json()["run"]
-        deadline = time.monotonic() + 60
-        while api.get(f"{RUNS}/{run['id']}").json()["run"]["lifecycle"] != "agent_running":
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_lifecycle(api, run["id"], "agent_running")
         time.sleep(1)
         t0 = time.monotonic()
         resp = api.post(f"{RUNS}/{run['id']}/cancel")
@@ -153,10 +151,7 @@ def test_restart_keeps_idle_sessions_and_fails_running_ones(fresh_server: Server
                                     "prompt": "@write kept.txt\nkept\n@end\n@say ok"}).json()["run"]
         wait_for(api, idle["id"], {"idle"})
         busy = api.post(RUNS, json={"repository": "acme/web", "prompt": "@sleep 60\n@say late"}).json()["run"]
-        deadline = time.monotonic() + 60
-        while api.get(f"{RUNS}/{busy['id']}").json()["run"]["lifecycle"] != "agent_running":
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_lifecycle(api, busy["id"], "agent_running")
         box = container_ids(idle["id"])
     fresh_server.kill()
     fresh_server.start()
