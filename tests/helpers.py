@@ -114,6 +114,8 @@ class Server:
             self.proc = None
 
     def stop(self) -> None:
+        """Stop the server and remove its sandboxes: a graceful stop keeps warm ones for the next
+        start, but a test's data dir is thrown away, so they would be orphans."""
         if self.proc is not None:
             self.proc.terminate()
             try:
@@ -122,6 +124,12 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(5)
             self.proc = None
+        instance = self.data_dir / "instance_id"
+        if instance.exists():
+            ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=critique.instance={instance.read_text().strip()}"],
+                                 capture_output=True, text=True).stdout.split()
+            if ids:
+                subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         res = subprocess.run([*CLI, *args], env=self.env, cwd=ROOT, capture_output=True, text=True)
