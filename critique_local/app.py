@@ -69,11 +69,9 @@ def sandbox_app(services: Services, scheduler: Scheduler, upstream: Upstream, we
 
 
 def _bound_port(runner: web.AppRunner) -> int:
-    for site in runner.sites:
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            return int(server.sockets[0].getsockname()[1])
-    raise RuntimeError("listener has no socket")
+    if not runner.addresses:
+        raise RuntimeError("listener has no socket")
+    return int(runner.addresses[0][1])
 
 
 async def _bind_gateway(runner: web.AppRunner, host: str, settings: Settings) -> int:

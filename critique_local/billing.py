@@ -70,6 +70,20 @@ async def usage(db: Database, run_id: str, turn_idx: int | None = None) -> Usage
     return Usage(int(row[0]), int(row[1]), float(row[2]), int(row[3]))
 
 
+async def usage_by_turn(db: Database, run_id: str) -> dict[int, Usage]:
+    """Usage of every turn of a run in one query (the run's total is their sum)."""
+    rows = await db.all(
+        "SELECT turn_idx, SUM(input_tokens), SUM(output_tokens), SUM(credits), COUNT(*) FROM model_calls "
+        "WHERE run_id = ? GROUP BY turn_idx", (run_id,))
+    return {int(r[0] or 0): Usage(int(r[1]), int(r[2]), float(r[3]), int(r[4])) for r in rows}
+
+
+def total(parts: dict[int, Usage]) -> Usage:
+    values = list(parts.values())
+    return Usage(sum(u.input_tokens for u in values), sum(u.output_tokens for u in values),
+                 sum(u.credits for u in values), sum(u.model_calls for u in values))
+
+
 async def charge_orchestration(db: Database, user_id: str, run_id: str, amount: float) -> None:
     if amount:
         await db.write("INSERT INTO credit_ledger (user_id, amount, reason, run_id, created_at) VALUES (?, ?, ?, ?, ?)",

@@ -256,9 +256,7 @@ def runs_create(url: str, key: str, repo: str, prompt: str, model: str | None, t
     if tags:
         body["tags"] = list(tags)
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    with _client(url, key) as c:
-        run = _check(c.post("/api/v1/coding-agent/runs", json=body, headers=headers))["run"]
-    click.echo(f"{run['id']}  {run['status']}  {run['repository']['fullName']}")
+    run = _post(url, key, "/api/v1/coding-agent/runs", body, headers)
     if watch:
         _watch(url, key, run["id"])
 
@@ -318,9 +316,11 @@ def _watch(url: str, key: str, run_id: str) -> None:
                     click.echo(format_event(sse.event, json.loads(sse.data)))
 
 
-def _post(url: str, key: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def _post(url: str, key: str, path: str, body: dict[str, Any] | None = None,
+          headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """POST, print the run that answers in one line, return it."""
     with _client(url, key) as c:
-        run: dict[str, Any] = _check(c.post(path, json=body))["run"]
+        run: dict[str, Any] = _check(c.post(path, json=body, headers=headers or {}))["run"]
     click.echo(f"{run['id']}  {run['status']}  [{run['lifecycle']}]  turns={run['turnCount']}")
     return run
 

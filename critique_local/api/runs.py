@@ -46,12 +46,13 @@ async def _owned_run(request: web.Request, principal: Principal) -> RunRow:
 async def _view(request: web.Request, run: RunRow, *, patch: bool = False, events: bool = False) -> RunEnvelope:
     s = request.app[SERVICES]
     turns = await store.turns_of(s.db, run.id)
+    per_turn = await billing.usage_by_turn(s.db, run.id)
     for turn in turns:
-        turn["usage"] = (await billing.usage(s.db, run.id, int(turn["index"]))).view()
+        turn["usage"] = per_turn.get(int(turn["index"]), billing.Usage()).view()
     return RunEnvelope(run=run_view(
         run, s.public_url,
         turns=turns,
-        usage=(await billing.usage(s.db, run.id)).view(),
+        usage=billing.total(per_turn).view(),
         patch=await store.get_patch(s.db, run.id) if patch else None,
         events=await events_store.after(s.db, run.id, 0, limit=100_000) if events else None,
     ))

@@ -129,5 +129,6 @@ def _new_workdir(scratch: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix="checkout-", dir=scratch))
 
 
-def discard(checkout: Checkout) -> None:
-    shutil.rmtree(checkout.workdir, ignore_errors=True)
+async def discard(checkout: Checkout) -> None:
+    """Remove the temporary checkout (in a worker thread: a large tree takes a while)."""
+    await asyncio.to_thread(shutil.rmtree, checkout.workdir, True)

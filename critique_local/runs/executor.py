@@ -126,11 +126,11 @@ class Executor:
                                    agent_secret=self.s.box.seal(password, run.id))
             sandbox = await self.s.backend.create(SandboxSpec(run.id, run.user_id))
         except BaseException:
-            checkout.discard(prepared)
+            await asyncio.shield(checkout.discard(prepared))
             raise
         await store.update_run(self.s.db, run.id, sandbox_id=sandbox.id, sandbox_started_at=now_iso())
         await sandbox.upload_tar(WORKSPACE, prepared.tar_path)
-        checkout.discard(prepared)
+        await checkout.discard(prepared)
         await sandbox.spawn(["opencode", "serve", "--hostname", "0.0.0.0", "--port", str(OPENCODE_PORT)],
                             env=env, cwd=WORKSPACE, log_path="/tmp/opencode.log")
         endpoint = await sandbox.endpoint(OPENCODE_PORT)

@@ -181,11 +181,6 @@ async def get_patch(db: Database, run_id: str) -> str | None:
     return row[0] if row else None
 
 
-async def first_prompt(db: Database, run_id: str) -> str:
-    row = await db.one("SELECT prompt FROM turns WHERE run_id = ? ORDER BY idx LIMIT 1", (run_id,))
-    return str(row[0]) if row else ""
-
-
 async def turns_of(db: Database, run_id: str) -> list[dict[str, Any]]:
     rows = await db.all(
         "SELECT idx, status, summary, diff_stats, started_at, finished_at FROM turns WHERE run_id = ? ORDER BY idx",
