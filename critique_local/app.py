@@ -26,6 +26,7 @@ from critique_local.crypto import SecretBox
 from critique_local.gateway import routes as gateway
 from critique_local.gateway.catalog import Catalog
 from critique_local.gateway.upstream import Upstream
+from critique_local.repos.hosts import Hosts
 from critique_local.runs.control import RunControl
 from critique_local.runs.events import EventHub
 from critique_local.runs.scheduler import Scheduler
@@ -99,7 +100,7 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
     backend = make_backend(settings, instance_id(settings))
     services = Services(settings=settings, db=db, hub=EventHub(db), backend=backend,
                         catalog=Catalog.from_settings(settings), instance_id=instance_id(settings),
-                        box=SecretBox.from_data_dir(settings.server.data_dir))
+                        box=SecretBox.from_data_dir(settings.server.data_dir), hosts=Hosts(settings))
     upstream = Upstream()
     webhooks = Webhooks(db, services.box, settings.webhooks)
     services.hub.on_status_change = webhooks.enqueue
@@ -140,5 +141,6 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
         for runner in reversed(runners):
             await runner.cleanup()
         await upstream.aclose()
+        await services.hosts.aclose()
         await backend.close()
         await db.close()

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "CRITIQUE_LOCAL_"
 
@@ -40,7 +40,42 @@ class GitSettings(Section):
 class GitHubSettings(Section):
     enabled: bool = Field(False, description="Clone repositories not found under git.local_root from GitHub.")
     base_url: str = Field("https://github.com", description="github.com or a GitHub Enterprise Server URL.")
-    token: str = Field("", description="Token used (server side only) to clone private repositories.")
+    api_url: str = Field("", description="REST API root (default: api.github.com, or <base_url>/api/v3 for GHES).")
+    token: str = Field("", description="Token for cloning, pushing and pull requests (server side only).")
+    app_id: str = Field("", description="GitHub App id; with app_private_key_path, used instead of token.")
+    app_private_key_path: str = Field("", description="PEM private key of the GitHub App.")
+    app_installation_id: str = Field("", description="Installation id (default: looked up per repository).")
+
+    def api_root(self) -> str:
+        if self.api_url:
+            return self.api_url.rstrip("/")
+        base = self.base_url.rstrip("/")
+        return "https://api.github.com" if base in ("https://github.com", "http://github.com") else f"{base}/api/v3"
+
+
+class GiteaSettings(Section):
+    enabled: bool = Field(False, description="Use a Gitea or Forgejo server for repositories not under local_root.")
+    base_url: str = Field("", description="e.g. https://git.internal.example.com")
+    token: str = Field("", description="Access token (server side only) for cloning, pushing and pull requests.")
+
+
+class PublishSettings(Section):
+    author_name: str = Field("critique-local agent", min_length=1, description="Author and committer of commits.")
+    author_email: str = Field("agent@critique-local.invalid", min_length=3, description="Their e-mail address.")
+    branch_prefix: str = Field("critique-agent/", description="Default branch: <prefix><slug>-<short run id>.")
+    protected_branches: list[str] = Field(
+        default_factory=lambda: ["main", "master", "develop", "release/*", "releases/*"],
+        description="Branch patterns (fnmatch) never pushed to, besides the run's base branch.")
+    max_bundle_bytes: int = Field(50_000_000, ge=1024, description="Largest commit bundle read out of a sandbox.")
+    timeout_s: float = Field(300, gt=0, description="Upper bound for pushing and opening the pull request.")
+
+
+class ValidationSettings(Section):
+    timeout_s: float = Field(600, gt=0, description="Upper bound for one validation command.")
+    max_repair_turns: int = Field(2, ge=0, le=20, description="validationMode tests: repair prompts after a failure.")
+    output_tail_chars: int = Field(4000, ge=100, le=100_000, description="Output kept in validation.outputTail.")
+    commands: dict[str, str] = Field(
+        default_factory=dict, description="Test command per repository full name (wins over the repo's own).")
 
 
 class SandboxSettings(Section):
@@ -120,6 +155,9 @@ class Settings(Section):
     server: ServerSettings = ServerSettings()
     git: GitSettings = GitSettings()
     github: GitHubSettings = GitHubSettings()
+    gitea: GiteaSettings = GiteaSettings()
+    publish: PublishSettings = PublishSettings()
+    validation: ValidationSettings = ValidationSettings()
     sandbox: SandboxSettings = SandboxSettings()
     docker: DockerSettings = DockerSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
@@ -129,6 +167,16 @@ class Settings(Section):
     billing: BillingSettings = BillingSettings()
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
     catalog: list[CatalogModel] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_remote_host(self) -> Settings:
+        if self.github.enabled and self.gitea.enabled:
+            raise ValueError("enable at most one of [github] and [gitea]")
+        if self.gitea.enabled and not self.gitea.base_url:
+            raise ValueError("[gitea] enabled needs base_url")
+        if bool(self.github.app_id) != bool(self.github.app_private_key_path):
+            raise ValueError("[github] app_id and app_private_key_path go together")
+        return self
 
     @property
     def db_path(self) -> Path:
@@ -146,7 +194,7 @@ class ConfigError(Exception):
     """The configuration file or an override is invalid; the message says where."""
 
 
-SCALAR_SECTIONS = ("server", "git", "github", "sandbox", "docker", "scheduler", "models", "limits", "webhooks", "billing")
+SCALAR_SECTIONS = ("server", "git", "github", "gitea", "publish", "validation", "sandbox", "docker", "scheduler", "models", "limits", "webhooks", "billing")
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:

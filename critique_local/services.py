@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from critique_local.config import Settings
 from critique_local.crypto import SecretBox
 from critique_local.gateway.catalog import Catalog
+from critique_local.repos.hosts import Hosts
 from critique_local.runs.events import EventHub
 from critique_local.sandboxes.base import SandboxBackend
 from critique_local.store.db import Database
@@ -21,6 +22,7 @@ class Services:
     catalog: Catalog
     instance_id: str
     box: SecretBox
+    hosts: Hosts
     gateway_url: str = ""  # how sandboxes reach /api/v1; set once the sandbox-facing listener is bound
     public_url: str = ""  # how clients reach us; set once the public listener is bound
     extra: dict[str, object] = field(default_factory=dict)

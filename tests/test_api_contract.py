@@ -95,10 +95,13 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({**OK_BODY, "baseRef": "main..HEAD"}, "baseRef", "invalid_request"),
     ({**OK_BODY, "gitCheckoutRef": "HEAD@{1}"}, "gitCheckoutRef", "invalid_request"),
     ({**OK_BODY, "modelId": "nope/never"}, "modelId", "unknown_model"),
-    ({**OK_BODY, "publish": {"mode": "draft_pr"}}, "publish.mode", "unsupported"),
-    ({**OK_BODY, "publish": {"mode": "none", "branch": "x"}}, "publish.branch", "unsupported"),
-    ({**OK_BODY, "validationMode": "tests"}, "validationMode", "unsupported"),
-    ({**OK_BODY, "validationMode": "basic"}, "validationMode", "unsupported"),
+    ({**OK_BODY, "publish": {"mode": "none", "branch": "x"}}, "publish.branch", "invalid_request"),
+    ({**OK_BODY, "publish": {"mode": "draft_pr", "branch": "master"}}, "publish.branch", "protected_branch"),
+    ({**OK_BODY, "publish": {"mode": "draft_pr", "branch": "main"}}, "publish.branch", "protected_branch"),
+    ({**OK_BODY, "baseRef": "feature", "publish": {"mode": "draft_pr", "branch": "feature"}}, "publish.branch",
+     "protected_branch"),
+    ({**OK_BODY, "taskKind": "plan", "publish": {"mode": "draft_pr"}}, "publish.mode", "invalid_request"),
+    ({**OK_BODY, "validationMode": "everything"}, "validationMode", "invalid_request"),
     ({**OK_BODY, "billing": {"mode": "managed", "openRouterApiKey": "sk-or-v1-x"}}, "billing.openRouterApiKey",
      "invalid_request"),
     ({**OK_BODY, "safety": {"network": {"mode": "none"}}}, "safety.network", "unsupported"),
@@ -229,8 +232,14 @@ def test_openapi_covers_every_route_and_model(server: Server) -> None:
         assert field in create, field
     run = schemas["RunView"]["properties"]
     for field in ("lifecycle", "terminal", "awaitingFollowUp", "canFollowUp", "nextActions", "sessionActive",
-                  "sessionExpiresAt", "turnCount", "intent", "diffStats", "statusUrl", "streamUrl"):
+                  "sessionExpiresAt", "turnCount", "intent", "diffStats", "statusUrl", "streamUrl", "validation",
+                  "draftPullRequest"):
         assert field in run, field
+    pr = schemas["DraftPullRequestView"]["properties"]
+    assert {"number", "url", "branch", "headSha", "baseRef", "state"} <= set(pr)
+    validation = schemas["ValidationView"]["properties"]
+    assert {"mode", "command", "exitCode", "passed", "durationMs", "outputTail"} <= set(validation)
+    assert {"validation", "publish"} <= set(schemas["TurnView"]["properties"])
     assert "awaiting_follow_up" in doc["info"]["description"]
 
 

@@ -55,3 +55,25 @@ def test_prompt_without_script_makes_a_default_edit() -> None:
 
 def test_calls_without_tools_get_plain_text() -> None:
     assert plan_reply(convo(PROMPT, 0), has_tools=False).tool_name is None
+
+
+REPAIRING = "@write t.py\nx = 1\n@end\n@say first\n@repair\n@write t.py\nx = 2\n@end\n@say fixed\n@repair\n@say again"
+
+
+def test_script_less_messages_run_the_repair_sections_in_order() -> None:
+    msgs = convo(REPAIRING, 1)
+    assert plan_reply(msgs, has_tools=True).text == "first"
+    msgs += [{"role": "assistant", "content": "first"}, {"role": "user", "content": "The tests failed:\n    E x"}]
+    repair = plan_reply(msgs, has_tools=True)
+    assert repair.tool_name == "write" and repair.tool_args == {"filePath": "t.py", "content": "x = 2\n"}
+    msgs += [{"role": "assistant", "tool_calls": [{"id": "r"}]}, {"role": "tool", "content": "ok"}]
+    assert plan_reply(msgs, has_tools=True).text == "fixed"
+    msgs += [{"role": "assistant", "content": "fixed"}, {"role": "user", "content": "still failing"}]
+    assert plan_reply(msgs, has_tools=True).text == "again"
+    msgs += [{"role": "assistant", "content": "again"}, {"role": "user", "content": "and again"}]
+    assert plan_reply(msgs, has_tools=True).text == "Nothing left to repair."
+
+
+def test_without_repair_sections_a_plain_follow_up_makes_the_default_edit() -> None:
+    msgs = [*convo("@say hi", 0), {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more"}]
+    assert plan_reply(msgs, has_tools=True).tool_args.get("filePath") == "CRITIQUE_SCRIPTED.md"

@@ -28,6 +28,7 @@ from critique_local.errors import InvalidRequest, NotFound
 from critique_local.runs import create as creating
 from critique_local.runs.states import TERMINAL, RunStatus
 from critique_local.store import events as events_store
+from critique_local.store import pulls
 from critique_local.store import runs as store
 from critique_local.store.keys import Principal
 from critique_local.store.runs import RunRow
@@ -55,6 +56,7 @@ async def _view(request: web.Request, run: RunRow, *, patch: bool = False, event
         usage=billing.total(per_turn).view(),
         patch=await store.get_patch(s.db, run.id) if patch else None,
         events=await events_store.after(s.db, run.id, 0, limit=100_000) if events else None,
+        pull_request=await pulls.of_run(s.db, run.id),
     ))
 
 

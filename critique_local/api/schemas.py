@@ -24,7 +24,10 @@ class Model(BaseModel):
 
 class Publish(Model):
     mode: Literal["draft_pr", "none"] = Field("none", description="draft_pr opens a draft pull request.")
-    branch: str | None = Field(None, max_length=200, description="Branch name when publishing.")
+    branch: str | None = Field(
+        None, max_length=200,
+        description="Branch name when publishing (default <publish.branch_prefix><slug>-<short run id>); never the "
+                    "base branch or a protected one.")
 
 
 class Billing(Model):
@@ -165,6 +168,40 @@ class UsageView(Model):
     model_calls: int
 
 
+class ValidationView(Model):
+    mode: Literal["basic", "tests"]
+    status: Literal["passed", "failed", "skipped"] = Field(description="skipped: tests mode found no test command.")
+    command: str | None = Field(description="What ran (tests: the test command, or .critique/test).")
+    exit_code: int | None = Field(description="124: the command hit validation.timeout_s.")
+    passed: bool | None
+    duration_ms: int
+    output_tail: str = Field(description="The last validation.output_tail_chars characters of output.")
+    repair_turns: int = Field(description="tests mode: repair prompts the agent got before this final result.")
+
+
+class PublishOutcomeView(Model):
+    status: Literal["published", "skipped", "failed"]
+    message: str = Field(description="What happened, e.g. why nothing was published.")
+    branch: str | None
+    head_sha: str | None
+    pull_request_number: int | None
+
+
+class DraftPullRequestView(Model):
+    number: int
+    url: str = Field(description="The pull request page (local repositories: this run's URL).")
+    branch: str
+    head_sha: str = Field(description="The last commit pushed to branch.")
+    base_ref: str = Field(description="The branch the pull request targets (the run's base branch).")
+    state: str = Field(description="open or closed, as the host reports it.")
+    draft: bool
+    host: Literal["github", "gitea", "local"]
+    title: str
+    body: str = Field(description="Links the run; lists changed paths, diff stats and the validation result.")
+    created_at: str
+    updated_at: str
+
+
 class TurnView(Model):
     index: int
     status: str
@@ -173,6 +210,8 @@ class TurnView(Model):
     started_at: str | None
     finished_at: str | None
     usage: UsageView
+    validation: ValidationView | None = Field(description="Final validation result of this turn.")
+    publish: PublishOutcomeView | None = Field(description="What publishing did at the end of this turn.")
 
 
 class RunView(Model):
@@ -203,6 +242,9 @@ class RunView(Model):
     summary: str | None
     changed_paths: list[str]
     diff_stats: DiffStats | None
+    validation: ValidationView | None = Field(description="The latest turn's final validation result.")
+    draft_pull_request: DraftPullRequestView | None = Field(description="When publish.mode was draft_pr and a "
+                                                                        "turn had changes.")
     patch: str | None = Field(None, description="Only with ?patch=1.")
     events: list[EventView] | None = Field(None, description="Only with ?events=1.")
     turns: list[TurnView]

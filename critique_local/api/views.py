@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from critique_local.api.schemas import (
     DiffStats,
+    DraftPullRequestView,
     EventView,
     Publish,
     RepositoryView,
@@ -11,10 +12,12 @@ from critique_local.api.schemas import (
     RunView,
     TurnView,
     UsageView,
+    ValidationView,
 )
 from critique_local.clock import now_iso
 from critique_local.runs.states import lifecycle_of
 from critique_local.store.events import EventRow
+from critique_local.store.pulls import PullRequestRow
 from critique_local.store.runs import RunRow
 
 
@@ -26,6 +29,7 @@ def run_view(
     usage: dict[str, object],
     patch: str | None = None,
     events: list[EventRow] | None = None,
+    pull_request: PullRequestRow | None = None,
 ) -> RunView:
     lc = lifecycle_of(run.status, run.phase, run.has_patch, run.session_end_reason, run.chained_to_run_id)
     req = run.request
@@ -58,6 +62,13 @@ def run_view(
         summary=run.summary,
         changed_paths=run.changed_paths,
         diff_stats=DiffStats.model_validate(run.diff_stats) if run.diff_stats else None,
+        validation=ValidationView.model_validate(run.validation) if run.validation else None,
+        draft_pull_request=DraftPullRequestView(
+            number=pull_request.number, url=pull_request.url, branch=pull_request.branch,
+            head_sha=pull_request.head_sha, base_ref=pull_request.base_ref, state=pull_request.state,
+            draft=pull_request.draft, host=pull_request.host, title=pull_request.title,
+            body=pull_request.body, created_at=pull_request.created_at, updated_at=pull_request.updated_at,
+        ) if pull_request else None,
         patch=patch,
         events=[EventView(id=e.seq, event=e.kind, data=e.data, created_at=e.created_at)
                 for e in events] if events is not None else None,

@@ -7,6 +7,9 @@ The script is the lines of the latest user message that start with ``@``:
     @sleep SECONDS     the model stalls that long before its next answer
     @fail MESSAGE      the model call fails (HTTP 400) with MESSAGE
     @say TEXT          final assistant text (the turn's summary); ends the turn
+    @repair            starts the steps for the next user message that has no script of its own
+                       (e.g. validationMode tests sending failing output back): the N-th such
+                       message after the script runs the N-th @repair section
 
 One step is executed per model call. The step to take is derived from the conversation
 itself (how many assistant messages follow the latest user message), so the model keeps no
@@ -50,7 +53,29 @@ class ScriptError(ValueError):
 
 
 def parse_script(prompt: str) -> list[Step]:
-    lines = prompt.splitlines()
+    """The steps of the main section (before any ``@repair``)."""
+    return parse_sections(prompt)[0]
+
+
+def has_script(text: str) -> bool:
+    return any(line.startswith("@") for line in text.splitlines())
+
+
+def parse_sections(prompt: str) -> list[list[Step]]:
+    """The main section's steps, then one list per ``@repair`` section."""
+    sections: list[list[Step]] = []
+    current: list[str] = []
+    for line in prompt.splitlines():
+        if line.rstrip("\r") == "@repair":
+            sections.append(_parse_steps(current))
+            current = []
+        else:
+            current.append(line)
+    sections.append(_parse_steps(current))
+    return sections
+
+
+def _parse_steps(lines: list[str]) -> list[Step]:
     steps: list[Step] = []
     delay = 0.0
     i = 0
@@ -110,11 +135,9 @@ def plan_reply(messages: list[dict[str, Any]], has_tools: bool) -> Reply:
         return Reply(text="Scripted run")  # auxiliary calls (titles, summaries)
     prompt = _text(messages[last_user].get("content"))
     try:
-        steps = parse_script(prompt)
+        steps = _steps_for(messages, last_user, prompt)
     except ScriptError as exc:
         return Reply(error=str(exc))
-    if not any(line.startswith("@") for line in prompt.splitlines()):
-        steps = _default_steps()
     done = sum(1 for m in messages[last_user + 1 :] if m.get("role") == "assistant")
     if done >= len(steps):
         return Reply(text=f"Done: completed {len(steps)} scripted step(s).")
@@ -126,6 +149,21 @@ def plan_reply(messages: list[dict[str, Any]], has_tools: bool) -> Reply:
     if step.action == "fail":
         return Reply(error=step.arg or "scripted failure", delay_s=step.delay_s)
     return Reply(text=step.arg or "Done.", delay_s=step.delay_s)
+
+
+def _steps_for(messages: list[dict[str, Any]], last_user: int, prompt: str) -> list[Step]:
+    if has_script(prompt):
+        return parse_script(prompt)
+    # a script-less message: the next @repair section of the latest scripted user message, if any
+    users = [i for i, m in enumerate(messages[:last_user]) if m.get("role") == "user"]
+    for nth, i in enumerate(reversed(users), start=1):
+        text = _text(messages[i].get("content"))
+        if has_script(text):
+            sections = parse_sections(text)
+            if len(sections) == 1:
+                break
+            return sections[nth] if nth < len(sections) else [Step("say", "Nothing left to repair.")]
+    return _default_steps()
 
 
 def estimate_tokens(payload: Any) -> int:

@@ -9,23 +9,16 @@ into the packed checkout; the packed checkout has no remote at all.
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from critique_local.config import GitHubSettings, GitSettings
+from critique_local.config import GitSettings
 from critique_local.errors import RunFailure
+from critique_local.repos.hosts import Source
 
 SANDBOX_UID = 1000
-
-
-@dataclass(frozen=True)
-class Source:
-    url: str
-    local: bool
 
 
 @dataclass(frozen=True)
@@ -33,34 +26,11 @@ class Checkout:
     tar_path: Path
     base_commit: str
     base_ref: str
+    base_branch: str | None  # None when the base is a tag or commit
     workdir: Path  # temporary; removed by :func:`discard`
 
 
-def local_path(git: GitSettings, full_name: str) -> Path:
-    owner, name = full_name.split("/", 1)
-    return git.local_root / owner / f"{name}.git"
-
-
-def resolve_source(git: GitSettings, github: GitHubSettings, full_name: str) -> Source | None:
-    path = local_path(git, full_name)
-    if path.is_dir():
-        return Source(str(path.resolve()), True)
-    if github.enabled:
-        return Source(f"{github.base_url.rstrip('/')}/{full_name}.git", False)
-    return None
-
-
-def _git_env(github: GitHubSettings, source: Source) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env.update({"GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull})
-    if not source.local and github.token:
-        basic = base64.b64encode(f"x-access-token:{github.token}".encode()).decode()
-        env.update({"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.extraHeader",
-                    "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}"})
-    return env
-
-
-async def _git(args: list[str], cwd: Path | None, env: dict[str, str], timeout_s: float) -> str:
+async def run_git(args: list[str], cwd: Path | None, env: dict[str, str], timeout_s: float) -> str:
     proc = await asyncio.create_subprocess_exec(
         "git", *args, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -74,28 +44,25 @@ async def _git(args: list[str], cwd: Path | None, env: dict[str, str], timeout_s
     return out.decode().strip()
 
 
-async def prepare(
-    git: GitSettings, github: GitHubSettings, full_name: str, ref: str | None, scratch: Path
-) -> Checkout:
-    source = resolve_source(git, github, full_name)
+async def prepare(git: GitSettings, source: Source | None, ref: str | None, scratch: Path) -> Checkout:
     if source is None:
-        raise RunFailure("repository_not_found", f"repository {full_name} is not available")
-    env = _git_env(github, source)
+        raise RunFailure("repository_not_found", "the repository is no longer available")
+    env = await source.git_env()
     workdir = await asyncio.to_thread(_new_workdir, scratch)
     try:
         ws = workdir / "ws"
         t = git.clone_timeout_s
-        await _git(["clone", "--quiet", "--no-checkout", "--", source.url, str(ws)], None, env, t)
+        await run_git(["clone", "--quiet", "--no-checkout", "--", source.url, str(ws)], None, env, t)
         if ref:
             commit, branch = await _resolve_ref(ws, env, ref)
         else:
-            commit = await _git(["rev-parse", "--verify", "HEAD^{commit}"], ws, env, t)
-            branch = await _git(["symbolic-ref", "--short", "HEAD"], ws, env, t)
+            commit = await run_git(["rev-parse", "--verify", "HEAD^{commit}"], ws, env, t)
+            branch = await run_git(["symbolic-ref", "--short", "HEAD"], ws, env, t)
         if branch:
-            await _git(["checkout", "--quiet", "-B", branch, commit], ws, env, t)
+            await run_git(["checkout", "--quiet", "-B", branch, commit], ws, env, t)
         else:
-            await _git(["checkout", "--quiet", "--detach", commit], ws, env, t)
-        await _git(["remote", "remove", "origin"], ws, env, t)
+            await run_git(["checkout", "--quiet", "--detach", commit], ws, env, t)
+        await run_git(["remote", "remove", "origin"], ws, env, t)
         tar_path = workdir / "workspace.tar"
         proc = await asyncio.create_subprocess_exec(
             "tar", "-C", str(ws), f"--owner={SANDBOX_UID}", f"--group={SANDBOX_UID}", "--numeric-owner",
@@ -105,7 +72,7 @@ async def prepare(
         if proc.returncode != 0:
             raise RunFailure("checkout_failed", f"packing the checkout failed: {err.decode()[-300:]}")
         shutil.rmtree(ws, ignore_errors=True)
-        return Checkout(tar_path, commit, ref or branch or commit, workdir)
+        return Checkout(tar_path, commit, ref or branch or commit, branch or None, workdir)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -114,12 +81,12 @@ async def prepare(
 async def _resolve_ref(ws: Path, env: dict[str, str], ref: str) -> tuple[str, str | None]:
     """A branch of the source (checked out under its own name), else a tag or commit (detached)."""
     try:
-        commit = await _git(["rev-parse", "--verify", "--quiet", f"refs/remotes/origin/{ref}^{{commit}}"], ws, env, 60)
+        commit = await run_git(["rev-parse", "--verify", "--quiet", f"refs/remotes/origin/{ref}^{{commit}}"], ws, env, 60)
         return commit, ref
     except RunFailure:
         pass
     try:
-        return await _git(["rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}"], ws, env, 60), None
+        return await run_git(["rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}"], ws, env, 60), None
     except RunFailure as exc:
         raise RunFailure("ref_not_found", f"ref {ref!r} does not exist in the repository") from exc
 

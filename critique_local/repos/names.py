@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
@@ -29,3 +30,24 @@ def ref_problem(ref: str) -> str | None:
     if not _REF_CHARS.fullmatch(ref):
         return "may contain only letters, digits and . _ / + -"
     return None
+
+
+def branch_problem(branch: str) -> str | None:
+    """Why ``branch`` cannot be a branch we push to, or None."""
+    problem = ref_problem(branch)
+    if problem:
+        return problem
+    if branch == "HEAD" or branch.startswith("refs/") or "+" in branch:
+        return "must be a plain branch name (not HEAD, not refs/..., no '+')"
+    return None
+
+
+def protected_pattern(branch: str, patterns: list[str]) -> str | None:
+    """The configured pattern that protects ``branch``, or None."""
+    return next((p for p in patterns if fnmatch.fnmatchcase(branch, p)), None)
+
+
+def slug(text: str, max_chars: int = 40) -> str:
+    """A branch-safe slug of the first line of a title or prompt."""
+    words = re.sub(r"[^a-z0-9]+", "-", text.strip().splitlines()[0].lower() if text.strip() else "").strip("-")
+    return words[:max_chars].rstrip("-") or "change"

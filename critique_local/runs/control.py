@@ -6,11 +6,15 @@ cancel and the expiry reaper can never interleave on the same run.
 
 from __future__ import annotations
 
+from typing import Any
+
 from critique_local.api.schemas import MessageRequest
 from critique_local.clock import now_iso
-from critique_local.errors import Conflict, InvalidRequest, Unsupported
+from critique_local.errors import Conflict, InvalidRequest
+from critique_local.runs.create import check_publish
 from critique_local.runs.scheduler import Scheduler
 from critique_local.runs.states import CHAINABLE, TERMINAL, Phase, RunStatus, SessionEnd
+from critique_local.store import pulls
 from critique_local.store import runs as store
 from critique_local.store.runs import RunRow
 from critique_local.tokens import new_id
@@ -36,10 +40,7 @@ class RunControl:
 
     async def message(self, run: RunRow, req: MessageRequest) -> RunRow:
         """Returns the run that will carry the turn: the same one (warm) or a chained one."""
-        if req.publish is not None and req.publish.mode == "draft_pr":
-            raise Unsupported("publish.mode draft_pr is not supported yet", field="publish.mode")
-        if req.publish is not None and req.publish.branch is not None:
-            raise Unsupported("publish.branch is not supported yet", field="publish.branch")
+        check_publish(self.s.settings, req.publish, run.task_kind, run.base_branch or run.base_ref)
         if req.end_session:
             if req.prompt is not None:
                 raise InvalidRequest("send either prompt or endSession, not both", field="endSession")
@@ -55,7 +56,8 @@ class RunControl:
                 attached = await self.executor.attach(run) if live else None
                 if attached is not None:
                     await attached[1].aclose()
-                    if await store.begin_follow_up(self.s.db, run.id, req.prompt) is None:
+                    publish = await self._turn_publish(run, req)
+                    if await store.begin_follow_up(self.s.db, run.id, req.prompt, publish) is None:
                         raise TurnInProgress("a turn is in progress on this run")
                     run = await self._reload(run.id)
                     await self.s.hub.status(run)
@@ -70,6 +72,20 @@ class RunControl:
             if req.fallback == "none":
                 raise SessionExpired("the session of this run has ended and fallback is none")
             return await self._chain(run, req.prompt)
+
+    async def _turn_publish(self, run: RunRow, req: MessageRequest) -> dict[str, Any]:
+        """A message's publish settings; without any, the previous turn's (a run that publishes
+        keeps its pull request in step with its work). The branch never changes once pushed."""
+        previous = await store.turn_publish(self.s.db, run.id, run.turn_count)
+        if req.publish is None:
+            return previous
+        wanted = req.publish.model_dump(mode="json", exclude_none=True)
+        pr = await pulls.of_run(self.s.db, run.id)
+        if pr is not None and req.publish.branch not in (None, pr.branch):
+            raise InvalidRequest(f"this run already publishes to {pr.branch!r}", field="publish.branch")
+        if "branch" not in wanted and previous.get("branch"):
+            wanted["branch"] = previous["branch"]
+        return wanted
 
     async def _chain(self, old: RunRow, prompt: str) -> RunRow:
         summaries = [(r[0], r[3]) for r in await store.turns_raw(self.s.db, old.id) if r[3]]

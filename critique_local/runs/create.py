@@ -8,7 +8,8 @@ import json
 from typing import Any
 
 from critique_local import billing
-from critique_local.api.schemas import CreateRunRequest
+from critique_local.api.schemas import CreateRunRequest, Publish
+from critique_local.config import Settings
 from critique_local.errors import (
     Forbidden,
     IdempotencyKeyReused,
@@ -17,8 +18,7 @@ from critique_local.errors import (
     PaymentRequired,
     Unsupported,
 )
-from critique_local.repos.checkout import resolve_source
-from critique_local.repos.names import ref_problem, repository_name_problem
+from critique_local.repos.names import branch_problem, protected_pattern, ref_problem, repository_name_problem
 from critique_local.runs import intent
 from critique_local.services import Services
 from critique_local.store import runs as store
@@ -29,14 +29,31 @@ from critique_local.webhooks import check_url
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
+class ProtectedBranch(InvalidRequest):
+    code = "protected_branch"
+
+
+def check_publish(settings: Settings, publish: Publish | None, task_kind: str, base_ref: str | None) -> None:
+    """A publish request that could never be carried out is refused before anything is created."""
+    if publish is None:
+        return
+    if publish.mode == "draft_pr" and task_kind == "plan":
+        raise InvalidRequest("plan runs never publish: use taskKind code with publish.mode draft_pr",
+                             field="publish.mode")
+    if publish.branch is None:
+        return
+    if publish.mode != "draft_pr":
+        raise InvalidRequest("publish.branch needs publish.mode draft_pr", field="publish.branch")
+    if problem := branch_problem(publish.branch):
+        raise InvalidRequest(f"publish.branch {problem}", field="publish.branch")
+    if base_ref is not None and publish.branch == base_ref:
+        raise ProtectedBranch("publish.branch must differ from the base branch", field="publish.branch")
+    if pattern := protected_pattern(publish.branch, settings.publish.protected_branches):
+        raise ProtectedBranch(f"publish.branch matches the protected pattern {pattern!r}", field="publish.branch")
+
+
 def reject_unbuilt(req: CreateRunRequest) -> None:
     """Fields whose behaviour belongs to a later release are refused, never silently ignored."""
-    if req.publish is not None and req.publish.mode == "draft_pr":
-        raise Unsupported("publish.mode draft_pr is not supported yet", field="publish.mode")
-    if req.publish is not None and req.publish.branch is not None:
-        raise Unsupported("publish.branch is not supported yet", field="publish.branch")
-    if req.validation_mode in ("basic", "tests"):
-        raise Unsupported(f"validationMode {req.validation_mode} is not supported yet", field="validationMode")
     if req.safety is not None and req.safety.network is not None:
         raise Unsupported("safety.network is not supported yet", field="safety.network")
 
@@ -71,7 +88,7 @@ async def _repository_id(s: Services, req: CreateRunRequest) -> str:
     problem = repository_name_problem(full_name)
     if problem:
         raise InvalidRequest(f"{field} {problem}", field=field)
-    source = resolve_source(s.settings.git, s.settings.github, full_name)
+    source = s.hosts.resolve(full_name)
     if source is None:
         raise NotFound(f"repository {full_name} not found", field=field, code="repository_not_found")
     repo_id = await store.ensure_repository(s.db, new_id("repo"), full_name, "local" if source.local else "github")
@@ -89,6 +106,7 @@ async def create(
     ref = req.base_ref or req.git_checkout_ref
     if ref is not None and (problem := ref_problem(ref)):
         raise InvalidRequest(f"baseRef {problem}", field="baseRef" if req.base_ref else "gitCheckoutRef")
+    check_publish(s.settings, req.publish, req.task_kind, ref)
     if req.webhook is not None:
         check_url(s.settings.webhooks, req.webhook.url)
     byok_key = check_billing(req)

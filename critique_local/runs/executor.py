@@ -28,7 +28,9 @@ from critique_local.clock import iso, ms_between, now, now_iso, parse_iso
 from critique_local.errors import RunFailure
 from critique_local.repos import checkout
 from critique_local.runs.collect import collect
+from critique_local.runs.publish import Publisher, PublishOutcome
 from critique_local.runs.states import Phase, RunStatus, SessionEnd
+from critique_local.runs.validate import ValidationResult, repair_prompt, validate
 from critique_local.sandboxes.base import Sandbox, SandboxError, SandboxSpec
 from critique_local.services import Services
 from critique_local.store import runs as store
@@ -108,7 +110,7 @@ class Executor:
 
     async def _provision(self, run: RunRow) -> tuple[Sandbox, OpenCodeClient, RunRow]:
         settings = self.s.settings
-        prepared = await checkout.prepare(settings.git, settings.github, run.repository_full_name,
+        prepared = await checkout.prepare(settings.git, self.s.hosts.resolve(run.repository_full_name),
                                           run.base_ref, settings.server.data_dir / "tmp")
         try:
             token = new_token(SANDBOX_TOKEN_PREFIX)
@@ -122,6 +124,7 @@ class Executor:
                     model.output_tokens if model else 8192),
             }
             await store.update_run(self.s.db, run.id, base_commit=prepared.base_commit, base_ref=prepared.base_ref,
+                                   base_branch=prepared.base_branch,
                                    sandbox_token_hash=token_hash(token),
                                    agent_secret=self.s.box.seal(password, run.id))
             sandbox = await self.s.backend.create(SandboxSpec(run.id, run.user_id))
@@ -196,23 +199,71 @@ class Executor:
             budget, summary = stop, stop.partial
         run = await self._transition(run, RunStatus.RUNNING, Phase.COLLECTING)
         previous = await self._previous_tree(run.id, idx) or base
-        result = await collect(sandbox, base, previous, self.s.settings.limits.max_patch_bytes)
+        max_patch = self.s.settings.limits.max_patch_bytes
+        result = await collect(sandbox, base, previous, max_patch)
+        validation: ValidationResult | None = None
+        mode = str(run.request.get("validationMode") or "minimal")
+        if run.task_kind != "plan" and mode != "minimal":
+            run = await self._transition(run, RunStatus.RUNNING, Phase.VALIDATING)
+            validation = await self._validate(run, sandbox, mode)
+            repairs = 0
+            # tests mode: failing tests go back to the agent, in the same session and user turn
+            # (so its model calls count against that turn's maxTurns allowance)
+            while (mode == "tests" and validation is not None and validation.status == "failed"
+                   and repairs < self.s.settings.validation.max_repair_turns and budget is None):
+                repairs += 1
+                await self.s.hub.builder(run.id, {"type": "validation.repair", "attempt": repairs})
+                run = await self._transition(run, RunStatus.RUNNING, Phase.AGENT_RUNNING)
+                try:
+                    summary = await self._prompt(run, agent, session_id, repair_prompt(validation)) or summary
+                except BudgetStop as stop:
+                    budget, summary = stop, stop.partial or summary
+                run = await self._transition(run, RunStatus.RUNNING, Phase.COLLECTING)
+                result = await collect(sandbox, base, previous, max_patch)
+                run = await self._transition(run, RunStatus.RUNNING, Phase.VALIDATING)
+                validation = await self._validate(run, sandbox, mode)
+            if validation is not None:
+                validation = validation.with_repairs(repairs)
+                await self.s.hub.builder(run.id, {"type": "validation", "final": True, **validation.as_json()})
+        outcome: PublishOutcome | None = None
+        publish = await store.turn_publish(self.s.db, run.id, idx)
+        if run.task_kind != "plan" and publish.get("mode") == "draft_pr":
+            run = await self._transition(run, RunStatus.RUNNING, Phase.PUBLISHING)
+            first_prompt = next((str(r[1]) for r in await store.turns_raw(self.s.db, run.id) if r[0] == 1), prompt)
+            outcome = await Publisher(self.s).publish(run, sandbox, idx, publish, first_prompt, summary, result,
+                                                      validation)
+            await self.s.hub.builder(run.id, {"type": "publish", **outcome.as_json()})
         finished = now_iso()
-        await store.update_turn(self.s.db, run.id, idx, status="completed", summary=summary,
-                                diff_stats=json.dumps(result.turn_stats), tree=result.tree, finished_at=finished)
+        await store.update_turn(
+            self.s.db, run.id, idx, status="completed", summary=summary, diff_stats=json.dumps(result.turn_stats),
+            tree=result.tree, finished_at=finished,
+            validation=json.dumps(validation.as_json()) if validation else None,
+            publish_outcome=json.dumps(outcome.as_json()) if outcome else None)
         errors: dict[str, Any] = {}
         if budget is not None:
             used = await billing.usage(self.s.db, run.id)
             errors = {"error_code": "budget_exceeded",
                       "error_message": f"{budget.message}; used this run: {used.model_calls} model calls, "
                                        f"{used.credits:.6f} credits"}
-            await self.s.hub.builder(run.id, {"type": "error", "code": "budget_exceeded",
+        elif outcome is not None and outcome.status == "failed":
+            errors = {"error_code": "publish_failed", "error_message": outcome.message}
+        if errors:
+            await self.s.hub.builder(run.id, {"type": "error", "code": errors["error_code"],
                                               "message": errors["error_message"]})
+        if validation is not None:
+            errors["validation"] = json.dumps(validation.as_json())
         await self._transition(
             run, RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, summary=summary,
             changed_paths=json.dumps(result.changed_paths), diff_stats=json.dumps(result.diff_stats),
             patch=result.patch or None, session_expires_at=self._expiry(run), **errors,
         )
+
+    async def _validate(self, run: RunRow, sandbox: Sandbox, mode: str) -> ValidationResult | None:
+        assert run.base_commit is not None
+        result = await validate(sandbox, mode, self.s.settings.validation, run.repository_full_name, run.base_commit)
+        if result is not None:
+            await self.s.hub.builder(run.id, {"type": "validation", "final": False, **result.as_json()})
+        return result
 
     async def _previous_tree(self, run_id: str, idx: int) -> str | None:
         for row in await store.turns_raw(self.s.db, run_id):

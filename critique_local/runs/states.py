@@ -25,6 +25,8 @@ class Phase(StrEnum):
     PROVISIONING = "provisioning"
     AGENT_RUNNING = "agent_running"
     COLLECTING = "collecting"
+    VALIDATING = "validating"
+    PUBLISHING = "publishing"
     AWAITING_FOLLOW_UP = "awaiting_follow_up"
     FINISHED = "finished"
     FAILED = "failed"
@@ -70,6 +72,8 @@ LIFECYCLE_DOC: dict[str, str] = {
     "provisioning": "Preparing the repository checkout and the sandbox; starting OpenCode.",
     "agent_running": "The agent is working on the current turn.",
     "collecting": "The turn ended; changed paths, diff stats and the patch are being read.",
+    "validating": "validationMode checks (or tests) are running; a failure may send the agent a repair prompt.",
+    "publishing": "The turn's changes are being committed, pushed and the draft pull request opened or updated.",
     "awaiting_follow_up": "Idle with a warm session: send a message or end the session.",
     "finished": "Completed (terminal).",
     "failed": "Failed (terminal); see error.code.",
@@ -83,6 +87,10 @@ NEXT_ACTIONS_DOC: dict[str, str] = {
     "cancel": "POST /runs/{id}/cancel: abort the turn, destroy the sandbox, status cancelled.",
     "get_patch": "GET /runs/{id}?patch=1 returns a patch.",
 }
+
+
+_RUNNING_PHASES = frozenset({Phase.PROVISIONING, Phase.AGENT_RUNNING, Phase.COLLECTING, Phase.VALIDATING,
+                             Phase.PUBLISHING})
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,7 @@ def lifecycle_of(status: RunStatus, phase: Phase, has_patch: bool, session_end: 
     if status is RunStatus.QUEUED:
         name = "queued"
     elif status is RunStatus.RUNNING:
-        name = phase.value if phase in (Phase.PROVISIONING, Phase.AGENT_RUNNING, Phase.COLLECTING) else "provisioning"
+        name = phase.value if phase in _RUNNING_PHASES else "provisioning"
     elif idle:
         name = "awaiting_follow_up"
     elif status is RunStatus.COMPLETED:

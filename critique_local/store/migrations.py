@@ -145,3 +145,32 @@ MIGRATIONS.append(
     CREATE INDEX model_calls_run ON model_calls(run_id, turn_idx);
     """
 )
+
+# Publishing and validation: the base branch, per-turn publish settings and outcomes,
+# validation results, and the pull request of each run.
+MIGRATIONS.append(
+    """
+    ALTER TABLE runs ADD COLUMN base_branch TEXT;
+    ALTER TABLE runs ADD COLUMN validation TEXT;
+    ALTER TABLE turns ADD COLUMN publish TEXT;
+    ALTER TABLE turns ADD COLUMN publish_outcome TEXT;
+    ALTER TABLE turns ADD COLUMN validation TEXT;
+    CREATE TABLE pull_requests (
+        run_id TEXT PRIMARY KEY REFERENCES runs(id),
+        host TEXT NOT NULL,
+        repository_full_name TEXT NOT NULL,
+        number INTEGER NOT NULL,
+        url TEXT NOT NULL,
+        branch TEXT NOT NULL,
+        base_ref TEXT NOT NULL,
+        head_sha TEXT NOT NULL,
+        state TEXT NOT NULL,
+        draft INTEGER NOT NULL,
+        title TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        UNIQUE (host, repository_full_name, number)
+    );
+    """
+)

@@ -51,6 +51,8 @@ class RunRow:
     session_end_reason: str | None
     chained_from_run_id: str | None
     chained_to_run_id: str | None
+    base_branch: str | None
+    validation: dict[str, Any] | None
 
 
 _COLUMNS = (
@@ -58,7 +60,8 @@ _COLUMNS = (
     "r.intent, r.base_ref, r.base_commit, r.summary, r.changed_paths, r.diff_stats, r.patch IS NOT NULL, "
     "r.error_code, r.error_message, r.turn_count, r.sandbox_id, r.agent_session_id, r.session_expires_at, "
     "r.created_at, r.updated_at, r.started_at, r.agent_ready_at, r.finished_at, r.agent_url, r.agent_secret, "
-    "r.sandbox_started_at, r.session_end_reason, r.chained_from_run_id, r.chained_to_run_id"
+    "r.sandbox_started_at, r.session_end_reason, r.chained_from_run_id, r.chained_to_run_id, r.base_branch, "
+    "r.validation"
 )
 _FROM = "FROM runs r JOIN repositories p ON p.id = r.repository_id"
 
@@ -72,7 +75,8 @@ def _row(r: sqlite3.Row) -> RunRow:
         error_message=r[18], turn_count=r[19], sandbox_id=r[20], agent_session_id=r[21],
         session_expires_at=r[22], created_at=r[23], updated_at=r[24], started_at=r[25],
         agent_ready_at=r[26], finished_at=r[27], agent_url=r[28], agent_secret=r[29], sandbox_started_at=r[30],
-        session_end_reason=r[31], chained_from_run_id=r[32], chained_to_run_id=r[33],
+        session_end_reason=r[31], chained_from_run_id=r[32], chained_to_run_id=r[33], base_branch=r[34],
+        validation=json.loads(r[35]) if r[35] else None,
     )
 
 
@@ -136,7 +140,8 @@ async def create_run(db: Database, run: NewRun, idempotency: tuple[str, str] | N
              json.dumps(run.request), run.model_id, run.task_kind, run.intent, run.base_ref, now, now),
         )
         await conn.execute(
-            "INSERT INTO turns (run_id, idx, prompt, status) VALUES (?, 1, ?, 'queued')", (run.id, run.prompt)
+            "INSERT INTO turns (run_id, idx, prompt, status, publish) VALUES (?, 1, ?, 'queued', ?)",
+            (run.id, run.prompt, json.dumps(run.request.get("publish") or {"mode": "none"})),
         )
         if idempotency is not None:
             await conn.execute(
@@ -183,12 +188,14 @@ async def get_patch(db: Database, run_id: str) -> str | None:
 
 async def turns_of(db: Database, run_id: str) -> list[dict[str, Any]]:
     rows = await db.all(
-        "SELECT idx, status, summary, diff_stats, started_at, finished_at FROM turns WHERE run_id = ? ORDER BY idx",
+        "SELECT idx, status, summary, diff_stats, started_at, finished_at, validation, publish_outcome FROM turns "
+        "WHERE run_id = ? ORDER BY idx",
         (run_id,),
     )
     return [
         {"index": r[0], "status": r[1], "summary": r[2], "diffStats": json.loads(r[3]) if r[3] else None,
-         "startedAt": r[4], "finishedAt": r[5]}
+         "startedAt": r[4], "finishedAt": r[5], "validation": json.loads(r[6]) if r[6] else None,
+         "publish": json.loads(r[7]) if r[7] else None}
         for r in rows
     ]
 
@@ -238,7 +245,13 @@ async def queued_turn(db: Database, run_id: str) -> tuple[int, str] | None:
     return (int(row[0]), str(row[1])) if row else None
 
 
-async def begin_follow_up(db: Database, run_id: str, prompt: str) -> int | None:
+async def turn_publish(db: Database, run_id: str, idx: int) -> dict[str, Any]:
+    """The publish settings of one turn ({"mode": "none"} when it does not publish)."""
+    row = await db.one("SELECT publish FROM turns WHERE run_id = ? AND idx = ?", (run_id, idx))
+    return json.loads(row[0]) if row and row[0] else {"mode": "none"}
+
+
+async def begin_follow_up(db: Database, run_id: str, prompt: str, publish: dict[str, Any]) -> int | None:
     """IDLE -> RUNNING with a new queued turn, atomically; None when the run was not idle
     (so two concurrent messages cannot both start a turn)."""
     async with db.tx() as conn:
@@ -247,8 +260,8 @@ async def begin_follow_up(db: Database, run_id: str, prompt: str) -> int | None:
         if row is None or row[0] != RunStatus.IDLE.value:
             return None
         idx = int(row[1]) + 1
-        await conn.execute("INSERT INTO turns (run_id, idx, prompt, status) VALUES (?, ?, ?, 'queued')",
-                           (run_id, idx, prompt))
+        await conn.execute("INSERT INTO turns (run_id, idx, prompt, status, publish) VALUES (?, ?, ?, 'queued', ?)",
+                           (run_id, idx, prompt, json.dumps(publish)))
         await conn.execute(
             "UPDATE runs SET status = ?, phase = ?, turn_count = ?, updated_at = ? WHERE id = ?",
             (RunStatus.RUNNING.value, Phase.AGENT_RUNNING.value, idx, now_iso(), run_id),

@@ -69,7 +69,7 @@ def test_follow_up_runs_on_the_same_sandbox_and_session(server: Server, alice: s
 
 
 @pytest.mark.parametrize("body", [{}, {"prompt": "x", "endSession": True}, {"prompt": "x", "fallback": "maybe"},
-                                  {"prompt": "x", "extra": 1}, {"prompt": "x", "publish": {"mode": "draft_pr"}},
+                                  {"prompt": "x", "extra": 1}, {"prompt": "x", "publish": {"mode": "draft_pr", "branch": "a..b"}},
                                   {"prompt": "x", "publish": {"mode": "none", "branch": "b"}}])
 def test_bad_message_bodies_are_422(server: Server, alice: str, body: dict[str, object]) -> None:
     with server.client(alice) as api:

@@ -1,0 +1,220 @@
+"""``publish.mode: draft_pr``: a turn's changes become a commit on a branch and a draft pull
+request.
+
+How credentials stay out of the sandbox: the commit is made *in* the sandbox (``git
+commit-tree`` of the tree the turn's collection wrote, parent = the base commit or the run's
+previous published commit, author and committer from config; the agent's own HEAD and index
+are untouched), packed as a ``git bundle`` holding only the new objects, and read out. The
+server then fetches that bundle into a throw-away bare repository of its own (with fsck, so
+malformed objects are refused), checks that the commit has exactly the expected tree and
+parent, and pushes it with its own credentials. The sandbox never holds a token, not even a
+short-lived one, and the agent cannot push anything but the one commit we made. Pushes are
+never forced: if someone else moved the branch, publishing fails instead of overwriting.
+
+For ``git.local_root`` repositories the branch is pushed to the bare repository and the pull
+request record is kept by us (``run.draftPullRequest``), so air-gapped installs still get a
+reviewable branch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from critique_local.errors import RunFailure
+from critique_local.repos.checkout import run_git
+from critique_local.repos.hosts import HostError, Source
+from critique_local.repos.names import branch_problem, protected_pattern, slug
+from critique_local.runs.collect import TurnResult
+from critique_local.runs.validate import ValidationResult
+from critique_local.sandboxes.base import Sandbox
+from critique_local.services import Services
+from critique_local.store import pulls
+from critique_local.store.pulls import PullRequestRow
+from critique_local.store.runs import RunRow
+
+BUNDLE = "/tmp/critique-publish.bundle"
+_COMMIT = (
+    'set -e; g() { git -c core.fsmonitor=false -c core.hooksPath=/dev/null "$@"; }; '
+    'if [ "$(g rev-parse "$2^{tree}")" = "$1" ]; then echo UNCHANGED; exit 0; fi; '
+    'c=$(g commit-tree "$1" -p "$2" -m "$3"); g update-ref refs/critique/publish "$c"; '
+    f'rm -f {BUNDLE}; g bundle create --quiet {BUNDLE} refs/critique/publish "^$2"; echo "$c"'
+)
+
+
+class PublishError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class PublishOutcome:
+    status: str  # published | skipped | failed
+    message: str
+    branch: str | None = None
+    head_sha: str | None = None
+    number: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"status": self.status, "message": self.message, "branch": self.branch, "headSha": self.head_sha,
+                "pullRequestNumber": self.number}
+
+
+def default_branch(prefix: str, run: RunRow, first_prompt: str) -> str:
+    text = str(run.request.get("title") or first_prompt)
+    return f"{prefix}{slug(text)}-{run.id.removeprefix('run_')[:8]}"
+
+
+def title_of(run: RunRow, first_prompt: str) -> str:
+    text = str(run.request.get("title") or "").strip()
+    if not text:
+        lines = [ln.strip() for ln in first_prompt.splitlines() if ln.strip() and not ln.startswith("@")]
+        text = lines[0] if lines else f"critique-local run {run.id}"
+    return text if len(text) <= 72 else text[:71] + "…"
+
+
+def pr_body(run: RunRow, run_url: str, turn_idx: int, summary: str | None, result: TurnResult,
+            validation: ValidationResult | None) -> str:
+    stats = result.diff_stats
+    lines = [
+        f"Opened by critique-local for run [`{run.id}`]({run_url}) (turn {turn_idx}, model `{run.model_id}`).",
+        "",
+    ]
+    if summary:
+        lines += ["### Summary", "", summary.strip()[:4000], ""]
+    lines += ["### Changes", "",
+              f"{stats['filesChanged']} file(s) changed, +{stats['additions']} -{stats['deletions']}", ""]
+    lines += [f"- `{p}`" for p in result.changed_paths[:200]]
+    if len(result.changed_paths) > 200:
+        lines.append(f"- … and {len(result.changed_paths) - 200} more")
+    lines += ["", "### Validation", ""]
+    if validation is None:
+        lines.append("validationMode `minimal`: no checks were run.")
+    else:
+        mark = {"passed": "✅ passed", "failed": "❌ failed", "skipped": "⚠️ skipped"}[validation.status]
+        lines.append(f"validationMode `{validation.mode}`: **{mark}**"
+                     + (f" — `{validation.command}` exited {validation.exit_code} in {validation.duration_ms} ms"
+                        if validation.command else "")
+                     + (f" after {validation.repair_turns} repair turn(s)" if validation.repair_turns else ""))
+        if validation.output_tail.strip():
+            tail = validation.output_tail.strip()[-3000:].replace("```", "'''")
+            lines += ["", "<details><summary>Output (tail)</summary>", "", "```", tail, "```", "", "</details>"]
+    return "\n".join(lines) + "\n"
+
+
+class Publisher:
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    async def publish(self, run: RunRow, sandbox: Sandbox, turn_idx: int, publish: dict[str, Any],
+                      first_prompt: str, summary: str | None, result: TurnResult,
+                      validation: ValidationResult | None) -> PublishOutcome:
+        existing = await pulls.of_run(self.s.db, run.id)
+        branch = existing.branch if existing else (
+            publish.get("branch") or default_branch(self.s.settings.publish.branch_prefix, run, first_prompt))
+        try:
+            return await self._publish(run, sandbox, turn_idx, branch, existing, first_prompt, summary, result,
+                                       validation)
+        except (PublishError, HostError, RunFailure) as exc:
+            return PublishOutcome("failed", getattr(exc, "message", str(exc)), branch)
+
+    async def _publish(self, run: RunRow, sandbox: Sandbox, turn_idx: int, branch: str,
+                       existing: PullRequestRow | None, first_prompt: str, summary: str | None, result: TurnResult,
+                       validation: ValidationResult | None) -> PublishOutcome:
+        settings = self.s.settings.publish
+        source = self.s.hosts.resolve(run.repository_full_name)
+        if source is None:
+            raise PublishError(f"repository {run.repository_full_name} is no longer available")
+        base = run.base_branch
+        if not base:
+            raise PublishError(f"the base ref {run.base_ref!r} is not a branch; a pull request needs a base branch")
+        if problem := branch_problem(branch):
+            raise PublishError(f"branch {branch!r} {problem}")
+        if branch == base:
+            raise PublishError(f"refusing to push to {branch!r}: it is the run's base branch")
+        if pattern := protected_pattern(branch, settings.protected_branches):
+            raise PublishError(f"refusing to push to {branch!r}: protected by {pattern!r} (publish.protected_branches)")
+        assert run.base_commit is not None
+        parent = existing.head_sha if existing else run.base_commit
+        if not result.changed_paths and existing is None:
+            return PublishOutcome("skipped", "no changes: no branch pushed and no pull request opened", None)
+        title = title_of(run, first_prompt)
+        env = {"GIT_AUTHOR_NAME": settings.author_name, "GIT_AUTHOR_EMAIL": settings.author_email,
+               "GIT_COMMITTER_NAME": settings.author_name, "GIT_COMMITTER_EMAIL": settings.author_email}
+        run_url = f"{self.s.public_url}/api/v1/coding-agent/runs/{run.id}"
+        message = f"{title}\n\nCritique-Run: {run_url}\nCritique-Turn: {turn_idx}\n"
+        made = await sandbox.exec(["bash", "-c", _COMMIT, "critique-commit", result.tree, parent, message],
+                                  env=env, timeout_s=120)
+        if not made.ok:
+            raise PublishError(f"committing in the sandbox failed: {made.stderr.decode(errors='replace')[-300:]}")
+        commit = made.stdout.decode().strip().splitlines()[-1] if made.stdout.strip() else ""
+        if commit == "UNCHANGED":
+            return PublishOutcome("skipped", "no changes since the last published commit; the pull request "
+                                  "was left as it is", branch, parent, existing.number if existing else None)
+        bundle = await sandbox.exec(["cat", BUNDLE], timeout_s=120, max_output_bytes=settings.max_bundle_bytes)
+        if not bundle.ok or bundle.truncated:
+            raise PublishError("the commit bundle could not be read or exceeds publish.max_bundle_bytes")
+        await asyncio.wait_for(self._push(source, bundle.stdout, commit, parent, result.tree, branch),
+                               settings.timeout_s)
+        body = pr_body(run, run_url, turn_idx, summary, result, validation)
+        pr = await self._pull_request(run, source, existing, branch, base, commit, title, body, run_url)
+        await pulls.save(self.s.db, pr)
+        verb = "updated" if existing else "opened"
+        return PublishOutcome("published", f"pushed {commit[:12]} to {branch}; {verb} draft pull request "
+                              f"#{pr.number}", branch, commit, pr.number)
+
+    async def _push(self, source: Source, bundle: bytes, commit: str, parent: str, tree: str, branch: str) -> None:
+        scratch = self.s.settings.server.data_dir / "tmp"
+        workdir = await asyncio.to_thread(_mkdtemp, scratch)
+        try:
+            env = await source.git_env()
+            repo = workdir / "repo.git"
+            await run_git(["init", "--quiet", "--bare", str(repo)], None, env, 60)
+            if source.local:
+                (repo / "objects" / "info" / "alternates").write_text(str(Path(source.url) / "objects") + "\n")
+            else:
+                await run_git(["fetch", "--quiet", "--depth=1", "--", source.url, parent], repo, env,
+                              self.s.settings.publish.timeout_s)
+            path = workdir / "turn.bundle"
+            await asyncio.to_thread(path.write_bytes, bundle)
+            await run_git(["-c", "fetch.fsckObjects=true", "fetch", "--quiet", str(path),
+                           "refs/critique/publish:refs/heads/incoming"], repo, env, 120)
+            got = await run_git(["rev-parse", "refs/heads/incoming", "refs/heads/incoming^{tree}",
+                                 "refs/heads/incoming^@"], repo, env, 60)
+            if got.split() != [commit, tree, parent]:
+                raise PublishError("the commit read out of the sandbox is not the one expected; nothing was pushed")
+            try:
+                await run_git(["push", "--quiet", "--", source.url, f"{commit}:refs/heads/{branch}"], repo, env,
+                              self.s.settings.publish.timeout_s)
+            except RunFailure as exc:
+                if "rejected" in exc.message or "non-fast-forward" in exc.message or "fetch first" in exc.message:
+                    raise PublishError(f"branch {branch!r} already exists with other commits; nothing was "
+                                       "overwritten (choose another publish.branch)") from exc
+                raise PublishError(f"pushing {branch!r} failed: {exc.message}") from exc
+        finally:
+            await asyncio.to_thread(shutil.rmtree, workdir, True)
+
+    async def _pull_request(self, run: RunRow, source: Source, existing: PullRequestRow | None, branch: str,
+                            base: str, commit: str, title: str, body: str, run_url: str) -> PullRequestRow:
+        created = existing.created_at if existing else ""
+        if source.host is None:
+            number = existing.number if existing else await pulls.next_local_number(self.s.db, source.full_name)
+            return PullRequestRow(run.id, "local", source.full_name, number, f"{run_url}#draftPullRequest", branch,
+                                  base, commit, existing.state if existing else "open", True, title, body, created, "")
+        if existing:
+            remote = await source.host.update_pull_request(source.full_name, existing.number, title=title, body=body)
+        else:
+            remote = await source.host.open_pull_request(source.full_name, head=branch, base=base, title=title,
+                                                         body=body)
+        return PullRequestRow(run.id, source.kind, source.full_name, remote.number, remote.url, branch, base, commit,
+                              remote.state, remote.draft, title, body, created, "")
+
+
+def _mkdtemp(scratch: Path) -> Path:
+    scratch.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="publish-", dir=scratch))

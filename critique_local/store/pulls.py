@@ -1,0 +1,57 @@
+"""The pull request each publishing run opened (on a remote host, or kept here for
+``git.local_root`` repositories)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from critique_local.clock import now_iso
+from critique_local.store.db import Database
+
+
+@dataclass(frozen=True)
+class PullRequestRow:
+    run_id: str
+    host: str
+    repository_full_name: str
+    number: int
+    url: str
+    branch: str
+    base_ref: str
+    head_sha: str
+    state: str
+    draft: bool
+    title: str
+    body: str
+    created_at: str
+    updated_at: str
+
+
+_COLUMNS = ("run_id, host, repository_full_name, number, url, branch, base_ref, head_sha, state, draft, title, body, "
+            "created_at, updated_at")
+
+
+async def of_run(db: Database, run_id: str) -> PullRequestRow | None:
+    row = await db.one(f"SELECT {_COLUMNS} FROM pull_requests WHERE run_id = ?", (run_id,))
+    if row is None:
+        return None
+    return PullRequestRow(run_id=row[0], host=row[1], repository_full_name=row[2], number=int(row[3]), url=row[4],
+                          branch=row[5], base_ref=row[6], head_sha=row[7], state=row[8], draft=bool(row[9]),
+                          title=row[10], body=row[11], created_at=row[12], updated_at=row[13])
+
+
+async def next_local_number(db: Database, full_name: str) -> int:
+    row = await db.one("SELECT COALESCE(MAX(number), 0) + 1 FROM pull_requests WHERE host = 'local' AND "
+                       "repository_full_name = ?", (full_name,))
+    return int(row[0]) if row else 1
+
+
+async def save(db: Database, pr: PullRequestRow) -> None:
+    """Insert or update the run's pull request."""
+    await db.write(
+        f"INSERT INTO pull_requests ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT(run_id) DO UPDATE SET url = excluded.url, head_sha = excluded.head_sha, state = excluded.state, "
+        "draft = excluded.draft, title = excluded.title, body = excluded.body, updated_at = excluded.updated_at",
+        (pr.run_id, pr.host, pr.repository_full_name, pr.number, pr.url, pr.branch, pr.base_ref, pr.head_sha,
+         pr.state, int(pr.draft), pr.title, pr.body, pr.created_at or now_iso(), now_iso()),
+    )
