@@ -19,20 +19,27 @@ from aiohttp import web
 
 from critique_local.api import meta, runs
 from critique_local.api.middleware import authenticated, error_middleware
+from critique_local.api.ratelimit import RateLimiter
 from critique_local.api.registry import Route
 from critique_local.appkeys import CONTROL, DB, SCHEDULER, SERVICES, UPSTREAM, WEBHOOKS
 from critique_local.config import Settings
 from critique_local.crypto import SecretBox
+from critique_local.egress import DecisionHook, EgressProxy, Policy, PolicyLookup
 from critique_local.gateway import routes as gateway
 from critique_local.gateway.catalog import Catalog
 from critique_local.gateway.upstream import Upstream
+from critique_local.redact import RedactingFilter, Redactor
 from critique_local.repos.hosts import Hosts
 from critique_local.runs.control import RunControl
 from critique_local.runs.events import EventHub
+from critique_local.runs.network import network_policy
 from critique_local.runs.scheduler import Scheduler
+from critique_local.runs.states import RunStatus
 from critique_local.sandboxes.factory import make_backend
 from critique_local.services import Services
+from critique_local.store import runs as runs_store
 from critique_local.store.db import Database
+from critique_local.tokens import token_hash
 from critique_local.webhooks import Webhooks
 
 log = logging.getLogger("critique_local")
@@ -48,7 +55,7 @@ def instance_id(settings: Settings) -> str:
 
 
 def _application(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks,
-                 routes: list[Route]) -> web.Application:
+                 routes: list[Route], limiter: RateLimiter | None = None) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=services.settings.limits.max_body_bytes)
     app[SERVICES] = services
     app[DB] = services.db
@@ -57,12 +64,14 @@ def _application(services: Services, scheduler: Scheduler, upstream: Upstream, w
     app[UPSTREAM] = upstream
     app[WEBHOOKS] = webhooks
     for route in routes:
-        app.router.add_route(route.method, route.path, authenticated(route, DB))
+        app.router.add_route(route.method, route.path, authenticated(route, DB, limiter))
     return app
 
 
 def public_app(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks) -> web.Application:
-    return _application(services, scheduler, upstream, webhooks, [*runs.ROUTES, *meta.ROUTES, *gateway.ROUTES])
+    limits = services.settings.limits
+    return _application(services, scheduler, upstream, webhooks, [*runs.ROUTES, *meta.ROUTES, *gateway.ROUTES],
+                        RateLimiter(limits.requests_per_minute, limits.burst))
 
 
 def sandbox_app(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks) -> web.Application:
@@ -94,13 +103,48 @@ async def _bind_gateway(runner: web.AppRunner, host: str, settings: Settings) ->
     return bound
 
 
+def known_secrets(settings: Settings) -> Redactor:
+    """A redactor that knows every secret in the configuration, and redacts log lines too."""
+    redactor = Redactor()
+    for provider in settings.providers.values():
+        redactor.add(provider.api_key)
+    redactor.add(settings.github.token)
+    redactor.add(settings.gitea.token)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter(redactor))
+    return redactor
+
+
+def egress_policy(services: Services) -> PolicyLookup:
+    """The egress proxy's view of a run: only a running turn of a restricted run gets out."""
+
+    async def lookup(token: str) -> Policy | None:
+        run = await runs_store.run_for_sandbox_token(services.db, token_hash(token))
+        if run is None or run.status is not RunStatus.RUNNING:
+            return None
+        mode, allowlist = network_policy(services.settings, run.request)
+        return Policy(run.id, tuple(allowlist)) if mode == "restricted" else None
+
+    return lookup
+
+
+def egress_event(services: Services) -> DecisionHook:
+    async def record(run_id: str, event: dict[str, object]) -> None:
+        await services.hub.builder(run_id, event)
+
+    return record
+
+
 async def serve(settings: Settings, on_ready: Callable[[Services], None] | None = None) -> None:
     settings.server.data_dir.mkdir(parents=True, exist_ok=True)
     db = await Database.open(settings.db_path)
     backend = make_backend(settings, instance_id(settings))
-    services = Services(settings=settings, db=db, hub=EventHub(db), backend=backend,
+    redactor = known_secrets(settings)
+    services = Services(settings=settings, db=db, hub=EventHub(db, redactor), backend=backend,
                         catalog=Catalog.from_settings(settings), instance_id=instance_id(settings),
-                        box=SecretBox.from_data_dir(settings.server.data_dir), hosts=Hosts(settings))
+                        box=SecretBox.from_data_dir(settings.server.data_dir), hosts=Hosts(settings, redactor),
+                        redactor=redactor)
+    proxy = EgressProxy(egress_policy(services), egress_event(services), settings.network.private_cidrs)
     upstream = Upstream()
     webhooks = Webhooks(db, services.box, settings.webhooks)
     services.hub.on_status_change = webhooks.enqueue
@@ -116,6 +160,9 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
             runners.append(runner)
             port = await _bind_gateway(runner, gateway_host, settings)
             services.gateway_url = f"http://{gateway_host}:{port}/api/v1"
+            proxy_port = await proxy.start(gateway_host, settings.network.proxy_port)
+            services.proxy_address = f"{gateway_host}:{proxy_port}"
+            await backend.restrict_host([port, proxy_port])
         await scheduler.recover()
         runner = web.AppRunner(public_app(services, scheduler, upstream, webhooks), access_log=None)
         await runner.setup()
@@ -137,6 +184,7 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
         if delivery is not None:
             delivery.cancel()
         await scheduler.stop()
+        await proxy.stop()
         await webhooks.aclose()
         for runner in reversed(runners):
             await runner.cleanup()

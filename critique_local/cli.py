@@ -208,6 +208,61 @@ def webhooks_secret(config_path: Path | None, user_name: str) -> None:
     click.echo(secret)
 
 
+@main.group()
+def secrets() -> None:
+    """Per-repository environment secrets for validation commands (encrypted at rest)."""
+
+
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+
+
+@secrets.command("set")
+@config_option
+@click.argument("repository")
+@click.argument("name")
+def secrets_set(config_path: Path | None, repository: str, name: str) -> None:
+    """Set NAME for REPOSITORY (owner/name); the value is read from stdin, never from argv."""
+    import re
+
+    from critique_local.crypto import SecretBox
+    from critique_local.repos.names import repository_name_problem
+    from critique_local.store import secrets as store
+
+    if problem := repository_name_problem(repository):
+        raise click.BadParameter(problem, param_hint="REPOSITORY")
+    if not re.fullmatch(_ENV_NAME, name):
+        raise click.BadParameter("must be an environment variable name", param_hint="NAME")
+    value = sys.stdin.read().rstrip("\n")
+    if not value:
+        raise click.UsageError("no value on stdin")
+    settings = _settings(config_path)
+    box = SecretBox.from_data_dir(settings.server.data_dir)
+    _with_db(settings, lambda db: store.put(db, box, repository, name, value))
+    click.echo(f"{repository}: {name} set (given to validation commands; redacted from output)")
+
+
+@secrets.command("list")
+@config_option
+def secrets_list(config_path: Path | None) -> None:
+    """Names only; values are never shown."""
+    from critique_local.store import secrets as store
+
+    for repo, name, created in _with_db(_settings(config_path), store.names):
+        click.echo(f"{repo}\t{name}\t{created}")
+
+
+@secrets.command("delete")
+@config_option
+@click.argument("repository")
+@click.argument("name")
+def secrets_delete(config_path: Path | None, repository: str, name: str) -> None:
+    from critique_local.store import secrets as store
+
+    if not _with_db(_settings(config_path), lambda db: store.delete(db, repository, name)):
+        raise click.ClickException(f"{repository} has no secret {name}")
+    click.echo(f"{repository}: {name} deleted")
+
+
 # ---- runs: an HTTP client for people ------------------------------------------------------
 
 url_option = click.option("--url", envvar="CRITIQUE_LOCAL_URL", default="http://127.0.0.1:8787", show_default=True)

@@ -84,6 +84,10 @@ class SandboxSettings(Section):
     cpus: float = Field(1.0, gt=0, description="CPU limit per sandbox.")
     memory_mb: int = Field(2048, ge=256, description="Memory limit per sandbox (OpenCode alone uses ~0.4-0.8 GB).")
     pids_limit: int = Field(512, ge=16, description="Process limit per sandbox (fork bombs stop here).")
+    nofile: int = Field(4096, ge=256, description="Open files limit per sandbox process.")
+    workspace_mb: int = Field(2048, ge=64, description="Size of /workspace (tmpfs; counts as sandbox memory).")
+    tmp_mb: int = Field(512, ge=16, description="Size of /tmp (tmpfs).")
+    home_mb: int = Field(256, ge=16, description="Size of each writable home directory (~/.local, ~/.cache).")
     agent_ready_timeout_s: float = Field(60, gt=0, description="How long OpenCode may take to become healthy.")
     turn_timeout_s: float = Field(1800, gt=0, description="Upper bound for one agent turn.")
     idle_timeout_s: float = Field(1800, gt=0, description="A warm session expires this long after its last turn.")
@@ -91,8 +95,22 @@ class SandboxSettings(Section):
     reap_interval_s: float = Field(5, gt=0, description="How often expired sessions are looked for.")
 
 
+class NetworkSettings(Section):
+    default_mode: Literal["none", "restricted", "open"] = Field(
+        "none", description="safety.network.mode of runs that name none.")
+    allow_open: bool = Field(False, description="Whether runs may ask for mode open (unrestricted egress).")
+    default_allowlist: list[str] = Field(default_factory=list, description="Allowlist of restricted runs naming none.")
+    private_cidrs: list[str] = Field(
+        default_factory=list,
+        description="Private address ranges the egress proxy may connect to (default: none; public addresses only).")
+    proxy_port: int = Field(0, ge=0, le=65535, description="Egress proxy port on the sandbox-facing address (0: any).")
+
+
 class DockerSettings(Section):
     network: str = Field("critique-sandboxes", description="Internal Docker network (no route out) for sandboxes.")
+    open_network: str = Field("critique-sandboxes-open", description="Network with a route out, for mode open.")
+    host_firewall: bool = Field(
+        True, description="iptables: sandboxes may reach only the gateway and proxy ports of the host.")
     gateway_port: int = Field(
         8788, ge=0, le=65535, description="Port of the model gateway on the sandbox network's gateway address."
     )
@@ -131,6 +149,8 @@ class WebhookSettings(Section):
 class LimitsSettings(Section):
     max_patch_bytes: int = Field(10_000_000, ge=1024, description="A larger patch fails the run (patch_too_large).")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
+    requests_per_minute: int = Field(600, ge=0, description="Per API key (0: unlimited); over it: 429 + Retry-After.")
+    burst: int = Field(120, ge=1, description="Requests a key may make at once before the per-minute rate applies.")
 
 
 class ProviderSettings(Section):
@@ -160,6 +180,7 @@ class Settings(Section):
     validation: ValidationSettings = ValidationSettings()
     sandbox: SandboxSettings = SandboxSettings()
     docker: DockerSettings = DockerSettings()
+    network: NetworkSettings = NetworkSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     models: ModelsSettings = ModelsSettings()
     limits: LimitsSettings = LimitsSettings()
@@ -194,7 +215,7 @@ class ConfigError(Exception):
     """The configuration file or an override is invalid; the message says where."""
 
 
-SCALAR_SECTIONS = ("server", "git", "github", "gitea", "publish", "validation", "sandbox", "docker", "scheduler", "models", "limits", "webhooks", "billing")
+SCALAR_SECTIONS = ("server", "git", "github", "gitea", "publish", "validation", "sandbox", "docker", "network", "scheduler", "models", "limits", "webhooks", "billing")
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:

@@ -12,6 +12,7 @@ middleware in ``api/middleware.py`` is the one place they become responses.
       NotFound            404       not_found / run_not_found / repository_not_found
       Conflict            409       turn_in_progress, run_terminal, ...
       PayloadTooLarge     413       payload_too_large
+      RateLimited         429       rate_limited (with Retry-After)
     RunFailure                    a run ended with ``error.code`` (never an HTTP error)
 """
 
@@ -28,6 +29,9 @@ class ApiError(Exception):
         self.field = field
         if code is not None:
             self.code = code
+
+    def headers(self) -> dict[str, str]:
+        return {}
 
     def body(self) -> dict[str, dict[str, str]]:
         err = {"code": self.code, "message": self.message}
@@ -87,6 +91,18 @@ class Conflict(ApiError):
 class PayloadTooLarge(ApiError):
     status = 413
     code = "payload_too_large"
+
+
+class RateLimited(ApiError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class RunFailure(Exception):

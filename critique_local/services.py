@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from critique_local.config import Settings
 from critique_local.crypto import SecretBox
 from critique_local.gateway.catalog import Catalog
+from critique_local.redact import Redactor
 from critique_local.repos.hosts import Hosts
 from critique_local.runs.events import EventHub
 from critique_local.sandboxes.base import SandboxBackend
@@ -23,6 +24,8 @@ class Services:
     instance_id: str
     box: SecretBox
     hosts: Hosts
+    redactor: Redactor = field(default_factory=Redactor)
     gateway_url: str = ""  # how sandboxes reach /api/v1; set once the sandbox-facing listener is bound
     public_url: str = ""  # how clients reach us; set once the public listener is bound
+    proxy_address: str = ""  # host:port of the egress proxy on the sandbox-facing address
     extra: dict[str, object] = field(default_factory=dict)

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from critique_local.api.ratelimit import RateLimiter
 from critique_local.api.registry import Handler, Route
 from critique_local.errors import (
     ApiError,
@@ -31,7 +32,7 @@ async def error_middleware(
     try:
         return await handler(request)
     except ApiError as exc:
-        return web.json_response(exc.body(), status=exc.status)
+        return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
     except web.HTTPRequestEntityTooLarge:
         err: ApiError = PayloadTooLarge("request body is too large")
         return web.json_response(err.body(), status=err.status)
@@ -60,7 +61,8 @@ def bearer(request: web.Request) -> str | None:
     return token.strip()
 
 
-def authenticated(route: Route, db_key: web.AppKey[Database]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def authenticated(route: Route, db_key: web.AppKey[Database],
+                  limiter: RateLimiter | None = None) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     handler: Handler = route.handler
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
@@ -72,6 +74,8 @@ def authenticated(route: Route, db_key: web.AppKey[Database]) -> Callable[[web.R
         principal = await principal_for_key(request.app[db_key], token)
         if principal is None:
             raise Unauthorized("invalid or revoked API key")
+        if limiter is not None:
+            limiter.check(principal.key_id)
         if route.scope not in principal.scopes:
             raise Forbidden(f"this key lacks the {route.scope} scope")
         return await handler(request, principal)

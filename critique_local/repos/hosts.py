@@ -22,6 +22,7 @@ import httpx
 import jwt
 
 from critique_local.config import GiteaSettings, GitHubSettings, Settings
+from critique_local.redact import Redactor
 
 API_TIMEOUT_S = 30.0
 TOKEN_REFRESH_MARGIN_S = 300.0  # installation tokens live an hour; renew five minutes early
@@ -111,9 +112,10 @@ class GitHubAuth:
     """A configured token, or GitHub App installation tokens minted from the app's key and
     cached until five minutes before they expire."""
 
-    def __init__(self, settings: GitHubSettings, client: httpx.AsyncClient) -> None:
+    def __init__(self, settings: GitHubSettings, client: httpx.AsyncClient, redactor: Redactor | None = None) -> None:
         self.settings = settings
         self.client = client
+        self.redactor = redactor
         self._installations: dict[str, str] = {}  # owner/name -> installation id
         self._tokens: dict[str, tuple[str, float]] = {}  # installation id -> (token, expires at, epoch)
         self._lock = asyncio.Lock()
@@ -145,6 +147,8 @@ class GitHubAuth:
             body = resp.json()
             expires = _epoch(str(body["expires_at"]))
             self._tokens[installation] = (str(body["token"]), expires)
+            if self.redactor is not None:
+                self.redactor.add(str(body["token"]))
             return str(body["token"])
 
     async def _lookup_installation(self, full_name: str) -> str:
@@ -165,10 +169,10 @@ def _epoch(stamp: str) -> float:
 class GitHubHost(RemoteHost):
     kind = "github"
 
-    def __init__(self, settings: GitHubSettings, client: httpx.AsyncClient) -> None:
+    def __init__(self, settings: GitHubSettings, client: httpx.AsyncClient, redactor: Redactor | None = None) -> None:
         self.settings = settings
         self.client = client
-        self.auth = GitHubAuth(settings, client)
+        self.auth = GitHubAuth(settings, client, redactor)
 
     def clone_url(self, full_name: str) -> str:
         return f"{self.settings.base_url.rstrip('/')}/{full_name}.git"
@@ -254,12 +258,12 @@ class GiteaHost(RemoteHost):
 class Hosts:
     """Resolves repositories; owns the HTTP client and token caches of the remote host."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, redactor: Redactor | None = None) -> None:
         self.settings = settings
         self.client = httpx.AsyncClient(timeout=API_TIMEOUT_S, transport=httpx.AsyncHTTPTransport(retries=2))
         self.remote: RemoteHost | None = None
         if settings.github.enabled:
-            self.remote = GitHubHost(settings.github, self.client)
+            self.remote = GitHubHost(settings.github, self.client, redactor)
         elif settings.gitea.enabled:
             self.remote = GiteaHost(settings.gitea, self.client)
 

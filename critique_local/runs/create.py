@@ -16,10 +16,9 @@ from critique_local.errors import (
     InvalidRequest,
     NotFound,
     PaymentRequired,
-    Unsupported,
 )
 from critique_local.repos.names import branch_problem, protected_pattern, ref_problem, repository_name_problem
-from critique_local.runs import intent
+from critique_local.runs import intent, network
 from critique_local.services import Services
 from critique_local.store import runs as store
 from critique_local.store.keys import Principal
@@ -50,12 +49,6 @@ def check_publish(settings: Settings, publish: Publish | None, task_kind: str, b
         raise ProtectedBranch("publish.branch must differ from the base branch", field="publish.branch")
     if pattern := protected_pattern(publish.branch, settings.publish.protected_branches):
         raise ProtectedBranch(f"publish.branch matches the protected pattern {pattern!r}", field="publish.branch")
-
-
-def reject_unbuilt(req: CreateRunRequest) -> None:
-    """Fields whose behaviour belongs to a later release are refused, never silently ignored."""
-    if req.safety is not None and req.safety.network is not None:
-        raise Unsupported("safety.network is not supported yet", field="safety.network")
 
 
 def check_billing(req: CreateRunRequest) -> str | None:
@@ -100,7 +93,7 @@ async def _repository_id(s: Services, req: CreateRunRequest) -> str:
 async def create(
     s: Services, principal: Principal, req: CreateRunRequest, raw: Any, idempotency_key: str | None
 ) -> tuple[store.RunRow, bool]:
-    reject_unbuilt(req)
+    network.check(s.settings, req.safety.network if req.safety else None)
     if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS):
         raise InvalidRequest("Idempotency-Key must be 1-255 characters", field="Idempotency-Key")
     ref = req.base_ref or req.git_checkout_ref

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from critique_local.redact import Redactor
 from critique_local.runs.states import lifecycle_of
 from critique_local.store import events as store
 from critique_local.store.db import Database
@@ -36,8 +37,9 @@ StatusListener = Callable[[RunRow, dict[str, Any]], Awaitable[None]]
 
 
 class EventHub:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, redactor: Redactor | None = None) -> None:
         self._db = db
+        self.redactor = redactor or Redactor()
         self._signals: dict[str, asyncio.Event] = {}
         self.on_status_change: StatusListener | None = None  # webhooks
 
@@ -47,7 +49,8 @@ class EventHub:
         return self._signals.setdefault(run_id, asyncio.Event())
 
     async def emit(self, run_id: str, kind: str, data: dict[str, Any]) -> store.EventRow:
-        row = await store.append(self._db, run_id, kind, data)
+        """Persist (secrets redacted) and wake the run's stream readers."""
+        row = await store.append(self._db, run_id, kind, self.redactor.data(data, run_id))
         old = self._signals.pop(run_id, None)
         if old is not None:
             old.set()

@@ -17,8 +17,9 @@ import contextlib
 import json
 import logging
 import secrets
+from collections.abc import Awaitable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from critique_local import billing
 from critique_local.agent.config import OPENCODE_PORT, PROVIDER_ID, TOKEN_ENV, opencode_config
@@ -28,18 +29,25 @@ from critique_local.clock import iso, ms_between, now, now_iso, parse_iso
 from critique_local.errors import RunFailure
 from critique_local.repos import checkout
 from critique_local.runs.collect import collect
+from critique_local.runs.network import network_policy, proxy_env
 from critique_local.runs.publish import Publisher, PublishOutcome
 from critique_local.runs.states import Phase, RunStatus, SessionEnd
 from critique_local.runs.validate import ValidationResult, repair_prompt, validate
 from critique_local.sandboxes.base import Sandbox, SandboxError, SandboxSpec
 from critique_local.services import Services
 from critique_local.store import runs as store
+from critique_local.store import secrets as secrets_store
 from critique_local.store.runs import RunRow
 from critique_local.tokens import SANDBOX_TOKEN_PREFIX, new_token, token_hash
 
 log = logging.getLogger(__name__)
 WORKSPACE = "/workspace"
 ATTACH_HEALTH_TIMEOUT_S = 10.0
+WATCH_INTERVAL_S = 2.0
+PIDS_HEADROOM = 8  # "at the limit": within this many processes of it
+PIDS_STRIKES = 3  # consecutive watchdog checks at the limit before the turn is stopped
+WORKSPACE_MIN_FREE_KB = 1024
+T = TypeVar("T")
 
 
 class BudgetStop(Exception):
@@ -71,6 +79,7 @@ class Executor:
         agent: OpenCodeClient | None = None
         failure: tuple[str, str] | None = None
         try:
+            await self._remember_secrets(run)
             if first:
                 run = await self._transition(run, RunStatus.RUNNING, Phase.PROVISIONING, started_at=now_iso(),
                                              turn_count=1)
@@ -116,7 +125,9 @@ class Executor:
             token = new_token(SANDBOX_TOKEN_PREFIX)
             password = secrets.token_urlsafe(24)
             model = self.s.catalog.get(run.model_id)
+            mode = network_policy(settings, run.request)[0]
             env = {
+                **self._network_env(run, token),
                 TOKEN_ENV: token,
                 "OPENCODE_SERVER_PASSWORD": password,
                 "OPENCODE_CONFIG_CONTENT": opencode_config(
@@ -126,16 +137,19 @@ class Executor:
             await store.update_run(self.s.db, run.id, base_commit=prepared.base_commit, base_ref=prepared.base_ref,
                                    base_branch=prepared.base_branch,
                                    sandbox_token_hash=token_hash(token),
+                                   sandbox_token=self.s.box.seal(token, f"{run.id}:token"),
                                    agent_secret=self.s.box.seal(password, run.id))
-            sandbox = await self.s.backend.create(SandboxSpec(run.id, run.user_id))
+            sandbox = await self.s.backend.create(SandboxSpec(run.id, run.user_id, network_mode=mode))
         except BaseException:
             await asyncio.shield(checkout.discard(prepared))
             raise
         await store.update_run(self.s.db, run.id, sandbox_id=sandbox.id, sandbox_started_at=now_iso())
         await sandbox.upload_tar(WORKSPACE, prepared.tar_path)
         await checkout.discard(prepared)
-        await sandbox.spawn(["opencode", "serve", "--hostname", "0.0.0.0", "--port", str(OPENCODE_PORT)],
-                            env=env, cwd=WORKSPACE, log_path="/tmp/opencode.log")
+        # ripgrep where OpenCode looks before downloading it (~/.cache is an empty tmpfs)
+        start = ("mkdir -p ~/.cache/opencode/bin && ln -sf /usr/bin/rg ~/.cache/opencode/bin/rg && "
+                 f"exec opencode serve --hostname 0.0.0.0 --port {OPENCODE_PORT}")
+        await sandbox.spawn(["bash", "-c", start], env=env, cwd=WORKSPACE, log_path="/tmp/opencode.log")
         endpoint = await sandbox.endpoint(OPENCODE_PORT)
         agent = OpenCodeClient(endpoint.base_url, {**endpoint.headers, **basic_auth(password)})
         try:
@@ -153,6 +167,30 @@ class Executor:
         updated = await store.get_run(self.s.db, run.id)
         assert updated is not None
         return sandbox, agent, updated
+
+    def _network_env(self, run: RunRow, token: str) -> dict[str, str]:
+        if network_policy(self.s.settings, run.request)[0] != "restricted" or not self.s.proxy_address:
+            return {}
+        return proxy_env(self.s.proxy_address, token, self.s.proxy_address.rpartition(":")[0])
+
+    async def _command_env(self, run: RunRow) -> dict[str, str]:
+        """Environment of validation commands: the repository's secrets, and the egress proxy
+        settings of a restricted run."""
+        env = await secrets_store.env_for(self.s.db, self.s.box, run.repository_full_name)
+        for value in env.values():
+            self.s.redactor.add(value, run.id)
+        sealed = await store.sandbox_token(self.s.db, run.id)
+        if sealed:
+            env.update(self._network_env(run, self.s.box.open(sealed, f"{run.id}:token")))
+        return env
+
+    async def _remember_secrets(self, run: RunRow) -> None:
+        """Secrets of this run that output must never show: its BYOK key and repository secrets."""
+        sealed = await store.byok_key(self.s.db, run.id)
+        if sealed:
+            self.s.redactor.add(self.s.box.open(sealed, run.id), run.id)
+        for value in (await secrets_store.env_for(self.s.db, self.s.box, run.repository_full_name)).values():
+            self.s.redactor.add(value, run.id)
 
     async def attach(self, run: RunRow) -> tuple[Sandbox, OpenCodeClient] | None:
         """The live sandbox and a healthy OpenCode of an idle run, or None when either is gone."""
@@ -192,7 +230,7 @@ class Executor:
         assert base is not None and session_id is not None
         budget: BudgetStop | None = None
         try:
-            summary = await self._prompt(run, agent, session_id, prompt)
+            summary = await self._watched(run, sandbox, agent, self._prompt(run, agent, session_id, prompt))
         except BudgetStop as stop:
             # the gateway refused the call that would exceed the budget: the turn ends here, its
             # work so far is kept, and the run stays usable for follow-ups
@@ -200,6 +238,7 @@ class Executor:
         run = await self._transition(run, RunStatus.RUNNING, Phase.COLLECTING)
         previous = await self._previous_tree(run.id, idx) or base
         max_patch = self.s.settings.limits.max_patch_bytes
+        await self._check_workspace(sandbox)
         result = await collect(sandbox, base, previous, max_patch)
         validation: ValidationResult | None = None
         mode = str(run.request.get("validationMode") or "minimal")
@@ -215,23 +254,36 @@ class Executor:
                 await self.s.hub.builder(run.id, {"type": "validation.repair", "attempt": repairs})
                 run = await self._transition(run, RunStatus.RUNNING, Phase.AGENT_RUNNING)
                 try:
-                    summary = await self._prompt(run, agent, session_id, repair_prompt(validation)) or summary
+                    summary = await self._watched(
+                        run, sandbox, agent, self._prompt(run, agent, session_id, repair_prompt(validation))) or summary
                 except BudgetStop as stop:
                     budget, summary = stop, stop.partial or summary
                 run = await self._transition(run, RunStatus.RUNNING, Phase.COLLECTING)
+                await self._check_workspace(sandbox)
                 result = await collect(sandbox, base, previous, max_patch)
                 run = await self._transition(run, RunStatus.RUNNING, Phase.VALIDATING)
                 validation = await self._validate(run, sandbox, mode)
             if validation is not None:
                 validation = validation.with_repairs(repairs)
                 await self.s.hub.builder(run.id, {"type": "validation", "final": True, **validation.as_json()})
+        # nothing leaves the sandbox with a secret we know in it
+        redactor = self.s.redactor
+        summary = redactor.clean(summary, run.id)
+        patch, leaked = redactor.text(result.patch, run.id)
+        if validation is not None:
+            validation = validation.redacted(lambda text: redactor.clean(text, run.id))
         outcome: PublishOutcome | None = None
         publish = await store.turn_publish(self.s.db, run.id, idx)
         if run.task_kind != "plan" and publish.get("mode") == "draft_pr":
-            run = await self._transition(run, RunStatus.RUNNING, Phase.PUBLISHING)
-            first_prompt = next((str(r[1]) for r in await store.turns_raw(self.s.db, run.id) if r[0] == 1), prompt)
-            outcome = await Publisher(self.s).publish(run, sandbox, idx, publish, first_prompt, summary, result,
-                                                      validation)
+            if leaked:
+                outcome = PublishOutcome("failed", f"the changes contain {leaked} secret(s) this server knows "
+                                         "(redacted in the patch); nothing was pushed")
+            else:
+                run = await self._transition(run, RunStatus.RUNNING, Phase.PUBLISHING)
+                first_prompt = next((str(r[1]) for r in await store.turns_raw(self.s.db, run.id) if r[0] == 1),
+                                    prompt)
+                outcome = await Publisher(self.s).publish(run, sandbox, idx, publish, first_prompt, summary, result,
+                                                          validation)
             await self.s.hub.builder(run.id, {"type": "publish", **outcome.as_json()})
         finished = now_iso()
         await store.update_turn(
@@ -255,15 +307,64 @@ class Executor:
         await self._transition(
             run, RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, summary=summary,
             changed_paths=json.dumps(result.changed_paths), diff_stats=json.dumps(result.diff_stats),
-            patch=result.patch or None, session_expires_at=self._expiry(run), **errors,
+            patch=patch or None, session_expires_at=self._expiry(run), **errors,
         )
 
     async def _validate(self, run: RunRow, sandbox: Sandbox, mode: str) -> ValidationResult | None:
         assert run.base_commit is not None
-        result = await validate(sandbox, mode, self.s.settings.validation, run.repository_full_name, run.base_commit)
+        result = await validate(sandbox, mode, self.s.settings.validation, run.repository_full_name, run.base_commit,
+                                await self._command_env(run))
         if result is not None:
             await self.s.hub.builder(run.id, {"type": "validation", "final": False, **result.as_json()})
         return result
+
+    async def _watched(self, run: RunRow, sandbox: Sandbox, agent: OpenCodeClient, work: Awaitable[T]) -> T:
+        """Run ``work`` (an agent turn) while watching the sandbox's limits: a sandbox stuck at its
+        process limit (a fork bomb) stops the turn with ``process_limit``; an agent that died
+        after the sandbox hit its memory limit fails with ``out_of_memory``."""
+        task = asyncio.ensure_future(work)
+        limit_hits = 0
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=WATCH_INTERVAL_S)
+                if done:
+                    break
+                with contextlib.suppress(SandboxError):
+                    usage = await self.s.backend.usage(sandbox.id)
+                    at_limit = usage.pids is not None and usage.pids_limit is not None and (
+                        usage.pids >= usage.pids_limit - PIDS_HEADROOM)
+                    limit_hits = limit_hits + 1 if at_limit else 0
+                if limit_hits >= PIDS_STRIKES:
+                    task.cancel()
+                    if run.agent_session_id:
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(agent.abort(run.agent_session_id), 2)
+                    raise RunFailure("process_limit", f"the sandbox stayed at its process limit "
+                                     f"(sandbox.pids_limit = {self.s.settings.sandbox.pids_limit}): a fork bomb "
+                                     "or runaway processes; the run was stopped")
+            return task.result()
+        except (AgentError, RunFailure) as exc:
+            if isinstance(exc, RunFailure) and exc.code == "process_limit":
+                raise
+            with contextlib.suppress(SandboxError):
+                usage = await self.s.backend.usage(sandbox.id)
+                if usage.memory_limit_hits:
+                    raise RunFailure("out_of_memory", "the sandbox reached its memory limit (sandbox.memory_mb) and "
+                                     f"the agent stopped: {getattr(exc, 'message', exc)}") from exc
+            raise
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def _check_workspace(self, sandbox: Sandbox) -> None:
+        res = await sandbox.exec(["df", "-P", "-k", WORKSPACE], timeout_s=30)
+        lines = res.stdout.decode(errors="replace").split("\n")
+        fields = lines[1].split() if res.ok and len(lines) > 1 else []
+        if len(fields) >= 4 and fields[3].isdigit() and int(fields[3]) < WORKSPACE_MIN_FREE_KB:
+            raise RunFailure("workspace_full", f"the workspace is full (sandbox.workspace_mb = "
+                             f"{self.s.settings.sandbox.workspace_mb}); the run was stopped")
 
     async def _previous_tree(self, run_id: str, idx: int) -> str | None:
         for row in await store.turns_raw(self.s.db, run_id):
@@ -362,13 +463,17 @@ class Executor:
         await self.s.hub.builder(run_id, {"type": "error", "code": code, "message": message})
         await store.update_turn(self.s.db, run_id, max(run.turn_count, 1), status="failed", finished_at=now_iso())
         await self._transition(run, RunStatus.FAILED, Phase.FAILED, error_code=code, error_message=message,
-                               finished_at=now_iso(), sandbox_token_hash=None, agent_secret=None, byok_key=None,
-                               session_end_reason=SessionEnd.FINISHED.value)
+                               finished_at=now_iso(), sandbox_token_hash=None, sandbox_token=None,
+                               agent_secret=None, byok_key=None, session_end_reason=SessionEnd.FINISHED.value)
+        self.s.redactor.forget_run(run_id)
 
     async def close_session(self, run: RunRow, status: RunStatus, phase: Phase, reason: SessionEnd,
                             **fields: Any) -> RunRow:
         """Destroy an idle run's sandbox, then record the terminal state."""
         if run.sandbox_id:
             await self.destroy(run.sandbox_id)
-        return await self._transition(run, status, phase, finished_at=now_iso(), sandbox_token_hash=None,
-                                      agent_secret=None, byok_key=None, session_end_reason=reason.value, **fields)
+        closed = await self._transition(run, status, phase, finished_at=now_iso(), sandbox_token_hash=None,
+                                        sandbox_token=None, agent_secret=None, byok_key=None,
+                                        session_end_reason=reason.value, **fields)
+        self.s.redactor.forget_run(run.id)
+        return closed

@@ -13,6 +13,7 @@ Every check runs as the sandbox user with a timeout; only the tail of its output
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,10 @@ class ValidationResult:
     def passed(self) -> bool | None:
         return None if self.status == "skipped" else self.status == "passed"
 
+    def redacted(self, clean: Callable[[str], str]) -> ValidationResult:
+        return ValidationResult(self.mode, self.status, self.command, self.exit_code, self.duration_ms,
+                                clean(self.output_tail), self.repair_turns)
+
     def with_repairs(self, n: int) -> ValidationResult:
         return ValidationResult(self.mode, self.status, self.command, self.exit_code, self.duration_ms,
                                 self.output_tail, n)
@@ -103,12 +108,13 @@ class ValidationResult:
                 "repairTurns": self.repair_turns}
 
 
-async def _run(sandbox: Sandbox, settings: ValidationSettings, script: str, *args: str) -> tuple[int, str, int]:
+async def _run(sandbox: Sandbox, settings: ValidationSettings, env: dict[str, str], script: str,
+               *args: str) -> tuple[int, str, int]:
     started = time.monotonic()
     res = await sandbox.exec(
         ["bash", "-c", _RUNNER, "critique-validate", str(int(settings.timeout_s)),
          str(settings.output_tail_chars), script, *args],
-        timeout_s=settings.timeout_s + 30, max_output_bytes=settings.output_tail_chars + 1024,
+        env=env, timeout_s=settings.timeout_s + 30, max_output_bytes=settings.output_tail_chars + 1024,
     )
     out = res.stdout.decode(errors="replace")[-settings.output_tail_chars:]
     if res.exit_code == TIMEOUT_EXIT:
@@ -130,10 +136,11 @@ async def test_command(sandbox: Sandbox, settings: ValidationSettings, full_name
 
 
 async def validate(sandbox: Sandbox, mode: str, settings: ValidationSettings, full_name: str,
-                   base_commit: str) -> ValidationResult | None:
-    """Run the checks of ``mode``; None for ``minimal``."""
+                   base_commit: str, env: dict[str, str] | None = None) -> ValidationResult | None:
+    """Run the checks of ``mode`` (``env``: the repository's secrets, proxy settings); None
+    for ``minimal``."""
     if mode == "basic":
-        code, out, ms = await _run(sandbox, settings, _BASIC, base_commit)
+        code, out, ms = await _run(sandbox, settings, {}, _BASIC, base_commit)
         status = "passed" if code == 0 else "failed"
         return ValidationResult(mode, status, "git diff --check + syntax check of changed files", code, ms, out)
     if mode != "tests":
@@ -143,7 +150,7 @@ async def validate(sandbox: Sandbox, mode: str, settings: ValidationSettings, fu
         return ValidationResult(mode, "skipped", None, None, 0,
                                 f"no test command: add {REPO_COMMAND_FILE} to the repository or "
                                 "validation.commands to the server config")
-    code, out, ms = await _run(sandbox, settings, _TESTS, command, base_commit)
+    code, out, ms = await _run(sandbox, settings, env or {}, _TESTS, command, base_commit)
     return ValidationResult(mode, "passed" if code == 0 else "failed", command or REPO_COMMAND_FILE, code, ms, out)
 
 

@@ -31,6 +31,16 @@ class SandboxSpec:
     run_id: str
     user_id: str
     env: Mapping[str, str] = field(default_factory=dict)
+    network_mode: str = "none"  # none | restricted (no route out either way) | open (a route out)
+
+
+@dataclass(frozen=True)
+class ResourceUsage:
+    """What the sandbox uses against its limits (None when the backend cannot tell)."""
+
+    pids: int | None = None
+    pids_limit: int | None = None
+    memory_limit_hits: int | None = None  # times the memory limit was reached
 
 
 @dataclass(frozen=True)
@@ -117,3 +127,10 @@ class SandboxBackend(abc.ABC):
     @abc.abstractmethod
     async def list_ours(self) -> list[SandboxInfo]:
         """Every sandbox this server instance created that still exists."""
+
+    async def usage(self, sandbox_id: str) -> ResourceUsage:
+        """Resource use against the sandbox's limits, for the run watchdog."""
+        return ResourceUsage()
+
+    async def restrict_host(self, ports: list[int]) -> None:  # noqa: B027 - optional: remote backends have no host
+        """Let sandboxes reach only these ports of the host (the gateway, the egress proxy)."""

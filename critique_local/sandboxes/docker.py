@@ -1,10 +1,17 @@
 """Docker backend: one container per run on an internal network (no route out).
 
 The container runs ``sleep infinity`` under Docker's init as the unprivileged ``agent`` user,
-with all capabilities dropped, ``no-new-privileges`` and CPU/memory/pids limits. No host path
-is mounted and the Docker socket never is. The server reaches OpenCode at the container's
-address on the internal network; the container reaches the model gateway at that network's
-gateway address, which is the only host address it can route to.
+with all capabilities dropped, ``no-new-privileges``, a read-only root filesystem, and limits
+on CPU, memory, processes and open files. Writable are only ``/workspace``, ``/tmp``,
+``~/.local`` and ``~/.cache``: size-limited tmpfs mounts (their pages count as memory, so the
+memory limit covers them; OpenCode's config dir gets a small one too). No host path is mounted and the Docker socket never is.
+
+The network is internal (no route out), with container-to-container traffic disabled (no
+sandbox reaches another), and DNS pointed nowhere (an internal network's embedded DNS would
+otherwise forward queries out: CVE-2024-29018). The server reaches OpenCode at the container's
+address; the container reaches the host only at the network's gateway address, and with
+``docker.host_firewall`` only at the gateway and egress proxy ports there. Runs with network
+mode ``open`` also join a second network with a route out.
 
 docker-py is blocking, so every call runs in a worker thread.
 """
@@ -12,7 +19,12 @@ docker-py is blocking, so every call runs in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shlex
+import shutil
+import socket
+import struct
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +37,7 @@ from critique_local.config import DockerSettings, SandboxSettings
 from critique_local.sandboxes.base import (
     Endpoint,
     ExecResult,
+    ResourceUsage,
     Sandbox,
     SandboxBackend,
     SandboxError,
@@ -38,6 +51,10 @@ LABEL_INSTANCE = "critique.instance"
 LABEL_RUN = "critique.run"
 LABEL_USER = "critique.user"
 AGENT_USER = "1000:1000"
+ICC = "com.docker.network.bridge.enable_icc"
+BRIDGE_NAME = "com.docker.network.bridge.name"
+FIREWALL_CHAIN = "CRITIQUE-SANDBOX"
+log = logging.getLogger(__name__)
 
 
 class DockerSandbox(Sandbox):
@@ -96,15 +113,42 @@ class DockerSandbox(Sandbox):
             raise SandboxError(f"spawn failed: {exc.explanation or exc}") from exc
 
     async def upload_tar(self, dest_dir: str, tar_path: Path) -> None:
-        def put() -> bool:
-            with tar_path.open("rb") as fh:
-                return bool(self._container.put_archive(dest_dir, fh))
-
+        """Streamed into ``tar -x`` inside the sandbox (the root filesystem is read-only and the
+        workspace is a tmpfs, which Docker's archive API cannot write to)."""
         try:
-            if not await asyncio.to_thread(put):
-                raise SandboxError(f"upload into {dest_dir} was refused")
-        except docker.errors.APIError as exc:
-            raise SandboxError(f"upload failed: {exc.explanation or exc}") from exc
+            code, err = await asyncio.to_thread(self._stdin_exec, ["tar", "-x", "-C", dest_dir, "-f", "-"], tar_path)
+        except docker.errors.NotFound as exc:
+            raise SandboxGone(f"container {self.id[:12]} is gone") from exc
+        except (docker.errors.APIError, OSError) as exc:
+            raise SandboxError(f"upload failed: {exc}") from exc
+        if code != 0:
+            raise SandboxError(f"upload into {dest_dir} failed: {err.decode(errors='replace')[-300:]}")
+
+    def _stdin_exec(self, argv: list[str], source: Path) -> tuple[int, bytes]:
+        api = self._api
+        exec_id = api.exec_create(self.id, argv, user=AGENT_USER, stdin=True, stdout=True, stderr=True)["Id"]
+        sock = api.exec_start(exec_id, socket=True)
+        raw: socket.socket = sock._sock  # type: ignore[union-attr]  # the hijacked connection to the daemon
+        try:
+            with source.open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    raw.sendall(chunk)
+            raw.shutdown(socket.SHUT_WR)
+            err = bytearray()
+            buf = b""
+            while data := raw.recv(65536):
+                buf += data
+                while len(buf) >= 8:  # Docker's multiplexed stream: 8-byte header per frame
+                    stream, size = buf[0], struct.unpack(">I", buf[4:8])[0]
+                    if len(buf) < 8 + size:
+                        break
+                    if stream == 2 and len(err) < 65536:
+                        err.extend(buf[8:8 + size])
+                    buf = buf[8 + size:]
+        finally:
+            sock.close()
+        code = api.exec_inspect(exec_id).get("ExitCode")
+        return int(code if code is not None else -1), bytes(err)
 
     async def endpoint(self, port: int) -> Endpoint:
         await asyncio.to_thread(self._container.reload)
@@ -118,12 +162,16 @@ class DockerSandbox(Sandbox):
 class DockerBackend(SandboxBackend):
     name = "docker"
 
-    def __init__(self, sandbox: SandboxSettings, settings: DockerSettings, instance_id: str) -> None:
+    def __init__(self, sandbox: SandboxSettings, settings: DockerSettings, instance_id: str,
+                 allow_open: bool = False) -> None:
         self._sandbox = sandbox
         self._settings = settings
         self._instance = instance_id
+        self._allow_open = allow_open
         self._client: docker.DockerClient | None = None
         self._gateway_host: str | None = None
+        self._bridge: str | None = None
+        self._firewall_ports: list[int] = []
 
     @property
     def client(self) -> docker.DockerClient:
@@ -145,18 +193,67 @@ class DockerBackend(SandboxBackend):
                 raise SandboxError(
                     f"sandbox image {self._sandbox.image} is missing: run sandboxes/docker/build.sh", "image_missing"
                 ) from exc
-            try:
-                net = client.networks.get(self._settings.network)
-            except docker.errors.NotFound:
-                net = client.networks.create(self._settings.network, driver="bridge", internal=True,
-                                             labels={LABEL: "1"})
-            if not net.attrs.get("Internal"):
-                raise SandboxError(f"network {self._settings.network} exists but is not internal", "network_unsafe")
+            net = self._ensure_network(client, self._settings.network, internal=True)
+            if self._allow_open:
+                self._ensure_network(client, self._settings.open_network, internal=False)
+            self._bridge = str(net.attrs.get("Options", {}).get(BRIDGE_NAME) or f"br-{net.id[:12]}")
             return str(net.attrs["IPAM"]["Config"][0]["Gateway"])
 
         self._gateway_host = await asyncio.to_thread(setup)
 
+    @staticmethod
+    def _ensure_network(client: docker.DockerClient, name: str, *, internal: bool) -> Any:
+        """The sandbox network, created (or re-created, when unused and older settings made it)
+        with container-to-container traffic disabled."""
+        try:
+            net = client.networks.get(name)
+        except docker.errors.NotFound:
+            net = None
+        if net is not None and (net.attrs.get("Options", {}).get(ICC) != "false"
+                                or bool(net.attrs.get("Internal")) != internal):
+            net.reload()
+            if net.attrs.get("Containers"):
+                raise SandboxError(f"network {name} allows container-to-container traffic or has the wrong "
+                                   "routing, and containers still use it: remove them and the network, then "
+                                   "restart", "network_unsafe")
+            net.remove()
+            net = None
+        if net is None:
+            net = client.networks.create(name, driver="bridge", internal=internal, labels={LABEL: "1"},
+                                         options={ICC: "false"})
+        return net
+
+    async def restrict_host(self, ports: list[int]) -> None:
+        if not self._settings.host_firewall or self._bridge is None:
+            return
+        self._firewall_ports = ports
+        try:
+            await asyncio.to_thread(_firewall, self._bridge, ports, self._instance, True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            log.warning("host firewall for sandboxes not installed (%s); sandboxes can reach host services "
+                        "listening on all addresses", exc)
+
+    async def usage(self, sandbox_id: str) -> ResourceUsage:
+        def stats() -> ResourceUsage:
+            data = self.client.api.stats(sandbox_id, stream=False, one_shot=True)
+            pids = data.get("pids_stats") or {}
+            memory = data.get("memory_stats") or {}
+            return ResourceUsage(pids=pids.get("current"), pids_limit=pids.get("limit") or self._sandbox.pids_limit,
+                                 memory_limit_hits=memory.get("failcnt"))
+
+        try:
+            return await asyncio.to_thread(stats)
+        except docker.errors.NotFound as exc:
+            raise SandboxGone(f"container {sandbox_id[:12]} is gone") from exc
+        except docker.errors.APIError as exc:
+            raise SandboxError(f"stats failed: {exc.explanation or exc}") from exc
+
     async def close(self) -> None:
+        if self._bridge is not None and self._firewall_ports:
+            try:
+                await asyncio.to_thread(_firewall, self._bridge, self._firewall_ports, self._instance, False)
+            except (OSError, subprocess.CalledProcessError):
+                pass
         if self._client is not None:
             await asyncio.to_thread(self._client.close)
 
@@ -165,6 +262,10 @@ class DockerBackend(SandboxBackend):
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
         s = self._sandbox
+        if spec.network_mode == "open" and not self._allow_open:
+            raise SandboxError("network mode open is not enabled on this server", "network_mode_not_allowed")
+        writable = "uid=1000,gid=1000,mode=0755,exec,nosuid,nodev"
+        memory = s.memory_mb + s.workspace_mb + s.tmp_mb + 2 * s.home_mb
         kwargs: dict[str, Any] = {
             "image": s.image,
             "name": f"critique-{spec.run_id}",
@@ -175,18 +276,31 @@ class DockerBackend(SandboxBackend):
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
             "nano_cpus": int(s.cpus * 1e9),
-            "mem_limit": f"{s.memory_mb}m",
-            "memswap_limit": f"{s.memory_mb}m",
+            "mem_limit": f"{memory}m",
+            "memswap_limit": f"{memory}m",
             "pids_limit": s.pids_limit,
-            "ulimits": [docker.types.Ulimit(name="nofile", soft=4096, hard=4096)],
+            "ulimits": [docker.types.Ulimit(name="nofile", soft=s.nofile, hard=s.nofile)],
+            "read_only": True,
+            "tmpfs": {
+                "/workspace": f"size={s.workspace_mb}m,{writable}",
+                "/tmp": f"size={s.tmp_mb}m,mode=1777,exec,nosuid,nodev",
+                "/home/agent/.local": f"size={s.home_mb}m,{writable}",
+                "/home/agent/.cache": f"size={s.home_mb}m,{writable}",
+                "/home/agent/.config/opencode": f"size=16m,{writable}",  # OpenCode writes a .gitignore there
+            },
             "environment": dict(spec.env),
             "working_dir": "/workspace",
             "detach": True,
         }
 
+        if spec.network_mode != "open":
+            kwargs["dns"] = ["127.0.0.1"]  # nothing answers there: names resolve only via /etc/hosts
+
         def run() -> Container:
             container = self.client.containers.create(**kwargs)
             try:
+                if spec.network_mode == "open":
+                    self.client.networks.get(self._settings.open_network).connect(container)
                 container.start()
             except docker.errors.APIError:
                 container.remove(force=True)
@@ -227,3 +341,34 @@ class DockerBackend(SandboxBackend):
             return [SandboxInfo(str(c.id), c.labels.get(LABEL_RUN), c.status == "running") for c in found]
 
         return await asyncio.to_thread(listing)
+
+
+def _firewall(bridge: str, ports: list[int], instance: str, add: bool) -> None:
+    """iptables INPUT rules for the sandbox bridge: replies to connections the host opened,
+    this server's gateway and proxy ports (tagged with its instance id, so several servers can
+    share the network), and nothing else."""
+    if shutil.which("iptables") is None:
+        raise OSError("iptables is not installed")
+
+    def ipt(*args: str, check: bool = True) -> bool:
+        return subprocess.run(["iptables", "-w", *args], capture_output=True, check=check).returncode == 0
+
+    tag = ["-m", "comment", "--comment", f"critique-{instance}"]
+    if not add:
+        for port in ports:
+            ipt("-D", FIREWALL_CHAIN, "-p", "tcp", "--dport", str(port), *tag, "-j", "ACCEPT", check=False)
+        return
+    if not ipt("-n", "-L", FIREWALL_CHAIN, check=False):
+        ipt("-N", FIREWALL_CHAIN)
+    established = ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]
+    if not ipt("-C", FIREWALL_CHAIN, *established, check=False):
+        ipt("-I", FIREWALL_CHAIN, "1", *established)
+    for port in ports:
+        rule = ["-p", "tcp", "--dport", str(port), *tag, "-j", "ACCEPT"]
+        if not ipt("-C", FIREWALL_CHAIN, *rule, check=False):
+            ipt("-I", FIREWALL_CHAIN, "2", *rule)
+    if not ipt("-C", FIREWALL_CHAIN, "-j", "DROP", check=False):
+        ipt("-A", FIREWALL_CHAIN, "-j", "DROP")
+    jump = ["-i", bridge, "-j", FIREWALL_CHAIN]
+    if not ipt("-C", "INPUT", *jump, check=False):
+        ipt("-I", "INPUT", "1", *jump)

@@ -10,5 +10,5 @@ def make_backend(settings: Settings, instance_id: str) -> SandboxBackend:
     if settings.sandbox.backend == "docker":
         from critique_local.sandboxes.docker import DockerBackend
 
-        return DockerBackend(settings.sandbox, settings.docker, instance_id)
+        return DockerBackend(settings.sandbox, settings.docker, instance_id, settings.network.allow_open)
     raise ValueError(f"unknown sandbox backend {settings.sandbox.backend!r}")

@@ -31,6 +31,7 @@ class Principal:
     user_id: str
     user_name: str
     scopes: frozenset[str]
+    key_id: str = ""
 
 
 async def ensure_user(db: Database, name: str, initial_credits: float = 0.0) -> str:
@@ -87,10 +88,10 @@ async def revoke_key(db: Database, key_id: str) -> bool:
 
 async def principal_for_key(db: Database, plain: str) -> Principal | None:
     row = await db.one(
-        "SELECT k.user_id, u.name, k.scopes FROM api_keys k JOIN users u ON u.id = k.user_id "
+        "SELECT k.user_id, u.name, k.scopes, k.id FROM api_keys k JOIN users u ON u.id = k.user_id "
         "WHERE k.key_hash = ? AND k.revoked_at IS NULL",
         (token_hash(plain),),
     )
     if row is None:
         return None
-    return Principal(row[0], row[1], frozenset(json.loads(row[2])))
+    return Principal(row[0], row[1], frozenset(json.loads(row[2])), str(row[3]))

@@ -174,3 +174,18 @@ MIGRATIONS.append(
     );
     """
 )
+
+# Per-repository environment secrets for validation commands (values sealed with SecretBox),
+# and each run's sandbox token, sealed, for the proxy settings of later validation commands.
+MIGRATIONS.append(
+    """
+    ALTER TABLE runs ADD COLUMN sandbox_token TEXT;
+    CREATE TABLE repo_secrets (
+        full_name TEXT NOT NULL,
+        name TEXT NOT NULL,
+        value TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (full_name, name)
+    );
+    """
+)

@@ -280,6 +280,11 @@ async def idempotent_run(db: Database, user_id: str, key: str) -> tuple[str, str
     return (str(row[0]), str(row[1])) if row else None
 
 
+async def sandbox_token(db: Database, run_id: str) -> str | None:
+    row = await db.one("SELECT sandbox_token FROM runs WHERE id = ?", (run_id,))
+    return str(row[0]) if row and row[0] else None
+
+
 async def byok_key(db: Database, run_id: str) -> str | None:
     row = await db.one("SELECT byok_key FROM runs WHERE id = ?", (run_id,))
     return str(row[0]) if row and row[0] else None

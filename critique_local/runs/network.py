@@ -1,0 +1,57 @@
+"""``safety.network``: what a run's sandbox may reach.
+
+``none``        only the model gateway (no route out, no DNS).
+``restricted``  the gateway, and hosts on the run's allowlist through the server's egress proxy
+                (``HTTP_PROXY``/``HTTPS_PROXY`` point at it; there is still no route out, so
+                nothing that ignores the proxy gets anywhere).
+``open``        a route out; only when the operator enables ``network.allow_open``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from critique_local.api.schemas import SafetyNetwork
+from critique_local.config import Settings
+from critique_local.errors import InvalidRequest
+
+_HOST = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class NetworkModeNotAllowed(InvalidRequest):
+    code = "network_mode_not_allowed"
+
+
+def check(settings: Settings, network: SafetyNetwork | None) -> None:
+    """Refuse a policy this server would not or could not enforce."""
+    if network is None:
+        return
+    if network.mode == "open" and not settings.network.allow_open:
+        raise NetworkModeNotAllowed("safety.network.mode open is not enabled on this server (network.allow_open)",
+                                    field="safety.network.mode")
+    if network.allowlist and network.mode != "restricted":
+        raise InvalidRequest("safety.network.allowlist needs mode restricted", field="safety.network.allowlist")
+    for entry in network.allowlist:
+        if len(entry) > 253 or not _HOST.fullmatch(entry.lower()):
+            raise InvalidRequest(f"allowlist entry {entry[:80]!r} is not a host name or *.domain",
+                                 field="safety.network.allowlist")
+
+
+def network_policy(settings: Settings, request: dict[str, Any]) -> tuple[str, list[str]]:
+    """(mode, allowlist) of a stored run request, with the server's defaults filled in."""
+    network = ((request.get("safety") or {}).get("network")) or {}
+    mode = str(network.get("mode") or settings.network.default_mode)
+    allowlist = list(network.get("allowlist") or [])
+    if mode == "restricted" and not network.get("allowlist"):
+        allowlist = list(settings.network.default_allowlist)
+    return mode, allowlist
+
+
+def proxy_env(proxy_address: str, token: str, gateway_host: str) -> dict[str, str]:
+    """Environment that sends a restricted sandbox's HTTP(S) traffic to the egress proxy,
+    identified by the run's token; the gateway stays direct."""
+    url = f"http://run:{token}@{proxy_address}"
+    no_proxy = f"{gateway_host},localhost,127.0.0.1"
+    return {"HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url,
+            "NO_PROXY": no_proxy, "no_proxy": no_proxy}
