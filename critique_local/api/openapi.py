@@ -62,12 +62,14 @@ def _operation(route: Route) -> dict[str, Any]:
         responses["200"] = {"description": "Server-Sent Events (builder.event, run.status)",
                             "content": {"text/event-stream": {"schema": {"type": "string"}}}}
     elif route.response is not None:
-        responses[str(route.status)] = {"description": "OK",
-                                        "content": {"application/json": {"schema": _ref(route.response)}}}
+        for status in (route.status, *route.other_statuses):
+            responses[str(status)] = {"description": "OK",
+                                      "content": {"application/json": {"schema": _ref(route.response)}}}
     else:
         responses[str(route.status)] = {"description": "OK",
                                         "content": {"application/json": {"schema": {"type": "object"}}}}
-    for status in route.errors:
+    errors = set(route.errors) | ({429} if route.scope is not None else set())  # per-key rate limit
+    for status in sorted(errors):
         responses[str(status)] = {"description": "Error", "content": {"application/json": {"schema": _ref(ErrorEnvelope)}}}
     op["responses"] = responses
     return op

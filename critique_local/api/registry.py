@@ -25,6 +25,7 @@ class Route:
     query: type[BaseModel] | None = None
     response: type[BaseModel] | None = None
     status: int = 200
+    other_statuses: tuple[int, ...] = ()  # further success statuses with the same response body
     errors: tuple[int, ...] = ()
     sse: bool = False
     tag: str = "coding-agent"

@@ -145,7 +145,7 @@ def _json(data: dict[str, object], seq: int, created_at: str) -> str:
 
 ROUTES = [
     Route("POST", BASE, create_run, "Start a run", "write:builder", request=CreateRunRequest,
-          response=RunEnvelope, status=201, errors=(400, 401, 403, 404, 413, 422)),
+          response=RunEnvelope, status=201, other_statuses=(200,), errors=(400, 401, 402, 403, 404, 413, 422)),
     Route("GET", BASE, list_runs, "List your recent runs, newest first", "read:builder", query=ListRunsQuery,
           response=RunList, errors=(401, 403, 422)),
     Route("GET", BASE + "/{id}", get_run, "Status, summary, optional patch and events", "read:builder",
@@ -153,7 +153,7 @@ ROUTES = [
     Route("POST", BASE + "/{id}/messages", send_message,
           "Follow-up on the warm session (202), chained run when the session ended (202, new run), "
           "or {endSession: true} (200)", "write:builder", request=MessageRequest, response=RunEnvelope, status=202,
-          errors=(400, 401, 403, 404, 409, 422)),
+          other_statuses=(200,), errors=(400, 401, 402, 403, 404, 409, 413, 422)),
     Route("POST", BASE + "/{id}/cancel", cancel_run, "Abort the turn, destroy the sandbox (idempotent)",
           "write:builder", response=RunEnvelope, errors=(401, 403, 404, 409)),
     Route("GET", BASE + "/{id}/webhook-deliveries", webhook_deliveries,
