@@ -131,8 +131,8 @@ class Server:
             if ids:
                 subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run([*CLI, *args], env=self.env, cwd=ROOT, capture_output=True, text=True)
+    def cli(self, *args: str, check: bool = True, input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([*CLI, *args], env=self.env, cwd=ROOT, capture_output=True, text=True, input=input_text)
         if check and res.returncode != 0:
             raise AssertionError(f"critique-local {' '.join(args[:2])} exited {res.returncode}:\n"
                                  f"stdout: {res.stdout[-2000:]}\nstderr: {res.stderr[-2000:]}")

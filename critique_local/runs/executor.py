@@ -346,11 +346,9 @@ class Executor:
         except (AgentError, RunFailure) as exc:
             if isinstance(exc, RunFailure) and exc.code == "process_limit":
                 raise
-            with contextlib.suppress(SandboxError):
-                usage = await self.s.backend.usage(sandbox.id)
-                if usage.memory_limit_hits:
-                    raise RunFailure("out_of_memory", "the sandbox reached its memory limit (sandbox.memory_mb) and "
-                                     f"the agent stopped: {getattr(exc, 'message', exc)}") from exc
+            cause = await self._diagnose(sandbox)
+            if cause is not None:
+                raise cause from exc
             raise
         finally:
             if not task.done():
@@ -359,12 +357,42 @@ class Executor:
                     await task
 
     async def _check_workspace(self, sandbox: Sandbox) -> None:
-        res = await sandbox.exec(["df", "-P", "-k", WORKSPACE], timeout_s=30)
-        lines = res.stdout.decode(errors="replace").split("\n")
-        fields = lines[1].split() if res.ok and len(lines) > 1 else []
-        if len(fields) >= 4 and fields[3].isdigit() and int(fields[3]) < WORKSPACE_MIN_FREE_KB:
+        full = await self._full_mounts(sandbox)
+        if WORKSPACE in full:
             raise RunFailure("workspace_full", f"the workspace is full (sandbox.workspace_mb = "
                              f"{self.s.settings.sandbox.workspace_mb}); the run was stopped")
+
+    async def _full_mounts(self, sandbox: Sandbox) -> list[str]:
+        """The sandbox's writable mounts with (almost) no space left."""
+        mounts = [WORKSPACE, "/tmp", "/home/agent/.local", "/home/agent/.cache"]
+        try:
+            res = await sandbox.exec(["df", "-P", "-k", *mounts], timeout_s=30)
+        except SandboxError:
+            return []
+        full = []
+        for line in res.stdout.decode(errors="replace").splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 6 and fields[3].isdigit() and int(fields[3]) < WORKSPACE_MIN_FREE_KB:
+                full.append(fields[5])
+        return full
+
+    async def _diagnose(self, sandbox: Sandbox) -> RunFailure | None:
+        """Why an agent turn broke, when the sandbox's limits explain it."""
+        try:
+            usage = await self.s.backend.usage(sandbox.id)
+        except SandboxError:
+            return None
+        if usage.memory_limit_hits:
+            return RunFailure("out_of_memory", "the sandbox reached its memory limit (sandbox.memory_mb) and the "
+                              "agent stopped: runaway memory use or output")
+        full = await self._full_mounts(sandbox)
+        if WORKSPACE in full:
+            return RunFailure("workspace_full", f"the workspace is full (sandbox.workspace_mb = "
+                              f"{self.s.settings.sandbox.workspace_mb})")
+        if full:
+            return RunFailure("sandbox_storage_full", f"{', '.join(full)} filled up (sandbox.home_mb / tmp_mb) and "
+                              "the agent stopped: runaway output?")
+        return None
 
     async def _previous_tree(self, run_id: str, idx: int) -> str | None:
         for row in await store.turns_raw(self.s.db, run_id):
