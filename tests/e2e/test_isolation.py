@@ -204,7 +204,8 @@ def test_none_mode_gets_no_proxy_and_open_mode_needs_the_operator(server: Server
 def test_runaway_agents_fail_with_clear_errors_while_a_neighbour_completes(fresh_server: Server) -> None:
     fresh_server.extra_env.update({
         "CRITIQUE_LOCAL_SANDBOX_WORKSPACE_MB": "128", "CRITIQUE_LOCAL_SANDBOX_TURN_TIMEOUT_S": "30",
-        "CRITIQUE_LOCAL_SCHEDULER_MAX_CONCURRENT_RUNS": "5", "CRITIQUE_LOCAL_SCHEDULER_MAX_CONCURRENT_RUNS_PER_USER": "5",
+        "CRITIQUE_LOCAL_LIMITS_MAX_PATCH_BYTES": "100000",
+        "CRITIQUE_LOCAL_SCHEDULER_MAX_CONCURRENT_RUNS": "6", "CRITIQUE_LOCAL_SCHEDULER_MAX_CONCURRENT_RUNS_PER_USER": "6",
     })
     fresh_server.start()
     api = fresh_server.client(fresh_server.new_key("mallory"))
@@ -213,6 +214,7 @@ def test_runaway_agents_fail_with_clear_errors_while_a_neighbour_completes(fresh
         "disk_fill": "@bash dd if=/dev/zero of=fill.bin bs=1M count=1024; echo dd-exit=$?\n@say filled",
         "output_flood": "@bash head -c 1000000000 /dev/zero | tr '\\0' x\n@say printed",
         "endless_sleep": "@bash sleep 100000\n@say never",
+        "huge_patch": "@bash head -c 300000 /dev/urandom | base64 > big.txt\n@say big",
         "neighbour": "@write ok.txt\nfine\n@end\n@say ok",
     }
     ids = {name: api.post(RUNS, json={"repository": "acme/web", "prompt": p}).json()["run"]["id"]
@@ -221,11 +223,12 @@ def test_runaway_agents_fail_with_clear_errors_while_a_neighbour_completes(fresh
     assert results["neighbour"]["status"] == "idle" and results["neighbour"]["changedPaths"] == ["ok.txt"]
     codes = {name: (r["error"] or {}).get("code") for name, r in results.items() if name != "neighbour"}
     assert codes == {"fork_bomb": "process_limit", "disk_fill": "workspace_full",
-                     "output_flood": codes["output_flood"], "endless_sleep": "turn_timeout"}, codes
+                     "output_flood": codes["output_flood"], "endless_sleep": "turn_timeout",
+                     "huge_patch": "patch_too_large"}, codes
     # OpenCode keeps tool output under ~/.local: the flood fills that tmpfs (or memory) first
     assert results["output_flood"]["status"] == "failed" and codes["output_flood"] in (
         "sandbox_storage_full", "out_of_memory"), results["output_flood"]["error"]
-    for name in ("fork_bomb", "disk_fill", "endless_sleep"):
+    for name in ("fork_bomb", "disk_fill", "endless_sleep", "huge_patch"):
         assert results[name]["status"] == "failed", (name, results[name])
     assert httpx.get(f"{fresh_server.url}/healthz").json()["ok"] is True
     time.sleep(1)
