@@ -228,7 +228,7 @@ class DockerBackend(SandboxBackend):
             return
         self._firewall_ports = ports
         try:
-            await asyncio.to_thread(_firewall, self._bridge, ports, self._instance, True)
+            await asyncio.to_thread(_firewall, self._bridge, ports, self._instance, True, self._gateway_host)
         except (OSError, subprocess.CalledProcessError) as exc:
             log.warning("host firewall for sandboxes not installed (%s); sandboxes can reach host services "
                         "listening on all addresses", exc)
@@ -343,10 +343,11 @@ class DockerBackend(SandboxBackend):
         return await asyncio.to_thread(listing)
 
 
-def _firewall(bridge: str, ports: list[int], instance: str, add: bool) -> None:
+def _firewall(bridge: str, ports: list[int], instance: str, add: bool, gateway: str | None = None) -> None:
     """iptables INPUT rules for the sandbox bridge: replies to connections the host opened,
     this server's gateway and proxy ports (tagged with its instance id, so several servers can
-    share the network), and nothing else."""
+    share the network), and nothing else. Rules of servers that died without removing theirs
+    are dropped once nothing listens on their port any more."""
     if shutil.which("iptables") is None:
         raise OSError("iptables is not installed")
 
@@ -358,6 +359,18 @@ def _firewall(bridge: str, ports: list[int], instance: str, add: bool) -> None:
         for port in ports:
             ipt("-D", FIREWALL_CHAIN, "-p", "tcp", "--dport", str(port), *tag, "-j", "ACCEPT", check=False)
         return
+    listing = subprocess.run(["iptables", "-w", "-S", FIREWALL_CHAIN], capture_output=True, text=True).stdout
+    for line in listing.splitlines():
+        parts = line.split()
+        if "--dport" not in parts or "--comment" not in parts or gateway is None:
+            continue
+        port = int(parts[parts.index("--dport") + 1])
+        if port in ports:
+            continue
+        try:
+            socket.create_connection((gateway, port), timeout=0.5).close()
+        except OSError:
+            subprocess.run(["iptables", "-w", "-D", *parts[1:]], capture_output=True)
     if not ipt("-n", "-L", FIREWALL_CHAIN, check=False):
         ipt("-N", FIREWALL_CHAIN)
     established = ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]
