@@ -92,7 +92,7 @@ def call(path, body=None):
 out = {"models": call("/models"),
        "other_model": call("/chat/completions", {"model": "acme/coder-large", "messages": [{"role": "user", "content": "x"}]}),
        "runs_api": call("/coding-agent/runs"),
-       "token": tok}
+       "token_reversed": tok[::-1]}  # the token itself would be redacted from the event
 open("probe.json", "w").write(json.dumps(out))
 @end
 @bash python3 probe.py && cat probe.json && rm probe.py probe.json
@@ -112,9 +112,10 @@ def test_sandbox_token_is_confined_to_its_run_and_its_lifetime(server: Server, a
     assert probe["models"] == 200
     assert probe["other_model"] == 403  # only the run's own model
     assert probe["runs_api"] == 404  # the sandbox-facing listener serves only the gateway
-    assert probe["token"].startswith("crs_")
+    token = probe["token_reversed"][::-1]
+    assert token.startswith("crs_") and token not in output
     # once the run is over, its token opens nothing
-    resp = httpx.post(server.url + "/api/v1/chat/completions", headers={"Authorization": f"Bearer {probe['token']}"},
+    resp = httpx.post(server.url + "/api/v1/chat/completions", headers={"Authorization": f"Bearer {token}"},
                       json={"model": "critique/scripted", "messages": [{"role": "user", "content": "x"}]})
     assert resp.status_code == 401
     assert done["changedPaths"] == []

@@ -236,3 +236,23 @@ def test_runaway_agents_fail_with_clear_errors_while_a_neighbour_completes(fresh
         left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=critique.run={ids[name]}"],
                               capture_output=True, text=True).stdout.split()
         assert left == [], name
+
+
+def test_open_mode_when_the_operator_allows_it_adds_a_route_out(fresh_server: Server) -> None:
+    fresh_server.extra_env["CRITIQUE_LOCAL_NETWORK_ALLOW_OPEN"] = "true"
+    fresh_server.start()
+    api = fresh_server.client(fresh_server.new_key("opener"))
+    run = api.post(RUNS, json={"repository": "acme/web", "prompt": "@bash ip route 2>/dev/null || cat /proc/net/route\n@say routes",
+                               "safety": {"network": {"mode": "open"}}}).json()["run"]
+    done = wait_for(api, run["id"], {"idle", "failed"})
+    assert done["status"] == "idle", done["error"]
+    info = json.loads(subprocess.run(["docker", "inspect", f"critique-{run['id']}"], capture_output=True, text=True,
+                                     check=True).stdout)[0]
+    assert set(info["NetworkSettings"]["Networks"]) == {"critique-sandboxes", "critique-sandboxes-open"}
+    assert info["HostConfig"]["Dns"] in (None, [])  # real DNS in open mode
+    default = api.post(RUNS, json={"repository": "acme/web", "prompt": "@say closed"}).json()["run"]
+    wait_for(api, default["id"], {"idle", "failed"})
+    info = json.loads(subprocess.run(["docker", "inspect", f"critique-{default['id']}"], capture_output=True,
+                                     text=True, check=True).stdout)[0]
+    assert set(info["NetworkSettings"]["Networks"]) == {"critique-sandboxes"} and info["HostConfig"]["Dns"] == [
+        "127.0.0.1"]
