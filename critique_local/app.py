@@ -30,6 +30,7 @@ from critique_local.gateway.catalog import Catalog
 from critique_local.gateway.upstream import Upstream
 from critique_local.redact import RedactingFilter, Redactor
 from critique_local.repos.hosts import Hosts
+from critique_local.repos.mirrors import Mirrors
 from critique_local.runs.control import RunControl
 from critique_local.runs.events import EventHub
 from critique_local.runs.network import network_policy
@@ -143,7 +144,7 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
     services = Services(settings=settings, db=db, hub=EventHub(db, redactor), backend=backend,
                         catalog=Catalog.from_settings(settings), instance_id=instance_id(settings),
                         box=SecretBox.from_data_dir(settings.server.data_dir), hosts=Hosts(settings, redactor),
-                        redactor=redactor)
+                        redactor=redactor, mirrors=Mirrors(settings.server.data_dir / "mirrors", settings.git))
     proxy = EgressProxy(egress_policy(services), egress_event(services), settings.network.private_cidrs)
     upstream = Upstream()
     webhooks = Webhooks(db, services.box, settings.webhooks)

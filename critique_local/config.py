@@ -35,6 +35,10 @@ class GitSettings(Section):
         Path("./repos"), description="Repository owner/name resolves to <local_root>/owner/name.git (bare)."
     )
     clone_timeout_s: float = Field(600, gt=0, description="Upper bound for preparing one checkout.")
+    mirror_cache: bool = Field(True, description="Keep a bare mirror per repository and cache packed checkouts.")
+    mirror_max_age_s: float = Field(0, ge=0, description="Reuse a mirror without fetching for this long (0: always fetch).")
+    checkout_depth: int = Field(1, ge=0, description="History given to the sandbox (commits; 0: all of it).")
+    checkout_cache_entries: int = Field(20, ge=1, description="Packed checkouts kept (per commit and branch).")
 
 
 class GitHubSettings(Section):

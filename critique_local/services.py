@@ -9,6 +9,7 @@ from critique_local.crypto import SecretBox
 from critique_local.gateway.catalog import Catalog
 from critique_local.redact import Redactor
 from critique_local.repos.hosts import Hosts
+from critique_local.repos.mirrors import Mirrors
 from critique_local.runs.events import EventHub
 from critique_local.sandboxes.base import SandboxBackend
 from critique_local.store.db import Database
@@ -25,6 +26,7 @@ class Services:
     box: SecretBox
     hosts: Hosts
     redactor: Redactor = field(default_factory=Redactor)
+    mirrors: Mirrors | None = None
     gateway_url: str = ""  # how sandboxes reach /api/v1; set once the sandbox-facing listener is bound
     public_url: str = ""  # how clients reach us; set once the public listener is bound
     proxy_address: str = ""  # host:port of the egress proxy on the sandbox-facing address

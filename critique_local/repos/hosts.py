@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import base64
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +22,7 @@ import jwt
 
 from critique_local.config import GiteaSettings, GitHubSettings, Settings
 from critique_local.redact import Redactor
+from critique_local.repos.git import clean_env
 
 API_TIMEOUT_S = 30.0
 TOKEN_REFRESH_MARGIN_S = 300.0  # installation tokens live an hour; renew five minutes early
@@ -84,8 +84,7 @@ class Source:
     async def git_env(self) -> dict[str, str]:
         """Environment for a git process: no user or system config, no prompts, credentials as a
         header (never on the command line, never in a remote URL that could be persisted)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-        env.update({"GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull})
+        env = clean_env()
         header = await self.host.git_auth_header(self.full_name) if self.host is not None else None
         if header:
             env.update({"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.extraHeader",

@@ -120,7 +120,7 @@ class Executor:
     async def _provision(self, run: RunRow) -> tuple[Sandbox, OpenCodeClient, RunRow]:
         settings = self.s.settings
         prepared = await checkout.prepare(settings.git, self.s.hosts.resolve(run.repository_full_name),
-                                          run.base_ref, settings.server.data_dir / "tmp")
+                                          run.base_ref, settings.server.data_dir, self.s.mirrors)
         try:
             token = new_token(SANDBOX_TOKEN_PREFIX)
             password = secrets.token_urlsafe(24)

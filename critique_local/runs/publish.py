@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from critique_local.errors import RunFailure
-from critique_local.repos.checkout import run_git
+from critique_local.repos.git import run_git
 from critique_local.repos.hosts import HostError, Source
 from critique_local.repos.names import branch_problem, protected_pattern, slug
 from critique_local.runs.collect import TurnResult
