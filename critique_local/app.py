@@ -34,6 +34,7 @@ from critique_local.repos.mirrors import Mirrors
 from critique_local.runs.control import RunControl
 from critique_local.runs.events import EventHub
 from critique_local.runs.network import network_policy
+from critique_local.runs.pool import WarmPool
 from critique_local.runs.scheduler import Scheduler
 from critique_local.runs.states import RunStatus
 from critique_local.sandboxes.factory import make_backend
@@ -150,6 +151,9 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
     webhooks = Webhooks(db, services.box, settings.webhooks)
     services.hub.on_status_change = webhooks.enqueue
     scheduler = Scheduler(services)
+    pool = WarmPool(services)
+    scheduler.executor.pool = pool
+    services.warm_count = lambda: pool.ready_count
     runners: list[web.AppRunner] = []
     delivery: asyncio.Task[None] | None = None
     try:
@@ -171,6 +175,7 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
         await web.TCPSite(runner, settings.server.host, settings.server.port).start()
         services.public_url = settings.public_base_url(_bound_port(runner))
         await scheduler.start()
+        await pool.start()
         delivery = asyncio.create_task(webhooks.run_forever(), name="webhook-delivery")
         if on_ready:
             on_ready(services)
@@ -185,6 +190,7 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
         if delivery is not None:
             delivery.cancel()
         await scheduler.stop()
+        await pool.stop()
         await proxy.stop()
         await webhooks.aclose()
         for runner in reversed(runners):

@@ -120,6 +120,12 @@ class DockerSettings(Section):
     )
 
 
+class PoolSettings(Section):
+    size: int = Field(1, ge=0, le=64, description="Warm sandboxes with OpenCode running and an empty workspace.")
+    repositories: dict[str, int] = Field(
+        default_factory=dict, description="Warm sandboxes that already hold a repository's default branch.")
+
+
 class SchedulerSettings(Section):
     max_concurrent_runs: int = Field(4, ge=1, description="Runs executing at once; later ones wait queued.")
     max_concurrent_runs_per_user: int = Field(2, ge=1, description="Turns one user may have executing at once.")
@@ -186,6 +192,7 @@ class Settings(Section):
     docker: DockerSettings = DockerSettings()
     network: NetworkSettings = NetworkSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    pool: PoolSettings = PoolSettings()
     models: ModelsSettings = ModelsSettings()
     limits: LimitsSettings = LimitsSettings()
     webhooks: WebhookSettings = WebhookSettings()
@@ -219,7 +226,7 @@ class ConfigError(Exception):
     """The configuration file or an override is invalid; the message says where."""
 
 
-SCALAR_SECTIONS = ("server", "git", "github", "gitea", "publish", "validation", "sandbox", "docker", "network", "scheduler", "models", "limits", "webhooks", "billing")
+SCALAR_SECTIONS = ("server", "git", "github", "gitea", "publish", "validation", "sandbox", "docker", "network", "scheduler", "pool", "models", "limits", "webhooks", "billing")
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:

@@ -85,6 +85,7 @@ class Server:
             "CRITIQUE_LOCAL_GIT_LOCAL_ROOT": str(self.repos),
             "CRITIQUE_LOCAL_SERVER_PORT": str(self.port),
             "CRITIQUE_LOCAL_DOCKER_GATEWAY_PORT": "0",
+            "CRITIQUE_LOCAL_POOL_SIZE": "0",  # tests that want a warm pool say so
             **self.extra_env,
         }
 

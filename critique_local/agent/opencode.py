@@ -28,6 +28,7 @@ def basic_auth(password: str, user: str = "opencode") -> dict[str, str]:
 
 class OpenCodeClient:
     def __init__(self, base_url: str, headers: Mapping[str, str]) -> None:
+        self.base_url = base_url
         self._http = httpx.AsyncClient(base_url=base_url, headers=dict(headers), timeout=httpx.Timeout(30.0))
 
     async def aclose(self) -> None:

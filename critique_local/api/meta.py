@@ -15,7 +15,7 @@ from critique_local.store.keys import Principal
 
 async def healthz(request: web.Request, principal: Principal) -> web.StreamResponse:
     s = request.app[SERVICES]
-    return respond(Health(ok=True, version=__version__, backend=s.backend.name))
+    return respond(Health(ok=True, version=__version__, backend=s.backend.name, warm_sandboxes=s.warm_count()))
 
 
 async def models(request: web.Request, principal: Principal) -> web.StreamResponse:

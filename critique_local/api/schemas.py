@@ -306,6 +306,7 @@ class Health(Model):
     ok: bool
     version: str
     backend: str
+    warm_sandboxes: int = Field(description="Warm-pool sandboxes ready for the next run.")
 
 
 class ErrorBody(Model):

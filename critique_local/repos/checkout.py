@@ -33,6 +33,7 @@ class Checkout:
     base_ref: str
     base_branch: str | None  # None when the base is a tag or commit
     workdir: Path | None  # temporary (removed by :func:`discard`); None: tar_path is a cached checkout
+    key: str | None = None  # what the packed checkout holds (repository, commit, branch, depth); None: uncached
 
 
 async def prepare(git: GitSettings, source: Source | None, ref: str | None, data_dir: Path,
@@ -47,12 +48,12 @@ async def prepare(git: GitSettings, source: Source | None, ref: str | None, data
     mirror = await mirrors.ensure(source)
     env = clean_env()
     commit, branch = await _resolve_ref(mirror, env, ref, prefix="refs/heads/")
-    key = hashlib.sha256(f"{source.full_name}\0{commit}\0{branch or ''}\0{git.checkout_depth}".encode()).hexdigest()
-    cached = data_dir / "checkouts" / f"{key[:32]}.tar"
+    key = f"{source.full_name}\0{commit}\0{branch or ''}\0{git.checkout_depth}"
+    cached = data_dir / "checkouts" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.tar"
     base_ref = ref or branch or commit
     if cached.exists():
         await asyncio.to_thread(os.utime, cached)
-        return Checkout(cached, commit, base_ref, branch, None)
+        return Checkout(cached, commit, base_ref, branch, None, key)
     workdir = await asyncio.to_thread(_new_workdir, data_dir / "tmp")
     try:
         ws = workdir / "ws"
@@ -64,7 +65,7 @@ async def prepare(git: GitSettings, source: Source | None, ref: str | None, data
         cached.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(os.replace, workdir / "workspace.tar", cached)
         await asyncio.to_thread(_evict, cached.parent, git.checkout_cache_entries)
-        return Checkout(cached, commit, base_ref, branch, None)
+        return Checkout(cached, commit, base_ref, branch, None, key)
     finally:
         await asyncio.to_thread(shutil.rmtree, workdir, True)
 

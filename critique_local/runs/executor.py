@@ -22,7 +22,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from critique_local import billing
-from critique_local.agent.config import OPENCODE_PORT, PROVIDER_ID, TOKEN_ENV, opencode_config
+from critique_local.agent.config import OPENCODE_PORT, PROVIDER_ID
 from critique_local.agent.normalize import Normalizer
 from critique_local.agent.opencode import AgentError, OpenCodeClient, basic_auth
 from critique_local.clock import iso, ms_between, now, now_iso, parse_iso
@@ -30,6 +30,7 @@ from critique_local.errors import RunFailure
 from critique_local.repos import checkout
 from critique_local.runs.collect import collect
 from critique_local.runs.network import network_policy, proxy_env
+from critique_local.runs.pool import WarmPool, agent_env, start_agent
 from critique_local.runs.publish import Publisher, PublishOutcome
 from critique_local.runs.states import Phase, RunStatus, SessionEnd
 from critique_local.runs.validate import ValidationResult, repair_prompt, validate
@@ -62,6 +63,7 @@ class BudgetStop(Exception):
 class Executor:
     def __init__(self, services: Services) -> None:
         self.s = services
+        self.pool: WarmPool | None = None
 
     # ---- entry point (one scheduler job) ------------------------------------------------------
 
@@ -118,42 +120,42 @@ class Executor:
     # ---- provisioning and reattaching ---------------------------------------------------------
 
     async def _provision(self, run: RunRow) -> tuple[Sandbox, OpenCodeClient, RunRow]:
+        """Checkout, then a sandbox (a warm one from the pool when it fits, else a new one) with
+        the checkout uploaded and OpenCode healthy, then a session."""
         settings = self.s.settings
         prepared = await checkout.prepare(settings.git, self.s.hosts.resolve(run.repository_full_name),
                                           run.base_ref, settings.server.data_dir, self.s.mirrors)
+        mode = network_policy(settings, run.request)[0]
+        warm = None
+        if self.pool is not None and self.pool.eligible(run.model_id, mode):
+            warm = self.pool.take(prepared.key)
         try:
-            token = new_token(SANDBOX_TOKEN_PREFIX)
-            password = secrets.token_urlsafe(24)
-            model = self.s.catalog.get(run.model_id)
-            mode = network_policy(settings, run.request)[0]
-            env = {
-                **self._network_env(run, token),
-                TOKEN_ENV: token,
-                "OPENCODE_SERVER_PASSWORD": password,
-                "OPENCODE_CONFIG_CONTENT": opencode_config(
-                    self.s.gateway_url, run.model_id, model.context_tokens if model else 128_000,
-                    model.output_tokens if model else 8192),
-            }
+            token = warm.token if warm else new_token(SANDBOX_TOKEN_PREFIX)
+            password = warm.password if warm else secrets.token_urlsafe(24)
             await store.update_run(self.s.db, run.id, base_commit=prepared.base_commit, base_ref=prepared.base_ref,
                                    base_branch=prepared.base_branch,
                                    sandbox_token_hash=token_hash(token),
                                    sandbox_token=self.s.box.seal(token, f"{run.id}:token"),
                                    agent_secret=self.s.box.seal(password, run.id))
-            sandbox = await self.s.backend.create(SandboxSpec(run.id, run.user_id, network_mode=mode))
-        except BaseException:
+            if warm is not None:
+                sandbox = warm.sandbox
+                await self.s.backend.adopt(sandbox.id, run.id)
+            else:
+                sandbox = await self.s.backend.create(SandboxSpec(run.id, run.user_id, network_mode=mode))
+            await store.update_run(self.s.db, run.id, sandbox_id=sandbox.id, sandbox_started_at=now_iso())
+            if warm is None or warm.checkout_key is None or warm.checkout_key != prepared.key:
+                await sandbox.upload_tar(WORKSPACE, prepared.tar_path)
+        finally:
             await asyncio.shield(checkout.discard(prepared))
-            raise
-        await store.update_run(self.s.db, run.id, sandbox_id=sandbox.id, sandbox_started_at=now_iso())
-        await sandbox.upload_tar(WORKSPACE, prepared.tar_path)
-        await checkout.discard(prepared)
-        # ripgrep where OpenCode looks before downloading it (~/.cache is an empty tmpfs)
-        start = ("mkdir -p ~/.cache/opencode/bin && ln -sf /usr/bin/rg ~/.cache/opencode/bin/rg && "
-                 f"exec opencode serve --hostname 0.0.0.0 --port {OPENCODE_PORT}")
-        await sandbox.spawn(["bash", "-c", start], env=env, cwd=WORKSPACE, log_path="/tmp/opencode.log")
-        endpoint = await sandbox.endpoint(OPENCODE_PORT)
-        agent = OpenCodeClient(endpoint.base_url, {**endpoint.headers, **basic_auth(password)})
+        await self.s.hub.builder(run.id, {"type": "sandbox.ready", "warm": warm is not None,
+                                          "preloaded": bool(warm and warm.checkout_key == prepared.key)})
+        if warm is not None:
+            endpoint = await sandbox.endpoint(OPENCODE_PORT)
+            agent = OpenCodeClient(endpoint.base_url, {**endpoint.headers, **basic_auth(password)})
+        else:
+            env = {**self._network_env(run, token), **agent_env(self.s, token, password, run.model_id)}
+            agent = await start_agent(sandbox, env, settings.sandbox.agent_ready_timeout_s)
         try:
-            await agent.wait_healthy(settings.sandbox.agent_ready_timeout_s)
             title = str(run.request.get("title") or f"critique-local {run.id}")
             session_id = await agent.create_session(title)
         except BaseException:
@@ -161,7 +163,7 @@ class Executor:
             raise
         ready = now_iso()
         await store.update_run(self.s.db, run.id, agent_session_id=session_id, agent_ready_at=ready,
-                               agent_url=endpoint.base_url)
+                               agent_url=agent.base_url)
         await self.s.hub.builder(run.id, {"type": "agent.ready", "sessionId": session_id,
                                           "sinceCreatedMs": ms_between(run.created_at, ready)})
         updated = await store.get_run(self.s.db, run.id)

@@ -100,18 +100,19 @@ class Scheduler:
     async def recover(self) -> None:
         db = self.s.db
         queued = await store.runs_with_status(db, RunStatus.QUEUED)
-        keep = {r.id for r in queued}
+        keep: set[str] = set()  # sandbox ids of idle runs that are still usable
         lost: list[store.RunRow] = []
         for run in await store.runs_with_status(db, RunStatus.IDLE):
             attached = await self.executor.attach(run)
             if attached is None:
                 lost.append(run)
             else:
-                keep.add(run.id)
+                keep.add(attached[0].id)
                 await attached[1].aclose()
-        # sandboxes first, so that a terminal status always means the sandbox is gone
+        # sandboxes first, so that a terminal status always means the sandbox is gone (pooled
+        # sandboxes from before the restart go too: their secrets lived in memory)
         for info in await self.s.backend.list_ours():
-            if info.run_id not in keep:
+            if info.id not in keep:
                 log.info("removing sandbox %s of run %s left from before the restart", info.id[:12], info.run_id)
                 with contextlib.suppress(Exception):
                     await self.s.backend.destroy(info.id)

@@ -128,6 +128,9 @@ class SandboxBackend(abc.ABC):
     async def list_ours(self) -> list[SandboxInfo]:
         """Every sandbox this server instance created that still exists."""
 
+    async def adopt(self, sandbox_id: str, run_id: str) -> None:  # noqa: B027 - optional
+        """A pooled sandbox now belongs to ``run_id`` (for names shown to operators)."""
+
     async def usage(self, sandbox_id: str) -> ResourceUsage:
         """Resource use against the sandbox's limits, for the run watchdog."""
         return ResourceUsage()

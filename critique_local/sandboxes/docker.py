@@ -233,6 +233,12 @@ class DockerBackend(SandboxBackend):
             log.warning("host firewall for sandboxes not installed (%s); sandboxes can reach host services "
                         "listening on all addresses", exc)
 
+    async def adopt(self, sandbox_id: str, run_id: str) -> None:
+        try:
+            await asyncio.to_thread(self.client.api.rename, sandbox_id, f"critique-{run_id}")
+        except docker.errors.APIError as exc:
+            log.warning("could not rename pooled sandbox %s: %s", sandbox_id[:12], exc)
+
     async def usage(self, sandbox_id: str) -> ResourceUsage:
         def stats() -> ResourceUsage:
             data = self.client.api.stats(sandbox_id, stream=False, one_shot=True)

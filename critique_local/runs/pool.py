@@ -1,0 +1,168 @@
+"""The warm pool: sandboxes started ahead of demand, with OpenCode already healthy.
+
+``pool.size`` sandboxes wait with an empty workspace; a run takes one and only has to upload
+its checkout and open a session. ``pool.repositories`` keeps sandboxes that already hold a
+repository's default branch (from the mirror cache): a run on that exact commit uploads
+nothing, so its start does not grow with the repository's size.
+
+Pooled sandboxes serve runs on ``models.default`` with network mode ``none`` (OpenCode's
+configuration and environment are fixed when it starts); other runs start cold. Their
+gateway token opens nothing until a run claims the sandbox and the token is bound to it. The
+pool lives in memory: on shutdown its sandboxes are removed, and after a crash the startup
+reconciliation removes them (no run references them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from dataclasses import dataclass
+
+from critique_local.agent.config import OPENCODE_PORT, TOKEN_ENV, opencode_config
+from critique_local.agent.opencode import AgentError, OpenCodeClient, basic_auth
+from critique_local.errors import RunFailure
+from critique_local.repos import checkout
+from critique_local.sandboxes.base import Sandbox, SandboxError, SandboxSpec
+from critique_local.services import Services
+from critique_local.tokens import SANDBOX_TOKEN_PREFIX, new_token
+
+log = logging.getLogger(__name__)
+WORKSPACE = "/workspace"
+REFILL_CHECK_S = 30.0
+START_OPENCODE = ("mkdir -p ~/.cache/opencode/bin && ln -sf /usr/bin/rg ~/.cache/opencode/bin/rg && "
+                  f"exec opencode serve --hostname 0.0.0.0 --port {OPENCODE_PORT}")
+
+
+@dataclass(frozen=True)
+class WarmSandbox:
+    sandbox: Sandbox
+    token: str
+    password: str
+    checkout_key: str | None  # the packed checkout already in /workspace (None: empty)
+
+
+def agent_env(services: Services, token: str, password: str, model_id: str) -> dict[str, str]:
+    model = services.catalog.get(model_id)
+    return {
+        TOKEN_ENV: token,
+        "OPENCODE_SERVER_PASSWORD": password,
+        "OPENCODE_CONFIG_CONTENT": opencode_config(services.gateway_url, model_id,
+                                                   model.context_tokens if model else 128_000,
+                                                   model.output_tokens if model else 8192),
+    }
+
+
+async def start_agent(sandbox: Sandbox, env: dict[str, str], timeout_s: float) -> OpenCodeClient:
+    """Start ``opencode serve`` in the sandbox and wait until it is healthy."""
+    await sandbox.spawn(["bash", "-c", START_OPENCODE], env=env, cwd=WORKSPACE, log_path="/tmp/opencode.log")
+    endpoint = await sandbox.endpoint(OPENCODE_PORT)
+    agent = OpenCodeClient(endpoint.base_url, {**endpoint.headers, **basic_auth(env["OPENCODE_SERVER_PASSWORD"])})
+    try:
+        await agent.wait_healthy(timeout_s)
+    except BaseException:
+        await agent.aclose()
+        raise
+    return agent
+
+
+class WarmPool:
+    def __init__(self, services: Services) -> None:
+        self.s = services
+        self.settings = services.settings.pool
+        self._ready: list[WarmSandbox] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._repo_keys: dict[str, str] = {}  # repository -> checkout key of its default branch now
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.size > 0 or bool(self.settings.repositories)
+
+    def eligible(self, model_id: str, network_mode: str) -> bool:
+        return self.enabled and model_id == self.s.settings.models.default and network_mode == "none"
+
+    def take(self, checkout_key: str | None) -> WarmSandbox | None:
+        """A ready sandbox: one already holding ``checkout_key`` if any, else an empty one."""
+        chosen = next((w for w in self._ready if checkout_key and w.checkout_key == checkout_key), None)
+        chosen = chosen or next((w for w in self._ready if w.checkout_key is None), None)
+        if chosen is not None:
+            self._ready.remove(chosen)
+            self._wake.set()
+        return chosen
+
+    @property
+    def ready_count(self) -> int:
+        return len(self._ready)
+
+    async def start(self) -> None:
+        if self.enabled:
+            self._task = asyncio.create_task(self._keep_filled(), name="warm-pool")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        ready, self._ready = self._ready, []
+        for warm in ready:
+            with contextlib.suppress(SandboxError):
+                await self.s.backend.destroy(warm.sandbox.id)
+
+    async def _keep_filled(self) -> None:
+        while True:
+            try:
+                await self._fill_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("warm pool refill failed; retrying")
+                await asyncio.sleep(5)
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), REFILL_CHECK_S)
+
+    async def _fill_once(self) -> None:
+        """Top the pool up, one sandbox at a time (this machine's cores are for runs)."""
+        for full_name, wanted in self.settings.repositories.items():
+            prepared = await self._default_checkout(full_name)
+            if prepared is None:
+                continue
+            stale = [w for w in self._ready if w.checkout_key and w.checkout_key.startswith(f"{full_name}\0")
+                     and w.checkout_key != prepared.key]
+            for warm in stale:
+                self._ready.remove(warm)
+                with contextlib.suppress(SandboxError):
+                    await self.s.backend.destroy(warm.sandbox.id)
+            while sum(1 for w in self._ready if w.checkout_key == prepared.key) < wanted:
+                self._ready.append(await self._create(prepared))
+        while sum(1 for w in self._ready if w.checkout_key is None) < self.settings.size:
+            self._ready.append(await self._create(None))
+
+    async def _default_checkout(self, full_name: str) -> checkout.Checkout | None:
+        try:
+            return await checkout.prepare(self.s.settings.git, self.s.hosts.resolve(full_name), None,
+                                          self.s.settings.server.data_dir, self.s.mirrors)
+        except RunFailure as exc:
+            log.warning("warm pool: cannot prepare %s: %s", full_name, exc.message)
+            return None
+
+    async def _create(self, prepared: checkout.Checkout | None) -> WarmSandbox:
+        token, password = new_token(SANDBOX_TOKEN_PREFIX), secrets.token_urlsafe(24)
+        sandbox = await self.s.backend.create(SandboxSpec(f"pool-{secrets.token_hex(6)}", "", network_mode="none"))
+        try:
+            if prepared is not None:
+                await sandbox.upload_tar(WORKSPACE, prepared.tar_path)
+            env = agent_env(self.s, token, password, self.s.settings.models.default)
+            agent = await start_agent(sandbox, env, self.s.settings.sandbox.agent_ready_timeout_s)
+            await agent.aclose()
+        except (SandboxError, AgentError, asyncio.CancelledError):
+            with contextlib.suppress(SandboxError):
+                await asyncio.shield(self.s.backend.destroy(sandbox.id))
+            raise
+        finally:
+            if prepared is not None:
+                await checkout.discard(prepared)
+        return WarmSandbox(sandbox, token, password, prepared.key if prepared else None)

@@ -1,0 +1,105 @@
+"""The warm pool and the mirror cache: runs take pre-started sandboxes with OpenCode already
+healthy (empty, or already holding the repository's default branch), the pool refills, and a
+restart never keeps pooled sandboxes whose secrets were only in memory."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.helpers import Server, git, wait_for
+
+pytestmark = pytest.mark.e2e
+RUNS = "/api/v1/coding-agent/runs"
+
+
+def wait_warm(server: Server, count: int, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{server.url}/healthz").json()["warmSandboxes"] < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the pool never reached {count} warm sandboxes")
+        time.sleep(0.2)
+
+
+def sandbox_event(api: httpx.Client, run_id: str) -> dict[str, object]:
+    events = api.get(f"{RUNS}/{run_id}", params={"events": "1"}).json()["run"]["events"]
+    return next(e["data"] for e in events if e["data"].get("type") == "sandbox.ready")
+
+
+def names_of_ours(server: Server) -> list[str]:
+    instance = (server.data_dir / "instance_id").read_text().strip()
+    out = subprocess.run(["docker", "ps", "-a", "--format", "{{.Names}}", "--filter",
+                          f"label=critique.instance={instance}"], capture_output=True, text=True, check=True)
+    return sorted(out.stdout.split())
+
+
+def test_runs_take_warm_sandboxes_and_the_pool_refills(fresh_server: Server) -> None:
+    fresh_server.extra_env.update({"CRITIQUE_LOCAL_POOL_SIZE": "1",
+                                   "CRITIQUE_LOCAL_POOL_REPOSITORIES": '{"acme/web": 1}'})
+    fresh_server.start()
+    wait_warm(fresh_server, 2)
+    api = fresh_server.client(fresh_server.new_key("hasty"))
+
+    # on the default branch: the sandbox already holds the checkout, nothing is uploaded
+    run = api.post(RUNS, json={"repository": "acme/web", "prompt": "@write a.txt\nA\n@end\n@say a"}).json()["run"]
+    done = wait_for(api, run["id"], {"idle", "failed"})
+    assert done["status"] == "idle", done["error"]
+    assert sandbox_event(api, run["id"]) == {"type": "sandbox.ready", "warm": True, "preloaded": True}
+    assert done["changedPaths"] == ["a.txt"] and done["baseRef"] == "main"
+    assert f"critique-{run['id']}" in names_of_ours(fresh_server)  # renamed to its run
+
+    # another ref: an empty warm sandbox, with the checkout uploaded
+    make_feature = fresh_server.repos / ".work" / "acme" / "web"
+    git("checkout", "-q", "-b", "feature", cwd=make_feature)
+    (make_feature / "F.md").write_text("feature\n")
+    git("add", "-A", cwd=make_feature)
+    git("commit", "-qm", "feature", cwd=make_feature)
+    git("push", "-q", str(fresh_server.repos / "acme" / "web.git"), "feature", cwd=make_feature)
+    other = api.post(RUNS, json={"repository": "acme/web", "baseRef": "feature",
+                                 "prompt": "@bash cat F.md\n@say read"}).json()["run"]
+    second = wait_for(api, other["id"], {"idle", "failed"})
+    assert second["status"] == "idle", second["error"]
+    assert sandbox_event(api, other["id"]) == {"type": "sandbox.ready", "warm": True, "preloaded": False}
+    assert second["changedPaths"] == [] and second["baseRef"] == "feature"
+
+    # a run the pool cannot serve (another network mode) starts cold
+    cold = api.post(RUNS, json={"repository": "acme/web", "prompt": "@say cold",
+                                "safety": {"network": {"mode": "restricted", "allowlist": ["pypi.org"]}}}).json()["run"]
+    wait_for(api, cold["id"], {"idle", "failed"})
+    assert sandbox_event(api, cold["id"])["warm"] is False
+
+    wait_warm(fresh_server, 2)  # refilled: one empty, one holding acme/web main
+    for run_id in (run["id"], other["id"], cold["id"]):
+        api.post(f"{RUNS}/{run_id}/messages", json={"endSession": True})
+
+    # a new commit on main: the preloaded sandbox is replaced by one holding the new head
+    git("checkout", "-q", "main", cwd=make_feature)
+    (make_feature / "NEW.md").write_text("new\n")
+    git("add", "-A", cwd=make_feature)
+    git("commit", "-qm", "new", cwd=make_feature)
+    git("push", "-q", str(fresh_server.repos / "acme" / "web.git"), "main", cwd=make_feature)
+    fresh = api.post(RUNS, json={"repository": "acme/web", "prompt": "@bash cat NEW.md\n@say new"}).json()["run"]
+    third = wait_for(api, fresh["id"], {"idle", "failed"})
+    assert third["status"] == "idle" and third["baseCommit"] == git("rev-parse", "HEAD", cwd=make_feature)
+    api.post(f"{RUNS}/{fresh['id']}/messages", json={"endSession": True})
+
+
+def test_pooled_sandboxes_do_not_survive_a_crash_but_idle_runs_do(fresh_server: Server) -> None:
+    fresh_server.extra_env["CRITIQUE_LOCAL_POOL_SIZE"] = "2"
+    fresh_server.start()
+    wait_warm(fresh_server, 2)
+    api = fresh_server.client(fresh_server.new_key("crashy"))
+    run = api.post(RUNS, json={"repository": "acme/web", "prompt": "@say warm"}).json()["run"]
+    assert wait_for(api, run["id"], {"idle", "failed"})["status"] == "idle"
+    wait_warm(fresh_server, 2)
+    fresh_server.kill()
+    fresh_server.extra_env["CRITIQUE_LOCAL_POOL_SIZE"] = "0"
+    fresh_server.start()
+    assert names_of_ours(fresh_server) == [f"critique-{run['id']}"]  # only the idle run's sandbox is left
+    resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@say still here"})
+    assert resp.status_code == 202
+    again = wait_for(api, run["id"], {"idle", "failed"})
+    assert again["status"] == "idle" and again["turnCount"] == 2 and again["summary"] == "still here"
