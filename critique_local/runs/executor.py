@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -123,8 +124,10 @@ class Executor:
         """Checkout, then a sandbox (a warm one from the pool when it fits, else a new one) with
         the checkout uploaded and OpenCode healthy, then a session."""
         settings = self.s.settings
+        t0 = time.monotonic()
         prepared = await checkout.prepare(settings.git, self.s.hosts.resolve(run.repository_full_name),
                                           run.base_ref, settings.server.data_dir, self.s.mirrors)
+        t_checkout = time.monotonic()
         mode = network_policy(settings, run.request)[0]
         warm = None
         if self.pool is not None and self.pool.eligible(run.model_id, mode):
@@ -143,12 +146,17 @@ class Executor:
             else:
                 sandbox = await self.s.backend.create(SandboxSpec(run.id, run.user_id, network_mode=mode))
             await store.update_run(self.s.db, run.id, sandbox_id=sandbox.id, sandbox_started_at=now_iso())
-            if warm is None or warm.checkout_key is None or warm.checkout_key != prepared.key:
+            t_sandbox = time.monotonic()
+            preloaded = warm is not None and warm.checkout_key is not None and warm.checkout_key == prepared.key
+            if not preloaded:
                 await sandbox.upload_tar(WORKSPACE, prepared.tar_path)
+            t_upload = time.monotonic()
         finally:
             await asyncio.shield(checkout.discard(prepared))
-        await self.s.hub.builder(run.id, {"type": "sandbox.ready", "warm": warm is not None,
-                                          "preloaded": bool(warm and warm.checkout_key == prepared.key)})
+        await self.s.hub.builder(run.id, {
+            "type": "sandbox.ready", "warm": warm is not None, "preloaded": preloaded,
+            "checkoutMs": round((t_checkout - t0) * 1000), "sandboxMs": round((t_sandbox - t_checkout) * 1000),
+            "uploadMs": round((t_upload - t_sandbox) * 1000)})
         if warm is not None:
             endpoint = await sandbox.endpoint(OPENCODE_PORT)
             agent = OpenCodeClient(endpoint.base_url, {**endpoint.headers, **basic_auth(password)})

@@ -26,7 +26,9 @@ def wait_warm(server: Server, count: int, timeout_s: float = 90) -> None:
 
 def sandbox_event(api: httpx.Client, run_id: str) -> dict[str, object]:
     events = api.get(f"{RUNS}/{run_id}", params={"events": "1"}).json()["run"]["events"]
-    return next(e["data"] for e in events if e["data"].get("type") == "sandbox.ready")
+    found = next(e["data"] for e in events if e["data"].get("type") == "sandbox.ready")
+    assert all(isinstance(found[k], int) for k in ("checkoutMs", "sandboxMs", "uploadMs"))
+    return {k: v for k, v in found.items() if not k.endswith("Ms")}
 
 
 def names_of_ours(server: Server) -> list[str]:
