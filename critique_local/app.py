@@ -159,7 +159,9 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
     try:
         await backend.start()
         gateway_host = backend.gateway_bind_host()
-        if gateway_host is not None:
+        if gateway_host is None:  # remote sandboxes reach the public listener at a configured URL
+            services.gateway_url = settings.e2b.gateway_url.rstrip("/")
+        else:
             runner = web.AppRunner(sandbox_app(services, scheduler, upstream, webhooks), access_log=None)
             await runner.setup()
             runners.append(runner)

@@ -83,7 +83,7 @@ class ValidationSettings(Section):
 
 
 class SandboxSettings(Section):
-    backend: Literal["docker"] = Field("docker", description="Sandbox backend: docker (e2b in a later release).")
+    backend: Literal["docker", "e2b"] = Field("docker", description="Sandbox backend: docker or e2b.")
     image: str = Field("critique-local/sandbox:latest", description="Sandbox image built from sandboxes/docker.")
     cpus: float = Field(1.0, gt=0, description="CPU limit per sandbox.")
     memory_mb: int = Field(2048, ge=256, description="Memory limit per sandbox (OpenCode alone uses ~0.4-0.8 GB).")
@@ -108,6 +108,13 @@ class NetworkSettings(Section):
         default_factory=list,
         description="Private address ranges the egress proxy may connect to (default: none; public addresses only).")
     proxy_port: int = Field(0, ge=0, le=65535, description="Egress proxy port on the sandbox-facing address (0: any).")
+
+
+class E2BSettings(Section):
+    api_key: str = Field("", description="E2B API key (default: the E2B_API_KEY environment variable).")
+    template: str = Field("critique-local-opencode", description="Template built from sandboxes/e2b.")
+    domain: str = Field("", description="E2B domain (self-hosted E2B); empty: E2B's cloud.")
+    gateway_url: str = Field("", description="This server's /api/v1 as E2B sandboxes reach it (https).")
 
 
 class DockerSettings(Section):
@@ -190,6 +197,7 @@ class Settings(Section):
     validation: ValidationSettings = ValidationSettings()
     sandbox: SandboxSettings = SandboxSettings()
     docker: DockerSettings = DockerSettings()
+    e2b: E2BSettings = E2BSettings()
     network: NetworkSettings = NetworkSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     pool: PoolSettings = PoolSettings()
@@ -226,7 +234,7 @@ class ConfigError(Exception):
     """The configuration file or an override is invalid; the message says where."""
 
 
-SCALAR_SECTIONS = ("server", "git", "github", "gitea", "publish", "validation", "sandbox", "docker", "network", "scheduler", "pool", "models", "limits", "webhooks", "billing")
+SCALAR_SECTIONS = ("server", "git", "github", "gitea", "publish", "validation", "sandbox", "docker", "e2b", "network", "scheduler", "pool", "models", "limits", "webhooks", "billing")
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:

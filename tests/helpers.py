@@ -64,6 +64,7 @@ class Server:
     extra_env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
+    module: str = "critique_local"  # what `python -m` runs (tests.e2b_serve: with the E2B stand-in)
 
     @property
     def data_dir(self) -> Path:
@@ -94,7 +95,8 @@ class Server:
         if not self.port:
             self.port = free_port()
         log = (self.base / "server.log").open("ab")
-        self.proc = subprocess.Popen([*CLI, "serve"], env=self.env, cwd=ROOT, stdout=log, stderr=log)
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, "serve"], env=self.env, cwd=ROOT,
+                                     stdout=log, stderr=log)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

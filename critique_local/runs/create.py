@@ -93,7 +93,7 @@ async def _repository_id(s: Services, req: CreateRunRequest) -> str:
 async def create(
     s: Services, principal: Principal, req: CreateRunRequest, raw: Any, idempotency_key: str | None
 ) -> tuple[store.RunRow, bool]:
-    network.check(s.settings, req.safety.network if req.safety else None)
+    network.check(s.settings, req.safety.network if req.safety else None, s.backend.network_modes)
     if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS):
         raise InvalidRequest("Idempotency-Key must be 1-255 characters", field="Idempotency-Key")
     ref = req.base_ref or req.git_checkout_ref

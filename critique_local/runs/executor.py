@@ -234,6 +234,7 @@ class Executor:
 
     async def _run_turn(self, run: RunRow, sandbox: Sandbox, agent: OpenCodeClient, idx: int, prompt: str) -> None:
         await store.update_turn(self.s.db, run.id, idx, status="running", started_at=now_iso())
+        await self.s.backend.extend(sandbox.id, self.s.settings.sandbox.turn_timeout_s + 600)
         run = await self._transition(run, RunStatus.RUNNING, Phase.AGENT_RUNNING, error_code=None,
                                      error_message=None)
         base, session_id = run.base_commit, run.agent_session_id
@@ -314,10 +315,12 @@ class Executor:
                                               "message": errors["error_message"]})
         if validation is not None:
             errors["validation"] = json.dumps(validation.as_json())
+        expires = self._expiry(run)
+        await self.s.backend.extend(sandbox.id, max(60.0, (parse_iso(expires) - now()).total_seconds() + 60))
         await self._transition(
             run, RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, summary=summary,
             changed_paths=json.dumps(result.changed_paths), diff_stats=json.dumps(result.diff_stats),
-            patch=patch or None, session_expires_at=self._expiry(run), **errors,
+            patch=patch or None, session_expires_at=expires, **errors,
         )
 
     async def _validate(self, run: RunRow, sandbox: Sandbox, mode: str) -> ValidationResult | None:

@@ -23,8 +23,17 @@ class NetworkModeNotAllowed(InvalidRequest):
     code = "network_mode_not_allowed"
 
 
-def check(settings: Settings, network: SafetyNetwork | None) -> None:
-    """Refuse a policy this server would not or could not enforce."""
+class NetworkModeNotSupported(InvalidRequest):
+    code = "network_mode_not_supported"
+
+
+def check(settings: Settings, network: SafetyNetwork | None, supported: frozenset[str]) -> None:
+    """Refuse a policy this server would not (operator settings) or could not (its sandbox
+    backend) enforce, rather than run with weaker isolation than asked."""
+    mode = network.mode if network is not None else settings.network.default_mode
+    if mode not in supported:
+        raise NetworkModeNotSupported(f"safety.network.mode {mode} is not available on the "
+                                      f"{settings.sandbox.backend} sandbox backend", field="safety.network.mode")
     if network is None:
         return
     if network.mode == "open" and not settings.network.allow_open:

@@ -31,6 +31,7 @@ from critique_local.tokens import SANDBOX_TOKEN_PREFIX, new_token
 log = logging.getLogger(__name__)
 WORKSPACE = "/workspace"
 REFILL_CHECK_S = 30.0
+KEEP_ALIVE_S = 900.0
 START_OPENCODE = ("mkdir -p ~/.cache/opencode/bin && ln -sf /usr/bin/rg ~/.cache/opencode/bin/rg && "
                   f"exec opencode serve --hostname 0.0.0.0 --port {OPENCODE_PORT}")
 
@@ -125,7 +126,13 @@ class WarmPool:
                 await asyncio.wait_for(self._wake.wait(), REFILL_CHECK_S)
 
     async def _fill_once(self) -> None:
-        """Top the pool up, one sandbox at a time (this machine's cores are for runs)."""
+        """Keep waiting sandboxes alive (remote ones have a lifetime), then top the pool up, one
+        sandbox at a time (this machine's cores are for runs)."""
+        for warm in list(self._ready):
+            try:
+                await self.s.backend.extend(warm.sandbox.id, KEEP_ALIVE_S)
+            except SandboxError:
+                self._ready.remove(warm)
         for full_name, wanted in self.settings.repositories.items():
             prepared = await self._default_checkout(full_name)
             if prepared is None:

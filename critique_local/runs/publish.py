@@ -156,10 +156,10 @@ class Publisher:
         if commit == "UNCHANGED":
             return PublishOutcome("skipped", "no changes since the last published commit; the pull request "
                                   "was left as it is", branch, parent, existing.number if existing else None)
-        bundle = await sandbox.exec(["cat", BUNDLE], timeout_s=120, max_output_bytes=settings.max_bundle_bytes)
-        if not bundle.ok or bundle.truncated:
+        bundle = await sandbox.read_file(BUNDLE, settings.max_bundle_bytes)
+        if bundle is None:
             raise PublishError("the commit bundle could not be read or exceeds publish.max_bundle_bytes")
-        await asyncio.wait_for(self._push(source, bundle.stdout, commit, parent, result.tree, branch),
+        await asyncio.wait_for(self._push(source, bundle, commit, parent, result.tree, branch),
                                settings.timeout_s)
         body = pr_body(run, run_url, turn_idx, summary, result, validation)
         pr = await self._pull_request(run, source, existing, branch, base, commit, title, body, run_url)

@@ -97,9 +97,16 @@ class Sandbox(abc.ABC):
     async def endpoint(self, port: int) -> Endpoint:
         """Where the server reaches ``port`` inside the sandbox."""
 
+    async def read_file(self, path: str, max_bytes: int) -> bytes | None:
+        """A file's bytes (binary-safe), or None when it is missing or larger than ``max_bytes``."""
+        res = await self.exec(["bash", "-c", 'test -f "$1" && test "$(stat -c %s "$1")" -le "$2" && cat "$1"',
+                               "read", path, str(max_bytes)], timeout_s=120, max_output_bytes=max_bytes)
+        return res.stdout if res.ok and not res.truncated else None
+
 
 class SandboxBackend(abc.ABC):
     name: str
+    network_modes: frozenset[str] = frozenset({"none", "restricted", "open"})  # safety.network modes it enforces
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -127,6 +134,9 @@ class SandboxBackend(abc.ABC):
     @abc.abstractmethod
     async def list_ours(self) -> list[SandboxInfo]:
         """Every sandbox this server instance created that still exists."""
+
+    async def extend(self, sandbox_id: str, seconds: float) -> None:  # noqa: B027 - optional
+        """Keep the sandbox alive at least ``seconds`` more (remote sandboxes have a lifetime)."""
 
     async def adopt(self, sandbox_id: str, run_id: str) -> None:  # noqa: B027 - optional
         """A pooled sandbox now belongs to ``run_id`` (for names shown to operators)."""

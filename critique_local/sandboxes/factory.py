@@ -11,4 +11,9 @@ def make_backend(settings: Settings, instance_id: str) -> SandboxBackend:
         from critique_local.sandboxes.docker import DockerBackend
 
         return DockerBackend(settings.sandbox, settings.docker, instance_id, settings.network.allow_open)
+    if settings.sandbox.backend == "e2b":
+        from critique_local.sandboxes.e2b import E2BBackend
+
+        return E2BBackend(settings.e2b, settings.sandbox, instance_id, settings.e2b.gateway_url,
+                          settings.network.allow_open)
     raise ValueError(f"unknown sandbox backend {settings.sandbox.backend!r}")
