@@ -43,6 +43,7 @@ bench: setup
 	$(BIN)/python bench/run_bench.py
 	$(BIN)/python bench/session_bench.py
 	$(BIN)/python bench/gateway_bench.py
+	$(BIN)/python bench/pool_bench.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
