@@ -18,9 +18,8 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from critique_local import billing
 from critique_local.agent.config import OPENCODE_PORT, PROVIDER_ID
@@ -35,6 +34,7 @@ from critique_local.runs.pool import WarmPool, agent_env, start_agent
 from critique_local.runs.publish import Publisher, PublishOutcome
 from critique_local.runs.states import Phase, RunStatus, SessionEnd
 from critique_local.runs.validate import ValidationResult, repair_prompt, validate
+from critique_local.runs.watchdog import Watchdog
 from critique_local.sandboxes.base import Sandbox, SandboxError, SandboxSpec
 from critique_local.services import Services
 from critique_local.store import runs as store
@@ -45,11 +45,6 @@ from critique_local.tokens import SANDBOX_TOKEN_PREFIX, new_token, token_hash
 log = logging.getLogger(__name__)
 WORKSPACE = "/workspace"
 ATTACH_HEALTH_TIMEOUT_S = 10.0
-WATCH_INTERVAL_S = 2.0
-PIDS_HEADROOM = 8  # "at the limit": within this many processes of it
-PIDS_STRIKES = 3  # consecutive watchdog checks at the limit before the turn is stopped
-WORKSPACE_MIN_FREE_KB = 1024
-T = TypeVar("T")
 
 
 class BudgetStop(Exception):
@@ -65,6 +60,7 @@ class Executor:
     def __init__(self, services: Services) -> None:
         self.s = services
         self.pool: WarmPool | None = None
+        self.watchdog = Watchdog(services.backend, services.settings.sandbox)
 
     # ---- entry point (one scheduler job) ------------------------------------------------------
 
@@ -241,7 +237,8 @@ class Executor:
         assert base is not None and session_id is not None
         budget: BudgetStop | None = None
         try:
-            summary = await self._watched(run, sandbox, agent, self._prompt(run, agent, session_id, prompt))
+            summary = await self.watchdog.watch(sandbox, self._prompt(run, agent, session_id, prompt),
+                                                lambda: agent.abort(session_id))
         except BudgetStop as stop:
             # the gateway refused the call that would exceed the budget: the turn ends here, its
             # work so far is kept, and the run stays usable for follow-ups
@@ -249,7 +246,7 @@ class Executor:
         run = await self._transition(run, RunStatus.RUNNING, Phase.COLLECTING)
         previous = await self._previous_tree(run.id, idx) or base
         max_patch = self.s.settings.limits.max_patch_bytes
-        await self._check_workspace(sandbox)
+        await self.watchdog.check_workspace(sandbox)
         result = await collect(sandbox, base, previous, max_patch)
         validation: ValidationResult | None = None
         mode = str(run.request.get("validationMode") or "minimal")
@@ -265,12 +262,13 @@ class Executor:
                 await self.s.hub.builder(run.id, {"type": "validation.repair", "attempt": repairs})
                 run = await self._transition(run, RunStatus.RUNNING, Phase.AGENT_RUNNING)
                 try:
-                    summary = await self._watched(
-                        run, sandbox, agent, self._prompt(run, agent, session_id, repair_prompt(validation))) or summary
+                    summary = await self.watchdog.watch(
+                        sandbox, self._prompt(run, agent, session_id, repair_prompt(validation)),
+                        lambda: agent.abort(session_id)) or summary
                 except BudgetStop as stop:
                     budget, summary = stop, stop.partial or summary
                 run = await self._transition(run, RunStatus.RUNNING, Phase.COLLECTING)
-                await self._check_workspace(sandbox)
+                await self.watchdog.check_workspace(sandbox)
                 result = await collect(sandbox, base, previous, max_patch)
                 run = await self._transition(run, RunStatus.RUNNING, Phase.VALIDATING)
                 validation = await self._validate(run, sandbox, mode)
@@ -330,82 +328,6 @@ class Executor:
         if result is not None:
             await self.s.hub.builder(run.id, {"type": "validation", "final": False, **result.as_json()})
         return result
-
-    async def _watched(self, run: RunRow, sandbox: Sandbox, agent: OpenCodeClient, work: Awaitable[T]) -> T:
-        """Run ``work`` (an agent turn) while watching the sandbox's limits: a sandbox stuck at its
-        process limit (a fork bomb) stops the turn with ``process_limit``; an agent that died
-        after the sandbox hit its memory limit fails with ``out_of_memory``."""
-        task = asyncio.ensure_future(work)
-        limit_hits = 0
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=WATCH_INTERVAL_S)
-                if done:
-                    break
-                with contextlib.suppress(SandboxError):
-                    usage = await self.s.backend.usage(sandbox.id)
-                    at_limit = usage.pids is not None and usage.pids_limit is not None and (
-                        usage.pids >= usage.pids_limit - PIDS_HEADROOM)
-                    limit_hits = limit_hits + 1 if at_limit else 0
-                if limit_hits >= PIDS_STRIKES:
-                    task.cancel()
-                    if run.agent_session_id:
-                        with contextlib.suppress(Exception):
-                            await asyncio.wait_for(agent.abort(run.agent_session_id), 2)
-                    raise RunFailure("process_limit", f"the sandbox stayed at its process limit "
-                                     f"(sandbox.pids_limit = {self.s.settings.sandbox.pids_limit}): a fork bomb "
-                                     "or runaway processes; the run was stopped")
-            return task.result()
-        except (AgentError, RunFailure) as exc:
-            if isinstance(exc, RunFailure) and exc.code == "process_limit":
-                raise
-            cause = await self._diagnose(sandbox)
-            if cause is not None:
-                raise cause from exc
-            raise
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-
-    async def _check_workspace(self, sandbox: Sandbox) -> None:
-        full = await self._full_mounts(sandbox)
-        if WORKSPACE in full:
-            raise RunFailure("workspace_full", f"the workspace is full (sandbox.workspace_mb = "
-                             f"{self.s.settings.sandbox.workspace_mb}); the run was stopped")
-
-    async def _full_mounts(self, sandbox: Sandbox) -> list[str]:
-        """The sandbox's writable mounts with (almost) no space left."""
-        mounts = [WORKSPACE, "/tmp", "/home/agent/.local", "/home/agent/.cache"]
-        try:
-            res = await sandbox.exec(["df", "-P", "-k", *mounts], timeout_s=30)
-        except SandboxError:
-            return []
-        full = []
-        for line in res.stdout.decode(errors="replace").splitlines()[1:]:
-            fields = line.split()
-            if len(fields) >= 6 and fields[3].isdigit() and int(fields[3]) < WORKSPACE_MIN_FREE_KB:
-                full.append(fields[5])
-        return full
-
-    async def _diagnose(self, sandbox: Sandbox) -> RunFailure | None:
-        """Why an agent turn broke, when the sandbox's limits explain it."""
-        try:
-            usage = await self.s.backend.usage(sandbox.id)
-        except SandboxError:
-            return None
-        if usage.memory_limit_hits:
-            return RunFailure("out_of_memory", "the sandbox reached its memory limit (sandbox.memory_mb) and the "
-                              "agent stopped: runaway memory use or output")
-        full = await self._full_mounts(sandbox)
-        if WORKSPACE in full:
-            return RunFailure("workspace_full", f"the workspace is full (sandbox.workspace_mb = "
-                              f"{self.s.settings.sandbox.workspace_mb})")
-        if full:
-            return RunFailure("sandbox_storage_full", f"{', '.join(full)} filled up (sandbox.home_mb / tmp_mb) and "
-                              "the agent stopped: runaway output?")
-        return None
 
     async def _previous_tree(self, run_id: str, idx: int) -> str | None:
         for row in await store.turns_raw(self.s.db, run_id):
