@@ -1,0 +1,253 @@
+"""Issue-8 load benchmark, on this machine, loopback only:
+
+1. Status polling: GET /runs/{id} latency (p50/p99) and throughput with 50 and 200 concurrent
+   clients for a fixed time, next to a bare aiohttp server answering the same JSON body (the
+   floor for this machine and client) -> ratio.
+2. SSE fan-out: S subscribers (default 500) on R active runs; delivery lag = time the client
+   receives an event minus the time the server persisted it (same clock), p50/p99, for events
+   created after every subscriber connected.
+3. Concurrency: C scripted runs (default 20) started at once on the Docker backend; wall time
+   until all are idle, failures, server CPU seconds and peak RSS; next to one run alone.
+
+    .venv/bin/python bench/load_bench.py [--seconds 10] [--subscribers 500] [--runs 20]
+
+Writes bench/results/load-bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.helpers import Server, make_repo  # noqa: E402
+
+RUNS = "/api/v1/coding-agent/runs"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def wait_status(api: httpx.Client, run_id: str, statuses: set[str], timeout_s: float = 600) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = api.get(f"{RUNS}/{run_id}").json()["run"]
+        if run["status"] in statuses:
+            return dict(run)
+        time.sleep(0.25)
+    raise RuntimeError(f"run {run_id} did not reach {statuses}")
+
+
+async def hammer(url: str, headers: dict[str, str], clients: int, seconds: float) -> dict[str, float]:
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=30) as client:
+        stop = time.monotonic() + seconds
+
+        async def one() -> None:
+            nonlocal errors
+            while time.monotonic() < stop:
+                t0 = time.perf_counter()
+                resp = await client.get(url)
+                latencies.append((time.perf_counter() - t0) * 1000)
+                if resp.status_code != 200:
+                    errors += 1
+
+        await asyncio.gather(*(one() for _ in range(clients)))
+    return {"clients": clients, "requests": len(latencies), "rps": len(latencies) / seconds, "errors": errors,
+            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}
+
+
+def bare_server(body: bytes) -> tuple[str, web.AppRunner, asyncio.AbstractEventLoop]:
+    """A bare aiohttp server in a thread answering ``body``: the floor for polling."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        app = web.Application()
+        app.router.add_get("/run", handler)
+        runner = web.AppRunner(app, access_log=None)
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        loop.run_until_complete(site.start())
+        holder["runner"] = runner
+        holder["port"] = runner.addresses[0][1]
+        ready.set()
+        loop.run_forever()
+
+    threading.Thread(target=run, daemon=True).start()
+    ready.wait(10)
+    return f"http://127.0.0.1:{holder['port']}/run", holder["runner"], loop
+
+
+def proc_stats(pid: int) -> tuple[float, int]:
+    """(CPU seconds, RSS bytes) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    return cpu, rss
+
+
+async def fan_out(server: Server, key: str, run_ids: list[str], subscribers: int) -> dict[str, float]:
+    lags: list[float] = []
+    connected = 0
+    all_connected = asyncio.Event()
+    limits = httpx.Limits(max_connections=subscribers + 10, max_keepalive_connections=0)
+
+    async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, limits=limits,
+                                 timeout=httpx.Timeout(30, read=120)) as client:
+
+        async def subscribe(run_id: str) -> None:
+            nonlocal connected
+            async with client.stream("GET", f"{RUNS}/{run_id}/stream", params={"after": "0"}) as resp:
+                connected += 1
+                if connected == subscribers:
+                    all_connected.set()
+                data = ""
+                async for line in resp.aiter_lines():
+                    if line.startswith("data:"):
+                        data = line[5:].strip()
+                    elif line == "" and data:
+                        received = time.time()
+                        event = json.loads(data)
+                        created = datetime.fromisoformat(event["createdAt"].replace("Z", "+00:00")).timestamp()
+                        if all_connected.is_set() and created > connected_at[0]:
+                            lags.append((received - created) * 1000)
+                        data = ""
+
+        connected_at = [time.time() + 3600]
+        tasks = [asyncio.create_task(subscribe(run_ids[i % len(run_ids)])) for i in range(subscribers)]
+        await asyncio.wait_for(all_connected.wait(), 120)
+        connected_at[0] = time.time()
+        await asyncio.wait(tasks, timeout=300)
+        for task in tasks:
+            task.cancel()
+    return {"subscribers": subscribers, "events_measured": len(lags), "p50_ms": pct(lags, 0.5),
+            "p99_ms": pct(lags, 0.99), "max_ms": max(lags) if lags else float("nan")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--subscribers", type=int, default=500)
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="load-bench-"))
+    result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+    server = Server(base, extra_env={"CRITIQUE_LOCAL_LIMITS_REQUESTS_PER_MINUTE": "0",
+                                     "CRITIQUE_LOCAL_SCHEDULER_MAX_CONCURRENT_RUNS": str(args.runs),
+                                     "CRITIQUE_LOCAL_SCHEDULER_MAX_CONCURRENT_RUNS_PER_USER": str(args.runs),
+                                     "CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S": "600"})
+    make_repo(server.repos, "bench/small", {"README.md": "# bench\n", "app.py": "x = 1\n"})
+    server.start()
+    try:
+        key = server.new_key("load")
+        headers = {"Authorization": f"Bearer {key}"}
+        api = server.client(key)
+        api.timeout = httpx.Timeout(60)
+
+        # 1. polling
+        run = api.post(RUNS, json={"repository": "bench/small", "prompt": "@say polled"}).json()["run"]
+        wait_status(api, run["id"], {"idle"})
+        url = f"{server.url}{RUNS}/{run['id']}"
+        body = httpx.get(url, headers=headers).content
+        bare_url, runner, loop = bare_server(body)
+        polling = {}
+        for clients in (50, 200):
+            ours = asyncio.run(hammer(url, headers, clients, args.seconds))
+            bare = asyncio.run(hammer(bare_url, {}, clients, args.seconds))
+            polling[str(clients)] = {"ours": ours, "bare_aiohttp": bare,
+                                     "p50_ratio": ours["p50_ms"] / bare["p50_ms"], "rps_ratio": bare["rps"] / ours["rps"]}
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        result["polling"] = polling
+        api.post(f"{RUNS}/{run['id']}/messages", json={"endSession": True})
+
+        # 2. SSE fan-out on active runs
+        steps = "".join("@bash echo step\n@sleep 0.5\n" for _ in range(16)) + "@say streamed"
+        active = [api.post(RUNS, json={"repository": "bench/small", "prompt": steps}).json()["run"]["id"]
+                  for _ in range(5)]
+        for run_id in active:
+            deadline = time.monotonic() + 120
+            while api.get(f"{RUNS}/{run_id}").json()["run"]["lifecycle"] != "agent_running":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("run did not start")
+                time.sleep(0.1)
+        result["sse"] = asyncio.run(fan_out(server, key, active, args.subscribers))
+        for run_id in active:
+            wait_status(api, run_id, {"idle", "failed"})
+            api.post(f"{RUNS}/{run_id}/messages", json={"endSession": True})
+
+        # 3. concurrency: one alone, then N at once
+        assert server.proc is not None
+        prompt = "@write out.txt\nhello\n@end\n@bash cat out.txt\n@say done"
+        t0 = time.monotonic()
+        single = api.post(RUNS, json={"repository": "bench/small", "prompt": prompt}).json()["run"]
+        wait_status(api, single["id"], {"idle", "failed"})
+        single_s = time.monotonic() - t0
+        api.post(f"{RUNS}/{single['id']}/messages", json={"endSession": True})
+        cpu0, _ = proc_stats(server.proc.pid)
+        peak = 0
+        t0 = time.monotonic()
+        ids = [api.post(RUNS, json={"repository": "bench/small", "prompt": prompt}).json()["run"]["id"]
+               for _ in range(args.runs)]
+        done: dict[str, dict[str, Any]] = {}
+        while len(done) < len(ids):
+            for run_id in ids:
+                if run_id not in done:
+                    got = api.get(f"{RUNS}/{run_id}").json()["run"]
+                    if got["status"] in ("idle", "failed"):
+                        done[run_id] = got
+            peak = max(peak, proc_stats(server.proc.pid)[1])
+            time.sleep(0.5)
+        wall = time.monotonic() - t0
+        cpu1, _ = proc_stats(server.proc.pid)
+        failures = [r["error"] for r in done.values() if r["status"] != "idle"]
+        result["concurrency"] = {"runs": args.runs, "wall_s": wall, "single_run_s": single_s,
+                                 "wall_vs_serial": wall / (single_s * args.runs), "failures": failures,
+                                 "server_cpu_s": cpu1 - cpu0, "server_peak_rss_mb": peak / 1e6}
+        for run_id in ids:
+            api.post(f"{RUNS}/{run_id}/messages", json={"endSession": True})
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "load-bench.json").write_text(json.dumps(result, indent=2))
+    for clients, row in result["polling"].items():
+        o, b = row["ours"], row["bare_aiohttp"]
+        print(f"polling c={clients}: ours p50 {o['p50_ms']:.1f} ms p99 {o['p99_ms']:.1f} ms {o['rps']:.0f} req/s "
+              f"({o['errors']} errors); bare aiohttp p50 {b['p50_ms']:.1f} ms {b['rps']:.0f} req/s")
+    s = result["sse"]
+    print(f"SSE {s['subscribers']} subscribers: lag p50 {s['p50_ms']:.1f} ms p99 {s['p99_ms']:.1f} ms "
+          f"over {s['events_measured']} deliveries")
+    c = result["concurrency"]
+    print(f"{c['runs']} concurrent runs: wall {c['wall_s']:.1f} s (one alone {c['single_run_s']:.1f} s), "
+          f"{len(c['failures'])} failures, server CPU {c['server_cpu_s']:.1f} s, peak RSS {c['server_peak_rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
