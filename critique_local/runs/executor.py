@@ -127,7 +127,7 @@ class Executor:
         mode = network_policy(settings, run.request)[0]
         warm = None
         if self.pool is not None and self.pool.eligible(run.model_id, mode):
-            warm = self.pool.take(prepared.key)
+            warm = await self.pool.take(prepared.key)
         try:
             token = warm.token if warm else new_token(SANDBOX_TOKEN_PREFIX)
             password = warm.password if warm else secrets.token_urlsafe(24)
@@ -415,8 +415,8 @@ class Executor:
     async def destroy(self, sandbox_id: str) -> None:
         try:
             await self.s.backend.destroy(sandbox_id)
-        except SandboxError:
-            log.warning("could not remove sandbox %s; startup reconciliation will", sandbox_id[:12])
+        except SandboxError as exc:
+            log.warning("could not remove sandbox %s (%s); the orphan sweep will", sandbox_id[:12], exc)
 
     async def fail(self, run_id: str, code: str, message: str) -> None:
         run = await store.get_run(self.s.db, run_id)

@@ -84,14 +84,21 @@ class WarmPool:
     def eligible(self, model_id: str, network_mode: str) -> bool:
         return self.enabled and model_id == self.s.settings.models.default and network_mode == "none"
 
-    def take(self, checkout_key: str | None) -> WarmSandbox | None:
-        """A ready sandbox: one already holding ``checkout_key`` if any, else an empty one."""
-        chosen = next((w for w in self._ready if checkout_key and w.checkout_key == checkout_key), None)
-        chosen = chosen or next((w for w in self._ready if w.checkout_key is None), None)
-        if chosen is not None:
+    async def take(self, checkout_key: str | None) -> WarmSandbox | None:
+        """A ready sandbox: one already holding ``checkout_key`` if any, else an empty one. One
+        that stopped while waiting (engine restart, removed from outside) is dropped."""
+        while True:
+            chosen = next((w for w in self._ready if checkout_key and w.checkout_key == checkout_key), None)
+            chosen = chosen or next((w for w in self._ready if w.checkout_key is None), None)
+            if chosen is None:
+                return None
             self._ready.remove(chosen)
             self._wake.set()
-        return chosen
+            if await self.s.backend.alive(chosen.sandbox.id):
+                return chosen
+            log.warning("warm pool: sandbox %s stopped while waiting; dropped", chosen.sandbox.id[:12])
+            with contextlib.suppress(SandboxError):
+                await self.s.backend.destroy(chosen.sandbox.id)
 
     @property
     def ready_count(self) -> int:
@@ -130,9 +137,13 @@ class WarmPool:
         sandbox at a time (this machine's cores are for runs)."""
         for warm in list(self._ready):
             try:
+                if not await self.s.backend.alive(warm.sandbox.id):
+                    raise SandboxError("stopped while waiting")
                 await self.s.backend.extend(warm.sandbox.id, KEEP_ALIVE_S)
             except SandboxError:
                 self._ready.remove(warm)
+                with contextlib.suppress(SandboxError):
+                    await self.s.backend.destroy(warm.sandbox.id)
         for full_name, wanted in self.settings.repositories.items():
             prepared = await self._default_checkout(full_name)
             if prepared is None:

@@ -13,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 
 from critique_local.clock import now_iso
 from critique_local.runs.executor import Executor
 from critique_local.runs.queue import RunQueue
-from critique_local.runs.states import Phase, RunStatus, SessionEnd
+from critique_local.runs.states import TERMINAL, Phase, RunStatus, SessionEnd
+from critique_local.sandboxes.base import SandboxError
 from critique_local.services import Services
 from critique_local.store import runs as store
 
 log = logging.getLogger(__name__)
+SWEEP_INTERVAL_S = 30.0
 
 
 class Scheduler:
@@ -80,10 +83,14 @@ class Scheduler:
     # ---- expiry -------------------------------------------------------------------------------
 
     async def _reap_forever(self) -> None:
+        swept = time.monotonic()
         while True:
             await asyncio.sleep(self.s.settings.sandbox.reap_interval_s)
             try:
                 await self.reap()
+                if time.monotonic() - swept >= SWEEP_INTERVAL_S:
+                    swept = time.monotonic()
+                    await self.sweep()
             except Exception:
                 log.exception("session reaper failed")
 
@@ -94,6 +101,27 @@ class Scheduler:
                 if run is not None and run.status is RunStatus.IDLE and (run.session_expires_at or "") <= now_iso():
                     log.info("session of run %s expired", run_id)
                     await self.executor.close_session(run, RunStatus.COMPLETED, Phase.FINISHED, SessionEnd.EXPIRED)
+
+    async def sweep(self) -> None:
+        """Remove sandboxes that nothing can use any more: those of ended runs (their removal
+        failed, e.g. while the container engine was restarting), and stopped ones of idle runs,
+        whose session then ends as ``sandbox_lost`` (a message chains into a new run, as after a
+        restart). Pooled sandboxes are the pool's to check."""
+        for info in await self.s.backend.list_ours():
+            run = await store.get_run(self.s.db, info.run_id) if info.run_id else None
+            if run is None:
+                continue
+            if run.status in TERMINAL:
+                log.info("removing sandbox %s of ended run %s", info.id[:12], run.id)
+                with contextlib.suppress(SandboxError):
+                    await self.s.backend.destroy(info.id)
+            elif run.status is RunStatus.IDLE and not info.running:
+                async with self.lock(run.id):
+                    current = await store.get_run(self.s.db, run.id)
+                    if current is not None and current.status is RunStatus.IDLE and current.sandbox_id == info.id:
+                        log.info("sandbox of idle run %s stopped; its session ends", run.id)
+                        await self.executor.close_session(current, RunStatus.COMPLETED, Phase.FINISHED,
+                                                          SessionEnd.SANDBOX_LOST)
 
     # ---- restart ------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """The run watchdog: a sandbox's limits, watched during a turn and read when one breaks.
 
-A sandbox stuck at its process limit (a fork bomb) stops the turn with ``process_limit``; a
+A sandbox that stopped (killed from outside, engine restart) ends the turn with
+``sandbox_gone``; one stuck at its process limit (a fork bomb) stops it with ``process_limit``; a
 turn that broke is explained by the limit it hit (``out_of_memory``, ``workspace_full``,
 ``sandbox_storage_full``) when one explains it; a full workspace after a turn ends the run
 before git tries to write to it.
@@ -41,6 +42,10 @@ class Watchdog:
                 done, _ = await asyncio.wait({task}, timeout=WATCH_INTERVAL_S)
                 if done:
                     break
+                if not await self.backend.alive(sandbox.id):
+                    task.cancel()
+                    raise RunFailure("sandbox_gone", "the sandbox stopped during the turn (removed from outside, "
+                                     "or its engine restarted)")
                 with contextlib.suppress(SandboxError):
                     usage = await self.backend.usage(sandbox.id)
                     at_limit = usage.pids is not None and usage.pids_limit is not None and (
@@ -55,7 +60,7 @@ class Watchdog:
                                      "or runaway processes; the run was stopped")
             return task.result()
         except (AgentError, RunFailure) as exc:
-            if isinstance(exc, RunFailure) and exc.code == "process_limit":
+            if isinstance(exc, RunFailure) and exc.code in ("process_limit", "sandbox_gone"):
                 raise
             cause = await self.diagnose(sandbox)
             if cause is not None:

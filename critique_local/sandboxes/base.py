@@ -145,5 +145,9 @@ class SandboxBackend(abc.ABC):
         """Resource use against the sandbox's limits, for the run watchdog."""
         return ResourceUsage()
 
+    async def alive(self, sandbox_id: str) -> bool:
+        """Whether the sandbox still runs (True when the backend cannot tell cheaply)."""
+        return True
+
     async def restrict_host(self, ports: list[int]) -> None:  # noqa: B027 - optional: remote backends have no host
         """Let sandboxes reach only these ports of the host (the gateway, the egress proxy)."""

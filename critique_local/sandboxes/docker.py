@@ -54,7 +54,15 @@ AGENT_USER = "1000:1000"
 ICC = "com.docker.network.bridge.enable_icc"
 BRIDGE_NAME = "com.docker.network.bridge.name"
 FIREWALL_CHAIN = "CRITIQUE-SANDBOX"
+# The engine refused (APIError) or could not be reached at all (requests' errors are OSErrors:
+# the daemon stopped or is restarting): both are a SandboxError to the rest of the server.
+ENGINE_ERRORS = (docker.errors.DockerException, OSError)
 log = logging.getLogger(__name__)
+
+
+def _why(exc: BaseException) -> str:
+    explanation = getattr(exc, "explanation", None)
+    return str(explanation or exc) if explanation or not isinstance(exc, OSError) else "the Docker engine is unreachable"
 
 
 class DockerSandbox(Sandbox):
@@ -92,8 +100,8 @@ class DockerSandbox(Sandbox):
             code = api.exec_inspect(exec_id).get("ExitCode")
         except docker.errors.NotFound as exc:
             raise SandboxGone(f"container {self.id[:12]} is gone") from exc
-        except docker.errors.APIError as exc:
-            raise SandboxError(f"exec failed: {exc.explanation or exc}") from exc
+        except ENGINE_ERRORS as exc:
+            raise SandboxError(f"exec failed: {_why(exc)}") from exc
         return ExecResult(int(code if code is not None else -1), bytes(out), bytes(err), truncated)
 
     async def spawn(self, argv: list[str], *, env: Mapping[str, str], cwd: str, log_path: str) -> None:
@@ -109,8 +117,8 @@ class DockerSandbox(Sandbox):
             await asyncio.to_thread(start)
         except docker.errors.NotFound as exc:
             raise SandboxGone(f"container {self.id[:12]} is gone") from exc
-        except docker.errors.APIError as exc:
-            raise SandboxError(f"spawn failed: {exc.explanation or exc}") from exc
+        except ENGINE_ERRORS as exc:
+            raise SandboxError(f"spawn failed: {_why(exc)}") from exc
 
     async def upload_tar(self, dest_dir: str, tar_path: Path) -> None:
         """Streamed into ``tar -x`` inside the sandbox (the root filesystem is read-only and the
@@ -119,7 +127,7 @@ class DockerSandbox(Sandbox):
             code, err = await asyncio.to_thread(self._stdin_exec, ["tar", "-x", "-C", dest_dir, "-f", "-"], tar_path)
         except docker.errors.NotFound as exc:
             raise SandboxGone(f"container {self.id[:12]} is gone") from exc
-        except (docker.errors.APIError, OSError) as exc:
+        except ENGINE_ERRORS as exc:
             raise SandboxError(f"upload failed: {exc}") from exc
         if code != 0:
             raise SandboxError(f"upload into {dest_dir} failed: {err.decode(errors='replace')[-300:]}")
@@ -236,8 +244,20 @@ class DockerBackend(SandboxBackend):
     async def adopt(self, sandbox_id: str, run_id: str) -> None:
         try:
             await asyncio.to_thread(self.client.api.rename, sandbox_id, f"critique-{run_id}")
-        except docker.errors.APIError as exc:
+        except ENGINE_ERRORS as exc:
             log.warning("could not rename pooled sandbox %s: %s", sandbox_id[:12], exc)
+
+    async def alive(self, sandbox_id: str) -> bool:
+        def running() -> bool:
+            try:
+                return bool(self.client.api.inspect_container(sandbox_id)["State"]["Running"])
+            except docker.errors.NotFound:
+                return False
+
+        try:
+            return await asyncio.to_thread(running)
+        except ENGINE_ERRORS:
+            return True  # the engine is not answering: undecided, ask again later
 
     async def usage(self, sandbox_id: str) -> ResourceUsage:
         def stats() -> ResourceUsage:
@@ -251,8 +271,8 @@ class DockerBackend(SandboxBackend):
             return await asyncio.to_thread(stats)
         except docker.errors.NotFound as exc:
             raise SandboxGone(f"container {sandbox_id[:12]} is gone") from exc
-        except docker.errors.APIError as exc:
-            raise SandboxError(f"stats failed: {exc.explanation or exc}") from exc
+        except ENGINE_ERRORS as exc:
+            raise SandboxError(f"stats failed: {_why(exc)}") from exc
 
     async def close(self) -> None:
         if self._bridge is not None and self._firewall_ports:
@@ -315,8 +335,8 @@ class DockerBackend(SandboxBackend):
 
         try:
             container = await asyncio.to_thread(run)
-        except docker.errors.APIError as exc:
-            raise SandboxError(f"could not start a sandbox: {exc.explanation or exc}", "sandbox_start_failed") from exc
+        except ENGINE_ERRORS as exc:
+            raise SandboxError(f"could not start a sandbox: {_why(exc)}", "sandbox_start_failed") from exc
         return DockerSandbox(self.client, container, self._settings.network)
 
     async def connect(self, sandbox_id: str) -> Sandbox | None:
@@ -337,9 +357,9 @@ class DockerBackend(SandboxBackend):
 
         try:
             await asyncio.to_thread(remove)
-        except docker.errors.APIError as exc:
-            if "already in progress" not in str(exc):
-                raise SandboxError(f"could not remove sandbox: {exc.explanation or exc}") from exc
+        except ENGINE_ERRORS as exc:
+            if "already in progress" not in str(exc):  # a concurrent remove finishes the job
+                raise SandboxError(f"could not remove sandbox: {_why(exc)}") from exc
 
     async def list_ours(self) -> list[SandboxInfo]:
         def listing() -> list[SandboxInfo]:

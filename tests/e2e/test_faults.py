@@ -3,6 +3,7 @@ and idle; a sandbox killed from outside; OpenCode crashing inside its sandbox.""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Server, sse_events, wait_for
+from tests.helpers import ROOT, Server, sse_events, wait_for
 
 pytestmark = pytest.mark.e2e
 RUNS = "/api/v1/coding-agent/runs"
@@ -109,3 +110,48 @@ def test_opencode_crashing_inside_the_sandbox_is_a_clear_failure(server: Server,
     assert done["status"] == "failed" and done["error"]["code"] in ("agent_unreachable", "agent_error"), done["error"]
     assert subprocess.run(["docker", "ps", "-aq", "--filter", f"label=critique.run={run['id']}"],
                           capture_output=True, text=True).stdout.split() == []
+
+
+def _containers(run_id: str) -> list[str]:
+    return subprocess.run(["docker", "ps", "-aq", "--filter", f"label=critique.run={run_id}"],
+                          capture_output=True, text=True).stdout.split()
+
+
+def _docker_up() -> bool:
+    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="restarting dockerd needs root")
+def test_docker_daemon_restart_fails_running_runs_and_chains_idle_ones(fresh_server: Server) -> None:
+    fresh_server.start()
+    api = fresh_server.client(fresh_server.new_key("daemon"))
+    idle = api.post(RUNS, json={"repository": "acme/web", "prompt": "@say idle"}).json()["run"]
+    assert wait_for(api, idle["id"], {"idle", "failed"})["status"] == "idle"
+    running = api.post(RUNS, json={"repository": "acme/web", "prompt": "@sleep 60\n@say late"}).json()["run"]
+    deadline = time.monotonic() + 120
+    while api.get(f"{RUNS}/{running['id']}").json()["run"]["lifecycle"] != "agent_running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    subprocess.run(["pkill", "-TERM", "-x", "dockerd"], check=True)
+    deadline = time.monotonic() + 60
+    while subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "dockerd did not stop"
+        time.sleep(0.5)
+    assert not _docker_up()
+    subprocess.run(["bash", str(ROOT / "scripts" / "ensure-system.sh")], check=True, capture_output=True)
+    assert _docker_up()
+
+    failed = wait_for(api, running["id"], {"idle", "failed"}, timeout_s=120)
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] in ("sandbox_gone", "agent_unreachable", "sandbox_error"), failed["error"]
+    resp = api.post(f"{RUNS}/{idle['id']}/messages", json={"prompt": "@say after the daemon came back"})
+    assert resp.status_code == 202 and resp.json()["run"]["chainedFromRunId"] == idle["id"]
+    chained = wait_for(api, resp.json()["run"]["id"], {"idle", "failed"}, timeout_s=180)
+    assert chained["status"] == "idle" and chained["summary"] == "after the daemon came back"
+    assert api.get(f"{RUNS}/{idle['id']}").json()["run"]["sessionActive"] is False
+    api.post(f"{RUNS}/{chained['id']}/messages", json={"endSession": True})
+    deadline = time.monotonic() + 90  # left-overs go with the run's teardown or the orphan sweep
+    while _containers(idle["id"]) or _containers(running["id"]):
+        assert time.monotonic() < deadline, "containers of ended runs remain"
+        time.sleep(1)
