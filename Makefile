@@ -44,6 +44,9 @@ bench: setup
 	$(BIN)/python bench/session_bench.py
 	$(BIN)/python bench/gateway_bench.py
 	$(BIN)/python bench/pool_bench.py
+	@command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null || \
+		echo "wrk unavailable: polling load falls back to the (slower) httpx client"
+	$(BIN)/python bench/load_bench.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -1,8 +1,10 @@
 """Issue-8 load benchmark, on this machine, loopback only:
 
 1. Status polling: GET /runs/{id} latency (p50/p99) and throughput with 50 and 200 concurrent
-   clients for a fixed time, next to a bare aiohttp server answering the same JSON body (the
-   floor for this machine and client) -> ratio.
+   connections for a fixed time, next to a bare aiohttp server answering the same JSON body (the
+   floor for this machine) -> ratio. The load comes from ``wrk`` (Debian package; ``make bench``
+   installs it); without it, from an httpx async client in this process, which is itself the
+   bottleneck on two cores (recorded as ``client``).
 2. SSE fan-out: S subscribers (default 500) on R active runs; delivery lag = time the client
    receives an event minus the time the server persisted it (same clock), p50/p99, for events
    created after every subscriber connected.
@@ -21,7 +23,9 @@ import asyncio
 import json
 import os
 import platform
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -75,6 +79,35 @@ async def hammer(url: str, headers: dict[str, str], clients: int, seconds: float
         await asyncio.gather(*(one() for _ in range(clients)))
     return {"clients": clients, "requests": len(latencies), "rps": len(latencies) / seconds, "errors": errors,
             "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}
+
+
+WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def wrk_hammer(url: str, headers: dict[str, str], clients: int, seconds: float) -> dict[str, Any]:
+    """``wrk`` with two threads; latency percentiles from its ``--latency`` distribution."""
+    argv = ["wrk", "-t2", f"-c{clients}", f"-d{int(seconds)}s", "--latency", "--timeout", "30s"]
+    for name, value in headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    out = subprocess.run([*argv, url], capture_output=True, text=True, check=True).stdout
+    lat = {m.group(1): float(m.group(2)) * WRK_UNITS[m.group(3)]
+           for m in re.finditer(r"^\s+(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
+    total = re.search(r"^\s*(\d+) requests in", out, re.M)
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if not (total and rps and "50" in lat and "99" in lat):
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    errors = int(non2xx.group(1)) if non2xx else 0
+    errors += sum(int(g) for g in socket.groups()) if socket else 0
+    return {"client": "wrk", "clients": clients, "requests": int(total.group(1)), "rps": float(rps.group(1)),
+            "errors": errors, "p50_ms": lat["50"], "p99_ms": lat["99"]}
+
+
+def load(url: str, headers: dict[str, str], clients: int, seconds: float) -> dict[str, Any]:
+    if shutil.which("wrk"):
+        return wrk_hammer(url, headers, clients, seconds)
+    return {"client": "httpx", **asyncio.run(hammer(url, headers, clients, seconds))}
 
 
 def bare_server(body: bytes) -> tuple[str, web.AppRunner, asyncio.AbstractEventLoop]:
@@ -178,8 +211,8 @@ def main() -> None:
         bare_url, runner, loop = bare_server(body)
         polling = {}
         for clients in (50, 200):
-            ours = asyncio.run(hammer(url, headers, clients, args.seconds))
-            bare = asyncio.run(hammer(bare_url, {}, clients, args.seconds))
+            ours = load(url, headers, clients, args.seconds)
+            bare = load(bare_url, headers, clients, args.seconds)
             polling[str(clients)] = {"ours": ours, "bare_aiohttp": bare,
                                      "p50_ratio": ours["p50_ms"] / bare["p50_ms"], "rps_ratio": bare["rps"] / ours["rps"]}
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
@@ -239,8 +272,9 @@ def main() -> None:
     (out / "load-bench.json").write_text(json.dumps(result, indent=2))
     for clients, row in result["polling"].items():
         o, b = row["ours"], row["bare_aiohttp"]
-        print(f"polling c={clients}: ours p50 {o['p50_ms']:.1f} ms p99 {o['p99_ms']:.1f} ms {o['rps']:.0f} req/s "
-              f"({o['errors']} errors); bare aiohttp p50 {b['p50_ms']:.1f} ms {b['rps']:.0f} req/s")
+        print(f"polling c={clients} ({o['client']}): ours p50 {o['p50_ms']:.1f} ms p99 {o['p99_ms']:.1f} ms {o['rps']:.0f} req/s "
+              f"({o['errors']} errors); bare aiohttp p50 {b['p50_ms']:.1f} ms "
+              f"p99 {b['p99_ms']:.1f} ms {b['rps']:.0f} req/s")
     s = result["sse"]
     print(f"SSE {s['subscribers']} subscribers: lag p50 {s['p50_ms']:.1f} ms p99 {s['p99_ms']:.1f} ms "
           f"over {s['events_measured']} deliveries")

@@ -50,4 +50,5 @@ def parse_query(request: web.Request, model: type[M]) -> M:
 
 
 def respond(model: BaseModel, status: int = 200) -> web.Response:
-    return web.json_response(model.model_dump(mode="json", by_alias=True), status=status)
+    return web.Response(body=model.model_dump_json(by_alias=True).encode(), status=status,
+                        content_type="application/json")

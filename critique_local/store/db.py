@@ -47,14 +47,15 @@ class Database:
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 await self._conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={number}; COMMIT;")
 
+    # Reads are one hop to the connection's thread each (execute + fetch + close together):
+    # a status poll makes several, and the hops, not SQLite, are what they cost.
     async def one(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
-        async with self._conn.execute(sql, tuple(params)) as cur:
-            row: Row | None = await cur.fetchone()
-            return row
+        """The first row of a query that selects at most one (by key, or ``LIMIT 1``)."""
+        rows = list(await self._conn.execute_fetchall(sql, tuple(params)))
+        return rows[0] if rows else None
 
     async def all(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
-        async with self._conn.execute(sql, tuple(params)) as cur:
-            return list(await cur.fetchall())
+        return list(await self._conn.execute_fetchall(sql, tuple(params)))
 
     @asynccontextmanager
     async def tx(self) -> AsyncIterator[aiosqlite.Connection]:
