@@ -89,6 +89,7 @@ class SandboxInfo:
     sandbox_id: str
     template_id: str
     metadata: dict[str, str] = field(default_factory=dict)
+    state: str = "running"  # the SDK's SandboxState is a str enum: "running" | "paused"
 
 
 def _record(call: str, **details: Any) -> None:
@@ -135,6 +136,10 @@ def _remove(sid: str) -> bool:
         return True
     except docker.errors.NotFound:
         return False
+    except docker.errors.APIError as exc:
+        if "already in progress" in str(exc):
+            return True
+        raise SandboxException(str(exc)) from exc
 
 
 def _require_key(opts: dict[str, Any]) -> None:
@@ -169,6 +174,8 @@ class Commands:
                                       workdir=cwd, environment=dict(envs or {}))["Id"]
         except docker.errors.NotFound as exc:
             raise SandboxNotFoundException(str(exc)) from exc
+        except docker.errors.APIError as exc:  # e.g. 409 "is not running": E2B says not found
+            raise SandboxNotFoundException(f"sandbox {self.sandbox.sandbox_id} not found: {exc}") from exc
         if background:
             await asyncio.to_thread(api.exec_start, exec_id, detach=True)
             if timeout:  # E2B's command timeout applies to background commands too
@@ -306,6 +313,15 @@ class AsyncSandbox:
         _record("set_timeout", sandbox_id=sandbox_id, timeout=timeout)
         await asyncio.to_thread(_container, sandbox_id)
         _deadlines[sandbox_id] = time.monotonic() + timeout
+
+    @classmethod
+    async def get_info(cls, sandbox_id: str, **opts: Any) -> SandboxInfo:
+        """As the SDK: ``SandboxNotFoundException`` once a sandbox is killed or expired."""
+        _require_key(opts)
+        _record("get_info", sandbox_id=sandbox_id)
+        container = await asyncio.to_thread(_container, sandbox_id)
+        meta = {k[5:]: v for k, v in container.labels.items() if k.startswith("meta.")}
+        return SandboxInfo(sandbox_id, "critique-local-opencode", meta)
 
     @classmethod
     def list(cls, query: SandboxQuery | None = None, **opts: Any) -> _Paginator:

@@ -417,6 +417,8 @@ class Executor:
             await self.s.backend.destroy(sandbox_id)
         except SandboxError as exc:
             log.warning("could not remove sandbox %s (%s); the orphan sweep will", sandbox_id[:12], exc)
+        except Exception:  # a backend bug must not keep the run from its terminal status
+            log.exception("could not remove sandbox %s; the orphan sweep will", sandbox_id[:12])
 
     async def fail(self, run_id: str, code: str, message: str) -> None:
         run = await store.get_run(self.s.db, run_id)

@@ -25,6 +25,7 @@ WATCH_INTERVAL_S = 2.0
 PIDS_HEADROOM = 8  # "at the limit": within this many processes of it
 PIDS_STRIKES = 3  # consecutive checks at the limit before the turn is stopped
 MIN_FREE_KB = 1024
+SANDBOX_GONE = "the sandbox stopped during the turn (removed from outside, or its engine restarted)"
 T = TypeVar("T")
 
 
@@ -44,8 +45,7 @@ class Watchdog:
                     break
                 if not await self.backend.alive(sandbox.id):
                     task.cancel()
-                    raise RunFailure("sandbox_gone", "the sandbox stopped during the turn (removed from outside, "
-                                     "or its engine restarted)")
+                    raise RunFailure("sandbox_gone", SANDBOX_GONE)
                 with contextlib.suppress(SandboxError):
                     usage = await self.backend.usage(sandbox.id)
                     at_limit = usage.pids is not None and usage.pids_limit is not None and (
@@ -62,6 +62,8 @@ class Watchdog:
         except (AgentError, RunFailure) as exc:
             if isinstance(exc, RunFailure) and exc.code in ("process_limit", "sandbox_gone"):
                 raise
+            if not await self.backend.alive(sandbox.id):
+                raise RunFailure("sandbox_gone", SANDBOX_GONE) from exc
             cause = await self.diagnose(sandbox)
             if cause is not None:
                 raise cause from exc

@@ -31,6 +31,8 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
+
 from critique_local.config import E2BSettings, SandboxSettings
 from critique_local.sandboxes.base import (
     Endpoint,
@@ -63,6 +65,12 @@ def _is_address(host: str) -> bool:
         return False
 
 
+def _errors(sdk: ModuleType) -> tuple[type[Exception], ...]:
+    """What the SDK raises when a call fails: its own exceptions, and its HTTP client's (httpx)
+    or the OS's when E2B cannot be reached at all. All of them become SandboxErrors."""
+    return (sdk.SandboxException, httpx.HTTPError, OSError)
+
+
 class E2BSandbox(Sandbox):
     def __init__(self, sdk: ModuleType, box: Any) -> None:
         self.sdk = sdk
@@ -84,7 +92,7 @@ class E2BSandbox(Sandbox):
             code, out, err = exc.exit_code, exc.stdout, exc.stderr
         except self.sdk.TimeoutException:
             return ExecResult(TIMEOUT_EXIT, b"", b"timed out", False)
-        except self.sdk.SandboxException as exc:
+        except _errors(self.sdk) as exc:
             raise self._translate(exc) from exc
         stdout, stderr = (out or "").encode(), (err or "").encode()
         truncated = len(stdout) > max_output_bytes or len(stderr) > max_output_bytes
@@ -93,7 +101,7 @@ class E2BSandbox(Sandbox):
     async def read_file(self, path: str, max_bytes: int) -> bytes | None:
         try:
             data = await self.box.files.read(path, format="bytes", user=USER)
-        except self.sdk.SandboxException as exc:
+        except _errors(self.sdk) as exc:
             if isinstance(exc, getattr(self.sdk, "FileNotFoundException", ())):
                 return None
             raise self._translate(exc) from exc
@@ -104,14 +112,14 @@ class E2BSandbox(Sandbox):
         try:
             await self.box.commands.run(f"bash -c {shlex.quote(line)}", background=True, timeout=0, envs=dict(env),
                                         cwd=cwd, user=USER)
-        except self.sdk.SandboxException as exc:
+        except _errors(self.sdk) as exc:
             raise self._translate(exc) from exc
 
     async def upload_tar(self, dest_dir: str, tar_path: Path) -> None:
         data = await asyncio.to_thread(tar_path.read_bytes)
         try:
             await self.box.files.write(UPLOAD_PATH, data, user=USER)
-        except self.sdk.SandboxException as exc:
+        except _errors(self.sdk) as exc:
             raise self._translate(exc) from exc
         res = await self.exec(["bash", "-c", f'tar -x -C "$1" -f {UPLOAD_PATH} && rm -f {UPLOAD_PATH}', "upload",
                                dest_dir], timeout_s=600)
@@ -186,7 +194,7 @@ class E2BBackend(SandboxBackend):
                 template=self.settings.template, timeout=int(self._sandbox.turn_timeout_s + 600), metadata=metadata,
                 envs=dict(spec.env), secure=True, allow_internet_access=spec.network_mode == "open",
                 network=self._network(spec.network_mode), **self._api())
-        except self.sdk.SandboxException as exc:
+        except _errors(self.sdk) as exc:
             raise SandboxError(f"could not start an E2B sandbox: {exc}", "sandbox_start_failed") from exc
         return E2BSandbox(self.sdk, box)
 
@@ -194,7 +202,7 @@ class E2BBackend(SandboxBackend):
         try:
             box = await self.sdk.AsyncSandbox.connect(sandbox_id, timeout=int(self._sandbox.turn_timeout_s + 600),
                                                       **self._api())
-        except self.sdk.SandboxException as exc:
+        except _errors(self.sdk) as exc:
             if isinstance(exc, (self.sdk.NotFoundException, getattr(self.sdk, "SandboxNotFoundException", ()))):
                 return None
             raise SandboxError(f"E2B connect failed: {exc}") from exc
@@ -205,7 +213,7 @@ class E2BBackend(SandboxBackend):
             await self.sdk.AsyncSandbox.kill(sandbox_id, **self._api())
         except self.sdk.NotFoundException:
             pass
-        except self.sdk.SandboxException as exc:
+        except _errors(self.sdk) as exc:
             raise SandboxError(f"E2B kill failed: {exc}") from exc
 
     async def extend(self, sandbox_id: str, seconds: float) -> None:
@@ -213,8 +221,17 @@ class E2BBackend(SandboxBackend):
             await self.sdk.AsyncSandbox.set_timeout(sandbox_id, int(seconds), **self._api())
         except self.sdk.NotFoundException as exc:
             raise SandboxGone(f"E2B sandbox {sandbox_id} is gone") from exc
-        except self.sdk.SandboxException as exc:
+        except _errors(self.sdk) as exc:
             raise SandboxError(f"E2B set_timeout failed: {exc}") from exc
+
+    async def alive(self, sandbox_id: str) -> bool:
+        try:
+            info = await self.sdk.AsyncSandbox.get_info(sandbox_id, **self._api())
+        except self.sdk.NotFoundException:
+            return False
+        except _errors(self.sdk):
+            return True  # the API is not answering: undecided, ask again later
+        return str(getattr(info.state, "value", info.state)) == "running"
 
     async def list_ours(self) -> list[SandboxInfo]:
         query = self.sdk.SandboxQuery(metadata={META_INSTANCE: self._instance})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -138,3 +139,20 @@ def test_live_e2b_run(tmp_path: Path) -> None:  # pragma: no cover - needs E2B's
         api.post(f"{RUNS}/{done['id']}/messages", json={"endSession": True})
     finally:
         srv.stop()
+
+
+def test_an_e2b_sandbox_ending_mid_turn_fails_the_run_clearly(e2b_server: Server) -> None:
+    e2b_server.start()
+    api = e2b_server.client(e2b_server.new_key("gone"))
+    run = api.post(RUNS, json={"repository": "acme/web", "prompt": "@sleep 60\n@say late"}).json()["run"]
+    deadline = time.monotonic() + 180
+    while api.get(f"{RUNS}/{run['id']}").json()["run"]["lifecycle"] != "agent_running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(3)  # the watchdog has looked at least once
+    box = next(c["sandbox_id"] for c in calls(e2b_server) if c["call"] == "files.write")
+    assert any(c["call"] == "get_info" and c["sandbox_id"] == box for c in calls(e2b_server))
+    subprocess.run(["docker", "rm", "-f", box], capture_output=True, check=True)  # E2B ended it
+    failed = wait_for(api, run["id"], {"idle", "failed"}, timeout_s=60)
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "sandbox_gone", failed["error"]
