@@ -97,6 +97,8 @@ class SandboxSettings(Section):
     idle_timeout_s: float = Field(1800, gt=0, description="A warm session expires this long after its last turn.")
     max_lifetime_s: float = Field(14400, gt=0, description="Hard cap on one sandbox's total lifetime.")
     reap_interval_s: float = Field(5, gt=0, description="How often expired sessions are looked for.")
+    sweep_interval_s: float = Field(30, gt=0, description="How often sandboxes nothing can use any more (of "
+                                    "ended runs, or stopped) are looked for and removed.")
 
 
 class NetworkSettings(Section):

@@ -100,6 +100,11 @@ class WarmPool:
             with contextlib.suppress(SandboxError):
                 await self.s.backend.destroy(chosen.sandbox.id)
 
+    def discard(self, sandbox_id: str) -> None:
+        """Forget a waiting sandbox that was removed (the sweep found it stopped); refill."""
+        self._ready = [w for w in self._ready if w.sandbox.id != sandbox_id]
+        self._wake.set()
+
     @property
     def ready_count(self) -> int:
         return len(self._ready)

@@ -25,7 +25,6 @@ from critique_local.services import Services
 from critique_local.store import runs as store
 
 log = logging.getLogger(__name__)
-SWEEP_INTERVAL_S = 30.0
 
 
 class Scheduler:
@@ -88,9 +87,11 @@ class Scheduler:
             await asyncio.sleep(self.s.settings.sandbox.reap_interval_s)
             try:
                 await self.reap()
-                if time.monotonic() - swept >= SWEEP_INTERVAL_S:
+                if time.monotonic() - swept >= self.s.settings.sandbox.sweep_interval_s:
                     swept = time.monotonic()
                     await self.sweep()
+            except SandboxError as exc:  # e.g. the container engine is restarting: next round
+                log.warning("session reaper: %s", exc)
             except Exception:
                 log.exception("session reaper failed")
 
@@ -106,10 +107,18 @@ class Scheduler:
         """Remove sandboxes that nothing can use any more: those of ended runs (their removal
         failed, e.g. while the container engine was restarting), and stopped ones of idle runs,
         whose session then ends as ``sandbox_lost`` (a message chains into a new run, as after a
-        restart). Pooled sandboxes are the pool's to check."""
+        restart), and stopped ones no run holds. Running sandboxes no run holds are the pool's
+        (or being handed to a run) and stay."""
         for info in await self.s.backend.list_ours():
             run = await store.get_run(self.s.db, info.run_id) if info.run_id else None
+            run = run or await store.run_of_sandbox(self.s.db, info.id)  # a pooled one a run took
             if run is None:
+                if not info.running:  # a pooled sandbox that stopped (a waiting one is running)
+                    log.info("removing stopped sandbox %s", info.id[:12])
+                    with contextlib.suppress(SandboxError):
+                        await self.s.backend.destroy(info.id)
+                    if self.executor.pool is not None:
+                        self.executor.pool.discard(info.id)
                 continue
             if run.status in TERMINAL:
                 log.info("removing sandbox %s of ended run %s", info.id[:12], run.id)

@@ -25,6 +25,7 @@ WATCH_INTERVAL_S = 2.0
 PIDS_HEADROOM = 8  # "at the limit": within this many processes of it
 PIDS_STRIKES = 3  # consecutive checks at the limit before the turn is stopped
 MIN_FREE_KB = 1024
+STOPPED_RECHECKS_S = (0.0, 0.25, 0.25, 0.5)
 SANDBOX_GONE = "the sandbox stopped during the turn (removed from outside, or its engine restarted)"
 T = TypeVar("T")
 
@@ -62,7 +63,7 @@ class Watchdog:
         except (AgentError, RunFailure) as exc:
             if isinstance(exc, RunFailure) and exc.code in ("process_limit", "sandbox_gone"):
                 raise
-            if not await self.backend.alive(sandbox.id):
+            if await self.stopped(sandbox):
                 raise RunFailure("sandbox_gone", SANDBOX_GONE) from exc
             cause = await self.diagnose(sandbox)
             if cause is not None:
@@ -73,6 +74,15 @@ class Watchdog:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+
+    async def stopped(self, sandbox: Sandbox) -> bool:
+        """Whether the sandbox stopped. A killed container drops OpenCode's connection a moment
+        before its engine reports it exited, so a running answer is asked again for a second."""
+        for delay in STOPPED_RECHECKS_S:
+            await asyncio.sleep(delay)
+            if not await self.backend.alive(sandbox.id):
+                return True
+        return False
 
     async def check_workspace(self, sandbox: Sandbox) -> None:
         if WORKSPACE in await self.full_mounts(sandbox):

@@ -366,7 +366,10 @@ class DockerBackend(SandboxBackend):
             found = self.client.containers.list(all=True, filters={"label": f"{LABEL_INSTANCE}={self._instance}"})
             return [SandboxInfo(str(c.id), c.labels.get(LABEL_RUN), c.status == "running") for c in found]
 
-        return await asyncio.to_thread(listing)
+        try:
+            return await asyncio.to_thread(listing)
+        except ENGINE_ERRORS as exc:
+            raise SandboxError(f"could not list sandboxes: {_why(exc)}") from exc
 
 
 def _firewall(bridge: str, ports: list[int], instance: str, add: bool, gateway: str | None = None) -> None:

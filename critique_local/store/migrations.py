@@ -189,3 +189,10 @@ MIGRATIONS.append(
     );
     """
 )
+
+# The orphan sweep finds the run of a sandbox by its id (pooled sandboxes carry no run label).
+MIGRATIONS.append(
+    """
+    CREATE INDEX runs_sandbox ON runs(sandbox_id);
+    """
+)

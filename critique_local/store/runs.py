@@ -165,6 +165,11 @@ async def get_run(db: Database, run_id: str, user_id: str | None = None) -> RunR
     return _row(row) if row else None
 
 
+async def run_of_sandbox(db: Database, sandbox_id: str) -> RunRow | None:
+    row = await db.one(f"SELECT {_COLUMNS} {_FROM} WHERE r.sandbox_id = ? ORDER BY r.seq DESC LIMIT 1", (sandbox_id,))
+    return _row(row) if row else None
+
+
 async def list_runs(db: Database, user_id: str, limit: int, before_seq: int | None) -> list[RunRow]:
     sql = f"SELECT {_COLUMNS} {_FROM} WHERE r.user_id = ?"
     params: list[Any] = [user_id]

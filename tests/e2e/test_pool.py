@@ -105,3 +105,33 @@ def test_pooled_sandboxes_do_not_survive_a_crash_but_idle_runs_do(fresh_server: 
     assert resp.status_code == 202
     again = wait_for(api, run["id"], {"idle", "failed"})
     assert again["status"] == "idle" and again["turnCount"] == 2 and again["summary"] == "still here"
+    api.post(f"{RUNS}/{run['id']}/messages", json={"endSession": True})
+
+
+def test_stopped_sandboxes_are_swept_whether_pooled_waiting_or_taken(fresh_server: Server) -> None:
+    fresh_server.extra_env.update({"CRITIQUE_LOCAL_POOL_SIZE": "1", "CRITIQUE_LOCAL_SANDBOX_SWEEP_INTERVAL_S": "1",
+                                   "CRITIQUE_LOCAL_SANDBOX_REAP_INTERVAL_S": "0.5"})
+    fresh_server.start()
+    wait_warm(fresh_server, 1)
+    api = fresh_server.client(fresh_server.new_key("sweep"))
+    run = api.post(RUNS, json={"repository": "acme/web", "prompt": "@say warm"}).json()["run"]
+    idle = wait_for(api, run["id"], {"idle", "failed"})
+    assert idle["status"] == "idle" and sandbox_event(api, run["id"])["warm"] is True
+    wait_warm(fresh_server, 1)
+    taken = f"critique-{run['id']}"
+    waiting = next(n for n in names_of_ours(fresh_server) if n != taken)
+    subprocess.run(["docker", "stop", "-t", "0", taken, waiting], check=True, capture_output=True)
+
+    deadline = time.monotonic() + 60  # the idle run's session ends; both stopped containers go
+    while {taken, waiting} & set(names_of_ours(fresh_server)):
+        assert time.monotonic() < deadline, names_of_ours(fresh_server)
+        time.sleep(0.5)
+    ended = api.get(f"{RUNS}/{run['id']}").json()["run"]
+    assert ended["sessionActive"] is False and ended["status"] == "completed"
+    wait_warm(fresh_server, 1)  # the pool replaced its stopped sandbox
+    assert len(names_of_ours(fresh_server)) == 1 and waiting not in names_of_ours(fresh_server)
+    resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@say chained"})
+    assert resp.status_code == 202 and resp.json()["run"]["chainedFromRunId"] == run["id"]
+    chained = wait_for(api, resp.json()["run"]["id"], {"idle", "failed"})
+    assert chained["status"] == "idle" and chained["summary"] == "chained"
+    api.post(f"{RUNS}/{chained['id']}/messages", json={"endSession": True})
