@@ -14,6 +14,7 @@ import logging
 import secrets
 import signal
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
@@ -45,6 +46,7 @@ from critique_local.tokens import token_hash
 from critique_local.webhooks import Webhooks
 
 log = logging.getLogger("critique_local")
+BLOCKING_THREADS = 64
 
 
 def instance_id(settings: Settings) -> str:
@@ -138,6 +140,10 @@ def egress_event(services: Services) -> DecisionHook:
 
 
 async def serve(settings: Settings, on_ready: Callable[[Services], None] | None = None) -> None:
+    # Blocking calls (the Docker SDK, git, files) run in threads; asyncio's default pool has
+    # cores + 4 of them, too few for many concurrent runs each waiting on the engine.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=BLOCKING_THREADS,
+                                                                        thread_name_prefix="blocking"))
     settings.server.data_dir.mkdir(parents=True, exist_ok=True)
     db = await Database.open(settings.db_path)
     backend = make_backend(settings, instance_id(settings))

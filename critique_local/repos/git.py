@@ -25,7 +25,12 @@ async def run_git(args: list[str], cwd: Path | None, env: dict[str, str], timeou
         out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
     except TimeoutError as exc:
         proc.kill()
+        await proc.wait()
         raise RunFailure("clone_timeout", f"git {args[0]} took longer than {timeout_s:.0f}s") from exc
+    except BaseException:  # cancelled: a push must not land after its run was reported ended
+        proc.kill()
+        await asyncio.shield(proc.wait())
+        raise
     if proc.returncode != 0:
         raise RunFailure("git_error", f"git {args[0]} failed: {err.decode(errors='replace').strip()[-500:]}")
     return out.decode().strip()

@@ -95,7 +95,11 @@ class Executor:
             if agent is not None and run.agent_session_id:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(asyncio.wait_for(agent.abort(run.agent_session_id), 1.0))
-            sid = sandbox.id if sandbox is not None else run.sandbox_id
+            sid = sandbox.id if sandbox is not None else None
+            if sid is None:  # cancelled while provisioning: the database knows what was taken
+                with contextlib.suppress(Exception):
+                    current = await asyncio.shield(store.get_run(self.s.db, run.id))
+                    sid = current.sandbox_id if current else None
             if sid:
                 await asyncio.shield(self.destroy(sid))
             raise
@@ -131,11 +135,17 @@ class Executor:
         try:
             token = warm.token if warm else new_token(SANDBOX_TOKEN_PREFIX)
             password = warm.password if warm else secrets.token_urlsafe(24)
-            await store.update_run(self.s.db, run.id, base_commit=prepared.base_commit, base_ref=prepared.base_ref,
-                                   base_branch=prepared.base_branch,
-                                   sandbox_token_hash=token_hash(token),
-                                   sandbox_token=self.s.box.seal(token, f"{run.id}:token"),
-                                   agent_secret=self.s.box.seal(password, run.id))
+            try:  # a taken warm sandbox is the run's (for teardown and the sweep) from here on
+                await store.update_run(self.s.db, run.id, base_commit=prepared.base_commit,
+                                       base_ref=prepared.base_ref, base_branch=prepared.base_branch,
+                                       sandbox_token_hash=token_hash(token),
+                                       sandbox_token=self.s.box.seal(token, f"{run.id}:token"),
+                                       agent_secret=self.s.box.seal(password, run.id),
+                                       **({"sandbox_id": warm.sandbox.id} if warm else {}))
+            except BaseException:
+                if warm is not None:
+                    await asyncio.shield(self.destroy(warm.sandbox.id))
+                raise
             if warm is not None:
                 sandbox = warm.sandbox
                 await self.s.backend.adopt(sandbox.id, run.id)
@@ -259,6 +269,7 @@ class Executor:
             while (mode == "tests" and validation is not None and validation.status == "failed"
                    and repairs < self.s.settings.validation.max_repair_turns and budget is None):
                 repairs += 1
+                await self.s.backend.extend(sandbox.id, self.s.settings.sandbox.turn_timeout_s + 600)
                 await self.s.hub.builder(run.id, {"type": "validation.repair", "attempt": repairs})
                 run = await self._transition(run, RunStatus.RUNNING, Phase.AGENT_RUNNING)
                 try:

@@ -21,7 +21,7 @@ import secrets
 from dataclasses import dataclass
 
 from critique_local.agent.config import OPENCODE_PORT, TOKEN_ENV, opencode_config
-from critique_local.agent.opencode import AgentError, OpenCodeClient, basic_auth
+from critique_local.agent.opencode import OpenCodeClient, basic_auth
 from critique_local.errors import RunFailure
 from critique_local.repos import checkout
 from critique_local.sandboxes.base import Sandbox, SandboxError, SandboxSpec
@@ -181,7 +181,7 @@ class WarmPool:
             env = agent_env(self.s, token, password, self.s.settings.models.default)
             agent = await start_agent(sandbox, env, self.s.settings.sandbox.agent_ready_timeout_s)
             await agent.aclose()
-        except (SandboxError, AgentError, asyncio.CancelledError):
+        except BaseException:
             with contextlib.suppress(SandboxError):
                 await asyncio.shield(self.s.backend.destroy(sandbox.id))
             raise

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from critique_local.errors import RunFailure
 from critique_local.repos.git import run_git
 from critique_local.repos.hosts import HostError, Source
@@ -122,6 +124,11 @@ class Publisher:
                                        validation)
         except (PublishError, HostError, RunFailure) as exc:
             return PublishOutcome("failed", getattr(exc, "message", str(exc)), branch)
+        except TimeoutError:
+            return PublishOutcome("failed", f"pushing took longer than publish.timeout_s "
+                                  f"({self.s.settings.publish.timeout_s:.0f} s)", branch)
+        except httpx.HTTPError as exc:
+            return PublishOutcome("failed", f"the git host did not answer: {exc.__class__.__name__}: {exc}", branch)
 
     async def _publish(self, run: RunRow, sandbox: Sandbox, turn_idx: int, branch: str,
                        existing: PullRequestRow | None, first_prompt: str, summary: str | None, result: TurnResult,

@@ -16,7 +16,7 @@ import logging
 import time
 from collections import defaultdict
 
-from critique_local.clock import now_iso
+from critique_local.clock import now, now_iso, parse_iso
 from critique_local.runs.executor import Executor
 from critique_local.runs.queue import RunQueue
 from critique_local.runs.states import TERMINAL, Phase, RunStatus, SessionEnd
@@ -68,7 +68,8 @@ class Scheduler:
                 if not task.cancelled() and task.exception() is not None:
                     log.error("executor failed for run %s", run_id, exc_info=task.exception())
             finally:
-                self._running.pop(run_id, None)
+                if self._running.get(run_id) is task:  # a follow-up turn may already be running
+                    del self._running[run_id]
                 self._queue.done(user_id)
 
     async def interrupt(self, run_id: str, timeout_s: float = 4.0) -> None:
@@ -87,13 +88,17 @@ class Scheduler:
             await asyncio.sleep(self.s.settings.sandbox.reap_interval_s)
             try:
                 await self.reap()
-                if time.monotonic() - swept >= self.s.settings.sandbox.sweep_interval_s:
-                    swept = time.monotonic()
-                    await self.sweep()
-            except SandboxError as exc:  # e.g. the container engine is restarting: next round
-                log.warning("session reaper: %s", exc)
             except Exception:
                 log.exception("session reaper failed")
+            if time.monotonic() - swept < self.s.settings.sandbox.sweep_interval_s:
+                continue
+            swept = time.monotonic()
+            try:
+                await self.sweep()
+            except SandboxError as exc:  # e.g. the container engine is restarting: next round
+                log.warning("sandbox sweep: %s", exc)
+            except Exception:
+                log.exception("sandbox sweep failed")
 
     async def reap(self) -> None:
         for run_id in await store.expired_idle_runs(self.s.db, now_iso()):
@@ -146,6 +151,10 @@ class Scheduler:
             else:
                 keep.add(attached[0].id)
                 await attached[1].aclose()
+                if run.session_expires_at:  # reconnecting may have reset a remote sandbox's lifetime
+                    left = (parse_iso(run.session_expires_at) - now()).total_seconds()
+                    with contextlib.suppress(SandboxError):
+                        await self.s.backend.extend(attached[0].id, max(60.0, left + 60))
         # sandboxes first, so that a terminal status always means the sandbox is gone (pooled
         # sandboxes from before the restart go too: their secrets lived in memory)
         for info in await self.s.backend.list_ours():

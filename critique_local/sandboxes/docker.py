@@ -57,6 +57,7 @@ FIREWALL_CHAIN = "CRITIQUE-SANDBOX"
 # The engine refused (APIError) or could not be reached at all (requests' errors are OSErrors:
 # the daemon stopped or is restarting): both are a SandboxError to the rest of the server.
 ENGINE_ERRORS = (docker.errors.DockerException, OSError)
+EXEC_GRACE_S = 30.0
 log = logging.getLogger(__name__)
 
 
@@ -82,7 +83,16 @@ class DockerSandbox(Sandbox):
         max_output_bytes: int = 1_000_000,
     ) -> ExecResult:
         wrapped = ["timeout", "--signal=KILL", f"{max(1, int(timeout_s))}s", *argv]
-        return await asyncio.to_thread(self._exec_blocking, wrapped, cwd, dict(env or {}), max_output_bytes)
+        try:
+            # `timeout` ends the command, but a process that escaped its group (setsid) can hold
+            # the output stream open: past this deadline the call is given up (its thread is
+            # freed when the sandbox is removed, which closes the stream).
+            return await asyncio.wait_for(
+                asyncio.to_thread(self._exec_blocking, wrapped, cwd, dict(env or {}), max_output_bytes),
+                timeout_s + EXEC_GRACE_S)
+        except TimeoutError as exc:
+            raise SandboxError(f"a command in the sandbox did not finish within {timeout_s:.0f} s "
+                               "(a process kept its output open)") from exc
 
     def _exec_blocking(self, argv: list[str], cwd: str, env: dict[str, str], cap: int) -> ExecResult:
         api = self._api
@@ -159,7 +169,12 @@ class DockerSandbox(Sandbox):
         return int(code if code is not None else -1), bytes(err)
 
     async def endpoint(self, port: int) -> Endpoint:
-        await asyncio.to_thread(self._container.reload)
+        try:
+            await asyncio.to_thread(self._container.reload)
+        except docker.errors.NotFound as exc:
+            raise SandboxGone(f"container {self.id[:12]} is gone") from exc
+        except ENGINE_ERRORS as exc:
+            raise SandboxError(f"could not inspect the sandbox: {_why(exc)}") from exc
         networks = self._container.attrs["NetworkSettings"]["Networks"]
         address = networks.get(self._network, {}).get("IPAddress")
         if not address:
@@ -344,6 +359,8 @@ class DockerBackend(SandboxBackend):
             container = await asyncio.to_thread(self.client.containers.get, sandbox_id)
         except docker.errors.NotFound:
             return None
+        except ENGINE_ERRORS as exc:
+            raise SandboxError(f"could not look up sandbox {sandbox_id[:12]}: {_why(exc)}") from exc
         if container.status != "running" or container.labels.get(LABEL_INSTANCE) != self._instance:
             return None
         return DockerSandbox(self.client, container, self._settings.network)

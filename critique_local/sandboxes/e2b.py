@@ -68,7 +68,8 @@ def _is_address(host: str) -> bool:
 def _errors(sdk: ModuleType) -> tuple[type[Exception], ...]:
     """What the SDK raises when a call fails: its own exceptions, and its HTTP client's (httpx)
     or the OS's when E2B cannot be reached at all. All of them become SandboxErrors."""
-    return (sdk.SandboxException, httpx.HTTPError, OSError)
+    return (sdk.SandboxException, getattr(sdk, "AuthenticationException", sdk.SandboxException), httpx.HTTPError,
+            OSError)
 
 
 class E2BSandbox(Sandbox):
@@ -235,11 +236,14 @@ class E2BBackend(SandboxBackend):
 
     async def list_ours(self) -> list[SandboxInfo]:
         query = self.sdk.SandboxQuery(metadata={META_INSTANCE: self._instance})
-        paginator = self.sdk.AsyncSandbox.list(query=query, **self._api())
         found: list[SandboxInfo] = []
-        while True:
-            for item in await paginator.next_items():
-                metadata = getattr(item, "metadata", None) or {}
-                found.append(SandboxInfo(str(item.sandbox_id), metadata.get(META_RUN), True))
-            if not paginator.has_next:
-                return found
+        try:
+            paginator = self.sdk.AsyncSandbox.list(query=query, **self._api())
+            while True:
+                for item in await paginator.next_items():
+                    metadata = getattr(item, "metadata", None) or {}
+                    found.append(SandboxInfo(str(item.sandbox_id), metadata.get(META_RUN), True))
+                if not paginator.has_next:
+                    return found
+        except _errors(self.sdk) as exc:
+            raise SandboxError(f"E2B list failed: {exc}") from exc
