@@ -46,6 +46,7 @@ class GitHostStandIn:
         self.pulls: dict[tuple[str, int], PullRequest] = {}
         self.installation_tokens: dict[str, datetime] = {}
         self.token_lifetime = timedelta(hours=1)
+        self.pulls_status: int | None = None  # set: opening a pull request answers this (e.g. 502)
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.app_private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                  serialization.NoEncryption()).decode()
@@ -121,6 +122,8 @@ class GitHostStandIn:
         token = self._bearer(request, "token" if gitea else "Bearer")
         if not token or not self._valid_token(token):
             return web.json_response({"message": "Bad credentials"}, status=401)
+        if self.pulls_status is not None:
+            return web.json_response({"message": "Server Error"}, status=self.pulls_status)
         repo = f"{request.match_info['owner']}/{request.match_info['repo']}"
         required = {"title", "head", "base", "body"} | (set() if gitea else {"draft"})
         if not required <= set(body) or not all(isinstance(body[k], str) and body[k] for k in ("title", "head", "base")):

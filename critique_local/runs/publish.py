@@ -36,6 +36,7 @@ from critique_local.runs.validate import ValidationResult
 from critique_local.sandboxes.base import Sandbox
 from critique_local.services import Services
 from critique_local.store import pulls
+from critique_local.store import runs as runs_store
 from critique_local.store.pulls import PullRequestRow
 from critique_local.store.runs import RunRow
 
@@ -49,9 +50,10 @@ _COMMIT = (
 
 
 class PublishError(Exception):
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, head_sha: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.head_sha = head_sha  # set when the branch was pushed but the pull request step failed
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,10 @@ class Publisher:
         try:
             return await self._publish(run, sandbox, turn_idx, branch, existing, first_prompt, summary, result,
                                        validation)
-        except (PublishError, HostError, RunFailure) as exc:
-            return PublishOutcome("failed", getattr(exc, "message", str(exc)), branch)
+        except PublishError as exc:
+            return PublishOutcome("failed", exc.message, branch, exc.head_sha)
+        except (HostError, RunFailure) as exc:
+            return PublishOutcome("failed", exc.message, branch)
         except TimeoutError:
             return PublishOutcome("failed", f"pushing took longer than publish.timeout_s "
                                   f"({self.s.settings.publish.timeout_s:.0f} s)", branch)
@@ -147,7 +151,9 @@ class Publisher:
         if pattern := protected_pattern(branch, settings.protected_branches):
             raise PublishError(f"refusing to push to {branch!r}: protected by {pattern!r} (publish.protected_branches)")
         assert run.base_commit is not None
-        parent = existing.head_sha if existing else run.base_commit
+        # on top of what this run last pushed to the branch (a pull request step that failed after
+        # its push is retried by the next turn), else the base commit
+        parent = existing.head_sha if existing else await self._pushed_head(run, branch) or run.base_commit
         if not result.changed_paths and existing is None:
             return PublishOutcome("skipped", "no changes: no branch pushed and no pull request opened", None)
         title = title_of(run, first_prompt)
@@ -160,20 +166,36 @@ class Publisher:
         if not made.ok:
             raise PublishError(f"committing in the sandbox failed: {made.stderr.decode(errors='replace')[-300:]}")
         commit = made.stdout.decode().strip().splitlines()[-1] if made.stdout.strip() else ""
-        if commit == "UNCHANGED":
+        if commit == "UNCHANGED" and (existing is not None or parent == run.base_commit):
             return PublishOutcome("skipped", "no changes since the last published commit; the pull request "
                                   "was left as it is", branch, parent, existing.number if existing else None)
-        bundle = await sandbox.read_file(BUNDLE, settings.max_bundle_bytes)
-        if bundle is None:
-            raise PublishError("the commit bundle could not be read or exceeds publish.max_bundle_bytes")
-        await asyncio.wait_for(self._push(source, bundle, commit, parent, result.tree, branch),
-                               settings.timeout_s)
+        if commit == "UNCHANGED":  # pushed by an earlier turn whose pull request step failed
+            commit = parent
+        else:
+            bundle = await sandbox.read_file(BUNDLE, settings.max_bundle_bytes)
+            if bundle is None:
+                raise PublishError("the commit bundle could not be read or exceeds publish.max_bundle_bytes")
+            await asyncio.wait_for(self._push(source, bundle, commit, parent, result.tree, branch),
+                                   settings.timeout_s)
         body = pr_body(run, run_url, turn_idx, summary, result, validation)
-        pr = await self._pull_request(run, source, existing, branch, base, commit, title, body, run_url)
+        try:
+            pr = await self._pull_request(run, source, existing, branch, base, commit, title, body, run_url)
+        except (HostError, httpx.HTTPError) as exc:
+            why = exc.message if isinstance(exc, HostError) else f"{exc.__class__.__name__}: {exc}"
+            raise PublishError(f"pushed {commit[:12]} to {branch}, but the pull request could not be "
+                               f"{'updated' if existing else 'opened'} ({why}); the next turn with "
+                               "publish retries", commit) from exc
         await pulls.save(self.s.db, pr)
         verb = "updated" if existing else "opened"
         return PublishOutcome("published", f"pushed {commit[:12]} to {branch}; {verb} draft pull request "
                               f"#{pr.number}", branch, commit, pr.number)
+
+    async def _pushed_head(self, run: RunRow, branch: str) -> str | None:
+        for turn in reversed(await runs_store.turns_of(self.s.db, run.id)):
+            done = turn["publish"]
+            if done and done.get("branch") == branch and done.get("headSha"):
+                return str(done["headSha"])
+        return None
 
     async def _push(self, source: Source, bundle: bytes, commit: str, parent: str, tree: str, branch: str) -> None:
         scratch = self.s.settings.server.data_dir / "tmp"

@@ -142,6 +142,36 @@ def test_draft_pr_opens_with_exactly_the_patch_and_follow_ups_update_it(
     assert not any(token in full for token in githost.installation_tokens)
 
 
+def test_a_host_error_after_the_push_is_publish_failed_and_the_next_turn_opens_the_pr(
+        gh_server: Server, githost: GitHostStandIn, tmp_path: Path) -> None:
+    api = gh_server.client(gh_server.new_key("flaky-host"))
+    githost.pulls_status = 502
+    try:
+        run = api.post(RUNS, json={"repository": "acme/api", "prompt": "@write src/app.py\nVALUE = 7\n@end\n@say Seven.",
+                                   "publish": {"mode": "draft_pr", "branch": "critique-agent/flaky"}}).json()["run"]
+        first = wait_for(api, run["id"], {"idle", "failed"})
+    finally:
+        githost.pulls_status = None
+    # the run stays usable; the branch was pushed, the pull request was not opened, and it says so
+    assert first["status"] == "idle" and first["error"]["code"] == "publish_failed", first["error"]
+    assert first["draftPullRequest"] is None
+    outcome = first["turns"][0]["publish"]
+    assert outcome["status"] == "failed" and outcome["branch"] == "critique-agent/flaky" and outcome["headSha"]
+    assert "could not be opened" in outcome["message"] and "next turn" in outcome["message"]
+    repo = clone(f"{githost.url}/acme/api.git", tmp_path / "flaky", githost.token)
+    git("fetch", "-q", "origin", "critique-agent/flaky", cwd=repo)
+    assert git("rev-parse", "FETCH_HEAD", cwd=repo) == outcome["headSha"]
+
+    # the next turn (no new changes, publish inherited) opens the pull request on the pushed head
+    api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@say Try again."})
+    second = wait_for(api, run["id"], {"idle", "failed"})
+    assert second["error"] is None, second["error"]
+    pr = second["draftPullRequest"]
+    assert pr["branch"] == "critique-agent/flaky" and pr["headSha"] == outcome["headSha"]
+    assert githost.pulls[("acme/api", pr["number"])].head == "critique-agent/flaky"
+    api.post(f"{RUNS}/{run['id']}/messages", json={"endSession": True})
+
+
 def test_a_turn_without_changes_opens_nothing_and_says_so(gh_server: Server, githost: GitHostStandIn) -> None:
     api = gh_server.client(gh_server.new_key("quiet"))
     before = len(pull_posts(githost, "acme/api"))
