@@ -156,10 +156,27 @@ def test_oversized_body_is_413(server: Server, alice: str) -> None:
         assert resp.status_code == 413 and error_of(resp)["code"] == "payload_too_large"
 
 
-@pytest.mark.parametrize("query", [{"limit": "0"}, {"limit": "101"}, {"limit": "x"}, {"cursor": "abc"}])
+@pytest.mark.parametrize("query", [{"limit": "0"}, {"limit": "101"}, {"limit": "x"}, {"cursor": "abc"},
+                                   {"cursor": "0022508020323246559893628"}, {"cursor": "9" * 19}])
 def test_bad_list_query_is_422(server: Server, alice: str, query: dict[str, str]) -> None:
     with server.client(alice) as api:
-        assert api.get(RUNS, params=query).status_code == 422
+        resp = api.get(RUNS, params=query)
+        assert resp.status_code == 422 and error_of(resp)["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize(("params", "headers", "field"), [
+    ({"after": "9" * 19}, {}, "after"),
+    ({}, {"Last-Event-ID": "9" * 19}, "Last-Event-ID"),
+    ({}, {"Last-Event-ID": "\u00b2"}, "Last-Event-ID"),  # a digit to str.isdigit, not an event id
+])
+def test_bad_stream_resume_point_is_422(server: Server, params: dict[str, str], headers: dict[str, str],
+                                        field: str) -> None:
+    with server.client(server.new_key("resumer")) as api:
+        run = api.post(RUNS, json=OK_BODY).json()["run"]
+        resp = api.get(f"{RUNS}/{run['id']}/stream", params=params,
+                       headers={k: v.encode() for k, v in headers.items()})
+        assert resp.status_code == 422 and error_of(resp)["field"] == field, resp.text
+        api.post(f"{RUNS}/{run['id']}/cancel")
 
 
 def test_unknown_route_and_method_use_the_error_envelope(server: Server, alice: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 from aiohttp import web
 from aiohttp_sse import sse_response
@@ -107,7 +108,7 @@ def _resume_point(request: web.Request) -> int:
     q = parse_query(request, StreamQuery)
     header = request.headers.get("Last-Event-ID")
     if header is not None:
-        if not header.strip().isdigit():
+        if not re.fullmatch(r"[0-9]{1,18}", header.strip()):
             raise InvalidRequest("Last-Event-ID must be an event id", field="Last-Event-ID")
         return max(int(header), q.after or 0)
     return q.after or 0

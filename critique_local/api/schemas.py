@@ -122,9 +122,12 @@ class MessageRequest(Model):
         "chain", description="When the session has ended: chain a new run (default) or answer 409 session_expired.")
 
 
+MAX_EVENT_ID = 10**18 - 1  # ids and cursors are SQLite integers; larger numbers are not ours
+
+
 class ListRunsQuery(Model):
     limit: int = Field(20, ge=1, le=100)
-    cursor: str | None = Field(None, max_length=32, pattern=r"^[0-9]+$", description="nextCursor of the last page.")
+    cursor: str | None = Field(None, max_length=18, pattern=r"^[0-9]{1,18}$", description="nextCursor of the last page.")
 
 
 class GetRunQuery(Model):
@@ -133,7 +136,8 @@ class GetRunQuery(Model):
 
 
 class StreamQuery(Model):
-    after: int | None = Field(None, ge=0, description="Resume after this event id (or send Last-Event-ID).")
+    after: int | None = Field(None, ge=0, le=MAX_EVENT_ID,
+                              description="Resume after this event id (or send Last-Event-ID).")
 
 
 # ---- responses --------------------------------------------------------------------------
