@@ -18,17 +18,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
+from critique_local import logfilter
 from critique_local.api import meta, runs
 from critique_local.api.middleware import authenticated, error_middleware
 from critique_local.api.ratelimit import RateLimiter
 from critique_local.api.registry import Route
-from critique_local.appkeys import CONTROL, DB, SCHEDULER, SERVICES, UPSTREAM, WEBHOOKS
+from critique_local.appkeys import CONTROL, DB, LIMITER, SCHEDULER, SERVICES, UPSTREAM, WEBHOOKS
 from critique_local.config import Settings
 from critique_local.crypto import SecretBox
 from critique_local.egress import DecisionHook, EgressProxy, Policy, PolicyLookup
 from critique_local.gateway import routes as gateway
 from critique_local.gateway.catalog import Catalog
 from critique_local.gateway.upstream import Upstream
+from critique_local.listeners import ConnectionBudget, ConnectionGuard, GuardedSite, fit_to_open_files
 from critique_local.redact import RedactingFilter, Redactor
 from critique_local.repos.hosts import Hosts
 from critique_local.repos.mirrors import Mirrors
@@ -38,6 +40,7 @@ from critique_local.runs.network import network_policy
 from critique_local.runs.pool import WarmPool
 from critique_local.runs.scheduler import Scheduler
 from critique_local.runs.states import RunStatus
+from critique_local.sandboxes.base import SandboxBackend
 from critique_local.sandboxes.factory import make_backend
 from critique_local.services import Services
 from critique_local.store import runs as runs_store
@@ -59,27 +62,42 @@ def instance_id(settings: Settings) -> str:
 
 
 def _application(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks,
-                 routes: list[Route], limiter: RateLimiter | None = None) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=services.settings.limits.max_body_bytes)
+                 routes: list[Route], limiter: RateLimiter, guard: ConnectionGuard | None) -> web.Application:
+    middlewares = [guard.middleware] if guard is not None else []
+    app = web.Application(middlewares=[*middlewares, error_middleware],
+                          client_max_size=services.settings.limits.max_body_bytes)
     app[SERVICES] = services
     app[DB] = services.db
     app[SCHEDULER] = scheduler
     app[CONTROL] = RunControl(scheduler)
     app[UPSTREAM] = upstream
     app[WEBHOOKS] = webhooks
+    app[LIMITER] = limiter
     for route in routes:
         app.router.add_route(route.method, route.path, authenticated(route, DB, limiter))
     return app
 
 
-def public_app(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks) -> web.Application:
+def public_app(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks,
+               guard: ConnectionGuard | None = None) -> web.Application:
+    """The public listener's application: the Coding Agent API, meta routes and the gateway,
+    every authenticated route under the per-key rate limit."""
     limits = services.settings.limits
     return _application(services, scheduler, upstream, webhooks, [*runs.ROUTES, *meta.ROUTES, *gateway.ROUTES],
-                        RateLimiter(limits.requests_per_minute, limits.burst))
+                        RateLimiter(limits.requests_per_minute, limits.burst), guard)
 
 
-def sandbox_app(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks) -> web.Application:
-    return _application(services, scheduler, upstream, webhooks, list(gateway.ROUTES))
+def sandbox_app(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks,
+                guard: ConnectionGuard | None = None) -> web.Application:
+    """The sandbox-facing listener's application: only the gateway, rate-limited per run."""
+    limits = services.settings.limits
+    return _application(services, scheduler, upstream, webhooks, list(gateway.ROUTES),
+                        RateLimiter(limits.requests_per_minute, limits.burst), guard)
+
+
+def runner_for(app: web.Application, settings: Settings) -> web.AppRunner:
+    # aiohttp's own idle deadline matches ours (it also covers connections that never send)
+    return web.AppRunner(app, access_log=None, keepalive_timeout=settings.limits.request_head_timeout_s)
 
 
 def _bound_port(runner: web.AppRunner) -> int:
@@ -88,7 +106,7 @@ def _bound_port(runner: web.AppRunner) -> int:
     return int(runner.addresses[0][1])
 
 
-async def _bind_gateway(runner: web.AppRunner, host: str, settings: Settings) -> int:
+async def _bind_gateway(runner: web.AppRunner, host: str, settings: Settings, guard: ConnectionGuard) -> int:
     """Bind the sandbox-facing listener. Warm sandboxes keep the gateway URL they were started
     with, so with ``gateway_port = 0`` the port picked first is remembered in the data dir and
     reused after a restart."""
@@ -96,15 +114,23 @@ async def _bind_gateway(runner: web.AppRunner, host: str, settings: Settings) ->
     remembered = settings.server.data_dir / "gateway_port"
     if port == 0 and remembered.exists():
         try:
-            await web.TCPSite(runner, host, int(remembered.read_text())).start()
+            await GuardedSite(runner, host, int(remembered.read_text()), guard).start()
             return _bound_port(runner)
         except (OSError, ValueError):
             log.warning("remembered gateway port is taken; warm sessions from before will chain")
-    await web.TCPSite(runner, host, port).start()
+    await GuardedSite(runner, host, port, guard).start()
     bound = _bound_port(runner)
     if port == 0:
         remembered.write_text(str(bound))
     return bound
+
+
+def make_services(settings: Settings, db: Database, backend: SandboxBackend, redactor: Redactor) -> Services:
+    """The services one server owns (nothing is started here)."""
+    return Services(settings=settings, db=db, hub=EventHub(db, redactor), backend=backend,
+                    catalog=Catalog.from_settings(settings), instance_id=instance_id(settings),
+                    box=SecretBox.from_data_dir(settings.server.data_dir), hosts=Hosts(settings, redactor),
+                    redactor=redactor, mirrors=Mirrors(settings.server.data_dir / "mirrors", settings.git))
 
 
 def known_secrets(settings: Settings) -> Redactor:
@@ -145,14 +171,16 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=BLOCKING_THREADS,
                                                                         thread_name_prefix="blocking"))
     settings.server.data_dir.mkdir(parents=True, exist_ok=True)
+    logfilter.install()  # before redaction, so repeats are recognised by their message template
     db = await Database.open(settings.db_path)
     backend = make_backend(settings, instance_id(settings))
-    redactor = known_secrets(settings)
-    services = Services(settings=settings, db=db, hub=EventHub(db, redactor), backend=backend,
-                        catalog=Catalog.from_settings(settings), instance_id=instance_id(settings),
-                        box=SecretBox.from_data_dir(settings.server.data_dir), hosts=Hosts(settings, redactor),
-                        redactor=redactor, mirrors=Mirrors(settings.server.data_dir / "mirrors", settings.git))
-    proxy = EgressProxy(egress_policy(services), egress_event(services), settings.network.private_cidrs)
+    services = make_services(settings, db, backend, known_secrets(settings))
+    limits = settings.limits
+    public_cap, sandbox_cap = fit_to_open_files(limits.public_connections, limits.sandbox_connections)
+    public_guard = ConnectionGuard(ConnectionBudget("public API", public_cap), limits.request_head_timeout_s)
+    sandbox_budget = ConnectionBudget("sandbox-facing", sandbox_cap, limits.connections_per_sandbox)
+    proxy = EgressProxy(egress_policy(services), egress_event(services), settings.network.private_cidrs,
+                        sandbox_budget, limits.request_head_timeout_s)
     upstream = Upstream()
     webhooks = Webhooks(db, services.box, settings.webhooks)
     services.hub.on_status_change = webhooks.enqueue
@@ -168,19 +196,20 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
         if gateway_host is None:  # remote sandboxes reach the public listener at a configured URL
             services.gateway_url = settings.e2b.gateway_url.rstrip("/")
         else:
-            runner = web.AppRunner(sandbox_app(services, scheduler, upstream, webhooks), access_log=None)
+            gateway_guard = ConnectionGuard(sandbox_budget, limits.request_head_timeout_s)
+            runner = runner_for(sandbox_app(services, scheduler, upstream, webhooks, gateway_guard), settings)
             await runner.setup()
             runners.append(runner)
-            port = await _bind_gateway(runner, gateway_host, settings)
+            port = await _bind_gateway(runner, gateway_host, settings, gateway_guard)
             services.gateway_url = f"http://{gateway_host}:{port}/api/v1"
             proxy_port = await proxy.start(gateway_host, settings.network.proxy_port)
             services.proxy_address = f"{gateway_host}:{proxy_port}"
             await backend.restrict_host([port, proxy_port])
         await scheduler.recover()
-        runner = web.AppRunner(public_app(services, scheduler, upstream, webhooks), access_log=None)
+        runner = runner_for(public_app(services, scheduler, upstream, webhooks, public_guard), settings)
         await runner.setup()
         runners.append(runner)
-        await web.TCPSite(runner, settings.server.host, settings.server.port).start()
+        await GuardedSite(runner, settings.server.host, settings.server.port, public_guard).start()
         services.public_url = settings.public_base_url(_bound_port(runner))
         await scheduler.start()
         await pool.start()

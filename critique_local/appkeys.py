@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from critique_local.api.ratelimit import RateLimiter
 from critique_local.gateway.upstream import Upstream
 from critique_local.runs.control import RunControl
 from critique_local.runs.scheduler import Scheduler
@@ -17,3 +18,4 @@ SCHEDULER = web.AppKey("scheduler", Scheduler)
 UPSTREAM = web.AppKey("upstream", Upstream)
 CONTROL = web.AppKey("control", RunControl)
 WEBHOOKS = web.AppKey("webhooks", Webhooks)
+LIMITER = web.AppKey("limiter", RateLimiter)  # absent: this listener has no rate limit

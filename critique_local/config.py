@@ -138,6 +138,10 @@ class PoolSettings(Section):
 class SchedulerSettings(Section):
     max_concurrent_runs: int = Field(4, ge=1, description="Runs executing at once; later ones wait queued.")
     max_concurrent_runs_per_user: int = Field(2, ge=1, description="Turns one user may have executing at once.")
+    max_idle_sessions: int = Field(
+        32, ge=1, description="Warm (idle) sessions kept in all; beyond it the least recently used one ends.")
+    max_idle_sessions_per_user: int = Field(
+        8, ge=1, description="Warm (idle) sessions one user keeps; beyond it their least recently used one ends.")
 
 
 class ModelsSettings(Section):
@@ -170,6 +174,21 @@ class LimitsSettings(Section):
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
     requests_per_minute: int = Field(600, ge=0, description="Per API key (0: unlimited); over it: 429 + Retry-After.")
     burst: int = Field(120, ge=1, description="Requests a key may make at once before the per-minute rate applies.")
+    public_connections: int = Field(1024, ge=16, description="Open connections to the public listener (more: 503).")
+    sandbox_connections: int = Field(
+        1024, ge=16, description="Open connections from all sandboxes to the gateway and egress proxy together.")
+    connections_per_sandbox: int = Field(
+        64, ge=4, description="Open connections from one sandbox to the gateway and egress proxy together.")
+    request_head_timeout_s: float = Field(
+        10, gt=0, description="A connection must send a complete request head this soon after opening or after "
+                              "its previous response, or it is closed.")
+    request_body_timeout_s: float = Field(30, gt=0, description="Upper bound for receiving one request body (408).")
+    max_summary_chars: int = Field(20_000, ge=1000, description="Summaries and agent error messages are clipped "
+                                                                "to this, with a marker.")
+    max_events_per_turn: int = Field(2000, ge=100, description="Agent events stored per turn; the rest are counted "
+                                                               "in one events.clipped event.")
+    max_agent_reply_bytes: int = Field(16_000_000, ge=65_536, description="Largest reply read from the agent "
+                                                                          "server in the sandbox (agent_error).")
 
 
 class ProviderSettings(Section):

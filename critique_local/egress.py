@@ -25,8 +25,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from critique_local.listeners import ConnectionBudget, peer_of
+
 log = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 16_384
+HEAD_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 300.0
 
@@ -61,15 +64,22 @@ def _blocked_address(address: str, private_ok: list[ipaddress.IPv4Network | ipad
 
 
 class EgressProxy:
-    def __init__(self, policy_for: PolicyLookup, on_decision: DecisionHook, private_cidrs: list[str]) -> None:
+    """Connections come from the sandbox-facing :class:`ConnectionBudget` (shared with the
+    model gateway, so one sandbox cannot hold more than its share of both); a request head must
+    arrive within ``head_timeout_s`` and be at most :data:`MAX_HEAD_BYTES`."""
+
+    def __init__(self, policy_for: PolicyLookup, on_decision: DecisionHook, private_cidrs: list[str],
+                 budget: ConnectionBudget | None = None, head_timeout_s: float = HEAD_TIMEOUT_S) -> None:
         self.policy_for = policy_for
         self.on_decision = on_decision
         self.private_ok = [ipaddress.ip_network(c, strict=False) for c in private_cidrs]
+        self.budget = budget or ConnectionBudget("egress proxy", 1024, 64)
+        self.head_timeout_s = head_timeout_s
         self._server: asyncio.Server | None = None
         self.port = 0
 
     async def start(self, host: str, port: int = 0) -> int:
-        self._server = await asyncio.start_server(self._client, host, port)
+        self._server = await asyncio.start_server(self._client, host, port, limit=MAX_HEAD_BYTES, backlog=1024)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 
@@ -80,17 +90,28 @@ class EgressProxy:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = peer_of(writer.transport)
+        refused = self.budget.take(peer)
+        if refused is not None:
+            with contextlib.suppress(ConnectionError):
+                await _reply(writer, 503, refused)
+            writer.close()
+            return
         try:
             await self._handle(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
+        except asyncio.LimitOverrunError:
+            with contextlib.suppress(ConnectionError):
+                await _reply(writer, 431, "request head too large")
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ValueError):
             pass
         except Exception:
             log.exception("egress proxy error")
         finally:
+            self.budget.release(peer)
             writer.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.head_timeout_s)
         if len(head) > MAX_HEAD_BYTES:
             return await _reply(writer, 431, "request head too large")
         lines = head.decode("latin-1").split("\r\n")
@@ -179,7 +200,7 @@ def _proxy_token(headers: list[str]) -> str | None:
 async def _reply(writer: asyncio.StreamWriter, status: int, message: str,
                  headers: dict[str, str] | None = None) -> None:
     reasons = {400: "Bad Request", 403: "Forbidden", 407: "Proxy Authentication Required",
-               431: "Request Header Fields Too Large"}
+               431: "Request Header Fields Too Large", 503: "Service Unavailable"}
     body = (message + "\n").encode()
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     writer.write(f"HTTP/1.1 {status} {reasons.get(status, 'Error')}\r\nContent-Type: text/plain\r\n"

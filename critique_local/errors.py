@@ -12,6 +12,7 @@ middleware in ``api/middleware.py`` is the one place they become responses.
       NotFound            404       not_found / run_not_found / repository_not_found
       Conflict            409       turn_in_progress, run_terminal, ...
       PayloadTooLarge     413       payload_too_large
+      RequestTimeout      408       request_timeout (the body came too slowly)
       RateLimited         429       rate_limited (with Retry-After)
     RunFailure                    a run ended with ``error.code`` (never an HTTP error)
 """
@@ -91,6 +92,13 @@ class Conflict(ApiError):
 class PayloadTooLarge(ApiError):
     status = 413
     code = "payload_too_large"
+
+
+class RequestTimeout(ApiError):
+    """The request body did not arrive within ``limits.request_body_timeout_s``."""
+
+    status = 408
+    code = "request_timeout"
 
 
 class RateLimited(ApiError):

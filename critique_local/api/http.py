@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from critique_local.errors import BadRequest, InvalidRequest
+from critique_local import bounds
+from critique_local.appkeys import SERVICES
+from critique_local.errors import BadRequest, InvalidRequest, RequestTimeout
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -23,13 +25,33 @@ def validation_error(exc: ValidationError) -> InvalidRequest:
 
 
 async def read_json(request: web.Request) -> Any:
-    raw = await request.read()
+    """The request body as JSON. Raises :class:`RequestTimeout` (408) when it does not arrive
+    within ``limits.request_body_timeout_s`` and ``BadRequest`` (400 ``bad_json``) when it is
+    empty, not JSON, or nested deeper than :data:`bounds.MAX_JSON_DEPTH`."""
+    try:
+        async with asyncio.timeout(request.app[SERVICES].settings.limits.request_body_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout("the request body did not arrive in time (limits.request_body_timeout_s)") from None
     if not raw:
         raise BadRequest("request body must be a JSON object", code="bad_json")
     try:
-        return json.loads(raw)
+        return bounds.loads(raw)
+    except bounds.TooDeep as exc:
+        raise BadRequest(f"request body is nested too deeply: {exc}", code="bad_json") from exc
     except ValueError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="bad_json") from exc
+
+
+def header(request: web.Request, name: str, max_chars: int) -> str | None:
+    """A header that must be 1-``max_chars`` printable ASCII characters, or None when absent.
+    Raises ``InvalidRequest`` naming the header otherwise (bytes that are not UTF-8 included)."""
+    value = request.headers.get(name)
+    if value is None:
+        return None
+    if not (0 < len(value) <= max_chars and value.isascii() and value.isprintable()):
+        raise InvalidRequest(f"{name} must be 1-{max_chars} printable ASCII characters", field=name)
+    return value
 
 
 async def parse_body(request: web.Request, model: type[M]) -> tuple[M, Any]:

@@ -53,12 +53,20 @@ async def error_middleware(
                                  status=500)
 
 
+MAX_TOKEN_CHARS = 512
+
+
 def bearer(request: web.Request) -> str | None:
+    """The bearer token, or None when the header is missing or malformed (a token must be
+    printable ASCII: bytes that are not UTF-8 arrive as surrogates and are refused here)."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_CHARS:
         return None
-    return token.strip()
+    if not (token.isascii() and token.isprintable()):
+        return None
+    return token
 
 
 def authenticated(route: Route, db_key: web.AppKey[Database],

@@ -69,6 +69,8 @@ def _operation(route: Route) -> dict[str, Any]:
         responses[str(route.status)] = {"description": "OK",
                                         "content": {"application/json": {"schema": {"type": "object"}}}}
     errors = set(route.errors) | ({429} if route.scope is not None else set())  # per-key rate limit
+    if route.request is not None:
+        errors.add(408)  # the body did not arrive within limits.request_body_timeout_s
     for status in sorted(errors):
         responses[str(status)] = {"description": "Error", "content": {"application/json": {"schema": _ref(ErrorEnvelope)}}}
     op["responses"] = responses

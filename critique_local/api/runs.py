@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 
 from critique_local import billing
-from critique_local.api.http import parse_body, parse_query, respond
+from critique_local.api.http import header, parse_body, parse_query, respond
 from critique_local.api.registry import Route
 from critique_local.api.schemas import (
     CreateRunRequest,
@@ -62,9 +62,10 @@ async def _view(request: web.Request, run: RunRow, *, patch: bool = False, event
 
 
 async def create_run(request: web.Request, principal: Principal) -> web.StreamResponse:
+    idempotency_key = header(request, "Idempotency-Key", creating.MAX_IDEMPOTENCY_KEY_CHARS)
     req, raw = await parse_body(request, CreateRunRequest)
     s = request.app[SERVICES]
-    run, created = await creating.create(s, principal, req, raw, request.headers.get("Idempotency-Key"))
+    run, created = await creating.create(s, principal, req, raw, idempotency_key)
     if created:
         await s.hub.status(run)
         request.app[SCHEDULER].submit(run.id, run.user_id)

@@ -69,26 +69,29 @@ class CreateRunRequest(Model):
     publish: Publish | None = None
     billing: Billing | None = None
     title: str | None = Field(None, max_length=200)
-    tags: list[str] = Field(default_factory=list, description="Normalized: trimmed, lower-cased, de-duplicated.")
-    metadata: dict[str, str] = Field(default_factory=dict, description="Up to 32 string keys; values <= 512 chars.")
+    tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS,
+                            description="Up to 20; normalized: trimmed, lower-cased, de-duplicated.")
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=MAX_METADATA_KEYS,
+                                     description="Up to 32 string keys; values <= 512 chars.")
     safety: Safety | None = None
     webhook: Webhook | None = Field(None, description="run.status deliveries; the host must be allowed by config.")
 
     @field_validator("tags", mode="after")
     @classmethod
     def _tags(cls, tags: list[str]) -> list[str]:
-        out: list[str] = []
+        # the count is bounded by the field (checked before any item is looked at); a dict
+        # keeps the first occurrence of each tag in linear time
+        out: dict[str, None] = {}
         for tag in tags:
+            if len(tag) > 4 * MAX_TAG_CHARS:
+                raise ValueError(f"each tag must be at most {MAX_TAG_CHARS} characters")
             norm = tag.strip().lower()
             if not norm:
                 raise ValueError("tags must not be empty")
             if len(norm) > MAX_TAG_CHARS:
                 raise ValueError(f"each tag must be at most {MAX_TAG_CHARS} characters")
-            if norm not in out:
-                out.append(norm)
-        if len(out) > MAX_TAGS:
-            raise ValueError(f"at most {MAX_TAGS} tags")
-        return out
+            out.setdefault(norm)
+        return list(out)
 
     @field_validator("metadata", mode="after")
     @classmethod

@@ -16,13 +16,13 @@ from aiohttp import web
 from httpx_sse import ServerSentEvent
 from pydantic import Field, ValidationError
 
-from critique_local import billing
+from critique_local import billing, bounds
 from critique_local.api.http import read_json, respond, validation_error
 from critique_local.api.meta import model_view
 from critique_local.api.middleware import bearer
 from critique_local.api.registry import Route
 from critique_local.api.schemas import Model, ModelList
-from critique_local.appkeys import SERVICES, UPSTREAM
+from critique_local.appkeys import LIMITER, SERVICES, UPSTREAM
 from critique_local.errors import ApiError, BadRequest, Forbidden, InvalidRequest, PaymentRequired, Unauthorized
 from critique_local.gateway import scripted, wire
 from critique_local.gateway.catalog import ModelEntry
@@ -73,16 +73,22 @@ class Caller:
 
 
 async def _caller(s: Services, request: web.Request) -> Caller:
+    """Who calls, after the rate limit of their key (or of their run, for sandbox tokens)."""
     token = bearer(request)
+    limiter = request.app.get(LIMITER)
     if token and token.startswith(SANDBOX_TOKEN_PREFIX):
         run = await store.run_for_sandbox_token(s.db, token_hash(token))
         if run is None or run.status not in LIVE:
             raise Unauthorized("sandbox token is not valid (unknown run, or no turn of it is running)")
+        if limiter is not None:
+            limiter.check(f"run:{run.id}")
         return Caller(run, run.user_id)
     if token and token.startswith(API_KEY_PREFIX):
         principal: Principal | None = await principal_for_key(s.db, token)
         if principal is None:
             raise Unauthorized("invalid or revoked API key")
+        if limiter is not None:
+            limiter.check(principal.key_id)
         if "inference" not in principal.scopes:
             raise Forbidden("this key lacks the inference scope")
         return Caller(None, principal.user_id)
@@ -219,7 +225,7 @@ async def _forward(request: web.Request, s: Services, caller: Caller, entry: Mod
 async def _relay(resp: web.StreamResponse, event: ServerSentEvent, meter: Meter) -> None:
     if event.data and event.data != "[DONE]":
         try:
-            meter.feed(json.loads(event.data))
+            meter.feed(bounds.loads(event.data))
         except ValueError:
             pass
     await resp.write(f"data: {event.data}\n\n".encode())
@@ -240,7 +246,7 @@ async def list_models(request: web.Request, principal: Principal) -> web.StreamR
 ROUTES = [
     Route("POST", "/api/v1/chat/completions", chat_completions,
           "OpenAI-compatible chat completions (sandbox token or a key with the inference scope)", None,
-          errors=(400, 401, 402, 403, 422, 429, 502, 504), tag="inference"),
+          errors=(400, 401, 402, 403, 408, 413, 422, 429, 502, 504), tag="inference"),
     Route("GET", "/api/v1/models", list_models, "Models (OpenAI-compatible list)", None, response=ModelList,
-          errors=(401, 403), tag="inference"),
+          errors=(401, 403, 429), tag="inference"),
 ]
