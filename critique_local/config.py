@@ -187,8 +187,6 @@ class LimitsSettings(Section):
                                                                 "to this, with a marker.")
     max_events_per_turn: int = Field(2000, ge=100, description="Agent events stored per turn; the rest are counted "
                                                                "in one events.clipped event.")
-    max_agent_reply_bytes: int = Field(16_000_000, ge=65_536, description="Largest reply read from the agent "
-                                                                          "server in the sandbox (agent_error).")
 
 
 class ProviderSettings(Section):

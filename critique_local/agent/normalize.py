@@ -6,15 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from critique_local.bounds import clip_json
+
 MAX_FIELD_CHARS = 2000
+MAX_SEEN = 100_000
 
 
 def _clip(value: Any) -> Any:
-    if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
-        return value[:MAX_FIELD_CHARS] + f"... [{len(value) - MAX_FIELD_CHARS} more chars]"
-    if isinstance(value, dict):
-        return {k: _clip(v) for k, v in value.items()}
-    return value
+    """Whatever the agent server sent, bounded: strings, lists, objects and nesting clipped."""
+    return clip_json(value, max_chars=MAX_FIELD_CHARS, max_items=50, max_depth=6)
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 class Normalizer:
@@ -26,35 +30,38 @@ class Normalizer:
 
     def __call__(self, event: dict[str, Any]) -> dict[str, Any] | None:
         kind = event.get("type")
-        props = event.get("properties") or {}
+        props = _obj(event.get("properties"))
         if props.get("sessionID", self.session_id) != self.session_id:
             return None
         if kind == "message.part.updated":
-            return self._part(props.get("part") or {})
+            return self._part(_obj(props.get("part")))
         if kind == "file.edited":
-            return {"type": "file.edited", "path": props.get("file")}
+            return {"type": "file.edited", "path": _clip(props.get("file"))}
         if kind == "session.error":
-            err = props.get("error") or {}
-            data = err.get("data") or {}
-            return {"type": "error", "name": err.get("name"), "message": _clip(data.get("message") or str(data))}
+            err = _obj(props.get("error"))
+            data = _obj(err.get("data"))
+            return {"type": "error", "name": _clip(err.get("name")),
+                    "message": _clip(data.get("message") or str(_clip(data)))}
         if kind == "permission.asked":
-            return {"type": "permission.rejected", "permission": props.get("permission"),
-                    "patterns": props.get("patterns")}
+            return {"type": "permission.rejected", "permission": _clip(props.get("permission")),
+                    "patterns": _clip(props.get("patterns"))}
         return None
 
     def _part(self, part: dict[str, Any]) -> dict[str, Any] | None:
         if part.get("sessionID") not in (None, self.session_id):
             return None
         ptype = part.get("type")
-        pid = str(part.get("id"))
+        pid = str(part.get("id"))[:200]
         if ptype == "tool":
-            state = part.get("state") or {}
-            status = str(state.get("status"))
+            state = _obj(part.get("state"))
+            status = str(state.get("status"))[:40]
             if (pid, status) in self._seen:
                 return None
+            if len(self._seen) >= MAX_SEEN:  # bounded memory: at worst a repeat is reported again
+                self._seen.clear()
             self._seen.add((pid, status))
-            row: dict[str, Any] = {"type": "tool", "tool": part.get("tool"), "status": status,
-                                   "callId": part.get("callID")}
+            row: dict[str, Any] = {"type": "tool", "tool": _clip(part.get("tool")), "status": status,
+                                   "callId": _clip(part.get("callID"))}
             if state.get("input"):
                 row["input"] = _clip(state["input"])
             if state.get("title"):
@@ -64,7 +71,7 @@ class Normalizer:
             if status == "error":
                 row["error"] = _clip(state.get("error"))
             return row
-        if ptype == "text" and (part.get("time") or {}).get("end") and not part.get("synthetic"):
+        if ptype == "text" and _obj(part.get("time")).get("end") and not part.get("synthetic"):
             if (pid, "text") in self._seen:
                 return None
             self._seen.add((pid, "text"))
@@ -72,5 +79,5 @@ class Normalizer:
         if ptype == "step-start":
             return {"type": "step.start"}
         if ptype == "step-finish":
-            return {"type": "step.finish", "reason": part.get("reason"), "tokens": part.get("tokens")}
+            return {"type": "step.finish", "reason": _clip(part.get("reason")), "tokens": _clip(part.get("tokens"))}
         return None

@@ -1,19 +1,25 @@
 """A small async client for the parts of the OpenCode server API we use (v1 routes).
 
 Errors are translated to :class:`AgentError` here; callers never see httpx exceptions.
+
+The server in the sandbox is untrusted (the agent can replace OpenCode with its own program
+between turns), so every reply is bounded: in time (a deadline for the whole call, not only
+between bytes), in size (:data:`MAX_REPLY_BYTES`; events :data:`MAX_EVENT_BYTES`), in JSON
+nesting, and in shape (a reply of the wrong type is an :class:`AgentError`, never a crash).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
-from httpx_sse import aconnect_sse
+
+from critique_local import bounds
+from critique_local.agent.sse import sse_data
 
 
 class AgentError(Exception):
@@ -26,40 +32,71 @@ def basic_auth(password: str, user: str = "opencode") -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
+MAX_REPLY_BYTES = 16_000_000  # the largest reply of one call (a turn's last message with its parts)
+MAX_EVENT_BYTES = 4_000_000  # the largest event; larger ones are dropped
+CALL_TIMEOUT_S = 30.0  # a whole call (connect, send, every byte of the reply), unless the call says otherwise
+
+
 class OpenCodeClient:
     def __init__(self, base_url: str, headers: Mapping[str, str]) -> None:
         self.base_url = base_url
-        self._http = httpx.AsyncClient(base_url=base_url, headers=dict(headers), timeout=httpx.Timeout(30.0))
+        # identity encoding: a compressed reply could expand far beyond what was read
+        self._http = httpx.AsyncClient(base_url=base_url, headers={**headers, "Accept-Encoding": "identity"},
+                                       timeout=httpx.Timeout(CALL_TIMEOUT_S))
+        self.dropped_events = 0  # events over MAX_EVENT_BYTES, not parsed
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def _json(self, method: str, path: str, *, timeout_s: float = CALL_TIMEOUT_S, **kwargs: Any) -> Any:
+        """One call's JSON reply (None when empty). Raises :class:`AgentError`: ``agent_unreachable``
+        when it cannot connect or the whole reply does not arrive within ``timeout_s`` (the message
+        then says ``Timeout``), ``agent_error`` for an HTTP error, a reply over
+        :data:`MAX_REPLY_BYTES`, or one that is not JSON."""
         try:
-            resp = await self._http.request(method, path, **kwargs)
+            async with asyncio.timeout(timeout_s):
+                async with self._http.stream(method, path, timeout=httpx.Timeout(timeout_s), **kwargs) as resp:
+                    body = bytearray()
+                    async for chunk in resp.aiter_raw():
+                        body += chunk
+                        if len(body) > MAX_REPLY_BYTES:
+                            raise AgentError(f"OpenCode {method} {path}: the reply is larger than "
+                                             f"{MAX_REPLY_BYTES} bytes")
+        except TimeoutError as exc:
+            raise AgentError(f"OpenCode {method} {path}: Timeout: no complete reply within {timeout_s:.0f} s",
+                             "agent_unreachable") from exc
         except httpx.HTTPError as exc:
             raise AgentError(f"OpenCode {method} {path}: {exc.__class__.__name__}: {exc}", "agent_unreachable") from exc
         if resp.status_code >= 400:
-            raise AgentError(f"OpenCode {method} {path}: HTTP {resp.status_code}: {resp.text[:300]}")
-        return resp.json() if resp.content else None
+            text = bytes(body[:300]).decode(errors="replace")
+            raise AgentError(f"OpenCode {method} {path}: HTTP {resp.status_code}: {text}")
+        if not body:
+            return None
+        try:
+            return bounds.loads(bytes(body))
+        except ValueError as exc:
+            raise AgentError(f"OpenCode {method} {path}: the reply is not JSON ({str(exc)[:200]})") from exc
 
     async def wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         last = "no answer"
         while time.monotonic() < deadline:
             try:
-                resp = await self._http.get("/global/health", timeout=2.0)
-                if resp.status_code == 200 and resp.json().get("healthy"):
+                health = await self._json("GET", "/global/health", timeout_s=2.0)
+                if isinstance(health, dict) and health.get("healthy") is True:
                     return
-                last = f"HTTP {resp.status_code}"
-            except (httpx.HTTPError, ValueError) as exc:
-                last = exc.__class__.__name__
+                last = "not healthy"
+            except AgentError as exc:
+                last = str(exc)[:200]
             await asyncio.sleep(0.1)
         raise AgentError(f"OpenCode did not become healthy within {timeout_s:.0f}s ({last})", "agent_start_timeout")
 
     async def create_session(self, title: str) -> str:
         data = await self._json("POST", "/session", json={"title": title})
-        return str(data["id"])
+        session_id = data.get("id") if isinstance(data, dict) else None
+        if not isinstance(session_id, str) or not 0 < len(session_id) <= 200:
+            raise AgentError("OpenCode POST /session: the reply has no session id")
+        return session_id
 
     async def prompt(
         self, session_id: str, text: str, *, provider_id: str, model_id: str, agent: str, timeout_s: float
@@ -68,9 +105,10 @@ class OpenCodeClient:
         assistant message (``info.error`` is set when the turn failed)."""
         body = {"parts": [{"type": "text", "text": text}], "agent": agent,
                 "model": {"providerID": provider_id, "modelID": model_id}}
-        result = await self._json("POST", f"/session/{session_id}/message", json=body,
-                                  timeout=httpx.Timeout(timeout_s, connect=10.0))
-        return dict(result or {})
+        result = await self._json("POST", f"/session/{session_id}/message", json=body, timeout_s=timeout_s)
+        if result is not None and not isinstance(result, dict):
+            raise AgentError("OpenCode POST /session/.../message: the reply is not a message")
+        return result or {}
 
     async def abort(self, session_id: str) -> None:
         await self._json("POST", f"/session/{session_id}/abort")
@@ -82,15 +120,22 @@ class OpenCodeClient:
         await self._json("POST", f"/question/{question_id}/reject")
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """OpenCode's event stream (``GET /event``), parsed with httpx-sse."""
+        """OpenCode's event stream (``GET /event``): each event that is a JSON object of at most
+        :data:`MAX_EVENT_BYTES`; others are skipped (counted in :attr:`dropped_events`)."""
         timeout = httpx.Timeout(10.0, read=None)
         try:
-            async with aconnect_sse(self._http, "GET", "/event", timeout=timeout) as source:
-                async for sse in source.aiter_sse():
-                    if sse.data:
-                        try:
-                            yield json.loads(sse.data)
-                        except ValueError:
-                            continue
+            async with self._http.stream("GET", "/event", timeout=timeout,
+                                         headers={"Accept": "text/event-stream"}) as resp:
+                if resp.status_code != 200:
+                    raise AgentError(f"OpenCode event stream: HTTP {resp.status_code}", "agent_unreachable")
+                async for data in sse_data(resp.aiter_raw(), MAX_EVENT_BYTES):
+                    try:
+                        event = bounds.loads(data) if data is not None else None
+                    except ValueError:
+                        event = None
+                    if isinstance(event, dict):
+                        yield event
+                    else:
+                        self.dropped_events += 1
         except httpx.HTTPError as exc:
             raise AgentError(f"OpenCode event stream: {exc.__class__.__name__}", "agent_unreachable") from exc

@@ -35,6 +35,7 @@ from critique_local.store.keys import Principal
 from critique_local.store.runs import RunRow
 
 HEARTBEAT_S = 10.0
+MAX_VIEW_EVENTS = 2000  # ?events=1 returns the first ones; the stream (?after=) pages through all
 BASE = "/api/v1/coding-agent/runs"
 
 
@@ -45,9 +46,10 @@ async def _owned_run(request: web.Request, principal: Principal) -> RunRow:
     return run
 
 
-async def _view(request: web.Request, run: RunRow, *, patch: bool = False, events: bool = False) -> RunEnvelope:
+async def _view(request: web.Request, run: RunRow, *, patch: bool = False, events: bool = False,
+                brief: bool = False) -> RunEnvelope:
     s = request.app[SERVICES]
-    turns = await store.turns_of(s.db, run.id)
+    turns = [] if brief else await store.turns_of(s.db, run.id)
     per_turn = await billing.usage_by_turn(s.db, run.id)
     for turn in turns:
         turn["usage"] = per_turn.get(int(turn["index"]), billing.Usage()).view()
@@ -56,8 +58,9 @@ async def _view(request: web.Request, run: RunRow, *, patch: bool = False, event
         turns=turns,
         usage=billing.total(per_turn).view(),
         patch=await store.get_patch(s.db, run.id) if patch else None,
-        events=await events_store.after(s.db, run.id, 0, limit=100_000) if events else None,
+        events=await events_store.after(s.db, run.id, 0, limit=MAX_VIEW_EVENTS) if events else None,
         pull_request=await pulls.of_run(s.db, run.id),
+        brief=brief,
     ))
 
 
@@ -77,7 +80,7 @@ async def list_runs(request: web.Request, principal: Principal) -> web.StreamRes
     s = request.app[SERVICES]
     rows = await store.list_runs(s.db, principal.user_id, q.limit + 1, int(q.cursor) if q.cursor else None)
     page = rows[: q.limit]
-    views = [(await _view(request, r)).run for r in page]
+    views = [(await _view(request, r, brief=True)).run for r in page]
     return respond(RunList(data=views, next_cursor=str(page[-1].seq) if len(rows) > q.limit else None))
 
 

@@ -14,11 +14,15 @@ from critique_local.api.schemas import (
     UsageView,
     ValidationView,
 )
+from critique_local.bounds import clip_text
 from critique_local.clock import now_iso
 from critique_local.runs.states import lifecycle_of
 from critique_local.store.events import EventRow
 from critique_local.store.pulls import PullRequestRow
 from critique_local.store.runs import RunRow
+
+LIST_TEXT_CHARS = 1000  # summary, error message, validation output and PR body in list rows
+LIST_PATHS = 100  # changedPaths in list rows (diffStats.filesChanged counts them all)
 
 
 def run_view(
@@ -30,7 +34,12 @@ def run_view(
     patch: str | None = None,
     events: list[EventRow] | None = None,
     pull_request: PullRequestRow | None = None,
+    brief: bool = False,
 ) -> RunView:
+    """The public view of a run. ``brief`` (list rows) keeps a row small whatever the run holds:
+    no turns, texts clipped to :data:`LIST_TEXT_CHARS`, at most :data:`LIST_PATHS` paths."""
+    if brief:
+        return _brief(run_view(run, base_url, turns=[], usage=usage, pull_request=pull_request))
     lc = lifecycle_of(run.status, run.phase, run.has_patch, run.session_end_reason, run.chained_to_run_id)
     req = run.request
     url = f"{base_url}/api/v1/coding-agent/runs/{run.id}"
@@ -44,6 +53,7 @@ def run_view(
         next_actions=list(lc.next_actions),
         session_active=lc.session_active and (run.session_expires_at or "") > now_iso(),
         session_expires_at=run.session_expires_at if lc.session_active else None,
+        session_end_reason=run.session_end_reason,
         turn_count=run.turn_count,
         repository=RepositoryView(id=run.repository_id, full_name=run.repository_full_name),
         model_id=run.model_id,
@@ -85,3 +95,18 @@ def run_view(
         status_url=url,
         stream_url=f"{url}/stream",
     )
+
+
+def _brief(view: RunView) -> RunView:
+    def clip(text: str | None) -> str | None:
+        return clip_text(text, LIST_TEXT_CHARS) if text is not None else None
+
+    update: dict[str, object] = {"summary": clip(view.summary), "changed_paths": view.changed_paths[:LIST_PATHS]}
+    if view.error is not None:
+        update["error"] = view.error.model_copy(update={"message": clip(view.error.message)})
+    if view.validation is not None:
+        update["validation"] = view.validation.model_copy(update={"output_tail": clip(view.validation.output_tail)})
+    if view.draft_pull_request is not None:
+        update["draft_pull_request"] = view.draft_pull_request.model_copy(
+            update={"body": clip(view.draft_pull_request.body)})
+    return view.model_copy(update=update)

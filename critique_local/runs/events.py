@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from critique_local.bounds import clip_json, json_size
 from critique_local.redact import Redactor
 from critique_local.runs.states import lifecycle_of
 from critique_local.store import events as store
@@ -15,7 +16,21 @@ from critique_local.store.runs import RunRow
 
 log = logging.getLogger(__name__)
 BUILDER_EVENT = "builder.event"
+MAX_EVENT_BYTES = 32_768  # one stored event, as JSON
 RUN_STATUS = "run.status"
+
+
+def bounded(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` if its JSON is at most :data:`MAX_EVENT_BYTES`, else a clipped copy marked
+    ``"clipped": true`` (strings, lists and nesting cut; at worst only its type is kept)."""
+    size = json_size(data)
+    if size <= MAX_EVENT_BYTES:
+        return data
+    clipped = clip_json(data, max_chars=1000, max_items=20, max_depth=4)
+    clipped["clipped"] = True
+    if json_size(clipped) <= MAX_EVENT_BYTES:
+        return dict(clipped)
+    return {"type": clip_json(data.get("type"), max_chars=100), "clipped": True, "bytes": size}
 
 
 def status_payload(run: RunRow) -> dict[str, Any]:
@@ -49,8 +64,9 @@ class EventHub:
         return self._signals.setdefault(run_id, asyncio.Event())
 
     async def emit(self, run_id: str, kind: str, data: dict[str, Any]) -> store.EventRow:
-        """Persist (secrets redacted) and wake the run's stream readers."""
-        row = await store.append(self._db, run_id, kind, self.redactor.data(data, run_id))
+        """Persist (secrets redacted, at most :data:`MAX_EVENT_BYTES`) and wake the run's stream
+        readers."""
+        row = await store.append(self._db, run_id, kind, bounded(self.redactor.data(data, run_id)))
         old = self._signals.pop(run_id, None)
         if old is not None:
             old.set()

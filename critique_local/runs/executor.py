@@ -25,10 +25,11 @@ from critique_local import billing
 from critique_local.agent.config import OPENCODE_PORT, PROVIDER_ID
 from critique_local.agent.normalize import Normalizer
 from critique_local.agent.opencode import AgentError, OpenCodeClient, basic_auth
+from critique_local.bounds import clip_text
 from critique_local.clock import iso, ms_between, now, now_iso, parse_iso
 from critique_local.errors import RunFailure
 from critique_local.repos import checkout
-from critique_local.runs.collect import collect
+from critique_local.runs.collect import TurnResult, collect
 from critique_local.runs.network import network_policy, proxy_env
 from critique_local.runs.pool import WarmPool, agent_env, start_agent
 from critique_local.runs.publish import Publisher, PublishOutcome
@@ -257,7 +258,7 @@ class Executor:
         previous = await self._previous_tree(run.id, idx) or base
         max_patch = self.s.settings.limits.max_patch_bytes
         await self.watchdog.check_workspace(sandbox)
-        result = await collect(sandbox, base, previous, max_patch)
+        result = await self._collect(sandbox, base, previous, max_patch)
         validation: ValidationResult | None = None
         mode = str(run.request.get("validationMode") or "minimal")
         if run.task_kind != "plan" and mode != "minimal":
@@ -280,7 +281,7 @@ class Executor:
                     budget, summary = stop, stop.partial or summary
                 run = await self._transition(run, RunStatus.RUNNING, Phase.COLLECTING)
                 await self.watchdog.check_workspace(sandbox)
-                result = await collect(sandbox, base, previous, max_patch)
+                result = await self._collect(sandbox, base, previous, max_patch)
                 run = await self._transition(run, RunStatus.RUNNING, Phase.VALIDATING)
                 validation = await self._validate(run, sandbox, mode)
             if validation is not None:
@@ -332,6 +333,19 @@ class Executor:
             patch=patch or None, session_expires_at=expires, **errors,
         )
 
+    async def _collect(self, sandbox: Sandbox, base: str, previous: str, max_patch: int) -> TurnResult:
+        """:func:`collect`, with a failure explained by the mount that filled up when one does
+        (git writes its index and the patch to /tmp: a full /tmp is ``sandbox_storage_full``)."""
+        try:
+            return await collect(sandbox, base, previous, max_patch)
+        except (RunFailure, SandboxError) as exc:
+            if isinstance(exc, RunFailure) and exc.code != "collect_failed":
+                raise
+            cause = await self.watchdog.diagnose(sandbox)
+            if cause is not None:
+                raise cause from exc
+            raise
+
     async def _validate(self, run: RunRow, sandbox: Sandbox, mode: str) -> ValidationResult | None:
         assert run.base_commit is not None
         result = await validate(sandbox, mode, self.s.settings.validation, run.repository_full_name, run.base_commit,
@@ -357,15 +371,19 @@ class Executor:
         normalize = Normalizer(session_id)
         connected = asyncio.Event()
         idle = asyncio.Event()
-        texts: list[str] = []
+        texts: list[str] = []  # the last assistant text (the summary when the reply has none)
+        limits = self.s.settings.limits
+        rows = 0  # events of this prompt; at most limits.max_events_per_turn are stored
 
         async def pump() -> None:
+            nonlocal rows
             async for event in agent.events():
                 kind = event.get("type")
                 if kind == "server.connected":
                     connected.set()
                     continue
-                props = event.get("properties") or {}
+                props = event.get("properties")
+                props = props if isinstance(props, dict) else {}
                 if kind == "session.idle" and props.get("sessionID") == session_id:
                     idle.set()
                 # safety net: a prompt nobody answers would hang the headless turn forever
@@ -377,8 +395,10 @@ class Executor:
                 row = normalize(event)
                 if row is not None:
                     if row["type"] == "text":
-                        texts.append(row["text"])
-                    await self.s.hub.builder(run.id, row)
+                        texts[:] = [row["text"]]
+                    rows += 1
+                    if rows <= limits.max_events_per_turn:
+                        await self.s.hub.builder(run.id, row)
 
         pump_task = asyncio.create_task(pump())
         try:
@@ -401,14 +421,24 @@ class Executor:
             pump_task.cancel()
             with contextlib.suppress(BaseException):
                 await pump_task
-        info = result.get("info") or {}
-        error = info.get("error")
-        parts = result.get("parts") or []
-        final = "\n".join(p.get("text", "") for p in parts if p.get("type") == "text" and not p.get("synthetic"))
-        summary = final.strip() or (texts[-1] if texts else "")
+            dropped = max(0, rows - limits.max_events_per_turn) + agent.dropped_events
+            if dropped:
+                await self.s.hub.builder(run.id, {
+                    "type": "events.clipped", "stored": min(rows, limits.max_events_per_turn), "dropped": dropped,
+                    "message": f"{dropped} events of this turn were not stored (limits.max_events_per_turn, or "
+                               "larger than an event may be)"})
+                agent.dropped_events = 0
+        # the reply comes from the sandbox: any shape, any size (bounded by the client)
+        info = result.get("info")
+        error = info.get("error") if isinstance(info, dict) else None
+        parts = [p for p in result["parts"] if isinstance(p, dict)] if isinstance(result.get("parts"), list) else []
+        final = "\n".join(str(p.get("text", "")) for p in parts if p.get("type") == "text" and not p.get("synthetic"))
+        summary = clip_text(final.strip() or (texts[-1] if texts else ""), limits.max_summary_chars)
         if error:
-            data = error.get("data") or {}
-            message = str(data.get("message") or error.get("name") or "the agent's turn failed")
+            error = error if isinstance(error, dict) else {"name": str(error)[:200]}
+            data = error["data"] if isinstance(error.get("data"), dict) else {}
+            message = clip_text(str(data.get("message") or error.get("name") or "the agent's turn failed"),
+                                limits.max_summary_chars)
             if "budget_exceeded" in message:
                 raise BudgetStop(message[message.index("budget_exceeded"):].removeprefix("budget_exceeded: "), summary)
             code = "model_error" if error.get("name") == "APIError" else "agent_error"

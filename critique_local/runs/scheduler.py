@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from critique_local.clock import now, now_iso, parse_iso
 from critique_local.runs.executor import Executor
@@ -36,6 +36,7 @@ class Scheduler:
         self._reaper: asyncio.Task[None] | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._idle_limits = asyncio.Lock()
 
     def lock(self, run_id: str) -> asyncio.Lock:
         """Serialises state changes of one run (message, endSession, cancel, expiry)."""
@@ -67,6 +68,10 @@ class Scheduler:
                 await asyncio.wait({task})
                 if not task.cancelled() and task.exception() is not None:
                     log.error("executor failed for run %s", run_id, exc_info=task.exception())
+                try:
+                    await self.limit_idle_sessions()  # the run may have just gone idle
+                except Exception:
+                    log.exception("idle session limits failed")
             finally:
                 if self._running.get(run_id) is task:  # a follow-up turn may already be running
                     del self._running[run_id]
@@ -100,7 +105,43 @@ class Scheduler:
             except Exception:
                 log.exception("sandbox sweep failed")
 
+    async def limit_idle_sessions(self) -> None:
+        """End the least recently used idle sessions beyond ``scheduler.max_idle_sessions_per_user``
+        (per user) and ``scheduler.max_idle_sessions`` (in all): their sandboxes go, the runs
+        complete with session end reason ``idle_limit``, and a later message chains."""
+        async with self._idle_limits:
+            cfg = self.s.settings.scheduler
+            idle = await store.idle_sessions(self.s.db)
+            per_user = Counter(user for _, user in idle)
+            over_total = len(idle) - cfg.max_idle_sessions
+            victims: dict[str, str] = {}
+            for run_id, user in idle:  # least recently used first
+                if per_user[user] > cfg.max_idle_sessions_per_user:
+                    per_user[user] -= 1
+                    over_total -= 1
+                    victims[run_id] = (f"its user has more than scheduler.max_idle_sessions_per_user = "
+                                       f"{cfg.max_idle_sessions_per_user} idle sessions")
+            for run_id, _ in idle:
+                if over_total <= 0:
+                    break
+                if run_id not in victims:
+                    over_total -= 1
+                    victims[run_id] = (f"this server has more than scheduler.max_idle_sessions = "
+                                       f"{cfg.max_idle_sessions} idle sessions")
+            for run_id, why in victims.items():
+                async with self.lock(run_id):
+                    run = await store.get_run(self.s.db, run_id)
+                    if run is None or run.status is not RunStatus.IDLE:
+                        continue
+                    log.info("ending the idle session of run %s: %s", run_id, why)
+                    await self.s.hub.builder(run_id, {
+                        "type": "session.ended", "reason": SessionEnd.IDLE_LIMIT.value,
+                        "message": f"the least recently used idle session was ended because {why}; "
+                                   "a new message starts a chained run"})
+                    await self.executor.close_session(run, RunStatus.COMPLETED, Phase.FINISHED, SessionEnd.IDLE_LIMIT)
+
     async def reap(self) -> None:
+        await self.limit_idle_sessions()  # also after a restart or a configuration change
         for run_id in await store.expired_idle_runs(self.s.db, now_iso()):
             async with self.lock(run_id):
                 run = await store.get_run(self.s.db, run_id)

@@ -61,10 +61,11 @@ class SessionEnd(StrEnum):
     END_SESSION = "end_session"  # the client ended it: messages get 409 run_terminal
     EXPIRED = "expired"  # idle timeout or lifetime cap: messages start a chained run
     SANDBOX_LOST = "sandbox_lost"  # sandbox or OpenCode died while idle: messages chain
+    IDLE_LIMIT = "idle_limit"  # least recently used beyond scheduler.max_idle_sessions(_per_user): messages chain
     FINISHED = "finished"  # turn ended with the run (failed, cancelled)
 
 
-CHAINABLE = frozenset({SessionEnd.EXPIRED, SessionEnd.SANDBOX_LOST})
+CHAINABLE = frozenset({SessionEnd.EXPIRED, SessionEnd.SANDBOX_LOST, SessionEnd.IDLE_LIMIT})
 
 # Lifecycle values (the stable contract documented in README and OpenAPI):
 LIFECYCLE_DOC: dict[str, str] = {

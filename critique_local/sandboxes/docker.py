@@ -332,6 +332,8 @@ class DockerBackend(SandboxBackend):
             "environment": dict(spec.env),
             "working_dir": "/workspace",
             "detach": True,
+            # whatever a sandbox writes to PID 1's stdout is discarded, never a file on the host's disk
+            "log_config": docker.types.LogConfig(type=docker.types.LogConfig.types.NONE),
         }
 
         if spec.network_mode != "open":

@@ -170,8 +170,15 @@ async def run_of_sandbox(db: Database, sandbox_id: str) -> RunRow | None:
     return _row(row) if row else None
 
 
+LIST_PATHS = 100
+# list rows read at most LIST_PATHS changed paths, so a page never loads every path of every run
+_LIST_COLUMNS = _COLUMNS.replace("r.changed_paths", "(SELECT json_group_array(value) FROM (SELECT value FROM "
+                                 f"json_each(r.changed_paths) LIMIT {LIST_PATHS}))")
+
+
 async def list_runs(db: Database, user_id: str, limit: int, before_seq: int | None) -> list[RunRow]:
-    sql = f"SELECT {_COLUMNS} {_FROM} WHERE r.user_id = ?"
+    """The user's runs, newest first; ``changed_paths`` holds at most :data:`LIST_PATHS` paths."""
+    sql = f"SELECT {_LIST_COLUMNS} {_FROM} WHERE r.user_id = ?"
     params: list[Any] = [user_id]
     if before_seq is not None:
         sql += " AND r.seq < ?"
@@ -272,6 +279,12 @@ async def begin_follow_up(db: Database, run_id: str, prompt: str, publish: dict[
             (RunStatus.RUNNING.value, Phase.AGENT_RUNNING.value, idx, now_iso(), run_id),
         )
     return idx
+
+
+async def idle_sessions(db: Database) -> list[tuple[str, str]]:
+    """(run id, user id) of every idle run, least recently used (longest idle) first."""
+    rows = await db.all("SELECT id, user_id FROM runs WHERE status = 'idle' ORDER BY updated_at, seq")
+    return [(str(r[0]), str(r[1])) for r in rows]
 
 
 async def expired_idle_runs(db: Database, now_text: str) -> list[str]:
