@@ -130,8 +130,10 @@ class Webhooks:
         code: int | None = None
         error: str | None = None
         try:
-            resp = await self._http.post(url, content=body, headers=headers)
-            code = resp.status_code
+            # the receiver's answer is never read: only its status counts, within timeout_s in all
+            async with asyncio.timeout(self._settings.timeout_s):
+                async with self._http.stream("POST", url, content=body, headers=headers) as resp:
+                    code = resp.status_code
             if 200 <= code < 300:
                 await self._db.write(
                     "UPDATE webhook_deliveries SET state = 'delivered', attempts = ?, last_status_code = ?, "
@@ -140,6 +142,8 @@ class Webhooks:
             error = f"HTTP {code}"
         except httpx.HTTPError as exc:
             error = f"{exc.__class__.__name__}: {exc}"[:300]
+        except TimeoutError:
+            error = f"no answer within webhooks.timeout_s ({self._settings.timeout_s:.0f} s)"
         delay = min(self._settings.retry_base_s * 2 ** attempts, self._settings.retry_max_s)
         next_at = now() + timedelta(seconds=delay)
         gave_up = next_at > parse_iso(created_at) + timedelta(seconds=self._settings.retry_window_s)

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 from httpx_sse import EventSource, ServerSentEvent
 
+from critique_local import bounds
 from critique_local.config import ProviderSettings
 
 
@@ -70,7 +71,13 @@ class Upstream:
             raise UpstreamError.from_exception(exc) from exc
         if resp.status_code >= 400:
             raise UpstreamError.from_status(resp.status_code, resp.text)
-        data: dict[str, Any] = resp.json()
+        try:
+            data = bounds.loads(resp.content)
+        except ValueError as exc:  # not JSON, or nested beyond what we parse
+            raise UpstreamError(502, f"upstream answered something that is not usable JSON: {str(exc)[:200]}",
+                                "upstream_error") from exc
+        if not isinstance(data, dict):
+            raise UpstreamError(502, "upstream answered JSON that is not an object", "upstream_error")
         return data
 
     async def stream(self, provider: ProviderSettings, body: dict[str, Any]) -> AsyncIterator[ServerSentEvent]:

@@ -19,6 +19,8 @@ from critique_local.store import runs as store
 from critique_local.store.runs import RunRow
 from critique_local.tokens import new_id
 
+MAX_CHAIN_CONTEXT_CHARS = 60_000  # prior summaries carried into a chained run's prompt
+
 
 class TurnInProgress(Conflict):
     code = "turn_in_progress"
@@ -90,6 +92,8 @@ class RunControl:
     async def _chain(self, old: RunRow, prompt: str) -> RunRow:
         summaries = [(r[0], r[3]) for r in await store.turns_raw(self.s.db, old.id) if r[3]]
         context = "".join(f"> Turn {i}: {line}\n" for i, summary in summaries for line in summary.splitlines())
+        if len(context) > MAX_CHAIN_CONTEXT_CHARS:  # summaries are agent-made: the newest are kept
+            context = "> [earlier turns clipped]\n" + context[-MAX_CHAIN_CONTEXT_CHARS:]
         chained_prompt = prompt if not context else (
             f"Earlier turns of this task (run {old.id}; their changes are not in this checkout):\n{context}\n{prompt}")
         new = store.NewRun(
