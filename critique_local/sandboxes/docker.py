@@ -5,6 +5,7 @@ with all capabilities dropped, ``no-new-privileges``, a read-only root filesyste
 on CPU, memory, processes and open files. Writable are only ``/workspace``, ``/tmp``,
 ``~/.local`` and ``~/.cache``: size-limited tmpfs mounts (their pages count as memory, so the
 memory limit covers them; OpenCode's config dir gets a small one too). No host path is mounted and the Docker socket never is.
+Container logs are discarded (log driver ``none``), so PID 1's stdout never fills the host's disk.
 
 The network is internal (no route out), with container-to-container traffic disabled (no
 sandbox reaches another), and DNS pointed nowhere (an internal network's embedded DNS would
