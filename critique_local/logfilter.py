@@ -26,16 +26,21 @@ class _Window:
 
 class RepeatFilter(logging.Filter):
     """A record's kind is its logger, level, message template (``record.msg`` before
-    arguments, so ``"refused %s"`` is one kind whatever the address) and exception type."""
+    arguments, so ``"refused %s"`` is one kind whatever the address) and exception type. Only
+    records of ``min_level`` (warnings) and above are limited."""
 
-    def __init__(self, burst: int = 5, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, burst: int = 5, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 min_level: int = logging.WARNING) -> None:
         super().__init__()
+        self.min_level = min_level
         self.burst = burst
         self.window_s = window_s
         self.clock = clock
         self._windows: dict[tuple[str, int, str, str], _Window] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.min_level:  # floods are of warnings and errors; info lines name their run
+            return True
         exc_type = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
         kind = (record.name, record.levelno, str(record.msg)[:200], exc_type)
         now = self.clock()
