@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import signal
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from critique_local.egress import DecisionHook, EgressProxy, Policy, PolicyLooku
 from critique_local.gateway import routes as gateway
 from critique_local.gateway.catalog import Catalog
 from critique_local.gateway.upstream import Upstream
+from critique_local.hoststate import HostState, InstanceClaim, default_root
 from critique_local.redact import RedactingFilter, Redactor
 from critique_local.repos.hosts import Hosts
 from critique_local.repos.mirrors import Mirrors
@@ -50,12 +52,25 @@ BLOCKING_THREADS = 64
 
 
 def instance_id(settings: Settings) -> str:
-    """A stable id for this data dir; labels our sandboxes so two servers never touch each other's."""
+    """A stable id for this data dir (16 hex digits); labels our sandboxes and names our firewall
+    chain so two servers never touch each other's. Created atomically: two servers starting on a
+    new data dir at once get the same id (and then only one of them can claim it)."""
     path = settings.server.data_dir / "instance_id"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(8))
+        draft = path.with_name(f".instance_id.{os.getpid()}")
+        draft.write_text(secrets.token_hex(8))
+        with contextlib.suppress(FileExistsError):
+            os.link(draft, path)
+        draft.unlink()
     return path.read_text().strip()
+
+
+def claim_instance(settings: Settings) -> InstanceClaim:
+    """Hold this data dir's instance id on this host for the life of the process (blocking).
+    Raises InstanceInUse when another running server holds it."""
+    host = HostState(default_root(settings.server.host_state_dir))
+    return host.claim(instance_id(settings), settings.server.data_dir, wait_s=30)
 
 
 def _application(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks,
@@ -145,11 +160,13 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=BLOCKING_THREADS,
                                                                         thread_name_prefix="blocking"))
     settings.server.data_dir.mkdir(parents=True, exist_ok=True)
+    claim = await asyncio.to_thread(claim_instance, settings)  # before anything touches the data dir
+    log.info("instance %s (claimed in %s)", claim.instance_id, claim.host.root)
     db = await Database.open(settings.db_path)
-    backend = make_backend(settings, instance_id(settings))
+    backend = make_backend(settings, claim)
     redactor = known_secrets(settings)
     services = Services(settings=settings, db=db, hub=EventHub(db, redactor), backend=backend,
-                        catalog=Catalog.from_settings(settings), instance_id=instance_id(settings),
+                        catalog=Catalog.from_settings(settings), instance_id=claim.instance_id,
                         box=SecretBox.from_data_dir(settings.server.data_dir), hosts=Hosts(settings, redactor),
                         redactor=redactor, mirrors=Mirrors(settings.server.data_dir / "mirrors", settings.git))
     proxy = EgressProxy(egress_policy(services), egress_event(services), settings.network.private_cidrs)
@@ -207,3 +224,4 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
         await services.hosts.aclose()
         await backend.close()
         await db.close()
+        claim.release()

@@ -93,6 +93,7 @@ class Scheduler:
             if time.monotonic() - swept < self.s.settings.sandbox.sweep_interval_s:
                 continue
             swept = time.monotonic()
+            await self.s.backend.reclaim_host()
             try:
                 await self.sweep()
             except SandboxError as exc:  # e.g. the container engine is restarting: next round
@@ -141,6 +142,7 @@ class Scheduler:
 
     async def recover(self) -> None:
         db = self.s.db
+        await self.s.backend.reclaim_host()  # what stopped servers left on this host
         queued = await store.runs_with_status(db, RunStatus.QUEUED)
         keep: set[str] = set()  # sandbox ids of idle runs that are still usable
         lost: list[store.RunRow] = []
