@@ -70,7 +70,7 @@ def claim_instance(settings: Settings) -> InstanceClaim:
     """Hold this data dir's instance id on this host for the life of the process (blocking).
     Raises InstanceInUse when another running server holds it."""
     host = HostState(default_root(settings.server.host_state_dir))
-    return host.claim(instance_id(settings), settings.server.data_dir, wait_s=30)
+    return host.claim(instance_id(settings), settings.server.data_dir, wait_s=10)
 
 
 def _application(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks,

@@ -255,7 +255,8 @@ class DockerBackend(SandboxBackend):
 
     async def reclaim_host(self) -> None:
         try:
-            await asyncio.to_thread(dockerhost.reclaim, self.client, self._host, self._instance)
+            await asyncio.to_thread(dockerhost.reclaim, self.client, self._host, self._instance,
+                                    rules=self._settings.host_firewall)
         except (*ENGINE_ERRORS, *HOST_ERRORS) as exc:
             log.warning("could not remove what stopped servers left on the host: %s", exc)
 

@@ -71,18 +71,18 @@ def ensure_network(client: docker.DockerClient, host: HostState, instance_id: st
     return net
 
 
-def reclaim(client: docker.DockerClient, host: HostState, own_instance: str) -> None:
-    """Remove what instances proven gone left on the host: their firewall chains (at once), and
-    their containers once they can never come back. Drops INPUT jumps of bridges that no longer
-    exist. Errors are logged: the next sweep tries again."""
-    candidates = (host.known() | _chains()) - {own_instance}
-    for instance in sorted(candidates):
+def reclaim(client: docker.DockerClient, host: HostState, own_instance: str, *, rules: bool) -> None:
+    """Remove what instances proven gone left on the host: their firewall chains (at once, when
+    ``rules``), and their containers once they can never come back. With ``rules``, also drops
+    INPUT jumps of bridges that no longer exist."""
+    chains = _chains() if rules else set()
+    for instance in sorted((host.known() | chains) - {own_instance}):
         record = host.read_record(instance)
         final = not record.can_return()
         with host.if_gone(instance, forget=final) as gone:
             if gone is None:
                 continue  # it runs
-            if instance in _chains():
+            if instance in chains:
                 log.info("removing the firewall rules of instance %s (its server is gone)", instance)
                 with host.exclusive():
                     firewall.remove(instance)
@@ -95,6 +95,8 @@ def reclaim(client: docker.DockerClient, host: HostState, own_instance: str) -> 
                         container.remove(force=True, v=True)
                     except docker.errors.NotFound:
                         pass
+    if not rules:
+        return
     try:
         firewall.check_available()
     except firewall.FirewallError:

@@ -23,6 +23,7 @@ Every function blocks (it runs iptables): call them from a worker thread.
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 SHARED_CHAIN = "CRITIQUE-SANDBOX"
 CHAIN_PREFIX = "CRIT-"
+INSTANCE_CHAIN = re.compile(r"CRIT-[0-9a-f]{16}")
 EMBEDDED_DNS = "127.0.0.11/32"
 TIMEOUT_S = 60
 ESTABLISHED = ("-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
@@ -144,7 +146,7 @@ def instance_chains() -> set[str]:
     """Instance ids that have a chain on this host."""
     res = _ipt("-S")
     return {parts[1][len(CHAIN_PREFIX):] for parts in (line.split() for line in res.stdout.splitlines())
-            if len(parts) == 2 and parts[0] == "-N" and parts[1].startswith(CHAIN_PREFIX)}
+            if len(parts) == 2 and parts[0] == "-N" and INSTANCE_CHAIN.fullmatch(parts[1])}
 
 
 def prune_bridges(existing: set[str]) -> list[str]:
