@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import signal
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from critique_local.egress import DecisionHook, EgressProxy, Policy, PolicyLooku
 from critique_local.gateway import routes as gateway
 from critique_local.gateway.catalog import Catalog
 from critique_local.gateway.upstream import Upstream
+from critique_local.hoststate import HostState, InstanceClaim, default_root
 from critique_local.listeners import ConnectionBudget, ConnectionGuard, GuardedSite, fit_to_open_files
 from critique_local.redact import RedactingFilter, Redactor
 from critique_local.repos.hosts import Hosts
@@ -53,12 +55,25 @@ BLOCKING_THREADS = 64
 
 
 def instance_id(settings: Settings) -> str:
-    """A stable id for this data dir; labels our sandboxes so two servers never touch each other's."""
+    """A stable id for this data dir (16 hex digits); labels our sandboxes and names our firewall
+    chain so two servers never touch each other's. Created atomically: two servers starting on a
+    new data dir at once get the same id (and then only one of them can claim it)."""
     path = settings.server.data_dir / "instance_id"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(8))
+        draft = path.with_name(f".instance_id.{os.getpid()}")
+        draft.write_text(secrets.token_hex(8))
+        with contextlib.suppress(FileExistsError):
+            os.link(draft, path)
+        draft.unlink()
     return path.read_text().strip()
+
+
+def claim_instance(settings: Settings) -> InstanceClaim:
+    """Hold this data dir's instance id on this host for the life of the process (blocking).
+    Raises InstanceInUse when another running server holds it."""
+    host = HostState(default_root(settings.server.host_state_dir))
+    return host.claim(instance_id(settings), settings.server.data_dir, wait_s=10)
 
 
 def _application(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks,
@@ -172,8 +187,10 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
                                                                         thread_name_prefix="blocking"))
     settings.server.data_dir.mkdir(parents=True, exist_ok=True)
     logfilter.install()  # before redaction, so repeats are recognised by their message template
+    claim = await asyncio.to_thread(claim_instance, settings)  # before anything touches the data dir
+    log.info("instance %s (claimed in %s)", claim.instance_id, claim.host.root)
     db = await Database.open(settings.db_path)
-    backend = make_backend(settings, instance_id(settings))
+    backend = make_backend(settings, claim)
     services = make_services(settings, db, backend, known_secrets(settings))
     limits = settings.limits
     public_cap, sandbox_cap = fit_to_open_files(limits.public_connections, limits.sandbox_connections)
@@ -236,3 +253,4 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
         await services.hosts.aclose()
         await backend.close()
         await db.close()
+        claim.release()

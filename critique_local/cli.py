@@ -16,6 +16,7 @@ import httpx
 from httpx_sse import connect_sse
 
 from critique_local.config import ConfigError, Settings, load_settings
+from critique_local.hoststate import InstanceInUse
 from critique_local.services import Services
 from critique_local.store.db import Database
 from critique_local.store.keys import DEFAULT_SCOPES, create_key, list_keys, revoke_key
@@ -76,6 +77,8 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
         asyncio.run(run_server(settings, ready))
     except KeyboardInterrupt:
         pass
+    except InstanceInUse as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.group()

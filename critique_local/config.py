@@ -26,6 +26,9 @@ class ServerSettings(Section):
     host: str = Field("127.0.0.1", description="Address the public API listens on.")
     port: int = Field(8787, ge=0, le=65535, description="Port of the public API (0 picks a free one).")
     data_dir: Path = Field(Path("./.critique-local"), description="State: SQLite database, secret key.")
+    host_state_dir: Path = Field(
+        Path("/run/critique-local"), description="Host-wide directory where running servers claim their instance "
+        "ids (shared by every server on the host; a per-user temp dir when it is not writable).")
     public_url: str = Field("", description="Base URL clients use (statusUrl/streamUrl); default from host:port.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 

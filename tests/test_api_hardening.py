@@ -21,6 +21,7 @@ from critique_local.config import load_settings
 from critique_local.gateway.upstream import Upstream
 from critique_local.redact import Redactor
 from critique_local.runs.scheduler import Scheduler
+from critique_local.hoststate import HostState
 from critique_local.sandboxes.factory import make_backend
 from critique_local.services import Services
 from critique_local.store.db import Database
@@ -69,7 +70,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
         "CRITIQUE_LOCAL_LIMITS_REQUEST_BODY_TIMEOUT_S": "1",
     })
     db = await Database.open(settings.db_path)
-    services = make_services(settings, db, make_backend(settings, "inprocess"), Redactor())
+    services = make_services(settings, db, make_backend(settings, HostState(tmp_path / "host").claim("0123456789abcdef", tmp_path / "data")), Redactor())
     services.public_url = "http://127.0.0.1"
     upstream = Upstream()
     webhooks = Webhooks(db, services.box, settings.webhooks)

@@ -22,6 +22,7 @@ from critique_local.listeners import ConnectionBudget, ConnectionGuard, GuardedS
 from critique_local.logfilter import RepeatFilter
 from critique_local.redact import Redactor
 from critique_local.runs.scheduler import Scheduler
+from critique_local.hoststate import HostState
 from critique_local.sandboxes.factory import make_backend
 from critique_local.store.db import Database
 from critique_local.store.keys import create_key
@@ -46,7 +47,7 @@ async def listener(tmp_path: Path) -> AsyncIterator[Listener]:
         "CRITIQUE_LOCAL_SERVER_DATA_DIR": str(tmp_path / "data"),
         "CRITIQUE_LOCAL_LIMITS_REQUEST_HEAD_TIMEOUT_S": str(HEAD_TIMEOUT_S)})
     db = await Database.open(settings.db_path)
-    services = make_services(settings, db, make_backend(settings, "listener"), Redactor())
+    services = make_services(settings, db, make_backend(settings, HostState(tmp_path / "host").claim("0123456789abcdef", tmp_path / "data")), Redactor())
     upstream, webhooks = Upstream(), Webhooks(db, services.box, settings.webhooks)
     budget = ConnectionBudget("test", total=60, per_peer=40)
     guard = ConnectionGuard(budget, HEAD_TIMEOUT_S)

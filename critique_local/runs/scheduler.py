@@ -98,6 +98,7 @@ class Scheduler:
             if time.monotonic() - swept < self.s.settings.sandbox.sweep_interval_s:
                 continue
             swept = time.monotonic()
+            await self._reclaim_host()
             try:
                 await self.sweep()
             except SandboxError as exc:  # e.g. the container engine is restarting: next round
@@ -178,10 +179,18 @@ class Scheduler:
                         await self.executor.close_session(current, RunStatus.COMPLETED, Phase.FINISHED,
                                                           SessionEnd.SANDBOX_LOST)
 
+    async def _reclaim_host(self) -> None:
+        """What stopped servers left on this host (their firewall rules, orphaned sandboxes)."""
+        try:
+            await self.s.backend.reclaim_host()
+        except Exception:
+            log.exception("reclaiming what stopped servers left on the host failed")
+
     # ---- restart ------------------------------------------------------------------------------
 
     async def recover(self) -> None:
         db = self.s.db
+        await self._reclaim_host()
         queued = await store.runs_with_status(db, RunStatus.QUEUED)
         keep: set[str] = set()  # sandbox ids of idle runs that are still usable
         lost: list[store.RunRow] = []

@@ -151,3 +151,7 @@ class SandboxBackend(abc.ABC):
 
     async def restrict_host(self, ports: list[int]) -> None:  # noqa: B027 - optional: remote backends have no host
         """Let sandboxes reach only these ports of the host (the gateway, the egress proxy)."""
+
+    async def reclaim_host(self) -> None:  # noqa: B027 - optional: remote backends have no host
+        """Remove what other server instances left on this host once they are proven gone
+        (never raises: problems are logged and the next sweep tries again)."""

@@ -9,10 +9,13 @@ Container logs are discarded (log driver ``none``), so PID 1's stdout never fill
 
 The network is internal (no route out), with container-to-container traffic disabled (no
 sandbox reaches another), and DNS pointed nowhere (an internal network's embedded DNS would
-otherwise forward queries out: CVE-2024-29018). The server reaches OpenCode at the container's
-address; the container reaches the host only at the network's gateway address, and with
-``docker.host_firewall`` only at the gateway and egress proxy ports there. Runs with network
-mode ``open`` also join a second network with a route out.
+otherwise forward queries out: CVE-2024-29018); with ``docker.host_firewall`` the embedded DNS
+is also closed inside each sandbox, so it cannot look up other runs' containers. The server
+reaches OpenCode at the container's address; the container reaches the host only at the
+network's gateway address, and with ``docker.host_firewall`` only at this server's gateway and
+egress proxy ports there. Runs with network mode ``open`` also join a second network with a
+route out. What is shared with other servers on the host (networks, firewall rules) and who
+may remove what: ``dockerhost``.
 
 docker-py is blocking, so every call runs in a worker thread.
 """
@@ -22,10 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import shlex
-import shutil
 import socket
 import struct
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ import docker.errors
 from docker.models.containers import Container
 
 from critique_local.config import DockerSettings, SandboxSettings
+from critique_local.hoststate import HostLockTimeout, InstanceClaim
+from critique_local.sandboxes import dockerhost, firewall
 from critique_local.sandboxes.base import (
     Endpoint,
     ExecResult,
@@ -47,17 +50,15 @@ from critique_local.sandboxes.base import (
     SandboxSpec,
 )
 
-LABEL = "critique.local"
-LABEL_INSTANCE = "critique.instance"
+LABEL = dockerhost.LABEL
+LABEL_INSTANCE = dockerhost.LABEL_INSTANCE
 LABEL_RUN = "critique.run"
 LABEL_USER = "critique.user"
 AGENT_USER = "1000:1000"
-ICC = "com.docker.network.bridge.enable_icc"
-BRIDGE_NAME = "com.docker.network.bridge.name"
-FIREWALL_CHAIN = "CRITIQUE-SANDBOX"
 # The engine refused (APIError) or could not be reached at all (requests' errors are OSErrors:
 # the daemon stopped or is restarting): both are a SandboxError to the rest of the server.
 ENGINE_ERRORS = (docker.errors.DockerException, OSError)
+HOST_ERRORS = (firewall.FirewallError, HostLockTimeout, OSError)  # iptables, nsenter, the host lock
 EXEC_GRACE_S = 30.0
 log = logging.getLogger(__name__)
 
@@ -186,16 +187,19 @@ class DockerSandbox(Sandbox):
 class DockerBackend(SandboxBackend):
     name = "docker"
 
-    def __init__(self, sandbox: SandboxSettings, settings: DockerSettings, instance_id: str,
+    def __init__(self, sandbox: SandboxSettings, settings: DockerSettings, claim: InstanceClaim,
                  allow_open: bool = False) -> None:
         self._sandbox = sandbox
         self._settings = settings
-        self._instance = instance_id
+        self._claim = claim
+        self._host = claim.host
+        self._instance = claim.instance_id
         self._allow_open = allow_open
         self._client: docker.DockerClient | None = None
         self._gateway_host: str | None = None
-        self._bridge: str | None = None
-        self._firewall_ports: list[int] = []
+        self._bridges: list[str] = []  # the sandbox network's, then the open network's
+        self._firewalled = False  # our chain is installed (removed again on close)
+        self._close_dns = False  # sandboxes get Docker's embedded DNS closed (needs root)
 
     @property
     def client(self) -> docker.DockerClient:
@@ -217,45 +221,45 @@ class DockerBackend(SandboxBackend):
                 raise SandboxError(
                     f"sandbox image {self._sandbox.image} is missing: run sandboxes/docker/build.sh", "image_missing"
                 ) from exc
-            net = self._ensure_network(client, self._settings.network, internal=True)
-            if self._allow_open:
-                self._ensure_network(client, self._settings.open_network, internal=False)
-            self._bridge = str(net.attrs.get("Options", {}).get(BRIDGE_NAME) or f"br-{net.id[:12]}")
-            return str(net.attrs["IPAM"]["Config"][0]["Gateway"])
+            names = [self._settings.network, *([self._settings.open_network] if self._allow_open else [])]
+            self._claim.publish(networks=names)  # before the lock: nobody re-creates them under us
+            with self._host.exclusive():
+                nets = [dockerhost.ensure_network(client, self._host, self._instance, name, internal=i == 0)
+                        for i, name in enumerate(names)]
+            self._bridges = [dockerhost.bridge_of(net.attrs) for net in nets]
+            return str(nets[0].attrs["IPAM"]["Config"][0]["Gateway"])
 
-        self._gateway_host = await asyncio.to_thread(setup)
-
-    @staticmethod
-    def _ensure_network(client: docker.DockerClient, name: str, *, internal: bool) -> Any:
-        """The sandbox network, created (or re-created, when unused and older settings made it)
-        with container-to-container traffic disabled."""
         try:
-            net = client.networks.get(name)
-        except docker.errors.NotFound:
-            net = None
-        if net is not None and (net.attrs.get("Options", {}).get(ICC) != "false"
-                                or bool(net.attrs.get("Internal")) != internal):
-            net.reload()
-            if net.attrs.get("Containers"):
-                raise SandboxError(f"network {name} allows container-to-container traffic or has the wrong "
-                                   "routing, and containers still use it: remove them and the network, then "
-                                   "restart", "network_unsafe")
-            net.remove()
-            net = None
-        if net is None:
-            net = client.networks.create(name, driver="bridge", internal=internal, labels={LABEL: "1"},
-                                         options={ICC: "false"})
-        return net
+            self._gateway_host = await asyncio.to_thread(setup)
+        except HostLockTimeout as exc:
+            raise SandboxError(f"could not set up the sandbox network: {exc}", "docker_unavailable") from exc
 
     async def restrict_host(self, ports: list[int]) -> None:
-        if not self._settings.host_firewall or self._bridge is None:
+        """Install this instance's firewall chain: sandboxes on our bridges reach exactly the
+        gateway address at ``ports``. Also closes Docker's embedded DNS in every later sandbox."""
+        if not self._settings.host_firewall or not self._bridges or self._gateway_host is None:
             return
-        self._firewall_ports = ports
+        openings = [firewall.Opening(self._bridges[0], self._gateway_host, port) for port in ports]
+
+        def install() -> None:
+            firewall.check_available()
+            with self._host.exclusive():
+                firewall.install(self._instance, openings, self._bridges)
+
         try:
-            await asyncio.to_thread(_firewall, self._bridge, ports, self._instance, True, self._gateway_host)
-        except (OSError, subprocess.CalledProcessError) as exc:
+            await asyncio.to_thread(install)
+        except HOST_ERRORS as exc:
             log.warning("host firewall for sandboxes not installed (%s); sandboxes can reach host services "
-                        "listening on all addresses", exc)
+                        "listening on all addresses, and look up other sandboxes' names", exc)
+            return
+        self._firewalled = self._close_dns = True
+
+    async def reclaim_host(self) -> None:
+        try:
+            await asyncio.to_thread(dockerhost.reclaim, self.client, self._host, self._instance,
+                                    rules=self._settings.host_firewall)
+        except (*ENGINE_ERRORS, *HOST_ERRORS) as exc:
+            log.warning("could not remove what stopped servers left on the host: %s", exc)
 
     async def adopt(self, sandbox_id: str, run_id: str) -> None:
         try:
@@ -291,11 +295,16 @@ class DockerBackend(SandboxBackend):
             raise SandboxError(f"stats failed: {_why(exc)}") from exc
 
     async def close(self) -> None:
-        if self._bridge is not None and self._firewall_ports:
+        if self._firewalled:
+            def remove() -> None:
+                with self._host.exclusive():
+                    firewall.remove(self._instance)
+
             try:
-                await asyncio.to_thread(_firewall, self._bridge, self._firewall_ports, self._instance, False)
-            except (OSError, subprocess.CalledProcessError):
-                pass
+                await asyncio.to_thread(remove)
+            except HOST_ERRORS as exc:
+                log.warning("could not remove this server's firewall rules (%s); the next server to start "
+                            "removes them", exc)
         if self._client is not None:
             await asyncio.to_thread(self._client.close)
 
@@ -340,19 +349,26 @@ class DockerBackend(SandboxBackend):
         if spec.network_mode != "open":
             kwargs["dns"] = ["127.0.0.1"]  # nothing answers there: names resolve only via /etc/hosts
 
+        close_dns = self._close_dns and spec.network_mode != "open"  # open mode resolves names out
+
         def run() -> Container:
             container = self.client.containers.create(**kwargs)
             try:
                 if spec.network_mode == "open":
                     self.client.networks.get(self._settings.open_network).connect(container)
                 container.start()
-            except docker.errors.APIError:
+                if close_dns:  # before anything of the agent's runs in it
+                    container.reload()
+                    firewall.block_dns(int(container.attrs["State"]["Pid"]))
+            except (docker.errors.APIError, firewall.FirewallError):
                 container.remove(force=True)
                 raise
             return container
 
         try:
             container = await asyncio.to_thread(run)
+        except firewall.FirewallError as exc:
+            raise SandboxError(f"could not close Docker's DNS in a new sandbox: {exc}", "sandbox_start_failed") from exc
         except ENGINE_ERRORS as exc:
             raise SandboxError(f"could not start a sandbox: {_why(exc)}", "sandbox_start_failed") from exc
         return DockerSandbox(self.client, container, self._settings.network)
@@ -390,47 +406,3 @@ class DockerBackend(SandboxBackend):
             return await asyncio.to_thread(listing)
         except ENGINE_ERRORS as exc:
             raise SandboxError(f"could not list sandboxes: {_why(exc)}") from exc
-
-
-def _firewall(bridge: str, ports: list[int], instance: str, add: bool, gateway: str | None = None) -> None:
-    """iptables INPUT rules for the sandbox bridge: replies to connections the host opened,
-    this server's gateway and proxy ports (tagged with its instance id, so several servers can
-    share the network), and nothing else. Rules of servers that died without removing theirs
-    are dropped once nothing listens on their port any more."""
-    if shutil.which("iptables") is None:
-        raise OSError("iptables is not installed")
-
-    def ipt(*args: str, check: bool = True) -> bool:
-        return subprocess.run(["iptables", "-w", *args], capture_output=True, check=check).returncode == 0
-
-    tag = ["-m", "comment", "--comment", f"critique-{instance}"]
-    if not add:
-        for port in ports:
-            ipt("-D", FIREWALL_CHAIN, "-p", "tcp", "--dport", str(port), *tag, "-j", "ACCEPT", check=False)
-        return
-    listing = subprocess.run(["iptables", "-w", "-S", FIREWALL_CHAIN], capture_output=True, text=True).stdout
-    for line in listing.splitlines():
-        parts = line.split()
-        if "--dport" not in parts or "--comment" not in parts or gateway is None:
-            continue
-        port = int(parts[parts.index("--dport") + 1])
-        if port in ports:
-            continue
-        try:
-            socket.create_connection((gateway, port), timeout=0.5).close()
-        except OSError:
-            subprocess.run(["iptables", "-w", "-D", *parts[1:]], capture_output=True)
-    if not ipt("-n", "-L", FIREWALL_CHAIN, check=False):
-        ipt("-N", FIREWALL_CHAIN)
-    established = ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]
-    if not ipt("-C", FIREWALL_CHAIN, *established, check=False):
-        ipt("-I", FIREWALL_CHAIN, "1", *established)
-    for port in ports:
-        rule = ["-p", "tcp", "--dport", str(port), *tag, "-j", "ACCEPT"]
-        if not ipt("-C", FIREWALL_CHAIN, *rule, check=False):
-            ipt("-I", FIREWALL_CHAIN, "2", *rule)
-    if not ipt("-C", FIREWALL_CHAIN, "-j", "DROP", check=False):
-        ipt("-A", FIREWALL_CHAIN, "-j", "DROP")
-    jump = ["-i", bridge, "-j", FIREWALL_CHAIN]
-    if not ipt("-C", "INPUT", *jump, check=False):
-        ipt("-I", "INPUT", "1", *jump)
