@@ -29,9 +29,11 @@ class OutputTooLarge(Exception):
 
 
 async def run_git_bytes(args: list[str], cwd: Path | None, env: dict[str, str], timeout_s: float, *,
-                        max_bytes: int | None = None, stdin: bytes | None = None) -> bytes:
+                        max_bytes: int | None = None, stdin: bytes | None = None,
+                        ok_codes: tuple[int, ...] = (0,)) -> bytes:
     """git's exact stdout bytes. With ``max_bytes`` git is killed as soon as it writes more
-    (:class:`OutputTooLarge`); ``stdin`` is fed to it. Errors as for :func:`run_git`."""
+    (:class:`OutputTooLarge`); ``stdin`` is fed to it; exit codes in ``ok_codes`` are success.
+    Errors as for :func:`run_git`."""
     proc = await asyncio.create_subprocess_exec(
         "git", *args, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
@@ -50,7 +52,7 @@ async def run_git_bytes(args: list[str], cwd: Path | None, env: dict[str, str], 
         proc.kill()
         await asyncio.shield(proc.wait())
         raise
-    if proc.returncode != 0:
+    if proc.returncode not in ok_codes:
         command = next((a for a in args if not a.startswith("-") and "=" not in a), args[0])
         raise RunFailure("git_error", f"git {command} failed: {err.decode(errors='replace').strip()[-500:]}")
     return out

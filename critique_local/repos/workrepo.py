@@ -68,9 +68,9 @@ class RunRepo:
         self.env = {**clean_env(), **SAFE_ENV}
 
     async def git(self, *args: str, timeout_s: float = 120, max_bytes: int | None = None,
-                  stdin: bytes | None = None) -> bytes:
+                  stdin: bytes | None = None, ok_codes: tuple[int, ...] = (0,)) -> bytes:
         return await run_git_bytes([*_CONFIG, *args], self.path, self.env, timeout_s, max_bytes=max_bytes,
-                                   stdin=stdin)
+                                   stdin=stdin, ok_codes=ok_codes)
 
     async def has(self, rev: str) -> bool:
         try:
@@ -135,15 +135,13 @@ class RunRepo:
 
     async def check_whitespace(self, old: str, new: str, max_bytes: int) -> tuple[bool, bytes]:
         """``git diff --check`` from ``old`` to ``new``: whitespace errors (a carriage return
-        before a line end is a line ending, not an error). (clean, report)."""
+        before a line end is a line ending, not an error) -> (clean, report)."""
         try:
-            await self.git("-c", "core.whitespace=cr-at-eol", "diff", *DIFF_OPTIONS, "--check", old, new, "--",
-                           timeout_s=300, max_bytes=max_bytes)
-            return True, b""
+            report = await self.git("-c", "core.whitespace=cr-at-eol", "diff", *DIFF_OPTIONS, "--check", old, new,
+                                    "--", timeout_s=300, max_bytes=max_bytes, ok_codes=(0, 1, 2, 3))
         except OutputTooLarge:
             return False, b"(more whitespace errors than fit the output)"
-        except RunFailure as exc:
-            return False, exc.message.split("failed: ", 1)[-1].encode()
+        return not report.strip(), report
 
     async def commit(self, tree: str, parent: str, message: str, env: dict[str, str]) -> str:
         """A commit of ``tree`` on ``parent`` (made here, by the server); ``env`` names its author."""

@@ -44,7 +44,9 @@ _GIT_CONFIG = " ".join(f"-c {kv}" for kv in (
 # $1 the base tree (as the server knows it), $2 the neutral attributes
 SCRIPT = r"""
 set -uo pipefail
-for v in $(compgen -e); do case $v in GIT_*) unset "$v";; esac; done
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+for f in $(compgen -A function); do unset -f "$f"; done
+for v in $(compgen -e); do case $v in GIT_*|BASH_ENV|ENV|CDPATH) unset "$v";; esac; done
 export GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null GIT_ATTR_NOSYSTEM=1 GIT_TERMINAL_PROMPT=0 \
   GIT_NO_REPLACE_OBJECTS=1 GIT_OPTIONAL_LOCKS=0 GIT_NO_LAZY_FETCH=1 \
   GIT_AUTHOR_NAME=critique GIT_AUTHOR_EMAIL=critique@localhost GIT_AUTHOR_DATE='@0 +0000' \
