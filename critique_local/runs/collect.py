@@ -36,6 +36,7 @@ class TurnResult:
     tree: str
     turn_stats: dict[str, int]
     nested: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # git's messages about files it could not read
 
     @property
     def diff_stats(self) -> dict[str, int]:
@@ -56,4 +57,4 @@ async def collect(sandbox: Sandbox, repo: RunRepo, base_commit: str, previous: s
     else:
         turn = total
     return TurnResult([path_text(p) for p in total.paths], total.additions, total.deletions, patch, snap.tree,
-                      turn.as_stats(), [path_text(p) for p in snap.nested])
+                      turn.as_stats(), [path_text(p) for p in snap.nested], snap.skipped)

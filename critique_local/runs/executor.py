@@ -239,6 +239,10 @@ class Executor:
                 "type": "warning", "code": "nested_repository", "paths": result.nested[:200],
                 "message": f"nested git repositories ({shown}): their files are in the patch as ordinary files; "
                            "their own .git directories and history are not"})
+        if result.skipped:
+            await self.s.hub.builder(run.id, {
+                "type": "warning", "code": "unreadable_files", "details": result.skipped[:50],
+                "message": "files that could not be read are not in the patch: " + "; ".join(result.skipped[:5])})
         return result
 
     async def attach(self, run: RunRow) -> tuple[Sandbox, OpenCodeClient] | None:

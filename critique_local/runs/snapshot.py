@@ -12,6 +12,9 @@ file is hashed as its exact bytes. Only the work tree's files and ``.gitignore``
 The agent's object store is used read-only for speed; an object it forged there fails the
 server's checks instead of changing the result.
 
+A file that cannot be read (mode 000, removed while the snapshot runs) is left out and
+reported (``SKIPPED``) instead of failing the turn.
+
 Nested repositories (a directory with its own ``.git`` that the base does not track, e.g. from
 ``git init`` or ``git clone``): their files are taken as ordinary files (the nested ``.git`` is
 left out, the top-level ignore rules apply), and their paths are reported so the run can warn.
@@ -26,6 +29,7 @@ base tree (thin: deltas may refer to base objects), read by the server with ``in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -78,7 +82,12 @@ done > "$d/nested" || exit 4
 { printf '.\0'
   cat "$d/gitlinks" "$d/nested" | while IFS= read -r -d '' p; do printf ':(exclude,literal)%s\0' "$p"; done
 } > "$d/pathspec"
-g add -A --pathspec-from-file="$d/pathspec" --pathspec-file-nul || exit 5
+# a file that cannot be read (mode 000, gone meanwhile) is left out and reported, not fatal
+g add -A --ignore-errors --pathspec-from-file="$d/pathspec" --pathspec-file-nul 2> "$d/add-errors"
+if [ $? -ne 0 ]; then
+  if [ ! -s "$d/add-errors" ] || grep -q '^fatal:' "$d/add-errors"; then cat "$d/add-errors" >&2; exit 5; fi
+  printf 'SKIPPED\0%s\0' "$(grep -v '^error: open' "$d/add-errors" | head -c 4000)"
+fi
 if [ -s "$d/nested" ]; then
   while IFS= read -r -d '' n; do printf 'NESTED\0%s\0' "$n"; done < "$d/nested"
   while IFS= read -r -d '' n; do
@@ -87,8 +96,9 @@ if [ -s "$d/nested" ]; then
   # the top-level ignore rules apply inside nested repositories too
   g check-ignore --no-index --stdin -z -v -n < "$d/nested-files" |
     while IFS= read -r -d '' src && IFS= read -r -d '' _ && IFS= read -r -d '' pat && IFS= read -r -d '' f; do
-      if [ -z "$src" ] || [ "${pat:0:1}" = '!' ]; then printf '%s\0' "$f"; fi
-    done > "$d/nested-keep"
+      if [ -n "$src" ] && [ "${pat:0:1}" != '!' ]; then continue; fi
+      if [ -L "$f" ] || [ -r "$f" ]; then printf '%s\0' "$f"; else printf "SKIPPED\0error: unable to index file '%s'\0" "$f" >&3; fi
+    done 3>&1 > "$d/nested-keep"
   g update-index --add -z --stdin < "$d/nested-keep" || exit 5
 fi
 tree=$(g write-tree) || exit 6
@@ -117,6 +127,7 @@ class Snapshot:
     base_tree: str
     nested: list[bytes]
     pack: bytes
+    skipped: list[str] = dataclasses.field(default_factory=list)
 
 
 def parse_records(raw: bytes) -> dict[bytes, list[bytes]]:
@@ -150,7 +161,9 @@ async def take(sandbox: Sandbox, base_tree: str, max_pack_bytes: int) -> Snapsho
         pack = await sandbox.read_file(f"{folder}/changes.pack", max_pack_bytes)
         if pack is None or len(pack) != int(size):
             raise RunFailure("collect_failed", "reading the changes out of the sandbox failed")
-        return Snapshot(tree, base, records.get(b"NESTED", []), pack)
+        skipped = [line.decode(errors="replace") for text in records.get(b"SKIPPED", []) for line in text.splitlines()
+                   if line.strip()]
+        return Snapshot(tree, base, records.get(b"NESTED", []), pack, skipped)
     finally:
         if _DIR.fullmatch(folder):
             with contextlib.suppress(SandboxError):

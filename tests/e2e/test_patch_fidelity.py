@@ -148,16 +148,18 @@ def test_nested_repositories_are_ordinary_files_and_publish_the_same(srv: Server
               " && mkdir -p tools/scaffold/node_modules && echo x > tools/scaffold/node_modules/dep.js\n"
               "@write app.py\nprint('app')\n@end\n"
               "@bash git init -q vendor/lib && printf 'VALUE = 1\\n' > vendor/lib/lib.py && cd vendor/lib"
-              " && git add -A && git -c user.name=a -c user.email=a@b commit -qm vendored\n@say scaffolded")
+              " && git add -A && git -c user.name=a -c user.email=a@b commit -qm vendored\n"
+              "@bash echo private > unreadable.txt && chmod 000 unreadable.txt\n@say scaffolded")
     done = run_to_idle(api, "acme/nest", prompt,
                        publish={"mode": "draft_pr", "branch": "critique-agent/nested"})
     assert sorted(done["changedPaths"]) == ["app.py", "tools/scaffold/main.py", "vendor/lib/lib.py"]
     patch = assert_patch_recreates_sandbox(api, srv, done, "acme/nest", tmp_path / "clone",
-                                           skip=("tools/scaffold/node_modules",))
+                                           skip=("tools/scaffold/node_modules", "unreadable.txt"))
     assert b"Subproject commit" not in patch and b"160000" not in patch
-    warnings = [e for e in events_of(api, done["id"]) if e.get("type") == "warning"]
-    assert warnings and warnings[0]["code"] == "nested_repository"
-    assert sorted(warnings[0]["paths"]) == ["tools/scaffold", "vendor/lib"]
+    warnings = {e["code"]: e for e in events_of(api, done["id"]) if e.get("type") == "warning"}
+    assert sorted(warnings["nested_repository"]["paths"]) == ["tools/scaffold", "vendor/lib"]
+    # a file nobody can read is left out and said so; the rest of the turn is kept
+    assert "unreadable.txt" in warnings["unreadable_files"]["message"]
     # what was pushed is the base plus exactly the reported patch: files, no gitlink
     head = done["draftPullRequest"]["headSha"]
     assert_pushed_tree_is_patch(srv, "acme/nest", done["baseCommit"], head, patch, tmp_path / "check")
