@@ -331,6 +331,20 @@ def runs_get(url: str, key: str, run_id: str, patch: bool, events: bool) -> None
         click.echo(json.dumps(_check(c.get(f"/api/v1/coding-agent/runs/{run_id}", params=params)), indent=2))
 
 
+@runs.command("patch")
+@url_option
+@key_option
+@click.argument("run_id")
+def runs_patch(url: str, key: str, run_id: str) -> None:
+    """Write the run's patch, exact bytes, to stdout (``> fix.patch && git apply fix.patch``)."""
+    with _client(url, key) as c:
+        resp = c.get(f"/api/v1/coding-agent/runs/{run_id}/patch")
+    if resp.status_code >= 400:
+        _check(resp)
+    sys.stdout.buffer.write(resp.content)
+    sys.stdout.buffer.flush()
+
+
 @runs.command("list")
 @url_option
 @key_option

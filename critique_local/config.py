@@ -73,7 +73,7 @@ class PublishSettings(Section):
     protected_branches: list[str] = Field(
         default_factory=lambda: ["main", "master", "develop", "release/*", "releases/*"],
         description="Branch patterns (fnmatch) never pushed to, besides the run's base branch.")
-    max_bundle_bytes: int = Field(50_000_000, ge=1024, description="Largest commit bundle read out of a sandbox.")
+    max_bundle_bytes: int = Field(50_000_000, ge=1024, description="Largest git pack of a turn's changes read out of a sandbox.")
     timeout_s: float = Field(300, gt=0, description="Upper bound for pushing and opening the pull request.")
 
 

@@ -26,8 +26,10 @@ def git(*args: str, cwd: Path | None = None) -> str:
     return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def make_repo(root: Path, full_name: str, files: dict[str, str], branches: dict[str, dict[str, str]] | None = None) -> Path:
-    """A bare repository at <root>/<owner>/<name>.git with ``files`` on main (and extra branches)."""
+def make_repo(root: Path, full_name: str, files: dict[str, str] | dict[str, str | bytes],
+              branches: dict[str, dict[str, str]] | None = None) -> Path:
+    """A bare repository at <root>/<owner>/<name>.git with ``files`` on main (and extra branches);
+    ``bytes`` contents are written as they are."""
     owner, name = full_name.split("/")
     bare = root / owner / f"{name}.git"
     work = root / ".work" / owner / name
@@ -35,7 +37,10 @@ def make_repo(root: Path, full_name: str, files: dict[str, str], branches: dict[
     git("init", "-q", "-b", "main", cwd=work)
     for path, text in files.items():
         (work / path).parent.mkdir(parents=True, exist_ok=True)
-        (work / path).write_text(text)
+        if isinstance(text, bytes):
+            (work / path).write_bytes(text)
+        else:
+            (work / path).write_text(text)
     git("add", "-A", cwd=work)
     git("commit", "-qm", "initial", cwd=work)
     for branch, extra in (branches or {}).items():

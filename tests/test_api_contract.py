@@ -60,7 +60,8 @@ def test_another_users_run_is_404_everywhere(server: Server, alice: str, bob: st
     with server.client(alice) as api:
         run_id = api.post(RUNS, json=OK_BODY).json()["run"]["id"]
     with server.client(bob) as other:
-        for path in (f"{RUNS}/{run_id}", f"{RUNS}/{run_id}?patch=1", f"{RUNS}/{run_id}/stream"):
+        for path in (f"{RUNS}/{run_id}", f"{RUNS}/{run_id}?patch=1", f"{RUNS}/{run_id}/stream",
+                     f"{RUNS}/{run_id}/patch"):
             resp = other.get(path)
             assert resp.status_code == 404 and error_of(resp)["code"] == "run_not_found"
         resp = other.post(f"{RUNS}/{run_id}/messages", json={"prompt": "x"})

@@ -19,9 +19,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from critique_local.app import make_services, public_app
 from critique_local.config import load_settings
 from critique_local.gateway.upstream import Upstream
+from critique_local.hoststate import HostState
 from critique_local.redact import Redactor
 from critique_local.runs.scheduler import Scheduler
-from critique_local.hoststate import HostState
 from critique_local.sandboxes.factory import make_backend
 from critique_local.services import Services
 from critique_local.store.db import Database

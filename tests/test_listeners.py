@@ -18,11 +18,11 @@ from aiohttp import web
 from critique_local.app import make_services, public_app, runner_for
 from critique_local.config import Settings, load_settings
 from critique_local.gateway.upstream import Upstream
+from critique_local.hoststate import HostState
 from critique_local.listeners import ConnectionBudget, ConnectionGuard, GuardedSite
 from critique_local.logfilter import RepeatFilter
 from critique_local.redact import Redactor
 from critique_local.runs.scheduler import Scheduler
-from critique_local.hoststate import HostState
 from critique_local.sandboxes.factory import make_backend
 from critique_local.store.db import Database
 from critique_local.store.keys import create_key

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from critique_local.repos.names import ref_problem, repository_name_problem
-from critique_local.runs.collect import parse_numstat
+from critique_local.repos.workrepo import Numstat, parse_numstat
 from critique_local.runs.intent import classify
 from critique_local.runs.states import IllegalTransition, Phase, RunStatus, check_transition, lifecycle_of
 
@@ -84,5 +84,7 @@ def test_bad_refs(ref: str) -> None:
 
 
 def test_parse_numstat() -> None:
-    raw = b"1\t0\tnew.txt\x002\t3\tdir/a b.py\x00-\t-\timg.png\x00\x00SIZE 123"
-    assert parse_numstat(raw + b"\x00TREE abc") == (["new.txt", "dir/a b.py", "img.png"], 3, 3, 123, "abc")
+    raw = b"1\t0\tnew.txt\x002\t3\tdir/a b.py\x00-\t-\timg.png\x00caf\xe9\tx\x001\t1\tcaf\xe9\tx\x00"
+    assert parse_numstat(raw[:raw.index(b"caf")]) == Numstat([b"new.txt", b"dir/a b.py", b"img.png"], 3, 3)
+    # paths are bytes as git stores them (any encoding, tabs allowed)
+    assert parse_numstat(b"1\t1\tcaf\xe9\tx\x00").paths == [b"caf\xe9\tx"]

@@ -61,6 +61,9 @@ def _operation(route: Route) -> dict[str, Any]:
     if route.sse:
         responses["200"] = {"description": "Server-Sent Events (builder.event, run.status)",
                             "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    elif route.raw is not None:
+        responses[str(route.status)] = {"description": route.raw[1],
+                                        "content": {route.raw[0]: {"schema": {"type": "string", "format": "binary"}}}}
     elif route.response is not None:
         for status in (route.status, *route.other_statuses):
             responses[str(status)] = {"description": "OK",

@@ -28,4 +28,5 @@ class Route:
     other_statuses: tuple[int, ...] = ()  # further success statuses with the same response body
     errors: tuple[int, ...] = ()
     sse: bool = False
+    raw: tuple[str, str] | None = None  # a non-JSON success body: (content type, description)
     tag: str = "coding-agent"

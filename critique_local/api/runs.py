@@ -90,6 +90,16 @@ async def get_run(request: web.Request, principal: Principal) -> web.StreamRespo
     return respond(await _view(request, run, patch=q.patch in ("1", "true"), events=q.events in ("1", "true")))
 
 
+async def get_patch(request: web.Request, principal: Principal) -> web.StreamResponse:
+    run = await _owned_run(request, principal)
+    patch = await store.get_patch(request.app[SERVICES].db, run.id)
+    if patch is None:
+        raise NotFound("this run has no patch (no changes yet)", code="patch_not_found")
+    return web.Response(body=patch.data, content_type="text/x-diff", headers={
+        "Content-Disposition": f'attachment; filename="{run.id}.patch"',
+        "X-Critique-Patch-Redactions": str(patch.redactions)})
+
+
 async def send_message(request: web.Request, principal: Principal) -> web.StreamResponse:
     run = await _owned_run(request, principal)
     req, _ = await parse_body(request, MessageRequest)
@@ -155,6 +165,11 @@ ROUTES = [
           response=RunList, errors=(401, 403, 422)),
     Route("GET", BASE + "/{id}", get_run, "Status, summary, optional patch and events", "read:builder",
           query=GetRunQuery, response=RunEnvelope, errors=(401, 403, 404, 422)),
+    Route("GET", BASE + "/{id}/patch", get_patch,
+          "The run's cumulative patch as exact bytes (git apply applies it to baseCommit)", "read:builder",
+          raw=("text/x-diff", "The patch, byte for byte as git wrote it (any file encoding). Header "
+                              "X-Critique-Patch-Redactions: secrets replaced by [REDACTED] (0: exact)."),
+          errors=(401, 403, 404)),
     Route("POST", BASE + "/{id}/messages", send_message,
           "Follow-up on the warm session (202), chained run when the session ended (202, new run), "
           "or {endSession: true} (200)", "write:builder", request=MessageRequest, response=RunEnvelope, status=202,

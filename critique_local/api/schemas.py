@@ -184,6 +184,10 @@ class ValidationView(Model):
     duration_ms: int
     output_tail: str = Field(description="The last validation.output_tail_chars characters of output.")
     repair_turns: int = Field(description="tests mode: repair prompts the agent got before this final result.")
+    command_source: Literal["config", "base_commit", "detected", "server"] | None = Field(
+        None, description="Where the command that judged the run came from: validation.commands in the server "
+                          "config, .critique/test as it is in the base commit, detection from the base commit's "
+                          "files (tests mode), or the server's own checks (basic mode). Never the agent's tree.")
 
 
 class PublishOutcomeView(Model):
@@ -255,7 +259,16 @@ class RunView(Model):
     validation: ValidationView | None = Field(description="The latest turn's final validation result.")
     draft_pull_request: DraftPullRequestView | None = Field(description="When publish.mode was draft_pr and a "
                                                                         "turn had changes.")
-    patch: str | None = Field(None, description="Only with ?patch=1.")
+    patch: str | None = Field(None, description=(
+        "Only with ?patch=1: the cumulative patch against baseCommit. Patches are bytes: when the patch is valid "
+        "UTF-8 this is exactly the patch (patchEncoding utf-8); when it is not (e.g. a Latin-1 file), invalid "
+        "bytes are shown as U+FFFD for reading only (patchEncoding utf-8-lossy) and the exact bytes, which git "
+        "apply needs, are at GET /api/v1/coding-agent/runs/{id}/patch."))
+    patch_encoding: Literal["utf-8", "utf-8-lossy"] | None = Field(
+        None, description="Only with ?patch=1: utf-8 when patch is exact, utf-8-lossy when it is not.")
+    patch_redactions: int | None = Field(
+        None, description="Only with ?patch=1: secrets or tokens replaced by [REDACTED] in the stored patch (0: it "
+                          "recreates the sandbox's files exactly; otherwise it does not, and nothing was published).")
     events: list[EventView] | None = Field(None, description="Only with ?events=1.")
     turns: list[TurnView]
     agent_session_id: str | None = Field(description="The OpenCode session id; unchanged across warm turns.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from critique_local.api.schemas import (
     DiffStats,
     DraftPullRequestView,
@@ -19,7 +21,7 @@ from critique_local.clock import now_iso
 from critique_local.runs.states import lifecycle_of
 from critique_local.store.events import EventRow
 from critique_local.store.pulls import PullRequestRow
-from critique_local.store.runs import RunRow
+from critique_local.store.runs import RunRow, StoredPatch
 
 LIST_TEXT_CHARS = 1000  # summary, error message, validation output and PR body in list rows
 LIST_PATHS = 100  # changedPaths in list rows (diffStats.filesChanged counts them all)
@@ -31,7 +33,7 @@ def run_view(
     *,
     turns: list[dict[str, object]],
     usage: dict[str, object],
-    patch: str | None = None,
+    patch: StoredPatch | None = None,
     events: list[EventRow] | None = None,
     pull_request: PullRequestRow | None = None,
     brief: bool = False,
@@ -79,7 +81,9 @@ def run_view(
             draft=pull_request.draft, host=pull_request.host, title=pull_request.title,
             body=pull_request.body, created_at=pull_request.created_at, updated_at=pull_request.updated_at,
         ) if pull_request else None,
-        patch=patch,
+        patch=patch_text(patch.data)[0] if patch else None,
+        patch_encoding=patch_text(patch.data)[1] if patch else None,
+        patch_redactions=patch.redactions if patch else None,
         events=[EventView(id=e.seq, event=e.kind, data=e.data, created_at=e.created_at)
                 for e in events] if events is not None else None,
         turns=[TurnView.model_validate(t) for t in turns],
@@ -110,3 +114,11 @@ def _brief(view: RunView) -> RunView:
         update["draft_pull_request"] = view.draft_pull_request.model_copy(
             update={"body": clip(view.draft_pull_request.body)})
     return view.model_copy(update=update)
+
+
+def patch_text(data: bytes) -> tuple[str, Literal["utf-8", "utf-8-lossy"]]:
+    """The patch for JSON: exact when it is UTF-8, else with U+FFFD for invalid bytes."""
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace"), "utf-8-lossy"

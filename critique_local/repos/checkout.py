@@ -24,6 +24,8 @@ from critique_local.repos.hosts import Source
 from critique_local.repos.mirrors import Mirrors
 
 SANDBOX_UID = 1000
+CHECKOUT_FORMAT = 2  # part of the cache key: packed checkouts of another format are not reused
+NEUTRAL_ATTRIBUTES = "* -text -filter -ident !eol !working-tree-encoding\n"
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ async def prepare(git: GitSettings, source: Source | None, ref: str | None, data
     mirror = await mirrors.ensure(source)
     env = clean_env()
     commit, branch = await _resolve_ref(mirror, env, ref, prefix="refs/heads/")
-    key = f"{source.full_name}\0{commit}\0{branch or ''}\0{git.checkout_depth}"
+    key = f"{source.full_name}\0{commit}\0{branch or ''}\0{git.checkout_depth}\0{CHECKOUT_FORMAT}"
     cached = data_dir / "checkouts" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.tar"
     base_ref = ref or branch or commit
     if cached.exists():
@@ -88,6 +90,12 @@ async def _prepare_direct(git: GitSettings, source: Source, ref: str | None, scr
 
 async def _checkout_and_pack(ws: Path, env: dict[str, str], commit: str, branch: str | None, tar_path: Path,
                              timeout_s: float) -> None:
+    # the work tree holds the exact bytes of the commit's blobs: no eol, text, filter, ident or
+    # encoding conversion, whatever the repository's .gitattributes say (what the agent
+    # leaves is read back the same way, see runs/snapshot.py)
+    info = ws / ".git" / "info"
+    await asyncio.to_thread(info.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread((info / "attributes").write_text, NEUTRAL_ATTRIBUTES)
     if branch:
         await run_git(["checkout", "--quiet", "-B", branch, commit], ws, env, timeout_s)
     else:

@@ -4,6 +4,7 @@ user or system configuration."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -18,11 +19,31 @@ def clean_env() -> dict[str, str]:
 
 
 async def run_git(args: list[str], cwd: Path | None, env: dict[str, str], timeout_s: float) -> str:
+    """git's stdout as text (stripped); :class:`RunFailure` ``git_error`` when git fails,
+    ``clone_timeout`` after ``timeout_s`` seconds."""
+    return (await run_git_bytes(args, cwd, env, timeout_s)).decode(errors="replace").strip()
+
+
+class OutputTooLarge(Exception):
+    """git wrote more than ``max_bytes`` to stdout (it was killed)."""
+
+
+async def run_git_bytes(args: list[str], cwd: Path | None, env: dict[str, str], timeout_s: float, *,
+                        max_bytes: int | None = None, stdin: bytes | None = None,
+                        ok_codes: tuple[int, ...] = (0,)) -> bytes:
+    """git's exact stdout bytes. With ``max_bytes`` git is killed as soon as it writes more
+    (:class:`OutputTooLarge`); ``stdin`` is fed to it; exit codes in ``ok_codes`` are success.
+    Errors as for :func:`run_git`."""
     proc = await asyncio.create_subprocess_exec(
-        "git", *args, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        "git", *args, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+        out, err = await asyncio.wait_for(_communicate(proc, stdin, max_bytes), timeout_s)
+    except OutputTooLarge:
+        proc.kill()
+        await proc.wait()
+        raise
     except TimeoutError as exc:
         proc.kill()
         await proc.wait()
@@ -31,6 +52,36 @@ async def run_git(args: list[str], cwd: Path | None, env: dict[str, str], timeou
         proc.kill()
         await asyncio.shield(proc.wait())
         raise
-    if proc.returncode != 0:
-        raise RunFailure("git_error", f"git {args[0]} failed: {err.decode(errors='replace').strip()[-500:]}")
-    return out.decode().strip()
+    if proc.returncode not in ok_codes:
+        command = next((a for a in args if not a.startswith("-") and "=" not in a), args[0])
+        raise RunFailure("git_error", f"git {command} failed: {err.decode(errors='replace').strip()[-500:]}")
+    return out
+
+
+async def _communicate(proc: asyncio.subprocess.Process, stdin: bytes | None,
+                       max_bytes: int | None) -> tuple[bytes, bytes]:
+    if max_bytes is None:
+        return await proc.communicate(stdin)
+    assert proc.stdout is not None and proc.stderr is not None
+
+    async def feed() -> None:
+        if proc.stdin is not None:
+            with contextlib.suppress(ConnectionError):
+                proc.stdin.write(stdin or b"")
+                await proc.stdin.drain()
+                proc.stdin.close()
+
+    async def read_out() -> bytes:
+        assert proc.stdout is not None
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await proc.stdout.read(65536):
+            size += len(chunk)
+            if size > max_bytes:
+                raise OutputTooLarge(f"more than {max_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    _, out, err = await asyncio.gather(feed(), read_out(), proc.stderr.read(1_000_000))
+    await proc.wait()
+    return out, err

@@ -1,89 +1,60 @@
-"""Read a turn's results out of the sandbox with git: changed paths, diff stats, the patch.
+"""Read a turn's results: the sandbox sends a snapshot of its work tree as git objects
+(``runs/snapshot.py``), and the server computes changed paths, diff stats and the patch itself,
+in the run's own repository (``repos/workrepo.py``), against the base commit.
 
-Everything runs inside the sandbox against the run's base commit with a throw-away index, so
-new (untracked) files are included and the agent's own index is left alone. Sizes are
-bounded: a patch over the configured limit fails the run instead of being loaded.
+Everything stays bytes: the patch is exactly what ``git diff-tree --binary`` writes (so ``git
+apply`` recreates the sandbox's files byte for byte, whatever their encoding), and it is what
+publishing commits. Sizes are bounded: the pack by ``publish.max_bundle_bytes`` before it is
+read, the patch by ``limits.max_patch_bytes`` while it is written (``patch_too_large``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from critique_local.errors import RunFailure
+from critique_local.repos.workrepo import RunRepo
+from critique_local.runs import snapshot
 from critique_local.sandboxes.base import Sandbox
 
-PREPARE = (
-    'set -e; export GIT_INDEX_FILE=/tmp/critique-collect.index; rm -f "$GIT_INDEX_FILE"; '
-    'g() { git -c core.fsmonitor=false -c core.hooksPath=/dev/null "$@"; }; '
-    'g read-tree "$1"; g add -A; '
-    'g diff --cached --no-renames --no-ext-diff --binary "$1" > /tmp/critique.patch; '
-    'g diff --cached --no-renames --numstat -z "$1"; '
-    'printf "\\0SIZE %s" "$(wc -c < /tmp/critique.patch)"; '
-    'printf "\\0TREE %s" "$(g write-tree)"'
-)
-TURN_STATS = 'git -c core.fsmonitor=false diff --no-renames --numstat -z "$1" "$2"'
 
+def path_text(path: bytes) -> str:
+    """A path for JSON: UTF-8, bytes that are not valid UTF-8 shown as U+FFFD (the patch keeps
+    the exact bytes)."""
+    return path.decode("utf-8", errors="replace")
 
 
 @dataclass(frozen=True)
 class TurnResult:
-    """Cumulative results against the base commit, plus this turn's own stats."""
+    """Cumulative results against the base commit, plus this turn's own stats. ``tree`` is the
+    tree the patch leads to (verified by the server); ``nested`` the nested repositories whose
+    files were taken as ordinary files."""
 
     changed_paths: list[str]
     additions: int
     deletions: int
-    patch: str
+    patch: bytes
     tree: str
     turn_stats: dict[str, int]
+    nested: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # git's messages about files it could not read
 
     @property
     def diff_stats(self) -> dict[str, int]:
         return {"filesChanged": len(self.changed_paths), "additions": self.additions, "deletions": self.deletions}
 
 
-def parse_numstat(raw: bytes) -> tuple[list[str], int, int, int, str]:
-    """``git diff --numstat -z`` output + our ``SIZE n`` / ``TREE sha`` trailers -> paths, +, -,
-    patch size, tree."""
-    fields = raw.split(b"\0")
-    size = -1
-    tree = ""
-    paths: list[str] = []
-    adds = dels = 0
-    for item in fields:
-        if not item:
-            continue
-        if item.startswith(b"SIZE "):
-            size = int(item[5:])
-            continue
-        if item.startswith(b"TREE "):
-            tree = item[5:].decode().strip()
-            continue
-        added, deleted, path = item.split(b"\t", 2)
-        adds += int(added) if added.isdigit() else 0
-        dels += int(deleted) if deleted.isdigit() else 0
-        paths.append(path.decode(errors="replace"))
-    return paths, adds, dels, size, tree
-
-
-async def collect(sandbox: Sandbox, base_commit: str, previous: str, max_patch_bytes: int) -> TurnResult:
-    """``previous`` is the tree (or commit) the turn started from, for the turn's own stats."""
-    res = await sandbox.exec(["bash", "-c", PREPARE, "collect", base_commit], timeout_s=120,
-                             max_output_bytes=8_000_000)
-    if not res.ok or res.truncated:
-        raise RunFailure("collect_failed", f"reading the diff failed: {res.stderr.decode(errors='replace')[-300:]}")
-    paths, adds, dels, size, tree = parse_numstat(res.stdout)
-    if size > max_patch_bytes:
-        raise RunFailure("patch_too_large", f"the patch is {size} bytes; the limit is {max_patch_bytes}")
-    patch = b""
-    if size > 0:
-        got = await sandbox.exec(["head", "-c", str(max_patch_bytes), "/tmp/critique.patch"], timeout_s=60,
-                                 max_output_bytes=max_patch_bytes)
-        if not got.ok:
-            raise RunFailure("collect_failed", "reading the patch failed")
-        patch = got.stdout
-    turn = await sandbox.exec(["bash", "-c", TURN_STATS, "stats", previous, tree], timeout_s=60)
-    if not turn.ok:
-        raise RunFailure("collect_failed", "reading the turn's diff stats failed")
-    t_paths, t_adds, t_dels, _, _ = parse_numstat(turn.stdout)
-    turn_stats = {"filesChanged": len(t_paths), "additions": t_adds, "deletions": t_dels}
-    return TurnResult(paths, adds, dels, patch.decode(errors="replace"), tree, turn_stats)
+async def collect(sandbox: Sandbox, repo: RunRepo, base_commit: str, previous: str, max_patch_bytes: int,
+                  max_pack_bytes: int) -> TurnResult:
+    """``previous``: the tree (or commit) the turn started from, for the turn's own stats.
+    Raises :class:`RunFailure` ``collect_failed`` or ``patch_too_large``."""
+    base_tree = await repo.tree_of(base_commit)
+    snap = await snapshot.take(sandbox, base_tree, max_pack_bytes)
+    await repo.add_pack(snap.pack, snap.tree)
+    total = await repo.numstat(base_tree, snap.tree)
+    patch = await repo.patch(base_tree, snap.tree, max_patch_bytes) if total.paths else b""
+    if previous != base_commit and await repo.has(f"{previous}^{{tree}}"):
+        turn = await repo.numstat(previous, snap.tree)
+    else:
+        turn = total
+    return TurnResult([path_text(p) for p in total.paths], total.additions, total.deletions, patch, snap.tree,
+                      turn.as_stats(), [path_text(p) for p in snap.nested], snap.skipped)

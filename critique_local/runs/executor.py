@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -29,6 +30,7 @@ from critique_local.bounds import clip_text
 from critique_local.clock import iso, ms_between, now, now_iso, parse_iso
 from critique_local.errors import RunFailure
 from critique_local.repos import checkout
+from critique_local.repos.workrepo import RunRepo
 from critique_local.runs.collect import TurnResult, collect
 from critique_local.runs.network import network_policy, proxy_env
 from critique_local.runs.pool import WarmPool, agent_env, start_agent
@@ -136,6 +138,7 @@ class Executor:
         try:
             token = warm.token if warm else new_token(SANDBOX_TOKEN_PREFIX)
             password = warm.password if warm else secrets.token_urlsafe(24)
+            self.s.redactor.add(token, run.id)
             try:  # a taken warm sandbox is the run's (for teardown and the sweep) from here on
                 await store.update_run(self.s.db, run.id, base_commit=prepared.base_commit,
                                        base_ref=prepared.base_ref, base_branch=prepared.base_branch,
@@ -208,6 +211,50 @@ class Executor:
             self.s.redactor.add(self.s.box.open(sealed, run.id), run.id)
         for value in (await secrets_store.env_for(self.s.db, self.s.box, run.repository_full_name)).values():
             self.s.redactor.add(value, run.id)
+        token = await store.sandbox_token(self.s.db, run.id)
+        if token:
+            self.s.redactor.add(self.s.box.open(token, f"{run.id}:token"), run.id)
+
+    def run_repo(self, run_id: str) -> RunRepo:
+        """The server's own repository of the run (``repos/workrepo.py``)."""
+        return RunRepo(self.s.settings.server.data_dir / "runs", run_id)
+
+    async def _open_repo(self, run: RunRow) -> RunRepo:
+        assert run.base_commit is not None
+        repo = self.run_repo(run.id)
+        source = self.s.hosts.resolve(run.repository_full_name)
+        git = self.s.settings.git
+        mirror = self.s.mirrors.path(source) if source is not None and git.mirror_cache and self.s.mirrors else None
+        await repo.ensure(source, run.base_commit, mirror, git.clone_timeout_s)
+        return repo
+
+    async def _collect(self, sandbox: Sandbox, repo: RunRepo, run: RunRow, previous: str) -> TurnResult:
+        assert run.base_commit is not None
+        limits = self.s.settings
+        await self.watchdog.check_workspace(sandbox)
+        try:
+            result = await collect(sandbox, repo, run.base_commit, previous, limits.limits.max_patch_bytes,
+                                   limits.publish.max_bundle_bytes)
+        except (RunFailure, SandboxError) as exc:
+            # git writes its index and pack to /tmp: a failure there is explained by the mount that
+            # filled up when one did (``sandbox_storage_full``)
+            if isinstance(exc, RunFailure) and exc.code != "collect_failed":
+                raise
+            cause = await self.watchdog.diagnose(sandbox)
+            if cause is not None:
+                raise cause from exc
+            raise
+        if result.nested:
+            shown = ", ".join(result.nested[:20]) + (" …" if len(result.nested) > 20 else "")
+            await self.s.hub.builder(run.id, {
+                "type": "warning", "code": "nested_repository", "paths": result.nested[:200],
+                "message": f"nested git repositories ({shown}): their files are in the patch as ordinary files; "
+                           "their own .git directories and history are not"})
+        if result.skipped:
+            await self.s.hub.builder(run.id, {
+                "type": "warning", "code": "unreadable_files", "details": result.skipped[:50],
+                "message": "files that could not be read are not in the patch: " + "; ".join(result.skipped[:5])})
+        return result
 
     async def attach(self, run: RunRow) -> tuple[Sandbox, OpenCodeClient] | None:
         """The live sandbox and a healthy OpenCode of an idle run, or None when either is gone."""
@@ -256,14 +303,13 @@ class Executor:
             budget, summary = stop, stop.partial
         run = await self._transition(run, RunStatus.RUNNING, Phase.COLLECTING)
         previous = await self._previous_tree(run.id, idx) or base
-        max_patch = self.s.settings.limits.max_patch_bytes
-        await self.watchdog.check_workspace(sandbox)
-        result = await self._collect(sandbox, base, previous, max_patch)
+        repo = await self._open_repo(run)
+        result = await self._collect(sandbox, repo, run, previous)
         validation: ValidationResult | None = None
         mode = str(run.request.get("validationMode") or "minimal")
         if run.task_kind != "plan" and mode != "minimal":
             run = await self._transition(run, RunStatus.RUNNING, Phase.VALIDATING)
-            validation = await self._validate(run, sandbox, mode)
+            validation = await self._validate(run, sandbox, repo, mode, result.tree)
             repairs = 0
             # tests mode: failing tests go back to the agent, in the same session and user turn
             # (so its model calls count against that turn's maxTurns allowance)
@@ -280,31 +326,37 @@ class Executor:
                 except BudgetStop as stop:
                     budget, summary = stop, stop.partial or summary
                 run = await self._transition(run, RunStatus.RUNNING, Phase.COLLECTING)
-                await self.watchdog.check_workspace(sandbox)
-                result = await self._collect(sandbox, base, previous, max_patch)
+                result = await self._collect(sandbox, repo, run, previous)
                 run = await self._transition(run, RunStatus.RUNNING, Phase.VALIDATING)
-                validation = await self._validate(run, sandbox, mode)
+                validation = await self._validate(run, sandbox, repo, mode, result.tree)
             if validation is not None:
                 validation = validation.with_repairs(repairs)
                 await self.s.hub.builder(run.id, {"type": "validation", "final": True, **validation.as_json()})
         # nothing leaves the sandbox with a secret we know in it
         redactor = self.s.redactor
         summary = redactor.clean(summary, run.id)
-        patch, leaked = redactor.text(result.patch, run.id)
+        patch, leaked = redactor.binary(result.patch, run.id)
+        changed_paths = redactor.data(result.changed_paths, run.id)
         if validation is not None:
             validation = validation.redacted(lambda text: redactor.clean(text, run.id))
+        if leaked:  # never silently: the stored patch no longer recreates the sandbox's tree
+            await self.s.hub.builder(run.id, {
+                "type": "warning", "code": "patch_redacted", "redactions": leaked,
+                "message": f"the changes contain {leaked} secret(s) or token(s); they are [REDACTED] in the "
+                           "patch, which therefore no longer matches the sandbox's files, and nothing is published"})
         outcome: PublishOutcome | None = None
         publish = await store.turn_publish(self.s.db, run.id, idx)
         if run.task_kind != "plan" and publish.get("mode") == "draft_pr":
             if leaked:
-                outcome = PublishOutcome("failed", f"the changes contain {leaked} secret(s) this server knows "
+                outcome = PublishOutcome("failed", f"the changes contain {leaked} secret(s) or token(s) "
                                          "(redacted in the patch); nothing was pushed")
             else:
                 run = await self._transition(run, RunStatus.RUNNING, Phase.PUBLISHING)
                 first_prompt = next((str(r[1]) for r in await store.turns_raw(self.s.db, run.id) if r[0] == 1),
                                     prompt)
-                outcome = await Publisher(self.s).publish(run, sandbox, idx, publish, first_prompt, summary, result,
+                outcome = await Publisher(self.s).publish(run, repo, idx, publish, first_prompt, summary, result,
                                                           validation)
+                outcome = dataclasses.replace(outcome, message=redactor.clean(outcome.message, run.id))
             await self.s.hub.builder(run.id, {"type": "publish", **outcome.as_json()})
         finished = now_iso()
         await store.update_turn(
@@ -321,6 +373,7 @@ class Executor:
         elif outcome is not None and outcome.status == "failed":
             errors = {"error_code": "publish_failed", "error_message": outcome.message}
         if errors:
+            errors["error_message"] = redactor.clean(errors["error_message"], run.id)
             await self.s.hub.builder(run.id, {"type": "error", "code": errors["error_code"],
                                               "message": errors["error_message"]})
         if validation is not None:
@@ -329,27 +382,15 @@ class Executor:
         await self.s.backend.extend(sandbox.id, max(60.0, (parse_iso(expires) - now()).total_seconds() + 60))
         await self._transition(
             run, RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, summary=summary,
-            changed_paths=json.dumps(result.changed_paths), diff_stats=json.dumps(result.diff_stats),
-            patch=patch or None, session_expires_at=expires, **errors,
+            changed_paths=json.dumps(changed_paths), diff_stats=json.dumps(result.diff_stats),
+            patch=patch or None, patch_redactions=leaked, session_expires_at=expires, **errors,
         )
 
-    async def _collect(self, sandbox: Sandbox, base: str, previous: str, max_patch: int) -> TurnResult:
-        """:func:`collect`, with a failure explained by the mount that filled up when one does
-        (git writes its index and the patch to /tmp: a full /tmp is ``sandbox_storage_full``)."""
-        try:
-            return await collect(sandbox, base, previous, max_patch)
-        except (RunFailure, SandboxError) as exc:
-            if isinstance(exc, RunFailure) and exc.code != "collect_failed":
-                raise
-            cause = await self.watchdog.diagnose(sandbox)
-            if cause is not None:
-                raise cause from exc
-            raise
-
-    async def _validate(self, run: RunRow, sandbox: Sandbox, mode: str) -> ValidationResult | None:
+    async def _validate(self, run: RunRow, sandbox: Sandbox, repo: RunRepo, mode: str,
+                        tree: str) -> ValidationResult | None:
         assert run.base_commit is not None
-        result = await validate(sandbox, mode, self.s.settings.validation, run.repository_full_name, run.base_commit,
-                                await self._command_env(run))
+        result = await validate(sandbox, repo, mode, self.s.settings.validation, run.repository_full_name,
+                                run.base_commit, tree, await self._command_env(run))
         if result is not None:
             await self.s.hub.builder(run.id, {"type": "validation", "final": False, **result.as_json()})
         return result
@@ -465,6 +506,7 @@ class Executor:
         run = await store.get_run(self.s.db, run_id)
         if run is None or run.status in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED):
             return
+        message = self.s.redactor.clean(message, run_id)
         log.info("run %s failed: %s: %s", run_id, code, message)
         await self.s.hub.builder(run_id, {"type": "error", "code": code, "message": message})
         await store.update_turn(self.s.db, run_id, max(run.turn_count, 1), status="failed", finished_at=now_iso())
@@ -472,6 +514,7 @@ class Executor:
                                finished_at=now_iso(), sandbox_token_hash=None, sandbox_token=None,
                                agent_secret=None, byok_key=None, session_end_reason=SessionEnd.FINISHED.value)
         self.s.redactor.forget_run(run_id)
+        await self.run_repo(run_id).discard()
 
     async def close_session(self, run: RunRow, status: RunStatus, phase: Phase, reason: SessionEnd,
                             **fields: Any) -> RunRow:
@@ -482,4 +525,5 @@ class Executor:
                                         sandbox_token=None, agent_secret=None, byok_key=None,
                                         session_end_reason=reason.value, **fields)
         self.s.redactor.forget_run(run.id)
+        await self.run_repo(run.id).discard()
         return closed

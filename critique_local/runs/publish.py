@@ -1,15 +1,15 @@
 """``publish.mode: draft_pr``: a turn's changes become a commit on a branch and a draft pull
 request.
 
-How credentials stay out of the sandbox: the commit is made *in* the sandbox (``git
-commit-tree`` of the tree the turn's collection wrote, parent = the base commit or the run's
-previous published commit, author and committer from config; the agent's own HEAD and index
-are untouched), packed as a ``git bundle`` holding only the new objects, and read out. The
-server then fetches that bundle into a throw-away bare repository of its own (with fsck, so
-malformed objects are refused), checks that the commit has exactly the expected tree and
-parent, and pushes it with its own credentials. The sandbox never holds a token, not even a
-short-lived one, and the agent cannot push anything but the one commit we made. Pushes are
-never forced: if someone else moved the branch, publishing fails instead of overwriting.
+What is pushed is built by the server from exactly what the run reports: the turn's tree was
+read out of the sandbox as git objects into the run's own repository on the server (checked
+by ``index-pack --strict``; see ``runs/collect.py``), the run's patch is the server's diff of
+that tree against the base, and the commit is made here, after the turn, with ``git
+commit-tree`` of that same tree (parent = the base commit or the run's previous published
+commit, author and committer from config). Nothing the agent does afterwards, and nothing in
+the sandbox's git configuration, can change it. The server pushes it with its own
+credentials; the sandbox never holds a token. Pushes are never forced: if someone else moved
+the branch, publishing fails instead of overwriting.
 
 For ``git.local_root`` repositories the branch is pushed to the bare repository and the pull
 request record is kept by us (``run.draftPullRequest``), so air-gapped installs still get a
@@ -19,10 +19,7 @@ reviewable branch.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,22 +28,14 @@ from critique_local.errors import RunFailure
 from critique_local.repos.git import run_git
 from critique_local.repos.hosts import HostError, Source
 from critique_local.repos.names import branch_problem, protected_pattern, slug
+from critique_local.repos.workrepo import SAFE_ENV, RunRepo
 from critique_local.runs.collect import TurnResult
 from critique_local.runs.validate import ValidationResult
-from critique_local.sandboxes.base import Sandbox
 from critique_local.services import Services
 from critique_local.store import pulls
 from critique_local.store import runs as runs_store
 from critique_local.store.pulls import PullRequestRow
 from critique_local.store.runs import RunRow
-
-BUNDLE = "/tmp/critique-publish.bundle"
-_COMMIT = (
-    'set -e; g() { git -c core.fsmonitor=false -c core.hooksPath=/dev/null "$@"; }; '
-    'if [ "$(g rev-parse "$2^{tree}")" = "$1" ]; then echo UNCHANGED; exit 0; fi; '
-    'c=$(g commit-tree "$1" -p "$2" -m "$3"); g update-ref refs/critique/publish "$c"; '
-    f'rm -f {BUNDLE}; g bundle create --quiet {BUNDLE} refs/critique/publish "^$2"; echo "$c"'
-)
 
 
 class PublishError(Exception):
@@ -115,14 +104,14 @@ class Publisher:
     def __init__(self, services: Services) -> None:
         self.s = services
 
-    async def publish(self, run: RunRow, sandbox: Sandbox, turn_idx: int, publish: dict[str, Any],
+    async def publish(self, run: RunRow, repo: RunRepo, turn_idx: int, publish: dict[str, Any],
                       first_prompt: str, summary: str | None, result: TurnResult,
                       validation: ValidationResult | None) -> PublishOutcome:
         existing = await pulls.of_run(self.s.db, run.id)
         branch = existing.branch if existing else (
             publish.get("branch") or default_branch(self.s.settings.publish.branch_prefix, run, first_prompt))
         try:
-            return await self._publish(run, sandbox, turn_idx, branch, existing, first_prompt, summary, result,
+            return await self._publish(run, repo, turn_idx, branch, existing, first_prompt, summary, result,
                                        validation)
         except PublishError as exc:
             return PublishOutcome("failed", exc.message, branch, exc.head_sha)
@@ -134,7 +123,7 @@ class Publisher:
         except httpx.HTTPError as exc:
             return PublishOutcome("failed", f"the git host did not answer: {exc.__class__.__name__}: {exc}", branch)
 
-    async def _publish(self, run: RunRow, sandbox: Sandbox, turn_idx: int, branch: str,
+    async def _publish(self, run: RunRow, repo: RunRepo, turn_idx: int, branch: str,
                        existing: PullRequestRow | None, first_prompt: str, summary: str | None, result: TurnResult,
                        validation: ValidationResult | None) -> PublishOutcome:
         settings = self.s.settings.publish
@@ -161,22 +150,14 @@ class Publisher:
                "GIT_COMMITTER_NAME": settings.author_name, "GIT_COMMITTER_EMAIL": settings.author_email}
         run_url = f"{self.s.public_url}/api/v1/coding-agent/runs/{run.id}"
         message = f"{title}\n\nCritique-Run: {run_url}\nCritique-Turn: {turn_idx}\n"
-        made = await sandbox.exec(["bash", "-c", _COMMIT, "critique-commit", result.tree, parent, message],
-                                  env=env, timeout_s=120)
-        if not made.ok:
-            raise PublishError(f"committing in the sandbox failed: {made.stderr.decode(errors='replace')[-300:]}")
-        commit = made.stdout.decode().strip().splitlines()[-1] if made.stdout.strip() else ""
-        if commit == "UNCHANGED" and (existing is not None or parent == run.base_commit):
-            return PublishOutcome("skipped", "no changes since the last published commit; the pull request "
-                                  "was left as it is", branch, parent, existing.number if existing else None)
-        if commit == "UNCHANGED":  # pushed by an earlier turn whose pull request step failed
-            commit = parent
+        if await repo.tree_of(parent) == result.tree:
+            if existing is not None or parent == run.base_commit:
+                return PublishOutcome("skipped", "no changes since the last published commit; the pull request "
+                                      "was left as it is", branch, parent, existing.number if existing else None)
+            commit = parent  # pushed by an earlier turn whose pull request step failed
         else:
-            bundle = await sandbox.read_file(BUNDLE, settings.max_bundle_bytes)
-            if bundle is None:
-                raise PublishError("the commit bundle could not be read or exceeds publish.max_bundle_bytes")
-            await asyncio.wait_for(self._push(source, bundle, commit, parent, result.tree, branch),
-                                   settings.timeout_s)
+            commit = await repo.commit(result.tree, parent, message, env)
+            await asyncio.wait_for(self._push(source, repo, commit, branch), settings.timeout_s)
         body = pr_body(run, run_url, turn_idx, summary, result, validation)
         try:
             pr = await self._pull_request(run, source, existing, branch, base, commit, title, body, run_url)
@@ -197,36 +178,16 @@ class Publisher:
                 return str(done["headSha"])
         return None
 
-    async def _push(self, source: Source, bundle: bytes, commit: str, parent: str, tree: str, branch: str) -> None:
-        scratch = self.s.settings.server.data_dir / "tmp"
-        workdir = await asyncio.to_thread(_mkdtemp, scratch)
+    async def _push(self, source: Source, repo: RunRepo, commit: str, branch: str) -> None:
+        env = {**await source.git_env(), **SAFE_ENV}
         try:
-            env = await source.git_env()
-            repo = workdir / "repo.git"
-            await run_git(["init", "--quiet", "--bare", str(repo)], None, env, 60)
-            if source.local:
-                (repo / "objects" / "info" / "alternates").write_text(str(Path(source.url) / "objects") + "\n")
-            else:
-                await run_git(["fetch", "--quiet", "--depth=1", "--", source.url, parent], repo, env,
-                              self.s.settings.publish.timeout_s)
-            path = workdir / "turn.bundle"
-            await asyncio.to_thread(path.write_bytes, bundle)
-            await run_git(["-c", "fetch.fsckObjects=true", "fetch", "--quiet", str(path),
-                           "refs/critique/publish:refs/heads/incoming"], repo, env, 120)
-            got = await run_git(["rev-parse", "refs/heads/incoming", "refs/heads/incoming^{tree}",
-                                 "refs/heads/incoming^@"], repo, env, 60)
-            if got.split() != [commit, tree, parent]:
-                raise PublishError("the commit read out of the sandbox is not the one expected; nothing was pushed")
-            try:
-                await run_git(["push", "--quiet", "--", source.url, f"{commit}:refs/heads/{branch}"], repo, env,
-                              self.s.settings.publish.timeout_s)
-            except RunFailure as exc:
-                if "rejected" in exc.message or "non-fast-forward" in exc.message or "fetch first" in exc.message:
-                    raise PublishError(f"branch {branch!r} already exists with other commits; nothing was "
-                                       "overwritten (choose another publish.branch)") from exc
-                raise PublishError(f"pushing {branch!r} failed: {exc.message}") from exc
-        finally:
-            await asyncio.to_thread(shutil.rmtree, workdir, True)
+            await run_git(["push", "--quiet", "--", source.url, f"{commit}:refs/heads/{branch}"], repo.path, env,
+                          self.s.settings.publish.timeout_s)
+        except RunFailure as exc:
+            if "rejected" in exc.message or "non-fast-forward" in exc.message or "fetch first" in exc.message:
+                raise PublishError(f"branch {branch!r} already exists with other commits; nothing was "
+                                   "overwritten (choose another publish.branch)") from exc
+            raise PublishError(f"pushing {branch!r} failed: {exc.message}") from exc
 
     async def _pull_request(self, run: RunRow, source: Source, existing: PullRequestRow | None, branch: str,
                             base: str, commit: str, title: str, body: str, run_url: str) -> PullRequestRow:
@@ -243,7 +204,3 @@ class Publisher:
         return PullRequestRow(run.id, source.kind, source.full_name, remote.number, remote.url, branch, base, commit,
                               remote.state, remote.draft, title, body, created, "")
 
-
-def _mkdtemp(scratch: Path) -> Path:
-    scratch.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="publish-", dir=scratch))

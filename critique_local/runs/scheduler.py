@@ -17,6 +17,7 @@ import time
 from collections import Counter, defaultdict
 
 from critique_local.clock import now, now_iso, parse_iso
+from critique_local.repos import workrepo
 from critique_local.runs.executor import Executor
 from critique_local.runs.queue import RunQueue
 from critique_local.runs.states import TERMINAL, Phase, RunStatus, SessionEnd
@@ -216,5 +217,8 @@ class Scheduler:
             await self.executor.close_session(run, RunStatus.COMPLETED, Phase.FINISHED, SessionEnd.SANDBOX_LOST)
         for run in await store.runs_with_status(db, RunStatus.RUNNING):
             await self.executor.fail(run.id, "server_restarted", "the server restarted while this run was active")
+        # the server's repositories of runs that ended while it was down (or crashed) go too
+        alive = await store.runs_with_status(db, RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.IDLE)
+        await workrepo.prune(self.s.settings.server.data_dir / "runs", {r.id for r in alive})
         for run in queued:
             self.submit(run.id, run.user_id)

@@ -86,7 +86,7 @@ NEXT_ACTIONS_DOC: dict[str, str] = {
                     "session expired.",
     "end_session": "POST /runs/{id}/messages {endSession: true}: destroy the sandbox, complete the run.",
     "cancel": "POST /runs/{id}/cancel: abort the turn, destroy the sandbox, status cancelled.",
-    "get_patch": "GET /runs/{id}?patch=1 returns a patch.",
+    "get_patch": "GET /runs/{id}/patch (exact bytes) or GET /runs/{id}?patch=1 returns a patch.",
 }
 
 

@@ -196,3 +196,11 @@ MIGRATIONS.append(
     CREATE INDEX runs_sandbox ON runs(sandbox_id);
     """
 )
+
+# Patches are stored as bytes (BLOB values in the same column); how many secrets were redacted
+# in the stored patch.
+MIGRATIONS.append(
+    """
+    ALTER TABLE runs ADD COLUMN patch_redactions INTEGER NOT NULL DEFAULT 0;
+    """
+)

@@ -193,9 +193,21 @@ async def runs_with_status(db: Database, *statuses: RunStatus) -> list[RunRow]:
     return [_row(r) for r in rows]
 
 
-async def get_patch(db: Database, run_id: str) -> str | None:
-    row = await db.one("SELECT patch FROM runs WHERE id = ?", (run_id,))
-    return row[0] if row else None
+@dataclass(frozen=True)
+class StoredPatch:
+    """The run's cumulative patch, exactly as stored (bytes), and how many secrets were
+    replaced by ``[REDACTED]`` in it (0: it recreates the sandbox's tree exactly)."""
+
+    data: bytes
+    redactions: int
+
+
+async def get_patch(db: Database, run_id: str) -> StoredPatch | None:
+    row = await db.one("SELECT patch, patch_redactions FROM runs WHERE id = ?", (run_id,))
+    if row is None or row[0] is None:
+        return None
+    data = row[0].encode() if isinstance(row[0], str) else bytes(row[0])  # text: stored before patches were bytes
+    return StoredPatch(data, int(row[1] or 0))
 
 
 async def turns_of(db: Database, run_id: str) -> list[dict[str, Any]]:

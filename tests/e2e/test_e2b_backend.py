@@ -61,7 +61,7 @@ def test_runs_follow_ups_and_end_session_on_e2b(e2b_server: Server) -> None:
     done = wait_for(api, run["id"], {"idle", "failed"}, timeout_s=180)
     assert done["status"] == "idle", done["error"]
     assert done["changedPaths"] == ["hello.py"] and done["summary"] == "wrote hello.py"
-    assert done["draftPullRequest"]["host"] == "local"  # the bundle came out through files.read
+    assert done["draftPullRequest"]["host"] == "local"  # the changes came out through files.read
 
     made = [c for c in calls(e2b_server) if c["call"] == "create"]
     assert len(made) == 1

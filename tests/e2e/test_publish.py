@@ -19,7 +19,7 @@ from tests.helpers import Server, git, make_repo, wait_for
 
 pytestmark = pytest.mark.e2e
 RUNS = "/api/v1/coding-agent/runs"
-CALC = {"calc.py": "def add(a, b):\n    return a + b\n", "README.md": "# calc\n"}
+CALC = {"calc.py": "def add(a, b):\n    return a + b\n", "README.md": "# calc\n", "pytest.ini": "[pytest]\n"}
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +208,7 @@ def test_tests_mode_repairs_a_failing_test_and_the_pr_shows_the_passing_result(
     v = done["validation"]
     assert (v["mode"], v["status"], v["passed"], v["exitCode"], v["repairTurns"]) == ("tests", "passed", True, 0, 1)
     assert v["command"] == "python3 -m pytest -q -p no:cacheprovider" and "2 passed" in v["outputTail"]
+    assert v["commandSource"] == "detected"  # from the base commit's pytest.ini
     assert done["summary"] == "Fixed multiply." and done["turns"][0]["validation"] == v
 
     events = api.get(f"{RUNS}/{run['id']}", params={"events": "1", "patch": "1"}).json()["run"]
@@ -294,5 +295,6 @@ def test_repo_test_file_comes_from_the_base_commit_and_repairs_are_capped(
     done = wait_for(api, run["id"], {"idle", "failed"}, timeout_s=180)
     v = done["validation"]
     assert (v["status"], v["command"], v["exitCode"], v["repairTurns"]) == ("failed", ".critique/test", 1, 1)
+    assert v["commandSource"] == "base_commit"
     assert done["status"] == "idle" and done["error"] is None  # the work is kept; the result says it fails
     api.post(f"{RUNS}/{run['id']}/messages", json={"endSession": True})

@@ -35,6 +35,7 @@ def test_readme_walkthrough(server: Server) -> None:
     assert '"changedPaths": [\n    "farewell.py"\n  ]' in out
     assert "+    return f\\\"Goodbye, {name}!\\\"" in out
     assert "Goodbye, 42!" in out  # the agent's bash step ran the new code
+    assert re.search(r"farewell\.py +\| +2 \+\+\n +test_farewell\.py +\| +4 \+{4}\n", out)  # the raw patch
     assert '"turnCount": 2' in out and '"Added test_farewell.py; it passes."' in out
     assert "1 passed" in out  # the follow-up's pytest ran in the same sandbox, next to turn 1's file
     assert '"status": "completed",\n  "lifecycle": "finished",\n  "terminal": true,\n  "sessionActive": false' in out

@@ -8,12 +8,13 @@ import time
 
 import pytest
 
+from critique_local.tokens import API_KEY_PREFIX, new_token
 from tests.conftest import UPSTREAM_KEY
 from tests.helpers import Server, make_repo, wait_for
 
 pytestmark = pytest.mark.e2e
 RUNS = "/api/v1/coding-agent/runs"
-TOKEN_LIKE = "crt_" + "Q" * 43  # shaped like one of our API keys
+TOKEN_LIKE = new_token(API_KEY_PREFIX)  # one of our API keys (checksummed), unknown to the server
 DEPLOY_TOKEN = "deploy-token-8f2e61c0a4b7"
 
 
