@@ -110,6 +110,9 @@ class _Guarded(asyncio.Protocol):
         self.peer = ""
         self.busy = 0  # requests being handled (aiohttp handles one at a time per connection)
         self._timer: asyncio.TimerHandle | None = None
+        self._head_seen = False  # a complete head arrived since the deadline was set
+        self._tail = b""
+        self._grace = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -127,6 +130,7 @@ class _Guarded(asyncio.Protocol):
 
     def arm(self) -> None:
         self.disarm()
+        self._head_seen, self._tail, self._grace = False, b"", False
         self._timer = asyncio.get_running_loop().call_later(self.guard.head_timeout_s, self._expired)
 
     def disarm(self) -> None:
@@ -142,9 +146,17 @@ class _Guarded(asyncio.Protocol):
         if transport.get_write_buffer_size():  # still sending the last response: not idle
             self.arm()
             return
+        if self._head_seen and not self._grace:  # its handler is about to start: one more period
+            self._grace = True
+            self._timer = asyncio.get_running_loop().call_later(self.guard.head_timeout_s, self._expired)
+            return
         transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if not self.busy and not self._head_seen:
+            window = self._tail + data
+            self._head_seen = b"\r\n\r\n" in window or b"\n\n" in window
+            self._tail = window[-3:]
         if self.inner is not None:
             self.inner.data_received(data)
 
