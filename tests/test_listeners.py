@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -167,3 +169,20 @@ async def test_guarded_site_serves_plain_apps() -> None:
             assert (await client.get(f"http://127.0.0.1:{runner.addresses[0][1]}/")).text == "hi"
     finally:
         await runner.cleanup()
+
+
+def test_connection_caps_fit_the_open_files_limit() -> None:
+    code = ("import resource; from critique_local.listeners import fit_to_open_files, FD_RESERVE\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
+            "public, sandbox = fit_to_open_files(1024, 1024)\n"
+            "print(public, sandbox, resource.getrlimit(resource.RLIMIT_NOFILE)[0], FD_RESERVE)")
+
+    def run(soft: int, hard: int) -> list[int]:
+        out = subprocess.run([sys.executable, "-c", code.format(soft=soft, hard=hard)], capture_output=True,
+                             text=True, check=True).stdout
+        return [int(x) for x in out.split()]
+
+    public, sandbox, soft, reserve = run(1024, 8192)  # raised to fit
+    assert (public, sandbox) == (1024, 1024) and soft >= public + 2 * sandbox + reserve
+    public, sandbox, soft, reserve = run(900, 900)  # cannot be raised: the caps shrink instead
+    assert public < 1024 and sandbox < 1024 and public + 2 * sandbox + reserve <= soft == 900
