@@ -24,6 +24,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from critique_local.api.ratelimit import RateLimiter
+from critique_local.errors import RateLimited
+
 log = logging.getLogger(__name__)
 FD_RESERVE = 512  # descriptors kept for everything else: SQLite, the engine, agent clients, git
 
@@ -186,9 +189,10 @@ class ConnectionGuard:
     """A budget and a head deadline for one aiohttp listener; add :attr:`middleware` to the
     application so the deadline pauses while a request is handled."""
 
-    def __init__(self, budget: ConnectionBudget, head_timeout_s: float) -> None:
+    def __init__(self, budget: ConnectionBudget, head_timeout_s: float, per_peer: RateLimiter | None = None) -> None:
         self.budget = budget
         self.head_timeout_s = head_timeout_s
+        self.per_peer = per_peer  # requests per peer address (sandbox-facing: before any token is looked up)
         self.connections: dict[asyncio.BaseTransport, _Guarded] = {}
 
     def protocol_factory(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
@@ -200,6 +204,11 @@ class ConnectionGuard:
         conn = self.connections.get(request.transport) if request.transport is not None else None
         if conn is None:
             return await handler(request)
+        if self.per_peer is not None:
+            try:
+                self.per_peer.check(conn.peer)
+            except RateLimited as exc:
+                return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
         conn.busy += 1
         conn.disarm()
         try:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from critique_local.api.ratelimit import RateLimiter
 from critique_local.app import make_services, public_app, runner_for
 from critique_local.config import Settings, load_settings
 from critique_local.gateway.upstream import Upstream
@@ -186,3 +187,28 @@ def test_connection_caps_fit_the_open_files_limit() -> None:
     assert (public, sandbox) == (1024, 1024) and soft >= public + 2 * sandbox + reserve
     public, sandbox, soft, reserve = run(900, 900)  # cannot be raised: the caps shrink instead
     assert public < 1024 and sandbox < 1024 and public + 2 * sandbox + reserve <= soft == 900
+
+
+async def test_requests_per_peer_are_rate_limited_before_the_handler_runs() -> None:
+    calls = 0
+
+    async def hello(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        return web.Response(text="hi")
+
+    guard = ConnectionGuard(ConnectionBudget("sandbox-facing", total=10, per_peer=5), HEAD_TIMEOUT_S,
+                            RateLimiter(per_minute=60, burst=3))
+    app = web.Application(middlewares=[guard.middleware])
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await GuardedSite(runner, "127.0.0.1", 0, guard).start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{runner.addresses[0][1]}") as client:
+            statuses = [(await client.get("/")).status_code for _ in range(5)]
+            limited = await client.get("/")
+    finally:
+        await runner.cleanup()
+    assert statuses[:3] == [200, 200, 200] and set(statuses[3:]) == {429} and calls == 3
+    assert limited.json()["error"]["code"] == "rate_limited" and "Retry-After" in limited.headers
