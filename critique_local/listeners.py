@@ -10,7 +10,8 @@ starve other sandboxes.
 :class:`GuardedSite` serves an aiohttp application with such a budget and with a deadline for
 request heads: a connection must deliver a complete request head within ``head_timeout_s`` of
 opening, or of its previous response, or it is closed (slowloris). Bodies are bounded in time
-where they are read (``api/http.py``). Both are plain asyncio: no aiohttp internals are used.
+where they are read (``api/http.py``). Both sit in front of aiohttp (an asyncio protocol
+wrapper and a middleware); aiohttp's own request handling is left as it is.
 """
 
 from __future__ import annotations
