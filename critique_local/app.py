@@ -213,7 +213,8 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
         if gateway_host is None:  # remote sandboxes reach the public listener at a configured URL
             services.gateway_url = settings.e2b.gateway_url.rstrip("/")
         else:
-            gateway_guard = ConnectionGuard(sandbox_budget, limits.request_head_timeout_s)
+            gateway_guard = ConnectionGuard(sandbox_budget, limits.request_head_timeout_s,
+                                            RateLimiter(limits.requests_per_minute, limits.burst))
             runner = runner_for(sandbox_app(services, scheduler, upstream, webhooks, gateway_guard), settings)
             await runner.setup()
             runners.append(runner)

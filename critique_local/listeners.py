@@ -10,7 +10,8 @@ starve other sandboxes.
 :class:`GuardedSite` serves an aiohttp application with such a budget and with a deadline for
 request heads: a connection must deliver a complete request head within ``head_timeout_s`` of
 opening, or of its previous response, or it is closed (slowloris). Bodies are bounded in time
-where they are read (``api/http.py``). Both are plain asyncio: no aiohttp internals are used.
+where they are read (``api/http.py``). Both sit in front of aiohttp (an asyncio protocol
+wrapper and a middleware); aiohttp's own request handling is left as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+
+from critique_local.api.ratelimit import RateLimiter
+from critique_local.errors import RateLimited
 
 log = logging.getLogger(__name__)
 FD_RESERVE = 512  # descriptors kept for everything else: SQLite, the engine, agent clients, git
@@ -110,6 +114,9 @@ class _Guarded(asyncio.Protocol):
         self.peer = ""
         self.busy = 0  # requests being handled (aiohttp handles one at a time per connection)
         self._timer: asyncio.TimerHandle | None = None
+        self._head_seen = False  # a complete head arrived since the deadline was set
+        self._tail = b""
+        self._grace = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -127,6 +134,7 @@ class _Guarded(asyncio.Protocol):
 
     def arm(self) -> None:
         self.disarm()
+        self._head_seen, self._tail, self._grace = False, b"", False
         self._timer = asyncio.get_running_loop().call_later(self.guard.head_timeout_s, self._expired)
 
     def disarm(self) -> None:
@@ -142,9 +150,17 @@ class _Guarded(asyncio.Protocol):
         if transport.get_write_buffer_size():  # still sending the last response: not idle
             self.arm()
             return
+        if self._head_seen and not self._grace:  # its handler is about to start: one more period
+            self._grace = True
+            self._timer = asyncio.get_running_loop().call_later(self.guard.head_timeout_s, self._expired)
+            return
         transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if not self.busy and not self._head_seen:
+            window = self._tail + data
+            self._head_seen = b"\r\n\r\n" in window or b"\n\n" in window
+            self._tail = window[-3:]
         if self.inner is not None:
             self.inner.data_received(data)
 
@@ -174,9 +190,10 @@ class ConnectionGuard:
     """A budget and a head deadline for one aiohttp listener; add :attr:`middleware` to the
     application so the deadline pauses while a request is handled."""
 
-    def __init__(self, budget: ConnectionBudget, head_timeout_s: float) -> None:
+    def __init__(self, budget: ConnectionBudget, head_timeout_s: float, per_peer: RateLimiter | None = None) -> None:
         self.budget = budget
         self.head_timeout_s = head_timeout_s
+        self.per_peer = per_peer  # requests per peer address (sandbox-facing: before any token is looked up)
         self.connections: dict[asyncio.BaseTransport, _Guarded] = {}
 
     def protocol_factory(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
@@ -188,6 +205,11 @@ class ConnectionGuard:
         conn = self.connections.get(request.transport) if request.transport is not None else None
         if conn is None:
             return await handler(request)
+        if self.per_peer is not None:
+            try:
+                self.per_peer.check(conn.peer)
+            except RateLimited as exc:
+                return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
         conn.busy += 1
         conn.disarm()
         try:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +17,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from critique_local.api.ratelimit import RateLimiter
 from critique_local.app import make_services, public_app, runner_for
 from critique_local.config import Settings, load_settings
 from critique_local.gateway.upstream import Upstream
@@ -168,3 +171,45 @@ async def test_guarded_site_serves_plain_apps() -> None:
             assert (await client.get(f"http://127.0.0.1:{runner.addresses[0][1]}/")).text == "hi"
     finally:
         await runner.cleanup()
+
+
+def test_connection_caps_fit_the_open_files_limit() -> None:
+    code = ("import resource; from critique_local.listeners import fit_to_open_files, FD_RESERVE\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
+            "public, sandbox = fit_to_open_files(1024, 1024)\n"
+            "print(public, sandbox, resource.getrlimit(resource.RLIMIT_NOFILE)[0], FD_RESERVE)")
+
+    def run(soft: int, hard: int) -> list[int]:
+        out = subprocess.run([sys.executable, "-c", code.format(soft=soft, hard=hard)], capture_output=True,
+                             text=True, check=True).stdout
+        return [int(x) for x in out.split()]
+
+    public, sandbox, soft, reserve = run(1024, 8192)  # raised to fit
+    assert (public, sandbox) == (1024, 1024) and soft >= public + 2 * sandbox + reserve
+    public, sandbox, soft, reserve = run(900, 900)  # cannot be raised: the caps shrink instead
+    assert public < 1024 and sandbox < 1024 and public + 2 * sandbox + reserve <= soft == 900
+
+
+async def test_requests_per_peer_are_rate_limited_before_the_handler_runs() -> None:
+    calls = 0
+
+    async def hello(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        return web.Response(text="hi")
+
+    guard = ConnectionGuard(ConnectionBudget("sandbox-facing", total=10, per_peer=5), HEAD_TIMEOUT_S,
+                            RateLimiter(per_minute=60, burst=3))
+    app = web.Application(middlewares=[guard.middleware])
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await GuardedSite(runner, "127.0.0.1", 0, guard).start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{runner.addresses[0][1]}") as client:
+            statuses = [(await client.get("/")).status_code for _ in range(5)]
+            limited = await client.get("/")
+    finally:
+        await runner.cleanup()
+    assert statuses[:3] == [200, 200, 200] and set(statuses[3:]) == {429} and calls == 3
+    assert limited.json()["error"]["code"] == "rate_limited" and "Retry-After" in limited.headers

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import json
+
 from aiohttp import web
 
 from critique_local import __version__, billing
@@ -31,9 +34,15 @@ def model_view(m: ModelEntry) -> ModelView:
 
 
 async def openapi(request: web.Request, principal: Principal) -> web.StreamResponse:
+    # unauthenticated and ~50 ms of CPU to build: built once, not on every request
+    return web.Response(body=_document(request.app[SERVICES].public_url), content_type="application/json")
+
+
+@functools.lru_cache(maxsize=4)
+def _document(public_url: str) -> bytes:
     from critique_local.api.openapi import document
 
-    return web.json_response(document(request.app[SERVICES].public_url))
+    return json.dumps(document(public_url)).encode()
 
 
 ROUTES = [
