@@ -30,6 +30,7 @@ from critique_local.errors import RunFailure
 from critique_local.repos import checkout
 from critique_local.runs.collect import collect
 from critique_local.runs.network import network_policy, proxy_env
+from critique_local.runs.plan_guard import check_unchanged, discard_changes
 from critique_local.runs.pool import WarmPool, agent_env, start_agent
 from critique_local.runs.publish import Publisher, PublishOutcome
 from critique_local.runs.states import Phase, RunStatus, SessionEnd
@@ -257,7 +258,11 @@ class Executor:
         previous = await self._previous_tree(run.id, idx) or base
         max_patch = self.s.settings.limits.max_patch_bytes
         await self.watchdog.check_workspace(sandbox)
+        if run.task_kind == "plan" and (warning := await discard_changes(sandbox, previous)):
+            await self.s.hub.builder(run.id, warning)
         result = await collect(sandbox, base, previous, max_patch)
+        if run.task_kind == "plan":
+            check_unchanged(result.turn_stats["filesChanged"])
         validation: ValidationResult | None = None
         mode = str(run.request.get("validationMode") or "minimal")
         if run.task_kind != "plan" and mode != "minimal":
@@ -368,15 +373,16 @@ class Executor:
                 props = event.get("properties") or {}
                 if kind == "session.idle" and props.get("sessionID") == session_id:
                     idle.set()
-                # safety net: a prompt nobody answers would hang the headless turn forever
+                row = normalize(event)  # first: it learns the run's subagent sessions
+                # safety net: a prompt nobody answers would hang the headless turn (or one of its
+                # subagents) forever
                 with contextlib.suppress(AgentError):
-                    if kind == "permission.asked" and props.get("sessionID") == session_id:
+                    if kind == "permission.asked" and normalize.owns(props.get("sessionID")):
                         await agent.reply_permission(str(props.get("id")), "reject")
-                    if kind == "question.asked" and props.get("sessionID") == session_id:
+                    if kind == "question.asked" and normalize.owns(props.get("sessionID")):
                         await agent.reject_question(str(props.get("id")))
-                row = normalize(event)
                 if row is not None:
-                    if row["type"] == "text":
+                    if row["type"] == "text" and "sessionId" not in row:  # a subagent's text is not the summary
                         texts.append(row["text"])
                     await self.s.hub.builder(run.id, row)
 
