@@ -16,11 +16,13 @@ from critique_local.errors import RunFailure
 from critique_local.sandboxes.base import Sandbox
 
 # $1: the tree (or commit) the turn started from. A throw-away index holds it, so the agent's own
-# index and HEAD neither hide nor protect anything; the agent's repository configuration can at
-# most make this fail, which the check after collecting turns into plan_changed_tree.
+# index and HEAD neither hide nor protect anything. The agent's global git configuration (its home
+# is writable) is not read; its repository configuration can at most make this fail, which the
+# check after collecting turns into plan_changed_tree.
 RESTORE = (
-    'set -e; d=/tmp/critique-restore; export GIT_INDEX_FILE=$d.index; rm -f "$GIT_INDEX_FILE"; '
-    'g() { git -c core.fsmonitor=false -c core.hooksPath=/dev/null -c core.quotePath=false "$@"; }; '
+    'set -e; d=/tmp/critique-restore; export GIT_INDEX_FILE=$d.index GIT_CONFIG_GLOBAL=/dev/null; '
+    'rm -f "$GIT_INDEX_FILE"; g() { git -c core.fsmonitor=false -c core.hooksPath=/dev/null '
+    '-c core.attributesFile=/dev/null -c core.quotePath=false "$@"; }; '
     'g read-tree "$1"; g update-index -q --refresh > /dev/null || true; '
     'g diff-files --name-only -z > $d.changed; '
     'if [ -s $d.changed ]; then g checkout-index -f -z --stdin < $d.changed; fi; : > $d.new; '
