@@ -31,6 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from critique_local.agent.config import HEADLESS_PERMISSIONS  # noqa: E402
 from critique_local.clock import ms_between  # noqa: E402
 from tests.helpers import Server, free_port, git, make_repo  # noqa: E402
 
@@ -74,8 +75,7 @@ def bare(server: Server, key: str, repo: Path, opencode: Path) -> dict[str, floa
                                       "models": {"critique/scripted": {"name": "s", "tool_call": True,
                                                                        "limit": {"context": 128000, "output": 8192}}}}},
                   "model": "gw/critique/scripted", "small_model": "gw/critique/scripted",
-                  "permission": {"*": "allow", "question": "deny", "external_directory": "deny",
-                                 "doom_loop": "deny", "webfetch": "deny"}}
+                  "permission": HEADLESS_PERMISSIONS}  # the same rules as a sandbox's OpenCode
         env = {**os.environ, "HOME": str(work / "home"), "OPENCODE_CONFIG_CONTENT": json.dumps(config),
                "OPENCODE_DISABLE_MODELS_FETCH": "1", "OPENCODE_DISABLE_AUTOUPDATE": "1",
                "OPENCODE_DISABLE_PROJECT_CONFIG": "1", "OPENCODE_CLIENT": "sdk"}

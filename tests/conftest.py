@@ -36,6 +36,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamStandIn) 
     config.write_text(
         f'[providers.standin]\nbase_url = "http://127.0.0.1:{upstream.port}/v1"\napi_key = "{UPSTREAM_KEY}"\n'
         '[[catalog]]\nid = "acme/coder-large"\nprovider = "standin"\nupstream_id = "coder-large-v2"\n'
+        # OpenCode gives gpt-* models apply_patch instead of edit/write
+        '[[catalog]]\nid = "acme/gpt-5-coder"\nprovider = "standin"\nupstream_id = "gpt-5-coder"\n'
         + "".join(f'[[catalog]]\nid = "acme/{m}"\nprovider = "standin"\nupstream_id = "{m}"\n'
                   for m in ("status-400", "status-401", "status-429", "status-500"))
         + f'[providers.slowpoke]\nbase_url = "http://127.0.0.1:{upstream.port}/v1"\ntimeout_s = 1\n'

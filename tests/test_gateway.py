@@ -42,6 +42,29 @@ def test_openai_sdk_gets_scripted_tool_calls_and_text(server: Server, alice: str
     assert text == "bye" and chunks[-1].usage is not None
 
 
+def test_the_script_works_on_plain_chat_calls(server: Server, alice: str) -> None:
+    """A developer's own loop: the documented steps work without tools too, and @tool names any tool."""
+    client = sdk(server, alice)
+    said = client.chat.completions.create(model="critique/scripted",
+                                          messages=[{"role": "user", "content": "@say hello"}])
+    assert said.choices[0].message.content == "hello" and said.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model="critique/scripted", stream=True,
+                                              messages=[{"role": "user", "content": "Greet me.\n@say hi there"}])
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "hi there"
+    with pytest.raises(openai.BadRequestError, match="offers no tools") as err:
+        client.chat.completions.create(model="critique/scripted",
+                                       messages=[{"role": "user", "content": "@bash ls\n@say done"}])
+    assert err.value.body["code"] == "model_error"  # type: ignore[index]
+    assert client.chat.completions.create(
+        model="critique/scripted", messages=[{"role": "user", "content": "hi"}]).choices[0].message.content == \
+        "Scripted run"
+    tools = [{"type": "function", "function": {"name": "lookup_order", "parameters": {"type": "object"}}}]
+    called = client.chat.completions.create(model="critique/scripted", tools=tools,  # type: ignore[arg-type]
+                                            messages=[{"role": "user", "content": '@tool lookup_order {"id": 7}'}])
+    call = called.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert call.function.name == "lookup_order" and json.loads(call.function.arguments) == {"id": 7}
+
+
 def test_scripted_failure_is_a_clear_4xx(server: Server, alice: str) -> None:
     with pytest.raises(openai.BadRequestError, match="boom"):
         sdk(server, alice).chat.completions.create(

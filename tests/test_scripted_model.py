@@ -18,10 +18,43 @@ def convo(prompt: str, assistant_turns: int) -> list[dict[str, object]]:
 
 def test_parse_script() -> None:
     assert parse_script(PROMPT) == [
-        Step("write", "a/b.txt", "line 1\nline 2\n"),
-        Step("bash", "ls -la", "", 1.5),
+        Step("tool", "write", {"filePath": "a/b.txt", "content": "line 1\nline 2\n"}),
+        Step("tool", "bash", {"command": "ls -la"}, 1.5),
         Step("say", "All done"),
     ]
+
+
+def test_tool_steps_call_any_tool_with_json_arguments() -> None:
+    script = ('@tool edit {"filePath": "app.py", "oldString": "a", "newString": "b"}\n'
+              "@tool todoread\n"
+              '@tool task {"description": "sub", "subagent_type": "general",\n'
+              '  "prompt": "@bash echo hi\\n@say child"}\n'
+              "@end\n"
+              "@say ok")
+    assert parse_script(script) == [
+        Step("tool", "edit", {"filePath": "app.py", "oldString": "a", "newString": "b"}),
+        Step("tool", "todoread", {}),
+        Step("tool", "task", {"description": "sub", "subagent_type": "general", "prompt": "@bash echo hi\n@say child"}),
+        Step("say", "ok"),
+    ]
+    reply = plan_reply(convo(script, 2), has_tools=True)
+    assert reply.tool_name == "task" and reply.tool_args["prompt"] == "@bash echo hi\n@say child"
+    # the child session's conversation has the task prompt as its user message: its own script
+    child = plan_reply(convo(reply.tool_args["prompt"], 0), has_tools=True)
+    assert child.tool_name == "bash" and child.tool_args == {"command": "echo hi"}
+
+
+@pytest.mark.parametrize("script", [
+    "@tool",  # no name
+    "@tool bad/name {}",
+    "@tool edit [1, 2]",  # not an object
+    '@tool edit {"filePath": ',  # unfinished, no @end
+    '@tool edit {"filePath": \n"x"\n@end',  # still not JSON
+])
+def test_bad_tool_steps_are_script_errors(script: str) -> None:
+    with pytest.raises(ScriptError):
+        parse_script(script)
+    assert plan_reply(convo(script, 0), has_tools=True).error
 
 
 def test_write_without_end_is_an_error() -> None:
@@ -53,8 +86,14 @@ def test_prompt_without_script_makes_a_default_edit() -> None:
     assert reply.tool_name == "write" and reply.tool_args["filePath"] == "CRITIQUE_SCRIPTED.md"
 
 
-def test_calls_without_tools_get_plain_text() -> None:
-    assert plan_reply(convo(PROMPT, 0), has_tools=False).tool_name is None
+def test_plain_calls_follow_the_script() -> None:
+    assert plan_reply(convo("@say hello", 0), has_tools=False).text == "hello"
+    assert plan_reply(convo("@sleep 2\n@say late", 0), has_tools=False) == plan_reply(convo("@sleep 2\n@say late", 0),
+                                                                                       has_tools=True)
+    assert plan_reply(convo("@fail nope", 0), has_tools=False).error == "nope"
+    tool_step = plan_reply(convo(PROMPT, 0), has_tools=False)
+    assert tool_step.tool_name is None and "write" in str(tool_step.error) and "offers no tools" in str(tool_step.error)
+    assert plan_reply(convo("Summarise this conversation", 0), has_tools=False).text == "Scripted run"
 
 
 REPAIRING = "@write t.py\nx = 1\n@end\n@say first\n@repair\n@write t.py\nx = 2\n@end\n@say fixed\n@repair\n@say again"

@@ -10,16 +10,20 @@ PROVIDER_ID = "critique"
 TOKEN_ENV = "CRITIQUE_GATEWAY_TOKEN"
 OPENCODE_PORT = 4096
 
-# "ask" rules would block a headless run forever; these deny them outright instead.
+# The container is the security boundary (SECURITY.md); inside it the agent works as on a
+# developer's machine: /tmp, $HOME caches and the web (as far as the run's network policy lets it)
+# are allowed. Permissions only make sure a headless run never waits for a human: every rule that
+# would "ask" is an answer instead. Last matching rule wins, so the specific ones follow "*".
 HEADLESS_PERMISSIONS: dict[str, str] = {
     "*": "allow",
-    "external_directory": "deny",
-    "doom_loop": "deny",
-    "webfetch": "deny",
-    "question": "deny",
+    "external_directory": "allow",  # OpenCode asks for paths outside /workspace (e.g. /tmp)
+    "doom_loop": "deny",  # the same call three times in one model answer: refused at once
+    "question": "deny",  # the question tool waits for a human answer
 }
-# plan must leave the tree unchanged: no edits and no shell (a shell can write anything).
-PLAN_PERMISSIONS: dict[str, str] = {**HEADLESS_PERMISSIONS, "edit": "deny", "bash": "deny"}
+# plan: OpenCode's plan agent, told to leave the tree alone, without its file-editing tools. The
+# tree-only guarantee does not rest on this (a shell or a subagent can write files): the server
+# discards whatever a plan turn changed in the tree (runs/plan_guard.py).
+PLAN_PERMISSIONS: dict[str, str] = {**HEADLESS_PERMISSIONS, "edit": "deny"}
 
 
 def opencode_config(gateway_url: str, model_id: str, context_tokens: int, output_tokens: int) -> str:

@@ -1,6 +1,12 @@
 """OpenCode events -> ``builder.event`` rows: tool calls (name + status), file edits,
 assistant text, step boundaries and errors. Catalog noise, deltas and other sessions'
-events are dropped; a tool part is reported once per status it reaches."""
+events are dropped; a tool part is reported once per status it reaches.
+
+A run's work includes its subagents: the ``task`` tool runs one in a child session (OpenCode's
+``parentID``), which may start children of its own. Their rows are kept and marked with
+``sessionId`` (the child's OpenCode session) and ``parentSessionId``; rows of the run's own
+session carry neither. The parent's ``task`` row names its child as ``childSessionId``.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from critique_local.bounds import clip_json
 
 MAX_FIELD_CHARS = 2000
 MAX_SEEN = 100_000
+MAX_SUBAGENT_SESSIONS = 1000
 
 
 def _clip(value: Any) -> Any:
@@ -22,38 +29,67 @@ def _obj(value: Any) -> dict[str, Any]:
 
 
 class Normalizer:
-    """Stateful per session: remembers which tool statuses and texts were already reported."""
+    """Stateful per run session: remembers the session's descendants and which tool statuses
+    and texts were already reported."""
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
+        self._parents: dict[str, str] = {}  # descendant session id -> its parent's id
         self._seen: set[tuple[str, str]] = set()
 
+    def owns(self, session_id: Any) -> bool:
+        """The run's own session or one of its subagents' sessions."""
+        return session_id == self.session_id or session_id in self._parents
+
+    def _adopt(self, child: Any, parent: Any) -> None:
+        if (isinstance(child, str) and child and child != self.session_id and self.owns(parent)
+                and len(self._parents) < MAX_SUBAGENT_SESSIONS):  # bounded: the agent server is untrusted
+            self._parents.setdefault(child[:200], str(parent)[:200])
+
+    def _mark(self, row: dict[str, Any], session_id: Any) -> dict[str, Any]:
+        if session_id in self._parents:
+            row["sessionId"] = session_id
+            row["parentSessionId"] = self._parents[session_id]
+        return row
+
     def __call__(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        """The row for one OpenCode event, or None when the event is not reported."""
         kind = event.get("type")
         props = _obj(event.get("properties"))
-        if props.get("sessionID", self.session_id) != self.session_id:
+        if kind in ("session.created", "session.updated"):
+            info = _obj(props.get("info"))
+            self._adopt(info.get("id"), info.get("parentID"))
+            return None
+        sid = props.get("sessionID", self.session_id)
+        if not self.owns(sid):
             return None
         if kind == "message.part.updated":
-            return self._part(_obj(props.get("part")))
+            part = _obj(props.get("part"))
+            sid = part.get("sessionID", sid)
+            if not self.owns(sid):
+                return None
+            row = self._part(part, sid)
+            return self._mark(row, sid) if row is not None else None
         if kind == "file.edited":
-            return {"type": "file.edited", "path": _clip(props.get("file"))}
+            return self._mark({"type": "file.edited", "path": _clip(props.get("file"))}, sid)
         if kind == "session.error":
             err = _obj(props.get("error"))
             data = _obj(err.get("data"))
-            return {"type": "error", "name": _clip(err.get("name")),
-                    "message": _clip(data.get("message") or str(_clip(data)))}
+            return self._mark({"type": "error", "name": _clip(err.get("name")),
+                               "message": _clip(data.get("message") or str(_clip(data)))}, sid)
         if kind == "permission.asked":
-            return {"type": "permission.rejected", "permission": _clip(props.get("permission")),
-                    "patterns": _clip(props.get("patterns"))}
+            return self._mark({"type": "permission.rejected", "permission": _clip(props.get("permission")),
+                               "patterns": _clip(props.get("patterns"))}, sid)
         return None
 
-    def _part(self, part: dict[str, Any]) -> dict[str, Any] | None:
-        if part.get("sessionID") not in (None, self.session_id):
-            return None
+    def _part(self, part: dict[str, Any], sid: Any) -> dict[str, Any] | None:
         ptype = part.get("type")
         pid = str(part.get("id"))[:200]
         if ptype == "tool":
             state = _obj(part.get("state"))
+            meta = _obj(state.get("metadata"))
+            child = meta.get("sessionId") if part.get("tool") == "task" else None
+            self._adopt(child, sid)
             status = str(state.get("status"))[:40]
             if (pid, status) in self._seen:
                 return None
@@ -66,6 +102,8 @@ class Normalizer:
                 row["input"] = _clip(state["input"])
             if state.get("title"):
                 row["title"] = _clip(state["title"])
+            if isinstance(child, str) and child:
+                row["childSessionId"] = child
             if status == "completed" and state.get("output") is not None:
                 row["output"] = _clip(state["output"])
             if status == "error":

@@ -33,6 +33,7 @@ from critique_local.repos import checkout
 from critique_local.repos.workrepo import RunRepo
 from critique_local.runs.collect import TurnResult, collect
 from critique_local.runs.network import network_policy, proxy_env
+from critique_local.runs.plan_guard import check_unchanged, discard_changes
 from critique_local.runs.pool import WarmPool, agent_env, start_agent
 from critique_local.runs.publish import Publisher, PublishOutcome
 from critique_local.runs.states import Phase, RunStatus, SessionEnd
@@ -304,7 +305,11 @@ class Executor:
         run = await self._transition(run, RunStatus.RUNNING, Phase.COLLECTING)
         previous = await self._previous_tree(run.id, idx) or base
         repo = await self._open_repo(run)
+        if run.task_kind == "plan" and (warning := await discard_changes(sandbox, previous)):
+            await self.s.hub.builder(run.id, warning)
         result = await self._collect(sandbox, repo, run, previous)
+        if run.task_kind == "plan":
+            check_unchanged(result.turn_stats["filesChanged"])
         validation: ValidationResult | None = None
         mode = str(run.request.get("validationMode") or "minimal")
         if run.task_kind != "plan" and mode != "minimal":
@@ -427,15 +432,16 @@ class Executor:
                 props = props if isinstance(props, dict) else {}
                 if kind == "session.idle" and props.get("sessionID") == session_id:
                     idle.set()
-                # safety net: a prompt nobody answers would hang the headless turn forever
+                row = normalize(event)  # first: it learns the run's subagent sessions
+                # safety net: a prompt nobody answers would hang the headless turn (or one of its
+                # subagents) forever
                 with contextlib.suppress(AgentError):
-                    if kind == "permission.asked" and props.get("sessionID") == session_id:
+                    if kind == "permission.asked" and normalize.owns(props.get("sessionID")):
                         await agent.reply_permission(str(props.get("id")), "reject")
-                    if kind == "question.asked" and props.get("sessionID") == session_id:
+                    if kind == "question.asked" and normalize.owns(props.get("sessionID")):
                         await agent.reject_question(str(props.get("id")))
-                row = normalize(event)
                 if row is not None:
-                    if row["type"] == "text":
+                    if row["type"] == "text" and "sessionId" not in row:  # a subagent's text is not the summary
                         texts[:] = [row["text"]]
                     rows += 1
                     if rows <= limits.max_events_per_turn:

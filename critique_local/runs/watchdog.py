@@ -20,7 +20,7 @@ from critique_local.errors import RunFailure
 from critique_local.sandboxes.base import Sandbox, SandboxBackend, SandboxError
 
 WORKSPACE = "/workspace"
-WRITABLE = (WORKSPACE, "/tmp", "/home/agent/.local", "/home/agent/.cache")
+WRITABLE = (WORKSPACE, "/tmp", "/home/agent", "/home/agent/.local", "/home/agent/.cache")
 WATCH_INTERVAL_S = 2.0
 PIDS_HEADROOM = 8  # "at the limit": within this many processes of it
 PIDS_STRIKES = 3  # consecutive checks at the limit before the turn is stopped

@@ -2,9 +2,10 @@
 
 The container runs ``sleep infinity`` under Docker's init as the unprivileged ``agent`` user,
 with all capabilities dropped, ``no-new-privileges``, a read-only root filesystem, and limits
-on CPU, memory, processes and open files. Writable are only ``/workspace``, ``/tmp``,
-``~/.local`` and ``~/.cache``: size-limited tmpfs mounts (their pages count as memory, so the
-memory limit covers them; OpenCode's config dir gets a small one too). No host path is mounted and the Docker socket never is.
+on CPU, memory, processes and open files. Writable are only ``/workspace``, ``/tmp`` and the
+agent's home (``~``, with ``~/.local`` and ``~/.cache`` each on their own): size-limited tmpfs
+mounts (their pages count as memory, so the memory limit covers them). The home is writable so
+the agent works as on a developer's machine (``git config --global``, tool caches and settings). No host path is mounted and the Docker socket never is.
 Container logs are discarded (log driver ``none``), so PID 1's stdout never fills the host's disk.
 
 The network is internal (no route out), with container-to-container traffic disabled (no
@@ -316,7 +317,7 @@ class DockerBackend(SandboxBackend):
         if spec.network_mode == "open" and not self._allow_open:
             raise SandboxError("network mode open is not enabled on this server", "network_mode_not_allowed")
         writable = "uid=1000,gid=1000,mode=0755,exec,nosuid,nodev"
-        memory = s.memory_mb + s.workspace_mb + s.tmp_mb + 2 * s.home_mb
+        memory = s.memory_mb + s.workspace_mb + s.tmp_mb + 3 * s.home_mb
         kwargs: dict[str, Any] = {
             "image": s.image,
             "name": f"critique-{spec.run_id}",
@@ -335,9 +336,9 @@ class DockerBackend(SandboxBackend):
             "tmpfs": {
                 "/workspace": f"size={s.workspace_mb}m,{writable}",
                 "/tmp": f"size={s.tmp_mb}m,mode=1777,exec,nosuid,nodev",
+                "/home/agent": f"size={s.home_mb}m,{writable}",  # mounted first: Docker orders by depth
                 "/home/agent/.local": f"size={s.home_mb}m,{writable}",
                 "/home/agent/.cache": f"size={s.home_mb}m,{writable}",
-                "/home/agent/.config/opencode": f"size=16m,{writable}",  # OpenCode writes a .gitignore there
             },
             "environment": dict(spec.env),
             "working_dir": "/workspace",
