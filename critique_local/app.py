@@ -79,7 +79,17 @@ def public_app(services: Services, scheduler: Scheduler, upstream: Upstream, web
 
 
 def sandbox_app(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks) -> web.Application:
-    return _application(services, scheduler, upstream, webhooks, list(gateway.ROUTES))
+    app = _application(services, scheduler, upstream, webhooks, list(gateway.ROUTES))
+    app.on_response_prepare.append(_one_call_per_connection)
+    return app
+
+
+async def _one_call_per_connection(request: web.Request, response: web.StreamResponse) -> None:
+    """Sandboxes open a new connection for every model call (a local one: it costs well under a
+    millisecond). When the path to the gateway breaks mid-turn (a firewall rule gone), OpenCode
+    then sees a connection error and retries visibly, instead of waiting minutes for an answer
+    on a kept-alive connection whose packets are dropped."""
+    response.force_close()
 
 
 def _bound_port(runner: web.AppRunner) -> int:

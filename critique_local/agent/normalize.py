@@ -1,10 +1,13 @@
 """OpenCode events -> ``builder.event`` rows: tool calls (name + status), file edits,
-assistant text, step boundaries and errors. Catalog noise, deltas and other sessions'
+assistant text, step boundaries, model call retries and errors. Catalog noise, deltas and other sessions'
 events are dropped; a tool part is reported once per status it reaches."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
+
+from critique_local.clock import iso
 
 MAX_FIELD_CHARS = 2000
 
@@ -37,6 +40,8 @@ class Normalizer:
             err = props.get("error") or {}
             data = err.get("data") or {}
             return {"type": "error", "name": err.get("name"), "message": _clip(data.get("message") or str(data))}
+        if kind == "session.status" and (props.get("status") or {}).get("type") == "retry":
+            return _retry(props["status"])
         if kind == "permission.asked":
             return {"type": "permission.rejected", "permission": props.get("permission"),
                     "patterns": props.get("patterns")}
@@ -74,3 +79,14 @@ class Normalizer:
         if ptype == "step-finish":
             return {"type": "step.finish", "reason": part.get("reason"), "tokens": part.get("tokens")}
         return None
+
+
+def _retry(status: dict[str, Any]) -> dict[str, Any]:
+    """OpenCode retries a failed model call: ``attempt`` (1, 2, ...), OpenCode's ``message`` and
+    when it tries again (``retryAt``, when it said)."""
+    row: dict[str, Any] = {"type": "retry", "attempt": status.get("attempt"),
+                           "message": _clip(str(status.get("message") or ""))}
+    at = status.get("next")
+    if isinstance(at, int | float) and 0 < at < 1e14:
+        row["retryAt"] = iso(datetime.fromtimestamp(at / 1000, UTC))
+    return row

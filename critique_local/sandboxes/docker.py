@@ -58,6 +58,7 @@ FIREWALL_CHAIN = "CRITIQUE-SANDBOX"
 # the daemon stopped or is restarting): both are a SandboxError to the rest of the server.
 ENGINE_ERRORS = (docker.errors.DockerException, OSError)
 EXEC_GRACE_S = 30.0
+TCP_SYN_RETRIES = 3  # connect gives up after 1 + 2 + 4 + 8 = 15 s
 log = logging.getLogger(__name__)
 
 
@@ -332,6 +333,10 @@ class DockerBackend(SandboxBackend):
             "environment": dict(spec.env),
             "working_dir": "/workspace",
             "detach": True,
+            # a connection whose packets are dropped (a firewall) fails after ~15 s instead of the
+            # kernel's default ~130 s, so OpenCode reports and retries it well within
+            # models.unreachable_timeout_s (the bridge to the host answers in well under a second)
+            "sysctls": {"net.ipv4.tcp_syn_retries": str(TCP_SYN_RETRIES)},
         }
 
         if spec.network_mode != "open":
