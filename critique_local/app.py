@@ -106,8 +106,18 @@ def sandbox_app(services: Services, scheduler: Scheduler, upstream: Upstream, we
                 guard: ConnectionGuard | None = None) -> web.Application:
     """The sandbox-facing listener's application: only the gateway, rate-limited per run."""
     limits = services.settings.limits
-    return _application(services, scheduler, upstream, webhooks, list(gateway.ROUTES),
-                        RateLimiter(limits.requests_per_minute, limits.burst), guard)
+    app = _application(services, scheduler, upstream, webhooks, list(gateway.ROUTES),
+                       RateLimiter(limits.requests_per_minute, limits.burst), guard)
+    app.on_response_prepare.append(_one_call_per_connection)
+    return app
+
+
+async def _one_call_per_connection(request: web.Request, response: web.StreamResponse) -> None:
+    """Sandboxes open a new connection for every model call (a local one: it costs well under a
+    millisecond). When the path to the gateway breaks mid-turn (a firewall rule gone), OpenCode
+    then sees a connection error and retries visibly, instead of waiting minutes for an answer
+    on a kept-alive connection whose packets are dropped."""
+    response.force_close()
 
 
 def runner_for(app: web.Application, settings: Settings) -> web.AppRunner:

@@ -151,6 +151,9 @@ class ModelsSettings(Section):
     default: str = Field("critique/scripted", description="modelId used when a run does not name one.")
     scripted_input_price: float = Field(0.0, ge=0, description="Credits per million input tokens of critique/scripted.")
     scripted_output_price: float = Field(0.0, ge=0, description="Credits per million output tokens of critique/scripted.")
+    unreachable_timeout_s: float = Field(
+        120, gt=0, le=3600, description="A turn whose model cannot be reached ends with model_unreachable after this "
+        "long: no model call from the sandbox reaches the gateway, or the provider keeps failing or does not answer.")
 
 
 class BillingSettings(Section):

@@ -15,6 +15,7 @@ middleware in ``api/middleware.py`` is the one place they become responses.
       RequestTimeout      408       request_timeout (the body came too slowly)
       RateLimited         429       rate_limited (with Retry-After)
     RunFailure                    a run ended with ``error.code`` (never an HTTP error)
+    TurnStop                      a turn ended early with ``error.code``; its work is kept, the run stays idle
 """
 
 from __future__ import annotations
@@ -120,3 +121,15 @@ class RunFailure(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class TurnStop(Exception):
+    """A turn ended early (``budget_exceeded``, ``model_unreachable``): the work so far is kept
+    and the run goes idle with ``code`` as its ``error.code``, usable for follow-ups.
+    ``partial`` is the assistant text of the turn so far (its summary)."""
+
+    def __init__(self, code: str, message: str, partial: str = "") -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.partial = partial

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from critique_local.config import Settings
 from critique_local.crypto import SecretBox
+from critique_local.gateway.calls import ModelCalls
 from critique_local.gateway.catalog import Catalog
 from critique_local.redact import Redactor
 from critique_local.repos.hosts import Hosts
@@ -32,4 +33,5 @@ class Services:
     public_url: str = ""  # how clients reach us; set once the public listener is bound
     proxy_address: str = ""  # host:port of the egress proxy on the sandbox-facing address
     warm_count: Callable[[], int] = lambda: 0  # warm-pool sandboxes ready now
+    model_calls: ModelCalls = field(default_factory=ModelCalls)  # running turns' model calls, as the gateway saw them
     extra: dict[str, object] = field(default_factory=dict)

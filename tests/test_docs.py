@@ -34,6 +34,7 @@ def test_every_run_error_code_is_documented() -> None:
         codes |= set(re.findall(r'RunFailure\(\s*"([a-z_]+)"', text))
         codes |= set(re.findall(r'SandboxError\([^)]*?,\s*"([a-z_]+)"\)', text))
         codes |= set(re.findall(r'AgentError\([^)]*?,\s*"([a-z_]+)"\)', text))
+        codes |= set(re.findall(r'TurnStop\(\s*"([a-z_]+)"', text))
     assert codes, "no codes found"
     for code in codes:
         assert f"`{code}`" in README, f"run error code {code} is not documented"

@@ -21,6 +21,7 @@ class UpstreamStandIn:
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
+        self._stopping = asyncio.Event()  # bound to the stand-in's loop on first use
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -29,6 +30,9 @@ class UpstreamStandIn:
             return web.json_response({"error": {"message": "as requested"}}, status=int(body["model"][7:]))
         if body["model"] == "slow":
             await asyncio.sleep(5)
+        if body["model"] == "hang":  # accepts the call and never answers (until the stand-in stops)
+            await self._stopping.wait()
+            return web.json_response({"error": {"message": "stopping"}}, status=503)
         if body.get("tools"):
             return await self._agentic(request, body)
         text = f"upstream says hi to {body['model']}"
@@ -78,5 +82,6 @@ class UpstreamStandIn:
         self._ready.wait(10)
 
     def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stopping.set)
         asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)

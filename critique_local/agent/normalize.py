@@ -1,5 +1,5 @@
 """OpenCode events -> ``builder.event`` rows: tool calls (name + status), file edits,
-assistant text, step boundaries and errors. Catalog noise, deltas and other sessions'
+assistant text, step boundaries, model call retries and errors. Catalog noise, deltas and other sessions'
 events are dropped; a tool part is reported once per status it reaches.
 
 A run's work includes its subagents: the ``task`` tool runs one in a child session (OpenCode's
@@ -10,9 +10,11 @@ session carry neither. The parent's ``task`` row names its child as ``childSessi
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from critique_local.bounds import clip_json
+from critique_local.clock import iso
 
 MAX_FIELD_CHARS = 2000
 MAX_SEEN = 100_000
@@ -77,6 +79,8 @@ class Normalizer:
             data = _obj(err.get("data"))
             return self._mark({"type": "error", "name": _clip(err.get("name")),
                                "message": _clip(data.get("message") or str(_clip(data)))}, sid)
+        if kind == "session.status" and _obj(props.get("status")).get("type") == "retry":
+            return self._mark(_retry(_obj(props.get("status"))), sid)
         if kind == "permission.asked":
             return self._mark({"type": "permission.rejected", "permission": _clip(props.get("permission")),
                                "patterns": _clip(props.get("patterns"))}, sid)
@@ -119,3 +123,14 @@ class Normalizer:
         if ptype == "step-finish":
             return {"type": "step.finish", "reason": _clip(part.get("reason")), "tokens": _clip(part.get("tokens"))}
         return None
+
+
+def _retry(status: dict[str, Any]) -> dict[str, Any]:
+    """OpenCode retries a failed model call: ``attempt`` (1, 2, ...), OpenCode's ``message`` and
+    when it tries again (``retryAt``, when it said)."""
+    row: dict[str, Any] = {"type": "retry", "attempt": status.get("attempt"),
+                           "message": _clip(str(status.get("message") or ""))}
+    at = status.get("next")
+    if isinstance(at, int | float) and 0 < at < 1e14:
+        row["retryAt"] = iso(datetime.fromtimestamp(at / 1000, UTC))
+    return row

@@ -25,6 +25,7 @@ from critique_local.api.schemas import Model, ModelList
 from critique_local.appkeys import LIMITER, SERVICES, UPSTREAM
 from critique_local.errors import ApiError, BadRequest, Forbidden, InvalidRequest, PaymentRequired, Unauthorized
 from critique_local.gateway import scripted, wire
+from critique_local.gateway.calls import CallLog
 from critique_local.gateway.catalog import ModelEntry
 from critique_local.gateway.metering import Meter
 from critique_local.gateway.upstream import UpstreamError
@@ -146,11 +147,22 @@ async def chat_completions(request: web.Request, principal: Principal) -> web.St
     entry = await _entry_for(s, caller, req.model)
     await _check_budget(s, caller, entry, req.messages)
     meter = Meter(req.messages)
+    # the run's model watch learns that the sandbox reached us, and how the provider answered
+    log = s.model_calls.get(caller.run.id) if caller.run is not None else None
+    call = log.start() if log is not None else -1
+    cancelled = False
     try:
         if entry.provider is None:
+            if log is not None:
+                log.answered(call)  # served in-process: an @sleep is the model thinking, not a provider away
             return await _scripted(request, req, raw, meter)
-        return await _forward(request, s, caller, entry, raw, req.stream, meter)
+        return await _forward(request, s, caller, entry, raw, req.stream, meter, log, call)
+    except asyncio.CancelledError:
+        cancelled = True
+        raise
     finally:
+        if log is not None:
+            log.end(call, cancelled=cancelled)
         if meter.reported is not None or meter.fed:
             inp, out, estimated = meter.result()
             await billing.record_call(
@@ -184,7 +196,7 @@ async def _scripted(request: web.Request, req: ChatRequest, raw: dict[str, Any],
 
 
 async def _forward(request: web.Request, s: Services, caller: Caller, entry: ModelEntry, raw: dict[str, Any],
-                   stream: bool, meter: Meter) -> web.StreamResponse:
+                   stream: bool, meter: Meter, log: CallLog | None, call: int) -> web.StreamResponse:
     assert entry.provider is not None
     provider = s.settings.providers[entry.provider]
     if _byok(caller.run):
@@ -198,14 +210,29 @@ async def _forward(request: web.Request, s: Services, caller: Caller, entry: Mod
     if stream:
         body["stream_options"] = {**(raw.get("stream_options") or {}), "include_usage": True}
     upstream = request.app[UPSTREAM]
+
+    def answered() -> None:
+        if log is not None:
+            log.answered(call)
+
+    def failed(exc: UpstreamError) -> None:
+        if log is None:
+            return
+        if exc.unavailable:
+            log.failed(call, exc.message)
+        else:
+            log.answered(call)  # it answered, and refused: reachable
+
     try:
         if not stream:
             data = await upstream.complete(provider, body)
+            answered()
             meter.feed(data)
             return web.json_response(data)
-        events = upstream.stream(provider, body)
+        events = upstream.stream(provider, body, answered)
         first = await anext(events)
     except UpstreamError as exc:
+        failed(exc)
         raise GatewayError.of(exc) from exc
     except StopAsyncIteration:
         raise GatewayError("upstream closed the stream without data", code="upstream_error") from None
@@ -216,6 +243,7 @@ async def _forward(request: web.Request, s: Services, caller: Caller, entry: Mod
         async for event in events:
             await _relay(resp, event, meter)
     except UpstreamError as exc:
+        failed(exc)
         err = {"error": {"code": exc.code, "message": exc.message}}
         await resp.write(f"data: {json.dumps(err)}\n\n".encode())
     await resp.write_eof()

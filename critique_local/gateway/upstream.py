@@ -6,7 +6,7 @@ are translated into gateway errors with a bounded timeout.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -22,13 +22,16 @@ class UpstreamError(Exception):
     (the provider key is wrong: not the caller's fault, unless it is their BYOK key); 429 -> 429
     ``upstream_rate_limited``; other errors -> 502 ``upstream_error``; no answer within the
     provider's ``timeout_s`` -> 504 ``upstream_timeout``. The gateway does not retry: OpenCode
-    retries 429 and 5xx itself, so retries stay bounded by one policy."""
+    retries 429 and 5xx itself, so retries stay bounded by one policy. ``unavailable`` is true
+    when the provider could not be reached, timed out, or answered 5xx or 429 (what a run's model
+    watch counts towards ``model_unreachable``), false when it answered and refused the call."""
 
-    def __init__(self, status: int, message: str, code: str = "upstream_error") -> None:
+    def __init__(self, status: int, message: str, code: str = "upstream_error", *, unavailable: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.unavailable = unavailable
 
     @classmethod
     def from_status(cls, upstream_status: int, text: str) -> UpstreamError:
@@ -38,14 +41,17 @@ class UpstreamError(Exception):
         if upstream_status in (401, 403):
             return cls(502, detail, "upstream_unauthorized")
         if upstream_status == 429:
-            return cls(429, detail, "upstream_rate_limited")
-        return cls(502, detail)
+            return cls(429, detail, "upstream_rate_limited", unavailable=True)
+        return cls(502, detail, unavailable=upstream_status >= 500)
 
     @classmethod
     def from_exception(cls, exc: httpx.HTTPError) -> UpstreamError:
         if isinstance(exc, httpx.TimeoutException):
-            return cls(504, f"upstream did not answer in time ({exc.__class__.__name__})", "upstream_timeout")
-        return cls(502, f"upstream unreachable: {exc.__class__.__name__}")
+            return cls(504, f"upstream did not answer in time ({exc.__class__.__name__})", "upstream_timeout",
+                       unavailable=True)
+        why = str(exc).strip()[:200]
+        return cls(502, f"upstream unreachable: {exc.__class__.__name__}" + (f" ({why})" if why else ""),
+                   unavailable=True)
 
 
 class Upstream:
@@ -80,8 +86,10 @@ class Upstream:
             raise UpstreamError(502, "upstream answered JSON that is not an object", "upstream_error")
         return data
 
-    async def stream(self, provider: ProviderSettings, body: dict[str, Any]) -> AsyncIterator[ServerSentEvent]:
-        """Yields the upstream's server-sent events (parsed with httpx-sse)."""
+    async def stream(self, provider: ProviderSettings, body: dict[str, Any],
+                     on_answer: Callable[[], None] | None = None) -> AsyncIterator[ServerSentEvent]:
+        """Yields the upstream's server-sent events (parsed with httpx-sse); ``on_answer`` is
+        called once the provider has answered with a success status, before the first event."""
         try:
             resp = await self._http.send(self._request(provider, body), stream=True)
         except httpx.HTTPError as exc:
@@ -89,6 +97,8 @@ class Upstream:
         try:
             if resp.status_code >= 400:
                 raise UpstreamError.from_status(resp.status_code, (await resp.aread()).decode(errors="replace"))
+            if on_answer is not None:
+                on_answer()
             try:
                 async for event in EventSource(resp).aiter_sse():
                     yield event

@@ -28,10 +28,11 @@ from critique_local.agent.normalize import Normalizer
 from critique_local.agent.opencode import AgentError, OpenCodeClient, basic_auth
 from critique_local.bounds import clip_text
 from critique_local.clock import iso, ms_between, now, now_iso, parse_iso
-from critique_local.errors import RunFailure
+from critique_local.errors import RunFailure, TurnStop
 from critique_local.repos import checkout
 from critique_local.repos.workrepo import RunRepo
 from critique_local.runs.collect import TurnResult, collect
+from critique_local.runs.modelwatch import ModelWatch
 from critique_local.runs.network import network_policy, proxy_env
 from critique_local.runs.plan_guard import check_unchanged, discard_changes
 from critique_local.runs.pool import WarmPool, agent_env, start_agent
@@ -51,13 +52,11 @@ WORKSPACE = "/workspace"
 ATTACH_HEALTH_TIMEOUT_S = 10.0
 
 
-class BudgetStop(Exception):
+class BudgetStop(TurnStop):
     """The gateway refused a model call because of ``safety.resources``."""
 
     def __init__(self, message: str, partial: str) -> None:
-        super().__init__(message)
-        self.message = message
-        self.partial = partial
+        super().__init__("budget_exceeded", message, partial)
 
 
 class Executor:
@@ -294,14 +293,14 @@ class Executor:
                                      error_message=None)
         base, session_id = run.base_commit, run.agent_session_id
         assert base is not None and session_id is not None
-        budget: BudgetStop | None = None
+        stopped: TurnStop | None = None
         try:
-            summary = await self.watchdog.watch(sandbox, self._prompt(run, agent, session_id, prompt),
+            summary = await self.watchdog.watch(sandbox, self._prompt(run, sandbox, agent, session_id, prompt),
                                                 lambda: agent.abort(session_id))
-        except BudgetStop as stop:
-            # the gateway refused the call that would exceed the budget: the turn ends here, its
-            # work so far is kept, and the run stays usable for follow-ups
-            budget, summary = stop, stop.partial
+        except TurnStop as stop:
+            # a budget refused the next model call, or the model cannot be reached: the turn ends
+            # here, its work so far is kept, and the run stays usable for follow-ups
+            stopped, summary = stop, stop.partial
         run = await self._transition(run, RunStatus.RUNNING, Phase.COLLECTING)
         previous = await self._previous_tree(run.id, idx) or base
         repo = await self._open_repo(run)
@@ -319,17 +318,17 @@ class Executor:
             # tests mode: failing tests go back to the agent, in the same session and user turn
             # (so its model calls count against that turn's maxTurns allowance)
             while (mode == "tests" and validation is not None and validation.status == "failed"
-                   and repairs < self.s.settings.validation.max_repair_turns and budget is None):
+                   and repairs < self.s.settings.validation.max_repair_turns and stopped is None):
                 repairs += 1
                 await self.s.backend.extend(sandbox.id, self.s.settings.sandbox.turn_timeout_s + 600)
                 await self.s.hub.builder(run.id, {"type": "validation.repair", "attempt": repairs})
                 run = await self._transition(run, RunStatus.RUNNING, Phase.AGENT_RUNNING)
                 try:
                     summary = await self.watchdog.watch(
-                        sandbox, self._prompt(run, agent, session_id, repair_prompt(validation)),
+                        sandbox, self._prompt(run, sandbox, agent, session_id, repair_prompt(validation)),
                         lambda: agent.abort(session_id)) or summary
-                except BudgetStop as stop:
-                    budget, summary = stop, stop.partial or summary
+                except TurnStop as stop:
+                    stopped, summary = stop, stop.partial or summary
                 run = await self._transition(run, RunStatus.RUNNING, Phase.COLLECTING)
                 result = await self._collect(sandbox, repo, run, previous)
                 run = await self._transition(run, RunStatus.RUNNING, Phase.VALIDATING)
@@ -370,11 +369,13 @@ class Executor:
             validation=json.dumps(validation.as_json()) if validation else None,
             publish_outcome=json.dumps(outcome.as_json()) if outcome else None)
         errors: dict[str, Any] = {}
-        if budget is not None:
+        if isinstance(stopped, BudgetStop):
             used = await billing.usage(self.s.db, run.id)
             errors = {"error_code": "budget_exceeded",
-                      "error_message": f"{budget.message}; used this run: {used.model_calls} model calls, "
+                      "error_message": f"{stopped.message}; used this run: {used.model_calls} model calls, "
                                        f"{used.credits:.6f} credits"}
+        elif stopped is not None:
+            errors = {"error_code": stopped.code, "error_message": stopped.message}
         elif outcome is not None and outcome.status == "failed":
             errors = {"error_code": "publish_failed", "error_message": outcome.message}
         if errors:
@@ -413,8 +414,9 @@ class Executor:
             idle_until = min(idle_until, parse_iso(run.sandbox_started_at) + timedelta(seconds=sb.max_lifetime_s))
         return iso(idle_until)
 
-    async def _prompt(self, run: RunRow, agent: OpenCodeClient, session_id: str, prompt: str) -> str:
+    async def _prompt(self, run: RunRow, sandbox: Sandbox, agent: OpenCodeClient, session_id: str, prompt: str) -> str:
         normalize = Normalizer(session_id)
+        model = ModelWatch.for_prompt(self.s, run, sandbox, session_id)
         connected = asyncio.Event()
         idle = asyncio.Event()
         texts: list[str] = []  # the last assistant text (the summary when the reply has none)
@@ -430,6 +432,7 @@ class Executor:
                     continue
                 props = event.get("properties")
                 props = props if isinstance(props, dict) else {}
+                model.observe(event)
                 if kind == "session.idle" and props.get("sessionID") == session_id:
                     idle.set()
                 row = normalize(event)  # first: it learns the run's subagent sessions
@@ -452,8 +455,10 @@ class Executor:
             await asyncio.wait_for(connected.wait(), 10)
             agent_name = "plan" if run.task_kind == "plan" else "build"
             try:
-                result = await agent.prompt(session_id, prompt, provider_id=PROVIDER_ID, model_id=run.model_id,
-                                            agent=agent_name, timeout_s=self.s.settings.sandbox.turn_timeout_s)
+                result = await model.guard(
+                    agent.prompt(session_id, prompt, provider_id=PROVIDER_ID, model_id=run.model_id, agent=agent_name,
+                                 timeout_s=self.s.settings.sandbox.turn_timeout_s),
+                    lambda: agent.abort(session_id), lambda: texts[-1] if texts else "")
             except AgentError as exc:
                 if exc.code == "agent_unreachable" and "Timeout" in str(exc):
                     with contextlib.suppress(AgentError):
@@ -465,6 +470,7 @@ class Executor:
         except TimeoutError as exc:
             raise RunFailure("agent_unreachable", "OpenCode's event stream did not connect") from exc
         finally:
+            model.close()
             pump_task.cancel()
             with contextlib.suppress(BaseException):
                 await pump_task
@@ -488,6 +494,10 @@ class Executor:
                                 limits.max_summary_chars)
             if "budget_exceeded" in message:
                 raise BudgetStop(message[message.index("budget_exceeded"):].removeprefix("budget_exceeded: "), summary)
+            if error.get("name") == "APIError":
+                unreachable = await model.explain()
+                if unreachable is not None:
+                    raise TurnStop("model_unreachable", f"{unreachable} (OpenCode: {message[:300]})", summary)
             code = "model_error" if error.get("name") == "APIError" else "agent_error"
             raise RunFailure(code, message)
         return summary

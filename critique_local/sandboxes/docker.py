@@ -61,6 +61,7 @@ AGENT_USER = "1000:1000"
 ENGINE_ERRORS = (docker.errors.DockerException, OSError)
 HOST_ERRORS = (firewall.FirewallError, HostLockTimeout, OSError)  # iptables, nsenter, the host lock
 EXEC_GRACE_S = 30.0
+TCP_SYN_RETRIES = 3  # connect gives up after 1 + 2 + 4 + 8 = 15 s
 log = logging.getLogger(__name__)
 
 
@@ -345,6 +346,10 @@ class DockerBackend(SandboxBackend):
             "detach": True,
             # whatever a sandbox writes to PID 1's stdout is discarded, never a file on the host's disk
             "log_config": docker.types.LogConfig(type=docker.types.LogConfig.types.NONE),
+            # a connection whose packets are dropped (a firewall) fails after ~15 s instead of the
+            # kernel's default ~130 s, so OpenCode reports and retries it well within
+            # models.unreachable_timeout_s (the bridge to the host answers in well under a second)
+            "sysctls": {"net.ipv4.tcp_syn_retries": str(TCP_SYN_RETRIES)},
         }
 
         if spec.network_mode != "open":
