@@ -114,7 +114,7 @@ def three_servers(tmp_path: Path) -> Iterator[tuple[Server, Server, Server]]:
     uses these names)."""
     tag = secrets.token_hex(3)
     x, y = f"crit-hosts-{tag}-x", f"crit-hosts-{tag}-y"
-    env = {**SHORT_SESSIONS, "CRITIQUE_LOCAL_SANDBOX_SWEEP_INTERVAL_S": "1", "CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S": "600"}
+    env = {**SHORT_SESSIONS, "CRITIQUE_LOCAL_SANDBOX_SWEEP_INTERVAL_S": "2", "CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S": "600"}
     servers = tuple(Server(tmp_path / name, extra_env={**env, "CRITIQUE_LOCAL_DOCKER_NETWORK": net})
                     for name, net in (("a", x), ("b", y), ("c", x)))
     for srv in servers:
