@@ -126,12 +126,16 @@ def test_waiting_for_the_model_only_counts_while_no_tool_runs_and_no_call_arrive
     assert w.retries == 1 and w.last_retry == "Unable"
 
 
-def test_without_a_probe_a_silent_gateway_is_reported_with_what_opencode_said() -> None:
+def test_without_a_probe_a_silent_gateway_needs_opencode_retries_to_be_reported() -> None:
     clock = Clock()
     w = watch(clock)
+    clock.now += 30
+    assert asyncio.run(w.check()) is None  # OpenCode may just be slow: nothing says otherwise
     w.observe({"type": "session.status", "properties": {"sessionID": "ses_1", "status": {
         "type": "retry", "attempt": 1, "message": "Cannot connect to API: Unable to connect."}}})
-    clock.now += 30
+    clock.now += 29
+    assert asyncio.run(w.check()) is None  # looked a moment ago
+    clock.now += 1
     reason = asyncio.run(w.check())
     assert reason is not None and "cannot reach the model gateway (http://172.18.0.1:8788/api/v1)" in reason
     assert "Cannot connect to API" in reason and "docker.host_firewall" in reason and "e2b.gateway_url" in reason

@@ -10,7 +10,8 @@ the turn ends with ``model_unreachable`` when:
 2. a call has waited B seconds for the provider's first answer, or
 3. OpenCode has needed the model for B seconds and no call reached the gateway, and a probe
    run inside the sandbox cannot reach the gateway either (when it can, OpenCode is slow for
-   another reason and the watch waits on; ``turn_timeout_s`` still bounds the turn).
+   another reason and the watch waits on, probing again every B; ``turn_timeout_s`` still
+   bounds the turn). A probe that cannot run convicts only if OpenCode reported retries.
 
 OpenCode may give up first (it retries 5 times, ~70 s): its error is then explained by the same
 record. What OpenCode reports only decides *when* to look; the verdict rests on the gateway's
@@ -77,8 +78,9 @@ class ModelWatch:
         self.tools: set[str] = set()  # tool parts pending or running: OpenCode does not need the model
         self.needs_model_since = clock()
         self.retries = 0
+        self.retries_in_wait = 0  # since OpenCode last went back to the model
         self.last_retry = ""
-        self.reachable_at: float | None = None  # a probe last found the gateway reachable
+        self.probed_at: float | None = None  # a probe last gave no verdict (reachable, or could not run)
 
     @classmethod
     def for_prompt(cls, services: Services, run: RunRow, sandbox: Sandbox, session_id: str) -> ModelWatch:
@@ -108,10 +110,12 @@ class ModelWatch:
                 self.tools.discard(str(part.get("id")))
                 if not self.tools:  # back to the model
                     self.needs_model_since = self.clock()
+                    self.retries_in_wait = 0
         elif kind == "session.status" and props.get("sessionID") == self.session_id:
             status = props.get("status") or {}
             if status.get("type") == "retry":
                 self.retries += 1
+                self.retries_in_wait += 1
                 self.last_retry = str(status.get("message") or "")[:300]
 
     # ---- verdicts ------------------------------------------------------------------------------
@@ -130,13 +134,14 @@ class ModelWatch:
         if oldest is not None and now - oldest >= bound:
             return self._provider_silent(now - oldest)
         if self._no_call_reached_us() and now - self.needs_model_since >= bound:
-            if self.reachable_at is not None and self.reachable_at >= self.needs_model_since and (
-                    now - self.reachable_at < bound):
-                return None  # reachable a moment ago, during this same wait: OpenCode is slow
+            if self.probed_at is not None and self.probed_at >= self.needs_model_since and now - self.probed_at < bound:
+                return None  # probed during this same wait, without a verdict: look again later
             reachable, detail = await self.probe()
-            if reachable:
-                self.reachable_at = now
-                log.info("run %s: OpenCode has not called the model for %.0f s, but the gateway is reachable (%s)",
+            # a probe that could not run (a loaded machine, an image without python3) convicts
+            # only together with OpenCode's own connection retries
+            if reachable or (reachable is None and not self.retries_in_wait):
+                self.probed_at = now
+                log.info("run %s: OpenCode has not called the model for %.0f s; from the sandbox: %s",
                          self.run_id, now - self.needs_model_since, detail)
                 return None
             return self._gateway_unreachable(now, detail)
@@ -157,7 +162,7 @@ class ModelWatch:
     async def guard(self, work: Awaitable[T], abort: Callable[[], Awaitable[None]], partial: Callable[[], str]) -> T:
         """Await ``work`` (the prompt); when :meth:`check` gives a reason, ``abort`` OpenCode's
         turn and raise :class:`TurnStop` ``model_unreachable`` with the text so far."""
-        self.needs_model_since = self.clock()
+        self.needs_model_since, self.retries_in_wait = self.clock(), 0
         task = asyncio.ensure_future(work)
         try:
             while True:
@@ -185,7 +190,7 @@ class ModelWatch:
         url = self.gateway_url.rstrip("/") + "/models"
         try:
             res = await self.sandbox.exec(["python3", "-I", "-c", PROBE, url, str(PROBE_TIMEOUT_S)], cwd="/",
-                                          timeout_s=PROBE_TIMEOUT_S + 15, max_output_bytes=4096)
+                                          timeout_s=PROBE_TIMEOUT_S + 25, max_output_bytes=4096)
         except SandboxError as exc:
             return None, f"the probe could not run: {exc}"
         out = res.stdout.decode(errors="replace").strip()[:200]
