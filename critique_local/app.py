@@ -144,6 +144,7 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
     # cores + 4 of them, too few for many concurrent runs each waiting on the engine.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=BLOCKING_THREADS,
                                                                         thread_name_prefix="blocking"))
+    log.info("paths: %s", settings.paths_summary())
     settings.server.data_dir.mkdir(parents=True, exist_ok=True)
     db = await Database.open(settings.db_path)
     backend = make_backend(settings, instance_id(settings))
