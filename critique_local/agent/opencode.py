@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 from httpx_sse import aconnect_sse
 
+HEALTH_REQUEST_S = 10.0  # one health check may take this long (a loaded machine), within the deadline
+
 
 class AgentError(Exception):
     def __init__(self, message: str, code: str = "agent_error") -> None:
@@ -44,11 +46,15 @@ class OpenCodeClient:
         return resp.json() if resp.content else None
 
     async def wait_healthy(self, timeout_s: float) -> None:
+        """Return once ``GET /global/health`` answers healthy; raise ``AgentError``
+        (``agent_start_timeout``) after ``timeout_s`` seconds. One slow answer (a loaded machine)
+        may take up to 10 s of that time."""
         deadline = time.monotonic() + timeout_s
         last = "no answer"
         while time.monotonic() < deadline:
             try:
-                resp = await self._http.get("/global/health", timeout=2.0)
+                resp = await self._http.get("/global/health", timeout=max(0.5, min(HEALTH_REQUEST_S,
+                                                                                    deadline - time.monotonic())))
                 if resp.status_code == 200 and resp.json().get("healthy"):
                     return
                 last = f"HTTP {resp.status_code}"
