@@ -195,6 +195,7 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
     # cores + 4 of them, too few for many concurrent runs each waiting on the engine.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=BLOCKING_THREADS,
                                                                         thread_name_prefix="blocking"))
+    log.info("paths: %s", settings.paths_summary())
     settings.server.data_dir.mkdir(parents=True, exist_ok=True)
     logfilter.install()  # before redaction, so repeats are recognised by their message template
     claim = await asyncio.to_thread(claim_instance, settings)  # before anything touches the data dir

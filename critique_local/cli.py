@@ -15,7 +15,7 @@ import click
 import httpx
 from httpx_sse import connect_sse
 
-from critique_local.config import ConfigError, Settings, load_settings
+from critique_local.config import SCALAR_SECTIONS, ConfigError, Settings, load_settings
 from critique_local.hoststate import InstanceInUse
 from critique_local.services import Services
 from critique_local.store.db import Database
@@ -26,16 +26,26 @@ config_option = click.option("--config", "config_path", type=click.Path(path_typ
                              default=None, envvar="CRITIQUE_LOCAL_CONFIG", help="TOML config file.")
 
 
-def _settings(config_path: Path | None) -> Settings:
+def _config_file(config_path: Path | None) -> Path | None:
+    """``--config``/``CRITIQUE_LOCAL_CONFIG``, else ``./critique-local.toml`` when it exists."""
     if config_path is None and Path("critique-local.toml").exists():
         config_path = Path("critique-local.toml")
+    return config_path.absolute() if config_path is not None else None
+
+
+def _settings(config_path: Path | None) -> Settings:
     try:
-        return load_settings(config_path)
+        return load_settings(_config_file(config_path))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
 def _with_db(settings: Settings, fn: Callable[[Database], Awaitable[T]]) -> T:
+    if not settings.db_path.exists():  # e.g. run from another directory than the server
+        click.echo(f"note: no database at {settings.db_path} yet; creating it. A server started elsewhere uses "
+                   "its own (server.data_dir is relative to its config file, or to its working directory "
+                   "without one): run this where the server runs, or pass the same --config.", err=True)
+
     async def go() -> T:
         db = await Database.open(settings.db_path)
         try:
@@ -59,7 +69,8 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     """Start the API server."""
     from critique_local.app import serve as run_server
 
-    settings = _settings(config_path)
+    config_file = _config_file(config_path)
+    settings = _settings(config_file)
     if host is not None:
         settings.server.host = host
     if port is not None:
@@ -67,6 +78,9 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     logging.basicConfig(level=settings.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("critique_local").info(
+        "configuration: %s", config_file or f"no file (defaults and CRITIQUE_LOCAL_* variables, relative paths "
+                                            f"from {Path.cwd()})")
 
     def ready(services: Services) -> None:
         url = services.public_url
@@ -79,6 +93,26 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
         pass
     except InstanceInUse as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect the configuration the server loads (file, defaults, CRITIQUE_LOCAL_* variables)."""
+
+
+@config_group.command("get")
+@config_option
+@click.argument("name")
+def config_get(config_path: Path | None, name: str) -> None:
+    """Print one setting NAME (section.key, e.g. git.local_root) as the server loads it; path
+    settings are absolute. Lists and tables are printed as JSON."""
+    section, _, key = name.partition(".")
+    settings = _settings(config_path)
+    part = getattr(settings, section, None) if section in SCALAR_SECTIONS else None
+    if part is None or key not in type(part).model_fields:
+        raise click.ClickException(f"unknown setting {name!r} (section.key, e.g. git.local_root)")
+    value = getattr(part, key)
+    click.echo(json.dumps(value) if isinstance(value, (list, dict)) else str(value))
 
 
 @main.group()

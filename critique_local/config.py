@@ -13,9 +13,24 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 ENV_PREFIX = "CRITIQUE_LOCAL_"
+# Settings that name files or directories: (section, key). Each is made absolute once, when the
+# configuration is validated (see :func:`absolute_path`), so no later use depends on a process's
+# working directory (git runs in other directories; CLI commands run from anywhere).
+PATH_SETTINGS = (("server", "data_dir"), ("server", "host_state_dir"), ("git", "local_root"), ("github", "app_private_key_path"))
+
+
+def absolute_path(value: str | Path, info: ValidationInfo | None = None) -> Path:
+    """``value`` as an absolute, normalised path: ``~`` expanded, a relative path taken from
+    ``info.context["base_dir"]`` (the configuration file's directory) or else the working
+    directory. Symbolic links are kept (nothing is resolved on disk)."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        base = (info.context or {}).get("base_dir") if info is not None else None
+        path = Path(base or Path.cwd()) / path
+    return Path(os.path.normpath(path))
 
 
 class Section(BaseModel):
@@ -25,23 +40,36 @@ class Section(BaseModel):
 class ServerSettings(Section):
     host: str = Field("127.0.0.1", description="Address the public API listens on.")
     port: int = Field(8787, ge=0, le=65535, description="Port of the public API (0 picks a free one).")
-    data_dir: Path = Field(Path("./.critique-local"), description="State: SQLite database, secret key.")
+    data_dir: Path = Field(Path("./.critique-local"), validate_default=True,
+                           description="State: SQLite database, secret key, mirrors, checkouts (absolute once loaded).")
     host_state_dir: Path = Field(
-        Path("/run/critique-local"), description="Host-wide directory where running servers claim their instance "
-        "ids (shared by every server on the host; a per-user temp dir when it is not writable).")
+        Path("/run/critique-local"), validate_default=True,
+        description="Host-wide directory where running servers claim their instance ids (shared by every server "
+        "on the host; a per-user temp dir when it is not writable; absolute once loaded).")
     public_url: str = Field("", description="Base URL clients use (statusUrl/streamUrl); default from host:port.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @field_validator("data_dir", "host_state_dir")
+    @classmethod
+    def _absolute(cls, value: Path, info: ValidationInfo) -> Path:
+        return absolute_path(value, info)
 
 
 class GitSettings(Section):
     local_root: Path = Field(
-        Path("./repos"), description="Repository owner/name resolves to <local_root>/owner/name.git (bare)."
+        Path("./repos"), validate_default=True,
+        description="Repository owner/name resolves to <local_root>/owner/name.git (bare; absolute once loaded)."
     )
     clone_timeout_s: float = Field(600, gt=0, description="Upper bound for preparing one checkout.")
     mirror_cache: bool = Field(True, description="Keep a bare mirror per repository and cache packed checkouts.")
     mirror_max_age_s: float = Field(0, ge=0, description="Reuse a mirror without fetching for this long (0: always fetch).")
     checkout_depth: int = Field(1, ge=0, description="History given to the sandbox (commits; 0: all of it).")
     checkout_cache_entries: int = Field(20, ge=1, description="Packed checkouts kept (per commit and branch).")
+
+    @field_validator("local_root")
+    @classmethod
+    def _absolute(cls, value: Path, info: ValidationInfo) -> Path:
+        return absolute_path(value, info)
 
 
 class GitHubSettings(Section):
@@ -52,6 +80,11 @@ class GitHubSettings(Section):
     app_id: str = Field("", description="GitHub App id; with app_private_key_path, used instead of token.")
     app_private_key_path: str = Field("", description="PEM private key of the GitHub App.")
     app_installation_id: str = Field("", description="Installation id (default: looked up per repository).")
+
+    @field_validator("app_private_key_path")
+    @classmethod
+    def _absolute(cls, value: str, info: ValidationInfo) -> str:
+        return str(absolute_path(value, info)) if value else ""
 
     def api_root(self) -> str:
         if self.api_url:
@@ -214,22 +247,22 @@ class CatalogModel(Section):
 
 
 class Settings(Section):
-    server: ServerSettings = ServerSettings()
-    git: GitSettings = GitSettings()
-    github: GitHubSettings = GitHubSettings()
-    gitea: GiteaSettings = GiteaSettings()
-    publish: PublishSettings = PublishSettings()
-    validation: ValidationSettings = ValidationSettings()
-    sandbox: SandboxSettings = SandboxSettings()
-    docker: DockerSettings = DockerSettings()
-    e2b: E2BSettings = E2BSettings()
-    network: NetworkSettings = NetworkSettings()
-    scheduler: SchedulerSettings = SchedulerSettings()
-    pool: PoolSettings = PoolSettings()
-    models: ModelsSettings = ModelsSettings()
-    limits: LimitsSettings = LimitsSettings()
-    webhooks: WebhookSettings = WebhookSettings()
-    billing: BillingSettings = BillingSettings()
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    git: GitSettings = Field(default_factory=GitSettings)
+    github: GitHubSettings = Field(default_factory=GitHubSettings)
+    gitea: GiteaSettings = Field(default_factory=GiteaSettings)
+    publish: PublishSettings = Field(default_factory=PublishSettings)
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
+    docker: DockerSettings = Field(default_factory=DockerSettings)
+    e2b: E2BSettings = Field(default_factory=E2BSettings)
+    network: NetworkSettings = Field(default_factory=NetworkSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    pool: PoolSettings = Field(default_factory=PoolSettings)
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    billing: BillingSettings = Field(default_factory=BillingSettings)
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
     catalog: list[CatalogModel] = Field(default_factory=list)
 
@@ -246,6 +279,11 @@ class Settings(Section):
     @property
     def db_path(self) -> Path:
         return self.server.data_dir / "critique.db"
+
+    def paths_summary(self) -> str:
+        """The path settings as ``section.key=/absolute/path``, for the start-up log."""
+        return ", ".join(f"{section}.{key}={getattr(getattr(self, section), key) or '(unset)'}"
+                         for section, key in PATH_SETTINGS)
 
     def public_base_url(self, bound_port: int | None = None) -> str:
         if self.server.public_url:
@@ -281,20 +319,36 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
 
 
 def load_settings(path: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
-    """Read ``path`` (if given), apply environment overrides, validate strictly."""
+    """Read ``path`` (if given), apply environment overrides, validate strictly.
+
+    Path settings (:data:`PATH_SETTINGS`) come back absolute: relative values written in the
+    file (and the defaults, e.g. ``./.critique-local``) are taken from the file's directory, or
+    from the working directory when there is no file; relative values from the environment are
+    taken from the working directory. Raises :class:`ConfigError` naming the file, key or
+    variable at fault."""
     data: dict[str, Any] = {}
+    base_dir = Path.cwd()
     if path is not None:
+        base_dir = absolute_path(path).parent
         try:
             data = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: {exc}") from exc
+    for section, key in PATH_SETTINGS:  # defaults are relative to the file like written values
+        target = data.setdefault(section, {})
+        model = Settings.model_fields[section].annotation
+        if isinstance(target, dict) and isinstance(model, type) and issubclass(model, Section):
+            target.setdefault(key, str(model.model_fields[key].default))
     for section, values in _env_overrides(dict(os.environ if environ is None else environ)).items():
         target = data.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError(f"[{section}] must be a table")
-        target.update(values)
+        for key, value in values.items():
+            if (section, key) in PATH_SETTINGS and isinstance(value, str) and value:
+                value = str(absolute_path(value))  # typed in a shell: relative to where it was typed
+            target[key] = value
     try:
-        return Settings.model_validate(data)
+        return Settings.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from exc

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Server, make_repo
+from tests.made_server import MadeServer, make_serve
 from tests.upstream_standin import UpstreamStandIn
 
 SAMPLE_FILES = {
@@ -69,3 +70,11 @@ def fresh_server(tmp_path: Path) -> Iterator[Server]:
     make_repo(srv.repos, "acme/web", SAMPLE_FILES)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def made_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MadeServer]:
+    """``make serve`` in a clean copy of the tree, with every default (see tests/made_server.py)."""
+    made = make_serve(tmp_path_factory.mktemp("make-serve"))
+    yield made
+    made.stop()

@@ -45,7 +45,7 @@ def test_api_never_errors_and_matches_its_document(fuzz_server: Server, mode: sc
         @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case: schemathesis.Case) -> None:
             case.call_and_validate(base_url=fuzz_server.url, headers={"Authorization": f"Bearer {key}"},
-                                   checks=CHECKS, timeout=15)
+                                   checks=CHECKS, timeout=60)
 
         try:
             check()

@@ -21,6 +21,8 @@ import httpx
 from critique_local import bounds
 from critique_local.agent.sse import sse_data
 
+HEALTH_REQUEST_S = 10.0  # one health check may take this long (a loaded machine), within the deadline
+
 
 class AgentError(Exception):
     def __init__(self, message: str, code: str = "agent_error") -> None:
@@ -78,11 +80,15 @@ class OpenCodeClient:
             raise AgentError(f"OpenCode {method} {path}: the reply is not JSON ({str(exc)[:200]})") from exc
 
     async def wait_healthy(self, timeout_s: float) -> None:
+        """Return once ``GET /global/health`` answers healthy; raise ``AgentError``
+        (``agent_start_timeout``) after ``timeout_s`` seconds. One slow answer (a loaded machine)
+        may take up to 10 s of that time."""
         deadline = time.monotonic() + timeout_s
         last = "no answer"
         while time.monotonic() < deadline:
             try:
-                health = await self._json("GET", "/global/health", timeout_s=2.0)
+                health = await self._json("GET", "/global/health",
+                                          timeout_s=max(0.5, min(HEALTH_REQUEST_S, deadline - time.monotonic())))
                 if isinstance(health, dict) and health.get("healthy") is True:
                     return
                 last = "not healthy"

@@ -49,7 +49,7 @@ from critique_local.tokens import SANDBOX_TOKEN_PREFIX, new_token, token_hash
 
 log = logging.getLogger(__name__)
 WORKSPACE = "/workspace"
-ATTACH_HEALTH_TIMEOUT_S = 10.0
+ATTACH_HEALTH_TIMEOUT_S = 30.0
 
 
 class BudgetStop(TurnStop):
@@ -452,7 +452,9 @@ class Executor:
 
         pump_task = asyncio.create_task(pump())
         try:
-            await asyncio.wait_for(connected.wait(), 10)
+            # OpenCode answered its health check already; on a loaded machine its event stream
+            # can still take a while to open, so this waits as long as its start may take
+            await asyncio.wait_for(connected.wait(), self.s.settings.sandbox.agent_ready_timeout_s)
             agent_name = "plan" if run.task_kind == "plan" else "build"
             try:
                 result = await model.guard(

@@ -15,6 +15,13 @@ IMAGE="${SANDBOX_IMAGE:-critique-local/sandbox:latest}"
 BASE="${SANDBOX_BASE_IMAGE:-critique-local/base:bookworm}"
 PACKAGES="git,ca-certificates,python3,python3-pytest,ripgrep,procps,less"
 cache="$root/.cache"
+
+# Up to date already (same Dockerfile, opencode version and base image): nothing to fetch or copy.
+inputs_of() { (cat "$here/Dockerfile"; echo "$OPENCODE_VERSION"; docker image inspect -f '{{.Id}}' "$BASE") | sha256sum | cut -c1-16; }
+if docker image inspect "$BASE" >/dev/null 2>&1 && \
+   [ "$(docker image inspect -f '{{index .Config.Labels "critique.inputs"}}' "$IMAGE" 2>/dev/null || true)" = "$(inputs_of)" ]; then
+  exit 0
+fi
 mkdir -p "$cache"
 
 # 1. opencode
@@ -53,7 +60,7 @@ fi
 ctx="$(mktemp -d /tmp/critique-ctx.XXXXXX)"
 trap 'rm -rf "$ctx"' EXIT
 cp "$here/Dockerfile" "$ctx/" && cp "$oc_bin" "$ctx/opencode"
-inputs="$( (cat "$here/Dockerfile"; echo "$OPENCODE_VERSION"; docker image inspect -f '{{.Id}}' "$BASE") | sha256sum | cut -c1-16)"
+inputs="$(inputs_of)"
 current="$(docker image inspect -f '{{index .Config.Labels "critique.inputs"}}' "$IMAGE" 2>/dev/null || true)"
 if [ "$current" = "$inputs" ]; then exit 0; fi
 echo "==> building $IMAGE"

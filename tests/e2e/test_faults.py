@@ -34,11 +34,11 @@ def test_sigkill_with_20_runs_in_mixed_states_loses_nothing(fresh_server: Server
     idle = [api.post(RUNS, json={"repository": "acme/web", "prompt": f"@write i{i}.txt\n{i}\n@end\n@say idle {i}"})
             .json()["run"]["id"] for i in range(6)]
     for run_id in idle:
-        assert wait_for(api, run_id, {"idle", "failed"}, timeout_s=180)["status"] == "idle"
-    running = [api.post(RUNS, json={"repository": "acme/web", "prompt": "@bash echo started\n@sleep 120\n@say late"})
+        assert wait_for(api, run_id, {"idle", "failed"})["status"] == "idle"
+    running = [api.post(RUNS, json={"repository": "acme/web", "prompt": "@bash echo started\n@sleep 600\n@say late"})
                .json()["run"]["id"] for _ in range(4)]
     for run_id in running:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while api.get(f"{RUNS}/{run_id}").json()["run"]["lifecycle"] != "agent_running":
             assert time.monotonic() < deadline
             time.sleep(0.2)
@@ -80,26 +80,28 @@ def test_sigkill_with_20_runs_in_mixed_states_loses_nothing(fresh_server: Server
     # idle sessions are still usable, in the same sandbox; no orphan containers
     resp = api.post(f"{RUNS}/{idle[0]}/messages", json={"prompt": "@bash cat i0.txt\n@say still warm"})
     assert resp.status_code == 202
-    again = wait_for(api, idle[0], {"idle", "failed"}, timeout_s=120)
+    again = wait_for(api, idle[0], {"idle", "failed"})
     assert again["status"] == "idle" and again["agentSessionId"] == final[idle[0]]["agentSessionId"]
     for run_id in everything:
         api.post(f"{RUNS}/{run_id}/messages", json={"endSession": True})
-    time.sleep(1)
-    assert ours(fresh_server) == set()
+    deadline = time.monotonic() + 60
+    while ours(fresh_server):
+        assert time.monotonic() < deadline, ours(fresh_server)
+        time.sleep(0.5)
 
 
 def test_a_sandbox_killed_from_outside_fails_its_run_and_spares_the_neighbour(server: Server, alice: str) -> None:
     api = server.client(alice)
-    victim = api.post(RUNS, json={"repository": "acme/web", "prompt": "@sleep 30\n@say never"}).json()["run"]
+    victim = api.post(RUNS, json={"repository": "acme/web", "prompt": "@sleep 600\n@say never"}).json()["run"]
     neighbour = api.post(RUNS, json={"repository": "acme/web", "prompt": "@sleep 3\n@say fine"}).json()["run"]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while api.get(f"{RUNS}/{victim['id']}").json()["run"]["lifecycle"] != "agent_running":
         assert time.monotonic() < deadline
         time.sleep(0.2)
     subprocess.run(["docker", "kill", f"critique-{victim['id']}"], capture_output=True, check=True)
-    failed = wait_for(api, victim["id"], {"idle", "failed"}, timeout_s=120)
+    failed = wait_for(api, victim["id"], {"idle", "failed"})
     assert failed["status"] == "failed" and failed["error"]["code"] == "sandbox_gone", failed
-    assert wait_for(api, neighbour["id"], {"idle", "failed"}, timeout_s=120)["status"] == "idle"
+    assert wait_for(api, neighbour["id"], {"idle", "failed"})["status"] == "idle"
     api.post(f"{RUNS}/{neighbour['id']}/messages", json={"endSession": True})
 
 
@@ -107,7 +109,7 @@ def test_opencode_crashing_inside_the_sandbox_is_a_clear_failure(server: Server,
     api = server.client(alice)
     run = api.post(RUNS, json={"repository": "acme/web",
                                "prompt": "@bash pkill -9 -f 'opencode serve'; sleep 5\n@say unreachable"}).json()["run"]
-    done = wait_for(api, run["id"], {"idle", "failed"}, timeout_s=120)
+    done = wait_for(api, run["id"], {"idle", "failed"})
     assert done["status"] == "failed" and done["error"]["code"] in ("agent_unreachable", "agent_error"), done["error"]
     assert subprocess.run(["docker", "ps", "-aq", "--filter", f"label=critique.run={run['id']}"],
                           capture_output=True, text=True).stdout.split() == []
@@ -128,8 +130,8 @@ def test_docker_daemon_restart_fails_running_runs_and_chains_idle_ones(fresh_ser
     api = fresh_server.client(fresh_server.new_key("daemon"))
     idle = api.post(RUNS, json={"repository": "acme/web", "prompt": "@say idle"}).json()["run"]
     assert wait_for(api, idle["id"], {"idle", "failed"})["status"] == "idle"
-    running = api.post(RUNS, json={"repository": "acme/web", "prompt": "@sleep 60\n@say late"}).json()["run"]
-    deadline = time.monotonic() + 120
+    running = api.post(RUNS, json={"repository": "acme/web", "prompt": "@sleep 600\n@say late"}).json()["run"]
+    deadline = time.monotonic() + 300
     while api.get(f"{RUNS}/{running['id']}").json()["run"]["lifecycle"] != "agent_running":
         assert time.monotonic() < deadline
         time.sleep(0.2)
@@ -143,12 +145,12 @@ def test_docker_daemon_restart_fails_running_runs_and_chains_idle_ones(fresh_ser
     subprocess.run(["bash", str(ROOT / "scripts" / "ensure-system.sh")], check=True, capture_output=True)
     assert _docker_up()
 
-    failed = wait_for(api, running["id"], {"idle", "failed"}, timeout_s=120)
+    failed = wait_for(api, running["id"], {"idle", "failed"})
     assert failed["status"] == "failed"
     assert failed["error"]["code"] in ("sandbox_gone", "agent_unreachable", "sandbox_error"), failed["error"]
     resp = api.post(f"{RUNS}/{idle['id']}/messages", json={"prompt": "@say after the daemon came back"})
     assert resp.status_code == 202 and resp.json()["run"]["chainedFromRunId"] == idle["id"]
-    chained = wait_for(api, resp.json()["run"]["id"], {"idle", "failed"}, timeout_s=180)
+    chained = wait_for(api, resp.json()["run"]["id"], {"idle", "failed"})
     assert chained["status"] == "idle" and chained["summary"] == "after the daemon came back"
     assert api.get(f"{RUNS}/{idle['id']}").json()["run"]["sessionActive"] is False
     api.post(f"{RUNS}/{chained['id']}/messages", json={"endSession": True})

@@ -46,7 +46,7 @@ def check_state(api: httpx.Client, run_id: str, expect_status: str) -> dict[str,
 
 def test_every_status_agrees_with_what_the_api_accepts(fresh_server: Server) -> None:
     fresh_server.extra_env.update({"CRITIQUE_LOCAL_SCHEDULER_MAX_CONCURRENT_RUNS": "1",
-                                   "CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S": "15"})
+                                   "CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S": "30"})
     fresh_server.start()
     api = fresh_server.client(fresh_server.new_key("prop"))
     edit = "@write f.txt\nx\n@end\n@say edited"
@@ -85,7 +85,7 @@ def test_every_status_agrees_with_what_the_api_accepts(fresh_server: Server) -> 
     # expired: a message chains
     d = api.post(RUNS, json={"repository": "acme/web", "prompt": edit}).json()["run"]["id"]
     wait_for(api, d, {"idle"})
-    wait_for(api, d, {"completed"}, timeout_s=40)
+    wait_for(api, d, {"completed"}, timeout_s=120)
     assert set(check_state(api, d, "completed")["nextActions"]) == {"send_message", "get_patch"}
     resp = attempt(api, d, "send_message")
     assert resp.status_code == 202 and resp.json()["run"]["chainedFromRunId"] == d

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 RUNS = "/api/v1/coding-agent/runs"
 
 
-def wait_warm(server: Server, count: int, timeout_s: float = 90) -> None:
+def wait_warm(server: Server, count: int, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while httpx.get(f"{server.url}/healthz").json()["warmSandboxes"] < count:
         if time.monotonic() > deadline:

@@ -203,7 +203,7 @@ def test_tests_mode_repairs_a_failing_test_and_the_pr_shows_the_passing_result(
     )
     run = api.post(RUNS, json={"repository": "acme/calc", "prompt": prompt, "validationMode": "tests",
                                "publish": {"mode": "draft_pr", "branch": "critique-agent/multiply"}}).json()["run"]
-    done = wait_for(api, run["id"], {"idle", "failed"}, timeout_s=180)
+    done = wait_for(api, run["id"], {"idle", "failed"})
     assert done["status"] == "idle" and done["error"] is None, done["error"]
     v = done["validation"]
     assert (v["mode"], v["status"], v["passed"], v["exitCode"], v["repairTurns"]) == ("tests", "passed", True, 0, 1)
@@ -292,7 +292,7 @@ def test_repo_test_file_comes_from_the_base_commit_and_repairs_are_capped(
     # the agent rewrites the test script to always pass; the base commit's version is what runs
     prompt = "@write .critique/test\nexit 0\n@end\n@say tests weakened"
     run = api.post(RUNS, json={"repository": "acme/guarded", "prompt": prompt, "validationMode": "tests"}).json()["run"]
-    done = wait_for(api, run["id"], {"idle", "failed"}, timeout_s=180)
+    done = wait_for(api, run["id"], {"idle", "failed"})
     v = done["validation"]
     assert (v["status"], v["command"], v["exitCode"], v["repairTurns"]) == ("failed", ".critique/test", 1, 1)
     assert v["commandSource"] == "base_commit"
