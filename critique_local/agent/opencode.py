@@ -21,7 +21,6 @@ import httpx
 from critique_local import bounds
 from critique_local.agent.sse import sse_data
 
-HEALTH_REQUEST_S = 10.0  # one health check may take this long (a loaded machine), within the deadline
 
 
 class AgentError(Exception):
@@ -36,6 +35,7 @@ def basic_auth(password: str, user: str = "opencode") -> dict[str, str]:
 
 MAX_REPLY_BYTES = 16_000_000  # the largest reply of one call (a turn's last message with its parts)
 MAX_EVENT_BYTES = 4_000_000  # the largest event; larger ones are dropped
+HEALTH_CALL_S = 10.0  # one health check
 CALL_TIMEOUT_S = 30.0  # a whole call (connect, send, every byte of the reply), unless the call says otherwise
 
 
@@ -85,10 +85,9 @@ class OpenCodeClient:
         may take up to 10 s of that time."""
         deadline = time.monotonic() + timeout_s
         last = "no answer"
-        while time.monotonic() < deadline:
-            try:
-                health = await self._json("GET", "/global/health",
-                                          timeout_s=max(0.5, min(HEALTH_REQUEST_S, deadline - time.monotonic())))
+        while (left := deadline - time.monotonic()) > 0:
+            try:  # a loaded machine can take seconds to answer; the whole wait stays within timeout_s
+                health = await self._json("GET", "/global/health", timeout_s=min(HEALTH_CALL_S, max(left, 0.5)))
                 if isinstance(health, dict) and health.get("healthy") is True:
                     return
                 last = "not healthy"
