@@ -17,8 +17,9 @@ SAMPLE_FILES = {
 
 
 UPSTREAM_KEY = "sk-upstream-operator-key-0123456789"
-# warm sessions end quickly in tests, so idle sandboxes do not pile up on a 2-core machine
-SHORT_SESSIONS = {"CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S": "30", "CRITIQUE_LOCAL_SANDBOX_REAP_INTERVAL_S": "0.5"}
+# warm sessions end soon in tests, so idle sandboxes do not pile up on a 2-core machine; long enough
+# that a follow-up sent right after a turn (a CLI start, a docker call) still finds a loaded machine's session
+SHORT_SESSIONS = {"CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S": "60", "CRITIQUE_LOCAL_SANDBOX_REAP_INTERVAL_S": "0.5"}
 
 
 @pytest.fixture(scope="session")

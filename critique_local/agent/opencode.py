@@ -22,7 +22,6 @@ from critique_local import bounds
 from critique_local.agent.sse import sse_data
 
 
-
 class AgentError(Exception):
     def __init__(self, message: str, code: str = "agent_error") -> None:
         super().__init__(message)

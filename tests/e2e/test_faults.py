@@ -27,7 +27,7 @@ def ours(server: Server) -> set[str]:
 def test_sigkill_with_20_runs_in_mixed_states_loses_nothing(fresh_server: Server) -> None:
     fresh_server.extra_env.update({"CRITIQUE_LOCAL_SCHEDULER_MAX_CONCURRENT_RUNS": "4",
                                    "CRITIQUE_LOCAL_SCHEDULER_MAX_CONCURRENT_RUNS_PER_USER": "20",
-                                   "CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S": "600",
+                                   "CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S": "1800",  # idle ones stay idle
                                    "CRITIQUE_LOCAL_SCHEDULER_MAX_IDLE_SESSIONS_PER_USER": "20"})
     fresh_server.start()
     api = fresh_server.client(fresh_server.new_key("crash"))
