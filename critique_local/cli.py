@@ -56,7 +56,20 @@ def _with_db(settings: Settings, fn: Callable[[Database], Awaitable[T]]) -> T:
     return asyncio.run(go())
 
 
-@click.group()
+class _Main(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except httpx.TransportError as exc:  # one line, not a traceback, when the server is not there
+            try:
+                url = str(exc.request.url)
+            except RuntimeError:  # no request attached
+                url = "the server"
+            raise click.ClickException(f"cannot reach {url}: {exc.__class__.__name__}: {exc} "
+                                       "(is the server running? pass --url or CRITIQUE_LOCAL_URL)") from exc
+
+
+@click.group(cls=_Main)
 def main() -> None:
     """critique-local: a self-hosted Coding Agent API."""
 
@@ -302,7 +315,19 @@ def secrets_delete(config_path: Path | None, repository: str, name: str) -> None
 
 # ---- runs: an HTTP client for people ------------------------------------------------------
 
-url_option = click.option("--url", envvar="CRITIQUE_LOCAL_URL", default="http://127.0.0.1:8787", show_default=True)
+def _default_url() -> str:
+    """The server this machine's configuration describes (``server.public_url``, else
+    ``server.host``/``server.port`` from the config file and ``CRITIQUE_LOCAL_*`` variables), so
+    ``CRITIQUE_LOCAL_SERVER_PORT=9000 make serve`` and the CLI agree without ``--url``."""
+    try:
+        config = os.environ.get("CRITIQUE_LOCAL_CONFIG")
+        return load_settings(_config_file(Path(config) if config else None)).public_base_url()
+    except (ConfigError, OSError):
+        return "http://127.0.0.1:8787"
+
+
+url_option = click.option("--url", envvar="CRITIQUE_LOCAL_URL", default=_default_url, show_default="the configured server",
+                          help="Server base URL (or CRITIQUE_LOCAL_URL); default from server.public_url/host/port.")
 key_option = click.option("--key", envvar="CRITIQUE_LOCAL_API_KEY", required=True, help="crt_ key (or env).")
 
 

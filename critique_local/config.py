@@ -161,7 +161,8 @@ class DockerSettings(Section):
     host_firewall: bool = Field(
         True, description="iptables: sandboxes may reach only the gateway and proxy ports of the host.")
     gateway_port: int = Field(
-        8788, ge=0, le=65535, description="Port of the model gateway on the sandbox network's gateway address."
+        0, ge=0, le=65535, description="Port of the model gateway on the sandbox network's gateway address "
+        "(0: a free port, picked at first start and remembered in the data dir, so several servers never clash)."
     )
 
 
