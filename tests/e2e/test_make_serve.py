@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -58,7 +59,10 @@ def test_the_printed_curl_runs_to_idle_with_a_patch(made_server: MadeServer, tmp
     assert made_server.git_status() == ""
     # the paths it resolved, absolute, are in the start-up log
     log = made_server.output
-    assert f"paths: server.data_dir={made_server.tree}/.critique-local, git.local_root={made_server.tree}/repos" in log
+    paths = re.search(r"paths: (.*)", log)
+    assert paths is not None, log
+    assert f"server.data_dir={made_server.tree}/.critique-local, " in paths.group(1)
+    assert f"git.local_root={made_server.tree}/repos, " in paths.group(1)
     assert "configuration: no file" in log
 
 
