@@ -128,7 +128,8 @@ class SandboxSettings(Section):
     workspace_mb: int = Field(2048, ge=64, description="Size of /workspace (tmpfs; counts as sandbox memory).")
     tmp_mb: int = Field(512, ge=16, description="Size of /tmp (tmpfs).")
     home_mb: int = Field(256, ge=16, description="Size of each writable home mount (~, ~/.local, ~/.cache).")
-    agent_ready_timeout_s: float = Field(60, gt=0, description="How long OpenCode may take to become healthy.")
+    agent_ready_timeout_s: float = Field(60, gt=0, description="How long OpenCode may take to become healthy "
+                                         "(and, for each turn, to open its event stream).")
     turn_timeout_s: float = Field(1800, gt=0, description="Upper bound for one agent turn.")
     idle_timeout_s: float = Field(1800, gt=0, description="A warm session expires this long after its last turn.")
     max_lifetime_s: float = Field(14400, gt=0, description="Hard cap on one sandbox's total lifetime.")
