@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from critique_local.api.ratelimit import RateLimiter
-from critique_local.errors import RateLimited
+from critique_local.errors import ErrorCode, RateLimited
 
 log = logging.getLogger(__name__)
 FD_RESERVE = 512  # descriptors kept for everything else: SQLite, the engine, agent clients, git
@@ -56,7 +56,7 @@ def fit_to_open_files(public: int, sandbox: int) -> tuple[int, int]:
 
 
 def _refusal(message: str) -> bytes:
-    body = json.dumps({"error": {"code": "too_many_connections", "message": message}}).encode()
+    body = json.dumps({"error": {"code": ErrorCode.TOO_MANY_CONNECTIONS.value, "message": message}}).encode()
     return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
             b"Retry-After: 1\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 

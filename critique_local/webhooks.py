@@ -31,7 +31,7 @@ import httpx
 from critique_local.clock import iso, now, now_iso, parse_iso
 from critique_local.config import WebhookSettings
 from critique_local.crypto import SecretBox
-from critique_local.errors import InvalidRequest
+from critique_local.errors import ErrorCode, InvalidRequest
 from critique_local.store.db import Database
 from critique_local.store.runs import RunRow
 from critique_local.tokens import new_id
@@ -57,7 +57,7 @@ def check_url(settings: WebhookSettings, url: str, field: str = "webhook.url") -
     host = parts.hostname.lower()
     if not any(fnmatch(host, pattern.lower()) for pattern in settings.allowed_hosts):
         raise InvalidRequest(f"webhook host {host!r} is not allowed by the operator", field=field,
-                             code="webhook_not_allowed")
+                             code=ErrorCode.WEBHOOK_NOT_ALLOWED)
     return url
 
 

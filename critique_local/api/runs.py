@@ -25,7 +25,7 @@ from critique_local.api.schemas import (
 )
 from critique_local.api.views import run_view
 from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES, WEBHOOKS
-from critique_local.errors import InvalidRequest, NotFound
+from critique_local.errors import ErrorCode, InvalidRequest, NotFound
 from critique_local.runs import create as creating
 from critique_local.runs.states import TERMINAL, RunStatus
 from critique_local.store import events as events_store
@@ -42,7 +42,7 @@ BASE = "/api/v1/coding-agent/runs"
 async def _owned_run(request: web.Request, principal: Principal) -> RunRow:
     run = await store.get_run(request.app[SERVICES].db, request.match_info["id"], principal.user_id)
     if run is None:  # another user's run is indistinguishable from a missing one
-        raise NotFound("run not found", code="run_not_found")
+        raise NotFound("run not found", code=ErrorCode.RUN_NOT_FOUND)
     return run
 
 
@@ -70,8 +70,7 @@ async def create_run(request: web.Request, principal: Principal) -> web.StreamRe
     s = request.app[SERVICES]
     run, created = await creating.create(s, principal, req, raw, idempotency_key)
     if created:
-        await s.hub.status(run)
-        request.app[SCHEDULER].submit(run.id, run.user_id)
+        await request.app[SCHEDULER].enqueue(run)
     return respond(await _view(request, run), status=201 if created else 200)
 
 
@@ -94,7 +93,7 @@ async def get_patch(request: web.Request, principal: Principal) -> web.StreamRes
     run = await _owned_run(request, principal)
     patch = await store.get_patch(request.app[SERVICES].db, run.id)
     if patch is None:
-        raise NotFound("this run has no patch (no changes yet)", code="patch_not_found")
+        raise NotFound("this run has no patch (no changes yet)", code=ErrorCode.PATCH_NOT_FOUND)
     return web.Response(body=patch.data, content_type="text/x-diff", headers={
         "Content-Disposition": f'attachment; filename="{run.id}.patch"',
         "X-Critique-Patch-Redactions": str(patch.redactions)})

@@ -10,28 +10,14 @@ from typing import Any
 
 from critique_local.api.schemas import MessageRequest
 from critique_local.clock import now_iso
-from critique_local.errors import Conflict, InvalidRequest
+from critique_local.errors import InvalidRequest, RunTerminal, SessionExpired, TurnInProgress
+from critique_local.runs import create as creating
 from critique_local.runs.create import check_publish
 from critique_local.runs.scheduler import Scheduler
 from critique_local.runs.states import CHAINABLE, TERMINAL, Phase, RunStatus, SessionEnd
 from critique_local.store import pulls
 from critique_local.store import runs as store
 from critique_local.store.runs import RunRow
-from critique_local.tokens import new_id
-
-MAX_CHAIN_CONTEXT_CHARS = 60_000  # prior summaries carried into a chained run's prompt
-
-
-class TurnInProgress(Conflict):
-    code = "turn_in_progress"
-
-
-class RunTerminal(Conflict):
-    code = "run_terminal"
-
-
-class SessionExpired(Conflict):
-    code = "session_expired"
 
 
 class RunControl:
@@ -57,13 +43,12 @@ class RunControl:
                 live = (run.session_expires_at or "") > now_iso()
                 attached = await self.executor.attach(run) if live else None
                 if attached is not None:
-                    await attached[1].aclose()
+                    await attached[1].close()
                     publish = await self._turn_publish(run, req)
                     if await store.begin_follow_up(self.s.db, run.id, req.prompt, publish) is None:
                         raise TurnInProgress("a turn is in progress on this run")
                     run = await self._reload(run.id)
-                    await self.s.hub.status(run)
-                    self.scheduler.submit(run.id, run.user_id)
+                    await self.scheduler.enqueue(run)
                     return run
                 reason = SessionEnd.EXPIRED if not live else SessionEnd.SANDBOX_LOST
                 run = await self.executor.close_session(run, RunStatus.COMPLETED, Phase.FINISHED, reason)
@@ -90,23 +75,8 @@ class RunControl:
         return wanted
 
     async def _chain(self, old: RunRow, prompt: str) -> RunRow:
-        summaries = [(r[0], r[3]) for r in await store.turns_raw(self.s.db, old.id) if r[3]]
-        context = "".join(f"> Turn {i}: {line}\n" for i, summary in summaries for line in summary.splitlines())
-        if len(context) > MAX_CHAIN_CONTEXT_CHARS:  # summaries are agent-made: the newest are kept
-            context = "> [earlier turns clipped]\n" + context[-MAX_CHAIN_CONTEXT_CHARS:]
-        chained_prompt = prompt if not context else (
-            f"Earlier turns of this task (run {old.id}; their changes are not in this checkout):\n{context}\n{prompt}")
-        new = store.NewRun(
-            id=new_id("run"), user_id=old.user_id, repository_id=old.repository_id,
-            request={**old.request, "chainedFromRunId": old.id}, model_id=old.model_id, task_kind=old.task_kind,
-            intent=old.intent, base_ref=old.base_ref, prompt=chained_prompt,
-        )
-        await store.create_run(self.s.db, new, None)
-        await store.update_run(self.s.db, new.id, chained_from_run_id=old.id)
-        await store.update_run(self.s.db, old.id, chained_to_run_id=new.id)
-        run = await self._reload(new.id)
-        await self.s.hub.status(run)
-        self.scheduler.submit(run.id, run.user_id)
+        run = await creating.chain(self.s, old, prompt)
+        await self.scheduler.enqueue(run)
         return run
 
     async def end_session(self, run: RunRow) -> RunRow:

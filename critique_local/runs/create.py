@@ -1,5 +1,6 @@
 """Accepting a run: validate what config and state decide (repository, ref, model, fields
-whose behaviour is not built yet), then insert it, idempotently."""
+whose behaviour is not built yet), then insert it, idempotently. A chained run (a message to a
+run whose session ended) is inserted by the same path, from the run it continues."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from critique_local import billing
 from critique_local.api.schemas import CreateRunRequest, Publish
 from critique_local.config import Settings
 from critique_local.errors import (
+    ErrorCode,
     Forbidden,
     IdempotencyKeyReused,
     InvalidRequest,
     NotFound,
     PaymentRequired,
+    ProtectedBranch,
 )
 from critique_local.repos.names import branch_problem, protected_pattern, ref_problem, repository_name_problem
 from critique_local.runs import intent, network
@@ -26,10 +29,7 @@ from critique_local.tokens import new_id
 from critique_local.webhooks import check_url
 
 MAX_IDEMPOTENCY_KEY_CHARS = 255
-
-
-class ProtectedBranch(InvalidRequest):
-    code = "protected_branch"
+MAX_CHAIN_CONTEXT_CHARS = 60_000  # prior summaries carried into a chained run's prompt
 
 
 def check_publish(settings: Settings, publish: Publish | None, task_kind: str, base_ref: str | None) -> None:
@@ -74,7 +74,7 @@ async def _repository_id(s: Services, req: CreateRunRequest) -> str:
         name = await store.repository_by_id(s.db, req.repository_id)
         if name is None:
             raise NotFound(f"repository {req.repository_id} not found", field="repositoryId",
-                           code="repository_not_found")
+                           code=ErrorCode.REPOSITORY_NOT_FOUND)
         return req.repository_id
     full_name = str(req.repository or req.repository_full_name)
     field = "repository" if req.repository else "repositoryFullName"
@@ -83,7 +83,7 @@ async def _repository_id(s: Services, req: CreateRunRequest) -> str:
         raise InvalidRequest(f"{field} {problem}", field=field)
     source = s.hosts.resolve(full_name)
     if source is None:
-        raise NotFound(f"repository {full_name} not found", field=field, code="repository_not_found")
+        raise NotFound(f"repository {full_name} not found", field=field, code=ErrorCode.REPOSITORY_NOT_FOUND)
     repo_id = await store.ensure_repository(s.db, new_id("repo"), full_name, "local" if source.local else "github")
     if req.repository_id and req.repository_id != repo_id:
         raise InvalidRequest("repositoryId does not match repository", field="repositoryId")
@@ -107,12 +107,12 @@ async def create(
     entry = s.catalog.get(model_id)
     if entry is None:
         raise InvalidRequest(f"unknown model {model_id!r}; see GET /api/v1/coding-agent/models",
-                             field="modelId", code="unknown_model")
+                             field="modelId", code=ErrorCode.UNKNOWN_MODEL)
     if not entry.allowed_for(await billing.plan_of(s.db, s.settings.billing, principal.user_id)):
-        raise Forbidden(f"model {model_id} is not in your plan", field="modelId", code="model_not_in_plan")
+        raise Forbidden(f"model {model_id} is not in your plan", field="modelId", code=ErrorCode.MODEL_NOT_IN_PLAN)
     if byok_key is not None and entry.provider is not None and s.settings.billing.byok_provider not in s.settings.providers:
         raise InvalidRequest("this server has no provider for billing.mode openrouter", field="billing.mode",
-                             code="unsupported")
+                             code=ErrorCode.UNSUPPORTED)
     repo_id = await _repository_id(s, req)
     stored_request = req.model_dump(mode="json", by_alias=True, exclude={"prompt", "billing"})
     stored_request["billingMode"] = req.billing.mode if req.billing else "managed"
@@ -135,7 +135,7 @@ async def create(
     if needed and await billing.balance(s.db, principal.user_id) < needed:
         raise PaymentRequired("no credits left for this run; ask your operator for credits "
                               "(critique-local credits grant)")
-    result = await store.create_run(s.db, new, (idempotency_key, digest) if idempotency_key else None)
+    result = await _insert(s, new, (idempotency_key, digest) if idempotency_key else None)
     if not result.created and result.body_hash != digest:
         raise IdempotencyKeyReused("Idempotency-Key was already used with a different body",
                                    field="Idempotency-Key")
@@ -145,3 +145,34 @@ async def create(
     run = await store.get_run(s.db, result.run_id)
     assert run is not None
     return run, result.created
+
+
+async def _insert(s: Services, new: store.NewRun, idempotency: tuple[str, str] | None,
+                  chained_from: store.RunRow | None = None) -> store.Created:
+    """Insert a queued run with its first turn (``store.create_run``); a chained one is linked
+    both ways with the run it continues."""
+    result = await store.create_run(s.db, new, idempotency)
+    if result.created and chained_from is not None:
+        await store.update_run(s.db, new.id, chained_from_run_id=chained_from.id)
+        await store.update_run(s.db, chained_from.id, chained_to_run_id=new.id)
+    return result
+
+
+async def chain(s: Services, old: store.RunRow, prompt: str) -> store.RunRow:
+    """A new run continuing ``old`` (whose session ended) with ``prompt``: same repository, base
+    ref, model and settings, a fresh checkout, and the earlier turns' summaries in its prompt."""
+    summaries = [(r[0], r[3]) for r in await store.turns_raw(s.db, old.id) if r[3]]
+    context = "".join(f"> Turn {i}: {line}\n" for i, summary in summaries for line in summary.splitlines())
+    if len(context) > MAX_CHAIN_CONTEXT_CHARS:  # summaries are agent-made: the newest are kept
+        context = "> [earlier turns clipped]\n" + context[-MAX_CHAIN_CONTEXT_CHARS:]
+    chained_prompt = prompt if not context else (
+        f"Earlier turns of this task (run {old.id}; their changes are not in this checkout):\n{context}\n{prompt}")
+    new = store.NewRun(
+        id=new_id("run"), user_id=old.user_id, repository_id=old.repository_id,
+        request={**old.request, "chainedFromRunId": old.id}, model_id=old.model_id, task_kind=old.task_kind,
+        intent=old.intent, base_ref=old.base_ref, prompt=chained_prompt,
+    )
+    await _insert(s, new, None, chained_from=old)
+    run = await store.get_run(s.db, new.id)
+    assert run is not None
+    return run

@@ -14,17 +14,9 @@ from typing import Any
 
 from critique_local.api.schemas import SafetyNetwork
 from critique_local.config import Settings
-from critique_local.errors import InvalidRequest
+from critique_local.errors import InvalidRequest, NetworkModeNotAllowed, NetworkModeNotSupported
 
 _HOST = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
-
-class NetworkModeNotAllowed(InvalidRequest):
-    code = "network_mode_not_allowed"
-
-
-class NetworkModeNotSupported(InvalidRequest):
-    code = "network_mode_not_supported"
 
 
 def check(settings: Settings, network: SafetyNetwork | None, supported: frozenset[str]) -> None:

@@ -12,18 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from critique_local.errors import SandboxError, SandboxGone
 
-class SandboxError(Exception):
-    """A sandbox operation failed; ``code`` becomes a run's ``error.code`` when fatal."""
-
-    def __init__(self, message: str, code: str = "sandbox_error") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class SandboxGone(SandboxError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "sandbox_gone")
+__all__ = ["SandboxError", "SandboxGone"]  # defined in errors.py (one exception tree); imported from here by backends
 
 
 @dataclass(frozen=True)

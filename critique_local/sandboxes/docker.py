@@ -37,6 +37,7 @@ import docker.errors
 from docker.models.containers import Container
 
 from critique_local.config import DockerSettings, SandboxSettings
+from critique_local.errors import ErrorCode
 from critique_local.hoststate import HostLockTimeout, InstanceClaim
 from critique_local.sandboxes import dockerhost, firewall
 from critique_local.sandboxes.base import (
@@ -215,13 +216,13 @@ class DockerBackend(SandboxBackend):
                 client = docker.from_env(timeout=120)
                 client.ping()
             except docker.errors.DockerException as exc:
-                raise SandboxError(f"Docker engine not reachable: {exc}", "docker_unavailable") from exc
+                raise SandboxError(f"Docker engine not reachable: {exc}", ErrorCode.DOCKER_UNAVAILABLE) from exc
             self._client = client
             try:
                 client.images.get(self._sandbox.image)
             except docker.errors.ImageNotFound as exc:
                 raise SandboxError(
-                    f"sandbox image {self._sandbox.image} is missing: run sandboxes/docker/build.sh", "image_missing"
+                    f"sandbox image {self._sandbox.image} is missing: run sandboxes/docker/build.sh", ErrorCode.IMAGE_MISSING
                 ) from exc
             names = [self._settings.network, *([self._settings.open_network] if self._allow_open else [])]
             self._claim.publish(networks=names)  # before the lock: nobody re-creates them under us
@@ -234,7 +235,7 @@ class DockerBackend(SandboxBackend):
         try:
             self._gateway_host = await asyncio.to_thread(setup)
         except HostLockTimeout as exc:
-            raise SandboxError(f"could not set up the sandbox network: {exc}", "docker_unavailable") from exc
+            raise SandboxError(f"could not set up the sandbox network: {exc}", ErrorCode.DOCKER_UNAVAILABLE) from exc
 
     async def restrict_host(self, ports: list[int]) -> None:
         """Install this instance's firewall chain: sandboxes on our bridges reach exactly the
@@ -316,7 +317,7 @@ class DockerBackend(SandboxBackend):
     async def create(self, spec: SandboxSpec) -> Sandbox:
         s = self._sandbox
         if spec.network_mode == "open" and not self._allow_open:
-            raise SandboxError("network mode open is not enabled on this server", "network_mode_not_allowed")
+            raise SandboxError("network mode open is not enabled on this server", ErrorCode.NETWORK_MODE_NOT_ALLOWED)
         writable = "uid=1000,gid=1000,mode=0755,exec,nosuid,nodev"
         memory = s.memory_mb + s.workspace_mb + s.tmp_mb + 3 * s.home_mb
         kwargs: dict[str, Any] = {
@@ -374,9 +375,9 @@ class DockerBackend(SandboxBackend):
         try:
             container = await asyncio.to_thread(run)
         except firewall.FirewallError as exc:
-            raise SandboxError(f"could not close Docker's DNS in a new sandbox: {exc}", "sandbox_start_failed") from exc
+            raise SandboxError(f"could not close Docker's DNS in a new sandbox: {exc}", ErrorCode.SANDBOX_START_FAILED) from exc
         except ENGINE_ERRORS as exc:
-            raise SandboxError(f"could not start a sandbox: {_why(exc)}", "sandbox_start_failed") from exc
+            raise SandboxError(f"could not start a sandbox: {_why(exc)}", ErrorCode.SANDBOX_START_FAILED) from exc
         return DockerSandbox(self.client, container, self._settings.network)
 
     async def connect(self, sandbox_id: str) -> Sandbox | None:
