@@ -8,7 +8,6 @@ import json
 from typing import Any
 
 from critique_local import billing
-from critique_local.api.schemas import CreateRunRequest, Publish
 from critique_local.config import Settings
 from critique_local.errors import (
     Forbidden,
@@ -19,6 +18,7 @@ from critique_local.errors import (
 )
 from critique_local.repos.names import branch_problem, protected_pattern, ref_problem, repository_name_problem
 from critique_local.runs import intent, network
+from critique_local.runs.spec import PublishSpec, RunOrder, RunSpec
 from critique_local.services import Services
 from critique_local.store import runs as store
 from critique_local.store.keys import Principal
@@ -32,7 +32,7 @@ class ProtectedBranch(InvalidRequest):
     code = "protected_branch"
 
 
-def check_publish(settings: Settings, publish: Publish | None, task_kind: str, base_ref: str | None) -> None:
+def check_publish(settings: Settings, publish: PublishSpec | None, task_kind: str, base_ref: str | None) -> None:
     """A publish request that could never be carried out is refused before anything is created."""
     if publish is None:
         return
@@ -51,15 +51,14 @@ def check_publish(settings: Settings, publish: Publish | None, task_kind: str, b
         raise ProtectedBranch(f"publish.branch matches the protected pattern {pattern!r}", field="publish.branch")
 
 
-def check_billing(req: CreateRunRequest) -> str | None:
+def check_billing(order: RunOrder) -> str | None:
     """The BYOK key of an openrouter run (None for managed runs)."""
-    billing = req.billing
-    if billing is None or billing.mode == "managed":
-        if billing is not None and billing.open_router_api_key is not None:
+    if not order.spec.byok:
+        if order.open_router_api_key is not None:
             raise InvalidRequest("openRouterApiKey is only used with billing.mode openrouter",
                                  field="billing.openRouterApiKey")
         return None
-    key = billing.open_router_api_key.get_secret_value().strip() if billing.open_router_api_key else ""
+    key = (order.open_router_api_key or "").strip()
     if not key:
         raise InvalidRequest("billing.mode openrouter needs billing.openRouterApiKey", field="billing.openRouterApiKey")
     return key
@@ -69,7 +68,7 @@ def body_hash(raw: Any) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-async def _repository_id(s: Services, req: CreateRunRequest) -> str:
+async def _repository_id(s: Services, req: RunSpec) -> str:
     if req.repository_id and not (req.repository or req.repository_full_name):
         name = await store.repository_by_id(s.db, req.repository_id)
         if name is None:
@@ -91,18 +90,22 @@ async def _repository_id(s: Services, req: CreateRunRequest) -> str:
 
 
 async def create(
-    s: Services, principal: Principal, req: CreateRunRequest, raw: Any, idempotency_key: str | None
+    s: Services, principal: Principal, order: RunOrder, raw: Any, idempotency_key: str | None
 ) -> tuple[store.RunRow, bool]:
-    network.check(s.settings, req.safety.network if req.safety else None, s.backend.network_modes)
+    """Validate ``order`` against configuration and state and insert it, queued; (run, created).
+    ``raw`` is the request body as parsed JSON (its hash pins an Idempotency-Key to one body).
+    Raises ApiError subclasses (4xx) and changes nothing when it does."""
+    req = order.spec
+    network.check(s.settings, req.network, s.backend.network_modes)
     if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS):
         raise InvalidRequest("Idempotency-Key must be 1-255 characters", field="Idempotency-Key")
     ref = req.base_ref or req.git_checkout_ref
     if ref is not None and (problem := ref_problem(ref)):
         raise InvalidRequest(f"baseRef {problem}", field="baseRef" if req.base_ref else "gitCheckoutRef")
     check_publish(s.settings, req.publish, req.task_kind, ref)
-    if req.webhook is not None:
-        check_url(s.settings.webhooks, req.webhook.url)
-    byok_key = check_billing(req)
+    if req.webhook_url is not None:
+        check_url(s.settings.webhooks, req.webhook_url)
+    byok_key = check_billing(order)
     model_id = req.model_id or s.settings.models.default
     entry = s.catalog.get(model_id)
     if entry is None:
@@ -114,12 +117,10 @@ async def create(
         raise InvalidRequest("this server has no provider for billing.mode openrouter", field="billing.mode",
                              code="unsupported")
     repo_id = await _repository_id(s, req)
-    stored_request = req.model_dump(mode="json", by_alias=True, exclude={"prompt", "billing"})
-    stored_request["billingMode"] = req.billing.mode if req.billing else "managed"
     new = store.NewRun(
-        id=new_id("run"), user_id=principal.user_id, repository_id=repo_id, request=stored_request,
-        model_id=model_id, task_kind=req.task_kind, intent=intent.classify(req.prompt), base_ref=ref,
-        prompt=req.prompt,
+        id=new_id("run"), user_id=principal.user_id, repository_id=repo_id, spec=req,
+        model_id=model_id, task_kind=req.task_kind, intent=intent.classify(order.prompt), base_ref=ref,
+        prompt=order.prompt,
     )
     digest = body_hash(raw)
     if idempotency_key is not None:

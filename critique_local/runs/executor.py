@@ -131,7 +131,7 @@ class Executor:
         prepared = await checkout.prepare(settings.git, self.s.hosts.resolve(run.repository_full_name),
                                           run.base_ref, settings.server.data_dir, self.s.mirrors)
         t_checkout = time.monotonic()
-        mode = network_policy(settings, run.request)[0]
+        mode = network_policy(settings, run.spec.network)[0]
         warm = None
         if self.pool is not None and self.pool.eligible(run.model_id, mode):
             warm = await self.pool.take(prepared.key)
@@ -174,7 +174,7 @@ class Executor:
             env = {**self._network_env(run, token), **agent_env(self.s, token, password, run.model_id)}
             agent = await start_agent(sandbox, env, settings.sandbox.agent_ready_timeout_s)
         try:
-            title = str(run.request.get("title") or f"critique-local {run.id}")
+            title = run.spec.title or f"critique-local {run.id}"
             session_id = await agent.create_session(title)
         except BaseException:
             await agent.aclose()
@@ -189,7 +189,7 @@ class Executor:
         return sandbox, agent, updated
 
     def _network_env(self, run: RunRow, token: str) -> dict[str, str]:
-        if network_policy(self.s.settings, run.request)[0] != "restricted" or not self.s.proxy_address:
+        if network_policy(self.s.settings, run.spec.network)[0] != "restricted" or not self.s.proxy_address:
             return {}
         return proxy_env(self.s.proxy_address, token, self.s.proxy_address.rpartition(":")[0])
 
@@ -310,7 +310,7 @@ class Executor:
         if run.task_kind == "plan":
             check_unchanged(result.turn_stats["filesChanged"])
         validation: ValidationResult | None = None
-        mode = str(run.request.get("validationMode") or "minimal")
+        mode = run.spec.validation
         if run.task_kind != "plan" and mode != "minimal":
             run = await self._transition(run, RunStatus.RUNNING, Phase.VALIDATING)
             validation = await self._validate(run, sandbox, repo, mode, result.tree)
@@ -356,8 +356,8 @@ class Executor:
                                          "(redacted in the patch); nothing was pushed")
             else:
                 run = await self._transition(run, RunStatus.RUNNING, Phase.PUBLISHING)
-                first_prompt = next((str(r[1]) for r in await store.turns_raw(self.s.db, run.id) if r[0] == 1),
-                                    prompt)
+                first = await store.turn(self.s.db, run.id, 1)
+                first_prompt = first.prompt if first is not None else prompt
                 outcome = await Publisher(self.s).publish(run, repo, idx, publish, first_prompt, summary, result,
                                                           validation)
                 outcome = dataclasses.replace(outcome, message=redactor.clean(outcome.message, run.id))
@@ -402,10 +402,8 @@ class Executor:
         return result
 
     async def _previous_tree(self, run_id: str, idx: int) -> str | None:
-        for row in await store.turns_raw(self.s.db, run_id):
-            if row[0] == idx - 1:
-                return str(row[4]) if row[4] else None
-        return None
+        previous = await store.turn(self.s.db, run_id, idx - 1)
+        return previous.tree if previous is not None and previous.tree else None
 
     def _expiry(self, run: RunRow) -> str:
         sb = self.s.settings.sandbox
