@@ -177,7 +177,7 @@ def egress_policy(services: Services) -> PolicyLookup:
         run = await runs_store.run_for_sandbox_token(services.db, token_hash(token))
         if run is None or run.status is not RunStatus.RUNNING:
             return None
-        mode, allowlist = network_policy(services.settings, run.request)
+        mode, allowlist = network_policy(services.settings, run.spec.network)
         return Policy(run.id, tuple(allowlist)) if mode == "restricted" else None
 
     return lookup

@@ -223,10 +223,12 @@ def credits_show(config_path: Path | None, user_name: str) -> None:
 def credits_plan(config_path: Path | None, user_name: str, plan: str) -> None:
     """Put a user on PLAN (catalog models name the plans that may use them)."""
 
+    from critique_local.store import ledger
+
     settings = _settings(config_path)
 
     async def go(db: Database) -> None:
-        await db.write("UPDATE users SET plan = ? WHERE id = ?", (plan, await _user_id(db, user_name, settings)))
+        await ledger.set_plan(db, await _user_id(db, user_name, settings), plan)
 
     _with_db(settings, go)
     click.echo(f"{user_name}: plan {plan}")

@@ -68,7 +68,7 @@ async def create_run(request: web.Request, principal: Principal) -> web.StreamRe
     idempotency_key = header(request, "Idempotency-Key", creating.MAX_IDEMPOTENCY_KEY_CHARS)
     req, raw = await parse_body(request, CreateRunRequest)
     s = request.app[SERVICES]
-    run, created = await creating.create(s, principal, req, raw, idempotency_key)
+    run, created = await creating.create(s, principal, req.order(), raw, idempotency_key)
     if created:
         await request.app[SCHEDULER].enqueue(run)
     return respond(await _view(request, run), status=201 if created else 200)
@@ -102,7 +102,7 @@ async def get_patch(request: web.Request, principal: Principal) -> web.StreamRes
 async def send_message(request: web.Request, principal: Principal) -> web.StreamResponse:
     run = await _owned_run(request, principal)
     req, _ = await parse_body(request, MessageRequest)
-    carrier = await request.app[CONTROL].message(run, req)
+    carrier = await request.app[CONTROL].message(run, req.follow_up())
     return respond(await _view(request, carrier), status=200 if req.end_session else 202)
 
 
