@@ -60,9 +60,9 @@ class BudgetStop(TurnStop):
 
 
 class Executor:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, pool: WarmPool | None = None) -> None:
         self.s = services
-        self.pool: WarmPool | None = None
+        self.pool = pool
         self.watchdog = Watchdog(services.backend, services.settings.sandbox)
 
     # ---- entry point (one scheduler job) ------------------------------------------------------
