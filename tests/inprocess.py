@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web import AppRunner
 
-from critique_local.app import claim_instance, create_app
-from critique_local.appkeys import DB, PUBLIC_URL
+from critique_local.app import claim_instance, create_app, runner_for
+from critique_local.appkeys import DB, PUBLIC_URL, SETTINGS
 from critique_local.config import Settings, load_settings
 from critique_local.store.keys import create_key
 from tests.helpers import free_port
@@ -22,14 +23,23 @@ from tests.helpers import free_port
 T = TypeVar("T")
 
 
-def settings_for(base: Path, **env: str) -> Settings:
-    """Settings as ``serve`` loads them from CRITIQUE_LOCAL_* variables, all paths under ``base``."""
-    return load_settings(None, environ={
+def settings_for(base: Path, config: Path | None = None, **env: str) -> Settings:
+    """Settings as ``serve`` loads them (``config``, then CRITIQUE_LOCAL_* variables), every
+    path under ``base``."""
+    return load_settings(config, environ={
         "CRITIQUE_LOCAL_SERVER_DATA_DIR": str(base / "data"),
         "CRITIQUE_LOCAL_SERVER_HOST_STATE_DIR": str(base / "host"),
         "CRITIQUE_LOCAL_GIT_LOCAL_ROOT": str(base / "repos"),
         **env,
     })
+
+
+class ServedAsInProduction(TestServer):
+    """aiohttp's test server, with the runner options ``serve`` uses: in particular a handler is
+    not cancelled when its client disconnects (the test server's default would be)."""
+
+    async def _make_runner(self, **kwargs: Any) -> AppRunner:
+        return runner_for(self.app, self.app[SETTINGS])
 
 
 @asynccontextmanager
@@ -40,7 +50,7 @@ async def app_client(settings: Settings) -> AsyncIterator[TestClient]:
         app = create_app(settings, claim, execute_runs=False)
         port = free_port()
         app[PUBLIC_URL] = f"http://127.0.0.1:{port}"
-        async with TestClient(TestServer(app, host="127.0.0.1", port=port)) as client:
+        async with TestClient(ServedAsInProduction(app, host="127.0.0.1", port=port)) as client:
             yield client
     finally:
         claim.release()
