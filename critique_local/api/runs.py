@@ -24,7 +24,7 @@ from critique_local.api.schemas import (
     StreamQuery,
 )
 from critique_local.api.views import run_view
-from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES, WEBHOOKS
+from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES, STOPPING, WEBHOOKS
 from critique_local.errors import ErrorCode, InvalidRequest, NotFound
 from critique_local.runs import create as creating
 from critique_local.runs.states import TERMINAL, RunStatus
@@ -131,8 +131,9 @@ async def stream(request: web.Request, principal: Principal) -> web.StreamRespon
     run = await _owned_run(request, principal)
     last = _resume_point(request)
     s = request.app[SERVICES]
+    stopping = request.app[STOPPING]
     async with sse_response(request, ping_interval=HEARTBEAT_S) as sse:
-        while sse.is_connected():
+        while sse.is_connected() and not stopping.is_set():
             signal = s.hub.signal(run.id)
             batch = await events_store.after(s.db, run.id, last)
             for ev in batch:
@@ -146,10 +147,10 @@ async def stream(request: web.Request, principal: Principal) -> web.StreamRespon
                 for ev in await events_store.after(s.db, run.id, last):
                     await sse.send(_json(ev.data, ev.seq, ev.created_at), id=str(ev.seq), event=ev.kind)
                 break
-            try:
-                await asyncio.wait_for(signal.wait(), HEARTBEAT_S)
-            except TimeoutError:
-                continue
+            waits = {asyncio.ensure_future(signal.wait()), asyncio.ensure_future(stopping.wait())}
+            _, pending = await asyncio.wait(waits, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in pending:
+                waiter.cancel()
     return sse
 
 

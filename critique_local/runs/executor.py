@@ -32,18 +32,14 @@ ABORT_ON_CANCEL_S = 1.0
 
 
 class Executor:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, pool: WarmPool | None = None) -> None:
         self.s = services
-        self.provisioner = Provisioner(services)
+        self.provisioner = Provisioner(services, pool)
         self.turn = Turn(services, self.provisioner, Watchdog(services.backend, services.settings.sandbox))
 
     @property
     def pool(self) -> WarmPool | None:
         return self.provisioner.pool
-
-    @pool.setter
-    def pool(self, pool: WarmPool | None) -> None:
-        self.provisioner.pool = pool
 
     # ---- entry point (one scheduler job) ------------------------------------------------------
 

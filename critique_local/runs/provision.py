@@ -44,9 +44,9 @@ class Job:
 
 
 class Provisioner:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, pool: WarmPool | None = None) -> None:
         self.s = services
-        self.pool: WarmPool | None = None
+        self.pool = pool
 
     async def provision(self, job: Job) -> None:
         """Checkout, then a sandbox with the checkout uploaded and the agent healthy, then a
