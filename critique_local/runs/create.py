@@ -151,7 +151,7 @@ async def create(
 
 async def _insert(s: Services, new: store.NewRun, idempotency: tuple[str, str] | None,
                   chained_from: store.RunRow | None = None) -> store.Created:
-    """Insert a queued run with its first turn (``store.create_run``); a chained one is linked
+    """Store a queued run with its first turn (``store.create_run``); a chained one is linked
     both ways with the run it continues."""
     result = await store.create_run(s.db, new, idempotency)
     if result.created and chained_from is not None:
