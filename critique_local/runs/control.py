@@ -91,7 +91,7 @@ class RunControl:
         return wanted
 
     async def _chain(self, old: RunRow, prompt: str) -> RunRow:
-        summaries = [(t.index, t.summary) for t in await store.turns(self.s.db, old.id) if t.summary]
+        summaries = [(t.idx, t.summary) for t in await store.turns(self.s.db, old.id) if t.summary]
         context = "".join(f"> Turn {i}: {line}\n" for i, summary in summaries for line in summary.splitlines())
         if len(context) > MAX_CHAIN_CONTEXT_CHARS:  # summaries are agent-made: the newest are kept
             context = "> [earlier turns clipped]\n" + context[-MAX_CHAIN_CONTEXT_CHARS:]

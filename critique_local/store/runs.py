@@ -12,7 +12,7 @@ import json
 import sqlite3
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from critique_local.clock import iso, now, now_iso
 from critique_local.runs.spec import RunSpec
@@ -60,6 +60,12 @@ class RunRow:
     chained_to_run_id: str | None
     base_branch: str | None
     validation: dict[str, Any] | None
+
+    @property
+    def request(self) -> dict[str, Any]:
+        """Deprecated: the stored request as JSON; read :attr:`spec`. Kept until the executor
+        split (h-agent) is converted, then removed."""
+        return self.spec.to_stored()
 
 
 _COLUMNS = (
@@ -266,14 +272,14 @@ async def run_for_sandbox_token(db: Database, token_hash: str) -> RunRow | None:
     return _row(row) if row else None
 
 
-@dataclass(frozen=True)
-class TurnRow:
-    """One turn as the executor and the control plane need it: its 1-based ``index``, the
+class TurnRow(NamedTuple):
+    """One turn as the executor and the control plane need it: its 1-based ``idx``, the
     ``prompt`` as sent, its ``status`` (queued, running, completed, failed, cancelled), the
     agent's ``summary`` and ``tree`` (the git tree id of the workspace after the turn), both None
-    until the turn completed."""
+    until the turn completed. (A named tuple, so code that read the old rows by position keeps
+    working while it is converted.)"""
 
-    index: int
+    idx: int
     prompt: str
     status: str
     summary: str | None
@@ -284,6 +290,9 @@ async def turns(db: Database, run_id: str) -> list[TurnRow]:
     """The run's turns, oldest first (empty for an unknown run)."""
     rows = await db.all("SELECT idx, prompt, status, summary, tree FROM turns WHERE run_id = ? ORDER BY idx", (run_id,))
     return [TurnRow(int(r[0]), str(r[1]), str(r[2]), r[3], r[4]) for r in rows]
+
+
+turns_raw = turns  # deprecated name, until the executor split (h-agent) is converted; then remove
 
 
 async def turn(db: Database, run_id: str, idx: int) -> TurnRow | None:
