@@ -33,6 +33,8 @@ from critique_local.gateway.catalog import Catalog
 from critique_local.gateway.upstream import Upstream
 from critique_local.hoststate import HostState, InstanceClaim, default_root
 from critique_local.listeners import ConnectionBudget, ConnectionGuard, GuardedSite, fit_to_open_files
+from critique_local.ops import auditing, shutdown
+from critique_local.ops import web as ops
 from critique_local.redact import RedactingFilter, Redactor
 from critique_local.repos.hosts import Hosts
 from critique_local.repos.mirrors import Mirrors
@@ -69,17 +71,17 @@ def instance_id(settings: Settings) -> str:
     return path.read_text().strip()
 
 
-def claim_instance(settings: Settings) -> InstanceClaim:
+def claim_instance(settings: Settings, wait_s: float = 10) -> InstanceClaim:
     """Hold this data dir's instance id on this host for the life of the process (blocking).
     Raises InstanceInUse when another running server holds it."""
     host = HostState(default_root(settings.server.host_state_dir))
-    return host.claim(instance_id(settings), settings.server.data_dir, wait_s=10)
+    return host.claim(instance_id(settings), settings.server.data_dir, wait_s=wait_s)
 
 
 def _application(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks,
                  routes: list[Route], limiter: RateLimiter, guard: ConnectionGuard | None) -> web.Application:
     middlewares = [guard.middleware] if guard is not None else []
-    app = web.Application(middlewares=[*middlewares, error_middleware],
+    app = web.Application(middlewares=[*middlewares, ops.request_context, error_middleware],
                           client_max_size=services.settings.limits.max_body_bytes)
     app[SERVICES] = services
     app[DB] = services.db
@@ -98,7 +100,7 @@ def public_app(services: Services, scheduler: Scheduler, upstream: Upstream, web
     """The public listener's application: the Coding Agent API, meta routes and the gateway,
     every authenticated route under the per-key rate limit."""
     limits = services.settings.limits
-    return _application(services, scheduler, upstream, webhooks, [*runs.ROUTES, *meta.ROUTES, *gateway.ROUTES],
+    return _application(services, scheduler, upstream, webhooks, [*runs.ROUTES, *meta.ROUTES, *gateway.ROUTES, *ops.ROUTES],
                         RateLimiter(limits.requests_per_minute, limits.burst), guard)
 
 
@@ -185,6 +187,7 @@ def egress_policy(services: Services) -> PolicyLookup:
 
 def egress_event(services: Services) -> DecisionHook:
     async def record(run_id: str, event: dict[str, object]) -> None:
+        services.metrics.egress_decision(event)
         await services.hub.builder(run_id, event)
 
     return record
@@ -203,6 +206,7 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
     db = await Database.open(settings.db_path)
     backend = make_backend(settings, claim)
     services = make_services(settings, db, backend, known_secrets(settings))
+    services.hub.observers += [services.metrics.observe, auditing.observer(services)]
     limits = settings.limits
     public_cap, sandbox_cap = fit_to_open_files(limits.public_connections, limits.sandbox_connections)
     public_guard = ConnectionGuard(ConnectionBudget("public API", public_cap), limits.request_head_timeout_s)
@@ -240,6 +244,7 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
         runners.append(runner)
         await GuardedSite(runner, settings.server.host, settings.server.port, public_guard).start()
         services.public_url = settings.public_base_url(_bound_port(runner))
+        runners.extend(r for r in [await ops.start_listener(services)] if r is not None)
         await scheduler.start()
         await pool.start()
         delivery = asyncio.create_task(webhooks.run_forever(), name="webhook-delivery")
@@ -253,6 +258,7 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
         await stop.wait()
         log.info("shutting down")
     finally:
+        await shutdown.drain(scheduler)  # see ops/shutdown.py
         if delivery is not None:
             delivery.cancel()
         await scheduler.stop()

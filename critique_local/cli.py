@@ -17,6 +17,8 @@ from httpx_sse import connect_sse
 
 from critique_local.config import SCALAR_SECTIONS, ConfigError, Settings, load_settings
 from critique_local.hoststate import InstanceInUse
+from critique_local.ops import cli as ops_cli
+from critique_local.ops import logs
 from critique_local.services import Services
 from critique_local.store.db import Database
 from critique_local.store.keys import DEFAULT_SCOPES, create_key, list_keys, revoke_key
@@ -88,8 +90,7 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
         settings.server.host = host
     if port is not None:
         settings.server.port = port
-    logging.basicConfig(level=settings.server.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.server.log_level, settings.server.log_format)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("critique_local").info(
         "configuration: %s", config_file or f"no file (defaults and CRITIQUE_LOCAL_* variables, relative paths "
@@ -496,3 +497,6 @@ def runs_cancel(url: str, key: str, run_id: str) -> None:
 def runs_watch(url: str, key: str, run_id: str) -> None:
     """Follow a run's live stream as a readable log."""
     _watch(url, key, run_id)
+
+
+ops_cli.register(main)  # doctor, sandbox gc, backup, restore, migrate, audit

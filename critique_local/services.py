@@ -9,6 +9,7 @@ from critique_local.config import Settings
 from critique_local.crypto import SecretBox
 from critique_local.gateway.calls import ModelCalls
 from critique_local.gateway.catalog import Catalog
+from critique_local.ops.metrics import Metrics
 from critique_local.redact import Redactor
 from critique_local.repos.hosts import Hosts
 from critique_local.repos.mirrors import Mirrors
@@ -35,3 +36,4 @@ class Services:
     warm_count: Callable[[], int] = lambda: 0  # warm-pool sandboxes ready now
     model_calls: ModelCalls = field(default_factory=ModelCalls)  # running turns' model calls, as the gateway saw them
     extra: dict[str, object] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)  # Prometheus, own registry

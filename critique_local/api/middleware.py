@@ -82,6 +82,7 @@ def authenticated(route: Route, db_key: web.AppKey[Database],
         principal = await principal_for_key(request.app[db_key], token)
         if principal is None:
             raise Unauthorized("invalid or revoked API key")
+        request["principal"] = principal  # for the audit trail
         if limiter is not None:
             limiter.check(principal.key_id)
         if route.scope not in principal.scopes:

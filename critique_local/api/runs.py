@@ -132,7 +132,7 @@ async def stream(request: web.Request, principal: Principal) -> web.StreamRespon
     run = await _owned_run(request, principal)
     last = _resume_point(request)
     s = request.app[SERVICES]
-    async with sse_response(request, ping_interval=HEARTBEAT_S) as sse:
+    async with sse_response(request, ping_interval=HEARTBEAT_S) as sse, s.metrics.sse_stream():
         while sse.is_connected():
             signal = s.hub.signal(run.id)
             batch = await events_store.after(s.db, run.id, last)

@@ -57,6 +57,7 @@ class EventHub:
         self.redactor = redactor or Redactor()
         self._signals: dict[str, asyncio.Event] = {}
         self.on_status_change: StatusListener | None = None  # webhooks
+        self.observers: list[Callable[[store.EventRow], Awaitable[None]]] = []  # every stored event (metrics, audit)
 
     def signal(self, run_id: str) -> asyncio.Event:
         """The event set on the next append for ``run_id``. Take it *before* reading, so an
@@ -70,6 +71,8 @@ class EventHub:
         old = self._signals.pop(run_id, None)
         if old is not None:
             old.set()
+        for observe in self.observers:
+            await observe(row)  # observers do not raise (they log)
         return row
 
     async def builder(self, run_id: str, data: dict[str, Any]) -> store.EventRow:

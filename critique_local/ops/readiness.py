@@ -1,0 +1,72 @@
+"""``/readyz``: whether this server can take work now. Each check is bounded in time; a check
+that does not apply to the configured backend (E2B has no local engine, gateway listener or
+egress proxy) reports ``skipped``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from urllib.parse import urlsplit
+
+from critique_local.services import Services
+from critique_local.store import opsstats
+
+CHECK_TIMEOUT_S = 3.0
+CHECKS = ("database", "sandbox_engine", "sandbox_image", "gateway_listener", "egress_proxy")
+
+
+class Skipped(Exception):
+    """The check does not apply here."""
+
+
+async def _connect(address: str) -> None:
+    host, _, port = address.rpartition(":")
+    _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+    writer.close()
+    await writer.wait_closed()
+
+
+async def _engine(s: Services, image: bool) -> None:
+    client = getattr(s.backend, "client", None)  # the Docker backend's engine client
+    if client is None:
+        raise Skipped
+    if image:
+        await asyncio.to_thread(client.images.get, s.settings.sandbox.image)
+    else:
+        await asyncio.to_thread(client.ping)
+
+
+async def _gateway(s: Services) -> None:
+    if s.backend.gateway_bind_host() is None:
+        raise Skipped  # sandboxes reach the gateway through the public listener (this one)
+    url = urlsplit(s.gateway_url)
+    if not url.hostname or not url.port:
+        raise RuntimeError("the gateway listener is not bound")
+    await _connect(f"{url.hostname}:{url.port}")
+
+
+async def _proxy(s: Services) -> None:
+    if s.backend.gateway_bind_host() is None:
+        raise Skipped
+    if not s.proxy_address:
+        raise RuntimeError("the egress proxy is not listening")
+    await _connect(s.proxy_address)
+
+
+async def _bounded(check: Awaitable[None]) -> str:
+    try:
+        await asyncio.wait_for(check, CHECK_TIMEOUT_S)
+    except Skipped:
+        return "skipped"
+    except TimeoutError:
+        return f"failed: no answer within {CHECK_TIMEOUT_S:.0f} s"
+    except Exception as exc:
+        return f"failed: {exc.__class__.__name__}: {str(exc)[:300]}"
+    return "ok"
+
+
+async def check(s: Services) -> dict[str, str]:
+    """Every check's result: ``ok``, ``skipped`` or ``failed: <why>``, in :data:`CHECKS` order."""
+    results = await asyncio.gather(_bounded(opsstats.ping(s.db)), _bounded(_engine(s, image=False)),
+                                   _bounded(_engine(s, image=True)), _bounded(_gateway(s)), _bounded(_proxy(s)))
+    return dict(zip(CHECKS, results, strict=True))
