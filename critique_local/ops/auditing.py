@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from critique_local.api.middleware import PRINCIPAL
 from critique_local.services import Services
 from critique_local.store import audit
 from critique_local.store.events import EventRow
@@ -19,7 +20,6 @@ from critique_local.store.keys import Principal
 log = logging.getLogger(__name__)
 RUNS = "/api/v1/coding-agent/runs"
 ACTIONS = {RUNS: "run.create", RUNS + "/{id}/messages": "run.follow_up", RUNS + "/{id}/cancel": "run.cancel"}
-PRINCIPAL = "principal"  # request key where authentication leaves who called
 
 
 def _json(body: bytes | None) -> dict[str, Any]:

@@ -73,6 +73,10 @@ def test_metrics_after_scripted_runs_readyz_request_ids_and_audit(server: Server
                   'critique_sandboxes{state="pooled"}', "critique_queue_depth", "critique_sse_subscribers"):
         assert gauge in found
 
+    checks = {f["check"]: f for f in map(json.loads, server.cli("doctor", "--json", check=False).stdout.splitlines())}
+    assert checks["sandbox engine"]["level"] == "ok" and "OpenCode 1." in checks["sandbox image"]["detail"]
+    assert checks["firewall"]["level"] == "ok" and "of the running server present" in checks["firewall"]["detail"]
+
     trail = [json.loads(line) for line in server.cli("audit", "--run", run_id, "--json").stdout.splitlines()]
     actions = [(e["action"], e["outcome"], e["http_status"]) for e in reversed(trail)]
     assert actions == [("run.create", "ok", 201), ("run.follow_up", "ok", 202), ("run.end_session", "ok", 200),
