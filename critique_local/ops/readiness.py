@@ -5,6 +5,7 @@ egress proxy) reports ``skipped``."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from urllib.parse import urlsplit
 
@@ -12,6 +13,7 @@ from critique_local.services import Services
 from critique_local.store import opsstats
 
 CHECK_TIMEOUT_S = 3.0
+CACHE_S = 1.0  # /readyz is unauthenticated: at most one round of checks per second, shared
 CHECKS = ("database", "sandbox_engine", "sandbox_image", "gateway_listener", "egress_proxy")
 
 
@@ -70,3 +72,15 @@ async def check(s: Services) -> dict[str, str]:
     results = await asyncio.gather(_bounded(opsstats.ping(s.db)), _bounded(_engine(s, image=False)),
                                    _bounded(_engine(s, image=True)), _bounded(_gateway(s)), _bounded(_proxy(s)))
     return dict(zip(CHECKS, results, strict=True))
+
+
+async def cached(s: Services) -> dict[str, str]:
+    """:func:`check`, run at most once per :data:`CACHE_S` however many callers ask (they share
+    the round in flight; one caller hanging up does not cancel it for the others)."""
+    entry = s.extra.get("readiness")
+    now = time.monotonic()
+    if not (isinstance(entry, tuple) and now - entry[0] < CACHE_S):
+        entry = (now, asyncio.ensure_future(check(s)))
+        s.extra["readiness"] = entry
+    task: asyncio.Future[dict[str, str]] = entry[1]
+    return await asyncio.shield(task)

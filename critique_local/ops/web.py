@@ -50,7 +50,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 
 async def readyz(request: web.Request, principal: Principal) -> web.StreamResponse:
     """200 when every check is ok or skipped, else 503 naming what failed."""
-    checks = await readiness.check(request.app[SERVICES])
+    checks = await readiness.cached(request.app[SERVICES])
     failed = [name for name, result in checks.items() if result.startswith("failed")]
     if not failed:
         return web.json_response({"ready": True, "checks": checks})

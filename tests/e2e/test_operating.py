@@ -103,14 +103,13 @@ def test_drain_on_sigterm_ends_idle_sessions_json_logs_metrics_listener_and_gc(f
     fresh_server.start()
     key = fresh_server.new_key("carol")
     with fresh_server.client(key) as api:
-        failing = api.post(RUNS, json={"repository": "acme/web", "prompt": "@fail boom"}).json()["run"]["id"]
-        assert wait_for(api, failing, {"failed", "idle"})["status"] == "failed"
         slow = api.post(RUNS, json={"repository": "acme/web", "prompt": "@sleep 3\n@say drained"}).json()["run"]["id"]
         wait_lifecycle(api, slow, "agent_running")
         assert api.get("/metrics").status_code == 404  # no metrics.token: not on the public port
         scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
         assert scraped.status_code == 200
-        assert samples(scraped.text)['critique_turns_failed_total{code="model_error"}'] == 1
+        found = samples(scraped.text)
+        assert found["critique_turns_started_total"] == 1 and found['critique_sandboxes{state="busy"}'] == 1
         assert fresh_server.proc is not None
         fresh_server.proc.terminate()  # SIGTERM while the slow turn runs
         assert fresh_server.proc.wait(240) == 0
@@ -130,7 +129,7 @@ def test_drain_on_sigterm_ends_idle_sessions_json_logs_metrics_listener_and_gc(f
 
     lines = _json_lines(fresh_server.base / "server.log")
     assert lines and all({"time", "level", "logger", "message", "request_id", "run_id"} <= set(x) for x in lines)
-    assert any(x["run_id"] == failing and "failed" in str(x["message"]) for x in lines)
+    assert any(x["run_id"] == slow for x in lines)  # lines logged while its turn ran
 
     # gc: a sandbox of this instance that no live run owns goes; another instance's stays
     image = "critique-local/sandbox:latest"
