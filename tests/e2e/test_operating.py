@@ -14,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from critique_local.hoststate import HostState, default_root
 from tests.conftest import METRICS_TOKEN
 from tests.helpers import Server, free_port, wait_for, wait_lifecycle
 
@@ -133,17 +134,30 @@ def test_drain_on_sigterm_ends_idle_sessions_json_logs_metrics_listener_and_gc(f
 
     # gc: a sandbox of this instance that no live run owns goes; another instance's stays
     image = "critique-local/sandbox:latest"
+    # (another instance, alive: its chain and sandbox are never touched; held here so that no
+    # server's own sweep removes them meanwhile)
+    other = HostState(default_root(Path("/run/critique-local"))).claim(OTHER, fresh_server.base / "other", wait_s=0)
     ours = _container(image, {"critique.instance": instance, "critique.run": "run_gone"})
-    theirs = _container(image, {"critique.instance": "0123456789abcdef", "critique.run": "run_other"})
+    theirs = _container(image, {"critique.instance": OTHER, "critique.run": "run_other"})
+    subprocess.run(["iptables", "-w", "-N", f"CRIT-{OTHER}"], check=True)
     try:
         dry = fresh_server.cli("sandbox", "gc").stdout
-        assert f"would remove sandbox {ours[:10]}" in dry and theirs[:10] not in dry
+        assert f"would remove sandbox {ours[:10]}" in dry and theirs[:10] not in dry and OTHER not in dry
         assert _exists(ours)
         applied = fresh_server.cli("sandbox", "gc", "--apply").stdout
         assert f"removed sandbox {ours[:10]}" in applied
-        assert not _exists(ours) and _exists(theirs)
+        assert not _exists(ours) and _exists(theirs) and _chain(OTHER)
     finally:
         subprocess.run(["docker", "rm", "-f", ours, theirs], capture_output=True)
+        subprocess.run(["iptables", "-w", "-X", f"CRIT-{OTHER}"], capture_output=True)
+        other.release()
+
+
+OTHER = "0f1e2d3c4b5a6978"  # an instance id that is not ours
+
+
+def _chain(instance: str) -> bool:
+    return subprocess.run(["iptables", "-w", "-n", "-L", f"CRIT-{instance}"], capture_output=True).returncode == 0
 
 
 def _container(image: str, labels: dict[str, str]) -> str:
