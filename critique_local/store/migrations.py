@@ -206,7 +206,7 @@ MIGRATIONS.append(
 )
 
 # The audit trail: who created, followed up, cancelled, ended and published which run, and how it
-# went (critique-local audit).
+# went (critique-local audit); runs counted by status and phase for /metrics from an index alone.
 MIGRATIONS.append(
     """
     CREATE TABLE audit_log (
@@ -222,6 +222,7 @@ MIGRATIONS.append(
     );
     CREATE INDEX audit_run ON audit_log(run_id, id);
     CREATE INDEX audit_at ON audit_log(at);
+    CREATE INDEX runs_status_phase ON runs(status, phase);
     """
 )
 
