@@ -7,41 +7,22 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from critique_local.app import make_services, public_app
-from critique_local.config import load_settings
-from critique_local.gateway.upstream import Upstream
-from critique_local.hoststate import HostState
-from critique_local.redact import Redactor
-from critique_local.runs.scheduler import Scheduler
-from critique_local.sandboxes.factory import make_backend
+from critique_local.appkeys import SERVICES
 from critique_local.services import Services
 from critique_local.store import audit
-from critique_local.store.db import Database
-from critique_local.store.keys import create_key
-from critique_local.webhooks import Webhooks
+from tests.inprocess import app_client, new_key, settings_for
 
 RUNS = "/api/v1/coding-agent/runs"
 
 
 @pytest.fixture
 async def app(tmp_path: Path) -> AsyncIterator[tuple[TestClient, Services, str]]:
-    settings = load_settings(None, environ={"CRITIQUE_LOCAL_SERVER_DATA_DIR": str(tmp_path / "data")})
-    db = await Database.open(settings.db_path)
-    claim = HostState(tmp_path / "host").claim("0123456789abcdef", tmp_path / "data")
-    services = make_services(settings, db, make_backend(settings, claim), Redactor())  # backend never started
-    services.hub.observers.append(services.metrics.observe)
-    upstream, webhooks = Upstream(), Webhooks(db, services.box, settings.webhooks)
-    key, _ = await create_key(db, "alice", ("read:builder", "write:builder"))
-    async with TestClient(TestServer(public_app(services, Scheduler(services), upstream, webhooks))) as client:
-        yield client, services, key
-    await webhooks.aclose()
-    await upstream.aclose()
-    await services.hosts.aclose()
-    await db.close()
-    claim.release()
+    """The application in process; its sandbox backend is never started (no engine for /readyz)."""
+    async with app_client(settings_for(tmp_path)) as client:
+        yield client, client.app[SERVICES], await new_key(client, "alice", ("read:builder", "write:builder"))
 
 
 async def test_readyz_is_503_and_names_the_engine_that_is_not_there(app: tuple[TestClient, Services, str]) -> None:

@@ -14,6 +14,7 @@ from aiohttp import web
 from critique_local.api.middleware import PRINCIPAL
 from critique_local.services import Services
 from critique_local.store import audit
+from critique_local.store.db import Database
 from critique_local.store.events import EventRow
 from critique_local.store.keys import Principal
 
@@ -60,7 +61,7 @@ async def audit_request(services: Services, request: web.Request, response: web.
                        outcome=outcome, http_status=response.status, detail=detail)
 
 
-def observer(services: Services) -> Callable[[EventRow], Awaitable[None]]:
+def observer(db: Database) -> Callable[[EventRow], Awaitable[None]]:
     """An :class:`EventHub` observer recording each publish outcome (the server acts for the
     run's user; ``critique-local audit`` shows that user)."""
 
@@ -70,7 +71,7 @@ def observer(services: Services) -> Callable[[EventRow], Awaitable[None]]:
         data = row.data
         detail = {k: data.get(k) for k in ("branch", "headSha", "pullRequestNumber", "message") if data.get(k)}
         try:
-            await audit.record(services.db, "run.publish", user_id=None, key_id=None, run_id=row.run_id,
+            await audit.record(db, "run.publish", user_id=None, key_id=None, run_id=row.run_id,
                                outcome=str(data.get("status") or "unknown"), detail=detail)
         except Exception:
             log.exception("audit: publish of run %s not recorded", row.run_id)

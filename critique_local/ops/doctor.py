@@ -17,6 +17,7 @@ from pathlib import Path
 from critique_local.config import Settings
 from critique_local.hoststate import HostState, default_root
 from critique_local.sandboxes import firewall
+from critique_local.store import readonly
 from critique_local.store.migrations import MIGRATIONS
 
 PIN = Path(__file__).resolve().parents[2] / "sandboxes" / "docker" / "OPENCODE_VERSION"
@@ -159,14 +160,10 @@ def check_database(settings: Settings) -> list[Finding]:
     path = settings.db_path
     if not path.exists():
         return [_ok("database", "not created yet")]
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        newest = conn.execute("SELECT MAX(created_at) FROM runs").fetchone()[0] if version else None
+        version, newest = readonly.schema_and_newest_run(path)
     except sqlite3.Error as exc:
         return [Finding("database", "fail", f"{path}: {exc}", "restore the last backup (critique-local restore)")]
-    finally:
-        conn.close()
     out = []
     if version > len(MIGRATIONS):
         out.append(Finding("database", "fail", f"schema {version} is newer than this release's {len(MIGRATIONS)}",

@@ -13,13 +13,13 @@ the server cannot start meanwhile. Blocking (Docker SDK, iptables, file locks).
 from __future__ import annotations
 
 import shutil
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 from critique_local.config import Settings
 from critique_local.hoststate import HostState, default_root
 from critique_local.sandboxes import dockerhost, firewall
+from critique_local.store import readonly
 
 LIVE = ("queued", "running", "idle")
 
@@ -35,11 +35,7 @@ def _runs(db_path: Path) -> tuple[set[str], set[str], set[str]]:
     """(live run ids, their sandbox ids, ended run ids)."""
     if not db_path.exists():
         return set(), set(), set()
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
-    try:
-        rows = conn.execute("SELECT id, status, sandbox_id FROM runs").fetchall()
-    finally:
-        conn.close()
+    rows = readonly.run_sandboxes(db_path)
     live = {r[0] for r in rows if r[1] in LIVE}
     return live, {r[2] for r in rows if r[1] in LIVE and r[2]}, {r[0] for r in rows if r[1] not in LIVE}
 

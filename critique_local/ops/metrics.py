@@ -90,9 +90,9 @@ class Metrics:
 
     def _status(self, run_id: str, data: dict[str, Any]) -> None:
         status, turn = data.get("status"), self._turns.get(run_id)
-        if status == "queued" and data.get("turnCount") == 0 and run_id not in self._turns:
+        if status == RunStatus.QUEUED and data.get("turnCount") == 0 and run_id not in self._turns:
             self.runs_created.inc()
-        if status == "running":
+        if status == RunStatus.RUNNING:
             if turn is None and len(self._turns) < MAX_TRACKED_RUNS:
                 self._turns[run_id] = (time.monotonic(), None)
                 self.turns_started.inc()
@@ -101,8 +101,8 @@ class Metrics:
             return
         del self._turns[run_id]
         started, error = turn
-        code = "cancelled" if status == "cancelled" else error or (data.get("error") or {}).get("code")
-        if status == "failed" and not code:
+        code = RunStatus.CANCELLED.value if status == RunStatus.CANCELLED else error or (data.get("error") or {}).get("code")
+        if status == RunStatus.FAILED and not code:
             code = "unknown"
         if code:
             self.turns_failed.labels(code).inc()
@@ -164,7 +164,7 @@ class Metrics:
             except ValueError:
                 lifecycle = "unknown"
             self.runs.labels(status, lifecycle).inc(n)
-            queued += n if status == "queued" else 0
+            queued += n if status == RunStatus.QUEUED else 0
         self.queue_depth.set(queued)
         busy, idle = await opsstats.sandboxes_in_use(db)
         for state, n in (("busy", busy), ("idle", idle), ("pooled", pooled())):

@@ -74,13 +74,17 @@ async def check(s: Services) -> dict[str, str]:
     return dict(zip(CHECKS, results, strict=True))
 
 
-async def cached(s: Services) -> dict[str, str]:
-    """:func:`check`, run at most once per :data:`CACHE_S` however many callers ask (they share
-    the round in flight; one caller hanging up does not cancel it for the others)."""
-    entry = s.extra.get("readiness")
-    now = time.monotonic()
-    if not (isinstance(entry, tuple) and now - entry[0] < CACHE_S):
-        entry = (now, asyncio.ensure_future(check(s)))
-        s.extra["readiness"] = entry
-    task: asyncio.Future[dict[str, str]] = entry[1]
-    return await asyncio.shield(task)
+class Readiness:
+    """:func:`check` for one server, run at most once per :data:`CACHE_S` however many callers
+    ask (they share the round in flight; one caller hanging up does not cancel it for the others)."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self._round: tuple[float, asyncio.Future[dict[str, str]]] | None = None
+
+    async def cached(self) -> dict[str, str]:
+        """Every check's result, as :func:`check` gives them."""
+        now = time.monotonic()
+        if self._round is None or now - self._round[0] >= CACHE_S:
+            self._round = (now, asyncio.ensure_future(check(self._services)))
+        return await asyncio.shield(self._round[1])

@@ -9,17 +9,21 @@ import hmac
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from pydantic import Field
 
+from critique_local.api.http import respond
 from critique_local.api.middleware import bearer
 from critique_local.api.registry import Route
-from critique_local.appkeys import SERVICES
-from critique_local.errors import NotFound, Unauthorized
-from critique_local.ops import auditing, readiness
+from critique_local.api.schemas import ErrorBody, Model
+from critique_local.appkeys import POOL, READINESS, SERVICES
+from critique_local.errors import ErrorCode, NotFound, Unauthorized
+from critique_local.ops import auditing
 from critique_local.ops.logs import REQUEST_ID, RUN_ID
 from critique_local.ops.metrics import CONTENT_TYPE
+from critique_local.runs.pool import WarmPool
 from critique_local.services import Services
 from critique_local.store.keys import Principal
 
@@ -48,19 +52,25 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
+class ReadinessView(Model):
+    ready: bool
+    checks: dict[str, str] = Field(description="Each check: ok, skipped (does not apply here) or failed: <why>.")
+    error: ErrorBody | None = Field(None, description="When not ready: not_ready, naming what failed.")
+
+
 async def readyz(request: web.Request, principal: Principal) -> web.StreamResponse:
     """200 when every check is ok or skipped, else 503 naming what failed."""
-    checks = await readiness.cached(request.app[SERVICES])
+    checks = await request.app[READINESS].cached()
     failed = [name for name, result in checks.items() if result.startswith("failed")]
     if not failed:
-        return web.json_response({"ready": True, "checks": checks})
+        return respond(ReadinessView(ready=True, checks=checks))
     message = "; ".join(f"{name} {checks[name]}" for name in failed)
-    return web.json_response({"ready": False, "checks": checks,
-                              "error": {"code": "not_ready", "message": message}}, status=503)
+    return respond(ReadinessView(ready=False, checks=checks, error=ErrorBody(code=ErrorCode.NOT_READY, message=message)),
+                   503)
 
 
-async def scrape(services: Services) -> web.Response:
-    await services.metrics.refresh(services.db, services.warm_count)
+async def scrape(services: Services, pool: WarmPool) -> web.Response:
+    await services.metrics.refresh(services.db, lambda: pool.ready_count)
     return web.Response(body=services.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -73,33 +83,37 @@ async def public_metrics(request: web.Request, principal: Principal) -> web.Stre
     given = bearer(request) or ""
     if not hmac.compare_digest(given.encode(), token.encode()):
         raise Unauthorized("send Authorization: Bearer <metrics.token>")
-    return await scrape(services)
+    return await scrape(services, request.app[POOL])
 
 
 ROUTES = [
     Route("GET", "/readyz", readyz, "Readiness: database, sandbox engine and image, gateway listener, egress "
-          "proxy (503 names what failed)", None, errors=(503,), tag="meta"),
+          "proxy (503 names what failed)", None, response=ReadinessView, other_statuses=(503,), tag="meta"),
     Route("GET", "/metrics", public_metrics, "Prometheus metrics (only with metrics.token, as the bearer token)",
           None, raw=("text/plain", "Prometheus text exposition format 0.0.4"), errors=(401, 404), tag="meta"),
 ]
 
 
-async def start_listener(services: Services) -> web.AppRunner | None:
-    """Serve ``/metrics`` on ``metrics.host:metrics.port`` when ``metrics.enabled`` (no auth: bind
-    it where only the scraper reaches). Returns the runner to clean up, or None."""
+async def metrics_listener(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: serve ``/metrics`` on ``metrics.host:metrics.port`` when
+    ``metrics.enabled`` (no auth: bind it where only the scraper reaches)."""
+    services, pool = app[SERVICES], app[POOL]
     cfg = services.settings.metrics
     if not cfg.enabled:
-        return None
+        yield
+        return
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        return await scrape(services)
+        return await scrape(services, pool)
 
-    app = web.Application()
-    app.router.add_get("/metrics", handle)
-    runner = web.AppRunner(app, access_log=None)
+    metrics_app = web.Application()
+    metrics_app.router.add_get("/metrics", handle)
+    runner = web.AppRunner(metrics_app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port)
-    await site.start()
-    bound = runner.addresses[0][1] if runner.addresses else cfg.port
-    log.info("metrics on http://%s:%s/metrics", cfg.host, bound)
-    return runner
+    try:
+        await web.TCPSite(runner, cfg.host, cfg.port).start()
+        bound = runner.addresses[0][1] if runner.addresses else cfg.port
+        log.info("metrics on http://%s:%s/metrics", cfg.host, bound)
+        yield
+    finally:
+        await runner.cleanup()

@@ -1,5 +1,5 @@
 """Operator commands: ``doctor``, ``sandbox gc``, ``backup``, ``restore``, ``migrate`` and
-``audit`` (registered on the main group by :func:`register`)."""
+``audit`` (added to the main group in cli/__init__.py; the work is in ops/)."""
 
 from __future__ import annotations
 
@@ -11,20 +11,7 @@ from pathlib import Path
 
 import click
 
-from critique_local.config import ConfigError, Settings, load_settings
-
-config_option = click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-                             default=None, envvar="CRITIQUE_LOCAL_CONFIG", help="TOML config file.")
-
-
-def _settings(config_path: Path | None) -> Settings:
-    # the same lookup as the other commands: --config, CRITIQUE_LOCAL_CONFIG, ./critique-local.toml
-    if config_path is None and Path("critique-local.toml").exists():
-        config_path = Path("critique-local.toml")
-    try:
-        return load_settings(config_path.absolute() if config_path else None)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+from critique_local.cli.common import config_option, settings_of
 
 
 @click.command()
@@ -35,7 +22,7 @@ def doctor(config_path: Path | None, as_json: bool) -> None:
     fails (warnings alone: 0)."""
     from critique_local.ops.doctor import run_checks
 
-    findings = run_checks(_settings(config_path))
+    findings = run_checks(settings_of(config_path))
     for f in findings:
         if as_json:
             click.echo(json.dumps(asdict(f)))
@@ -63,7 +50,7 @@ def sandbox_gc(config_path: Path | None, apply: bool) -> None:
     from critique_local.ops.gc import collect
 
     try:
-        actions = collect(_settings(config_path), apply=apply)
+        actions = collect(settings_of(config_path), apply=apply)
     except docker.errors.DockerException as exc:
         raise click.ClickException(f"the Docker engine is not reachable: {exc}") from exc
     verb = "removed" if apply else "would remove"
@@ -82,7 +69,7 @@ def backup(config_path: Path | None, no_key: bool, path: Path) -> None:
     from critique_local.ops.backup import BackupError
     from critique_local.ops.backup import backup as make_backup
 
-    settings = _settings(config_path)
+    settings = settings_of(config_path)
     try:
         manifest = make_backup(settings.server.data_dir, path.absolute(), include_key=not no_key)
     except BackupError as exc:
@@ -104,7 +91,7 @@ def restore(config_path: Path | None, force: bool, path: Path) -> None:
     from critique_local.ops.backup import restore as do_restore
     from critique_local.store.migrations import SchemaTooNew
 
-    settings = _settings(config_path)
+    settings = settings_of(config_path)
     try:
         claim = claim_instance(settings, wait_s=0)  # held while restoring: no server starts meanwhile
     except InstanceInUse as exc:
@@ -131,7 +118,7 @@ def migrate(config_path: Path | None, check: bool) -> None:
     from critique_local.store.db import Database
     from critique_local.store.migrations import SchemaTooNew
 
-    settings = _settings(config_path)
+    settings = settings_of(config_path)
     try:
         p = plan(settings.db_path)
     except SchemaTooNew as exc:
@@ -166,7 +153,7 @@ def audit_cmd(config_path: Path | None, run_id: str | None, user: str | None, si
     from critique_local.store import audit
     from critique_local.store.db import Database
 
-    settings = _settings(config_path)
+    settings = settings_of(config_path)
 
     async def read() -> list[audit.AuditEntry]:
         db = await Database.open(settings.db_path)
@@ -183,7 +170,3 @@ def audit_cmd(config_path: Path | None, run_id: str | None, user: str | None, si
             click.echo(f"{e.at}  {who}  {e.action}  {e.run_id or '-'}  {e.outcome}"
                        + (f"  {json.dumps(e.detail)}" if e.detail else ""))
 
-
-def register(main: click.Group) -> None:
-    for command in (doctor, sandbox, backup, restore, migrate, audit_cmd):
-        main.add_command(command)
