@@ -6,7 +6,7 @@ FROM ${BASE_IMAGE}
 
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3 python3-venv git tar ca-certificates \
+      python3 python3-venv git tar ca-certificates iptables util-linux \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/critique-local

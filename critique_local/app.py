@@ -20,6 +20,10 @@ Every long-lived resource is opened and closed by one cleanup context (aiohttp's
     scheduler         recovery after a restart, then the workers that execute runs
     reaper            expiry of idle sessions and the sandbox sweep
     webhook delivery  signed run.status deliveries with retries
+    metrics listener  ``/metrics`` on a port of its own (``metrics.enabled``; ops/web.py)
+
+Stopping (:func:`serve`, on SIGINT/SIGTERM) first drains the scheduler while the API still
+answers (ops/shutdown.py), then shuts the application down.
 
 ``create_app(settings, claim, execute_runs=False)`` leaves out the five contexts that execute
 runs (backend through reaper): the API then accepts, lists, cancels and streams runs, which
@@ -42,7 +46,7 @@ from aiohttp import web
 from critique_local import logfilter
 from critique_local.api.ratelimit import RateLimiter
 from critique_local.api.routes import PUBLIC_ROUTES
-from critique_local.appkeys import CLAIM, GUARD, PUBLIC_URL, SANDBOX_BUDGET, SERVICES, STOPPING
+from critique_local.appkeys import CLAIM, GUARD, PUBLIC_URL, SANDBOX_BUDGET, SCHEDULER, SERVICES, STOPPING
 from critique_local.config import Settings
 from critique_local.contexts import (
     database,
@@ -59,6 +63,8 @@ from critique_local.contexts import (
 )
 from critique_local.hoststate import HostState, InstanceClaim, default_root
 from critique_local.listeners import ConnectionBudget, ConnectionGuard, GuardedSite, fit_to_open_files, prebind
+from critique_local.ops import shutdown
+from critique_local.ops import web as ops
 from critique_local.services import Services
 
 __all__ = ["claim_instance", "create_app", "instance_id", "runner_for", "serve"]
@@ -82,11 +88,11 @@ def instance_id(settings: Settings) -> str:
     return path.read_text().strip()
 
 
-def claim_instance(settings: Settings) -> InstanceClaim:
-    """Hold this data dir's instance id on this host for the life of the process (blocking).
-    Raises InstanceInUse when another running server holds it."""
+def claim_instance(settings: Settings, wait_s: float = 10) -> InstanceClaim:
+    """Hold this data dir's instance id on this host for the life of the process (blocking,
+    at most ``wait_s`` seconds). Raises InstanceInUse when another running server holds it."""
     host = HostState(default_root(settings.server.host_state_dir))
-    return host.claim(instance_id(settings), settings.server.data_dir, wait_s=10)
+    return host.claim(instance_id(settings), settings.server.data_dir, wait_s=wait_s)
 
 
 def create_app(settings: Settings, claim: InstanceClaim, *, execute_runs: bool = True) -> web.Application:
@@ -108,7 +114,7 @@ def create_app(settings: Settings, claim: InstanceClaim, *, execute_runs: bool =
     app.cleanup_ctx.append(services)
     if execute_runs:
         app.cleanup_ctx.extend([sandbox_backend, gateway_listener, egress_proxy, warm_pool, scheduler, reaper])
-    app.cleanup_ctx.append(webhook_delivery)
+    app.cleanup_ctx.extend([webhook_delivery, ops.metrics_listener])
     return app
 
 
@@ -151,6 +157,7 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
                     loop.add_signal_handler(sig, stop.set)
             await stop.wait()
             log.info("shutting down")
+            await shutdown.drain(app[SCHEDULER])  # the API answers while running turns finish (ops/shutdown.py)
         finally:
             await runner.cleanup()
             bound.close()  # a no-op once the site stopped it; closes it when start-up failed

@@ -12,6 +12,7 @@ from critique_local.config import Settings
 from critique_local.gateway.upstream import Upstream
 from critique_local.hoststate import InstanceClaim
 from critique_local.listeners import ConnectionBudget, ConnectionGuard
+from critique_local.ops.readiness import Readiness
 from critique_local.runs.control import RunControl
 from critique_local.runs.pool import WarmPool
 from critique_local.runs.scheduler import Scheduler
@@ -35,3 +36,4 @@ SANDBOX_BUDGET = web.AppKey("sandbox_budget", ConnectionBudget)  # shared by the
 PUBLIC_URL = web.AppKey("public_url", str)  # how clients reach us (serve() sets it once the port is bound)
 GATEWAY_PORT = web.AppKey("gateway_port", int)  # the sandbox-facing listener's port, once bound
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set when the application shuts down: streams end
+READINESS = web.AppKey("readiness", Readiness)  # /readyz checks, one shared round per second

@@ -48,6 +48,12 @@ class ServerSettings(Section):
         "on the host; a per-user temp dir when it is not writable; absolute once loaded).")
     public_url: str = Field("", description="Base URL clients use (statusUrl/streamUrl); default from host:port.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or as JSON objects with request_id and run_id on every line.")
+    drain_timeout_s: float = Field(
+        60, ge=0, description="On SIGTERM, how long running turns may take to finish before they are cancelled.")
+    end_idle_sessions_on_stop: bool = Field(
+        False, description="On stop, end idle (warm) sessions instead of keeping their sandboxes for the next start.")
 
     @field_validator("data_dir", "host_state_dir")
     @classmethod
@@ -167,6 +173,14 @@ class DockerSettings(Section):
     )
 
 
+class MetricsSettings(Section):
+    enabled: bool = Field(False, description="Serve /metrics (Prometheus text format) on a listener of its own.")
+    host: str = Field("127.0.0.1", description="Address of the metrics listener.")
+    port: int = Field(9464, ge=0, le=65535, description="Port of the metrics listener (0 picks a free one, logged).")
+    token: str = Field("", description="When set, /metrics is also served on the public port to "
+                       "Authorization: Bearer <token> (empty: never on the public port).")
+
+
 class PoolSettings(Section):
     size: int = Field(1, ge=0, le=64, description="Warm sandboxes with OpenCode running and an empty workspace.")
     repositories: dict[str, int] = Field(
@@ -261,6 +275,7 @@ class Settings(Section):
     network: NetworkSettings = Field(default_factory=NetworkSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     pool: PoolSettings = Field(default_factory=PoolSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
@@ -299,7 +314,7 @@ class ConfigError(Exception):
     """The configuration file or an override is invalid; the message says where."""
 
 
-SCALAR_SECTIONS = ("server", "git", "github", "gitea", "publish", "validation", "sandbox", "docker", "e2b", "network", "scheduler", "pool", "models", "limits", "webhooks", "billing")
+SCALAR_SECTIONS = ("server", "git", "github", "gitea", "publish", "validation", "sandbox", "docker", "e2b", "network", "scheduler", "pool", "metrics", "models", "limits", "webhooks", "billing")
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:

@@ -25,6 +25,7 @@ from critique_local.appkeys import (
     LIMITER,
     POOL,
     PUBLIC_URL,
+    READINESS,
     SANDBOX_BUDGET,
     SCHEDULER,
     SERVED_ROUTES,
@@ -35,25 +36,26 @@ from critique_local.appkeys import (
 )
 from critique_local.config import Settings
 from critique_local.crypto import SecretBox
-from critique_local.egress import DecisionHook, EgressProxy, Policy, PolicyLookup
+from critique_local.egress import EgressProxy
 from critique_local.gateway.catalog import Catalog
 from critique_local.gateway.upstream import Upstream
 from critique_local.listeners import ConnectionGuard, GuardedSite
+from critique_local.ops import auditing
+from critique_local.ops import web as ops
+from critique_local.ops.metrics import Metrics
+from critique_local.ops.readiness import Readiness
 from critique_local.redact import RedactingFilter, Redactor
 from critique_local.repos.hosts import Hosts
 from critique_local.repos.mirrors import Mirrors
 from critique_local.runs.control import RunControl
+from critique_local.runs.egress import egress_event, egress_policy
 from critique_local.runs.events import EventHub
 from critique_local.runs.executor import Executor
-from critique_local.runs.network import network_policy
 from critique_local.runs.pool import WarmPool
 from critique_local.runs.scheduler import Scheduler
-from critique_local.runs.states import RunStatus
 from critique_local.sandboxes.factory import make_backend
 from critique_local.services import Services
-from critique_local.store import runs as runs_store
 from critique_local.store.db import Database
-from critique_local.tokens import token_hash
 from critique_local.webhooks import Webhooks
 
 log = logging.getLogger("critique_local")
@@ -61,7 +63,7 @@ log = logging.getLogger("critique_local")
 
 def listener_app(settings: Settings, routes: tuple[Route, ...], limiter: RateLimiter,
                   guard: ConnectionGuard) -> web.Application:
-    app = web.Application(middlewares=[guard.middleware, error_middleware],
+    app = web.Application(middlewares=[guard.middleware, ops.request_context, error_middleware],
                           client_max_size=settings.limits.max_body_bytes)
     app[SETTINGS] = settings
     app[SERVED_ROUTES] = routes
@@ -90,9 +92,12 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         handler.addFilter(log_filter)
     box = SecretBox.from_data_dir(settings.server.data_dir)
     webhooks = Webhooks(db, box, settings.webhooks)
-    s = Services(settings=settings, db=db, hub=EventHub(db, redactor, on_status_change=webhooks.enqueue),
-                 backend=make_backend(settings, app[CLAIM]), catalog=Catalog.from_settings(settings),
-                 instance_id=app[CLAIM].instance_id, box=box, hosts=Hosts(settings, redactor), redactor=redactor,
+    metrics = Metrics()
+    hub = EventHub(db, redactor, on_status_change=webhooks.enqueue,
+                   observers=(metrics.observe, auditing.observer(db)))
+    s = Services(settings=settings, db=db, hub=hub, backend=make_backend(settings, app[CLAIM]),
+                 catalog=Catalog.from_settings(settings), instance_id=app[CLAIM].instance_id, box=box,
+                 hosts=Hosts(settings, redactor), redactor=redactor, metrics=metrics,
                  mirrors=Mirrors(settings.server.data_dir / "mirrors", settings.git), public_url=app[PUBLIC_URL])
     pool = WarmPool(s)
     run_scheduler = Scheduler(s, Executor(s, pool))
@@ -103,6 +108,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     app[POOL] = pool
     app[SCHEDULER] = run_scheduler
     app[CONTROL] = RunControl(run_scheduler)
+    app[READINESS] = Readiness(s)
     try:
         yield
     finally:
@@ -255,25 +261,3 @@ def known_secrets(settings: Settings) -> tuple[Redactor, RedactingFilter]:
     redactor.add(settings.github.token)
     redactor.add(settings.gitea.token)
     return redactor, RedactingFilter(redactor)
-
-
-def egress_policy(services: Services) -> PolicyLookup:
-    """The egress proxy's view of a run: only a running turn of a restricted run gets out."""
-
-    async def lookup(token: str) -> Policy | None:
-        run = await runs_store.run_for_sandbox_token(services.db, token_hash(token))
-        if run is None or run.status is not RunStatus.RUNNING:
-            return None
-        mode, allowlist = network_policy(services.settings, run.spec.network)
-        return Policy(run.id, tuple(allowlist)) if mode == "restricted" else None
-
-    return lookup
-
-
-def egress_event(services: Services) -> DecisionHook:
-    async def record(run_id: str, event: dict[str, object]) -> None:
-        await services.hub.builder(run_id, event)
-
-    return record
-
-

@@ -115,6 +115,7 @@ class ErrorCode(StrEnum):
     MODEL_UNREACHABLE = "model_unreachable"
     # the server
     SERVER_RESTARTED = "server_restarted"
+    NOT_READY = "not_ready"  # /readyz: a check failed (503)
 
 
 class ApiError(Exception):

@@ -10,6 +10,7 @@ from critique_local.config import Settings
 from critique_local.crypto import SecretBox
 from critique_local.gateway.calls import ModelCalls
 from critique_local.gateway.catalog import Catalog
+from critique_local.ops.metrics import Metrics
 from critique_local.redact import Redactor
 from critique_local.repos.hosts import Hosts
 from critique_local.repos.mirrors import Mirrors
@@ -35,3 +36,4 @@ class Services:
     proxy_address: str = ""  # host:port of the egress proxy on the sandbox-facing address
     model_calls: ModelCalls = field(default_factory=ModelCalls)  # running turns' model calls, as the gateway saw them
     harness: Harness = field(default_factory=default_harness)  # the coding agent runs drive
+    metrics: Metrics = field(default_factory=Metrics)  # Prometheus, own registry (also the event hub's observer)

@@ -17,6 +17,7 @@ SAMPLE_FILES = {
 
 
 UPSTREAM_KEY = "sk-upstream-operator-key-0123456789"
+METRICS_TOKEN = "metrics-operator-token-0123456789"  # /metrics on the session server's public port
 # warm sessions end soon in tests, so idle sandboxes do not pile up on a 2-core machine; long enough
 # that a follow-up sent right after a turn (a CLI start, a docker call) still finds a loaded machine's session
 SHORT_SESSIONS = {"CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S": "60", "CRITIQUE_LOCAL_SANDBOX_REAP_INTERVAL_S": "0.5"}
@@ -50,7 +51,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamStandIn) 
     base = tmp_path_factory.mktemp("server")
     config = base / "config.toml"
     config.write_text(standin_config(upstream.port))
-    srv = Server(base, extra_env={"CRITIQUE_LOCAL_CONFIG": str(config), **SHORT_SESSIONS})
+    srv = Server(base, extra_env={"CRITIQUE_LOCAL_CONFIG": str(config), "CRITIQUE_LOCAL_METRICS_TOKEN": METRICS_TOKEN,
+                                  **SHORT_SESSIONS})
     srv.repos.mkdir(parents=True)
     make_repo(srv.repos, "acme/web", SAMPLE_FILES, branches={"feature": {"FEATURE.md": "on feature\n"}})
     srv.start()

@@ -92,6 +92,7 @@ class Server:
             "CRITIQUE_LOCAL_SERVER_PORT": str(self.port),
             "CRITIQUE_LOCAL_DOCKER_GATEWAY_PORT": "0",
             "CRITIQUE_LOCAL_POOL_SIZE": "0",  # tests that want a warm pool say so
+            "CRITIQUE_LOCAL_SERVER_DRAIN_TIMEOUT_S": "0",  # stop at once; tests of draining say so
             **self.extra_env,
         }
 

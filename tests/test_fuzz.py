@@ -20,6 +20,8 @@ from schemathesis.specs.openapi.checks import (
 from tests.inprocess import AppThread, settings_for
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+# /readyz answers its documented 503 while a check fails (here always: no sandbox backend runs)
+READYZ_CHECKS = [c for c in CHECKS if c is not not_a_server_error]
 EXAMPLES = 30
 
 
@@ -44,7 +46,7 @@ def test_api_never_errors_and_matches_its_document(fuzz_server: AppThread, mode:
         @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case: schemathesis.Case) -> None:
             case.call_and_validate(base_url=fuzz_server.url, headers={"Authorization": f"Bearer {key}"},
-                                   checks=CHECKS, timeout=60)
+                                   checks=READYZ_CHECKS if case.operation.path == "/readyz" else CHECKS, timeout=60)
 
         try:
             check()

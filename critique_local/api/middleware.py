@@ -24,6 +24,7 @@ from critique_local.tokens import API_KEY_PREFIX
 
 log = logging.getLogger(__name__)
 ANONYMOUS = Principal("", "", frozenset())
+PRINCIPAL = web.RequestKey("principal", Principal)  # who called, for the audit trail
 
 
 @web.middleware
@@ -83,6 +84,7 @@ def authenticated(route: Route, db_key: web.AppKey[Database],
         principal = await principal_for_key(request.app[db_key], token)
         if principal is None:
             raise Unauthorized("invalid or revoked API key")
+        request[PRINCIPAL] = principal
         if limiter is not None:
             limiter.check(principal.key_id)
         if route.scope not in principal.scopes:

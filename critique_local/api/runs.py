@@ -132,7 +132,7 @@ async def stream(request: web.Request, principal: Principal) -> web.StreamRespon
     last = _resume_point(request)
     s = request.app[SERVICES]
     stopping = request.app[STOPPING]
-    async with sse_response(request, ping_interval=HEARTBEAT_S) as sse:
+    async with sse_response(request, ping_interval=HEARTBEAT_S) as sse, s.metrics.sse_stream():
         while sse.is_connected() and not stopping.is_set():
             signal = s.hub.signal(run.id)
             batch = await events_store.after(s.db, run.id, last)

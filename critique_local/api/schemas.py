@@ -250,7 +250,8 @@ class RunView(Model):
     session_expires_at: str | None
     session_end_reason: str | None = Field(
         None, description="Why the sandbox went: end_session, expired, sandbox_lost, idle_limit (least recently "
-                          "used beyond scheduler.max_idle_sessions(_per_user)), finished; null while it lives.")
+                          "used beyond scheduler.max_idle_sessions(_per_user)), finished, server_stopped "
+                          "(server.end_idle_sessions_on_stop); null while it lives.")
     turn_count: int
     repository: RepositoryView
     model_id: str

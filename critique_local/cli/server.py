@@ -12,6 +12,7 @@ import click
 from critique_local.cli.common import config_file, config_option, settings_of
 from critique_local.config import SCALAR_SECTIONS
 from critique_local.hoststate import InstanceInUse
+from critique_local.ops import logs
 from critique_local.services import Services
 
 
@@ -29,8 +30,7 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
         settings.server.host = host
     if port is not None:
         settings.server.port = port
-    logging.basicConfig(level=settings.server.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.server.log_level, settings.server.log_format)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("critique_local").info(
         "configuration: %s", chosen or f"no file (defaults and CRITIQUE_LOCAL_* variables, relative paths "

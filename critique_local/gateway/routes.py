@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,7 +144,7 @@ async def chat_completions(request: web.Request, principal: Principal) -> web.St
     # the run's model watch learns that the sandbox reached us, and how the provider answered
     log = s.model_calls.get(caller.run.id) if caller.run is not None else None
     call = log.start() if log is not None else -1
-    cancelled = False
+    cancelled, outcome, started = False, "ok", time.monotonic()
     try:
         if entry.provider is None:
             if log is not None:
@@ -151,13 +152,19 @@ async def chat_completions(request: web.Request, principal: Principal) -> web.St
             return await _scripted(request, req, raw, meter)
         return await _forward(request, s, caller, entry, raw, req.stream, meter, log, call)
     except asyncio.CancelledError:
-        cancelled = True
+        cancelled, outcome = True, "cancelled"
+        raise
+    except Exception as exc:
+        outcome = str(getattr(exc, "code", ErrorCode.INTERNAL_ERROR))
         raise
     finally:
         if log is not None:
             log.end(call, cancelled=cancelled)
-        if meter.reported is not None or meter.fed:
-            inp, out, estimated = meter.result()
+        usage = meter.result() if meter.reported is not None or meter.fed else None
+        s.metrics.gateway_call(entry.id, entry.provider, outcome, usage[:2] if usage else None,
+                               entry.cost(*usage[:2]) if usage else 0.0, time.monotonic() - started)
+        if usage is not None:
+            inp, out, estimated = usage
             await billing.record_call(
                 s.db, user_id=caller.user_id, run_id=caller.run.id if caller.run else None,
                 turn_idx=caller.run.turn_count if caller.run else None, model_id=entry.id, input_tokens=inp,
@@ -209,6 +216,7 @@ async def _forward(request: web.Request, s: Services, caller: Caller, entry: Mod
             log.answered(call)
 
     def failed(exc: UpstreamError) -> None:
+        s.metrics.upstream_error(entry.provider, exc.code)
         if log is None:
             return
         if exc.unavailable:

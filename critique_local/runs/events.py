@@ -49,16 +49,19 @@ def status_payload(run: RunRow) -> dict[str, Any]:
 
 
 StatusListener = Callable[[RunRow, dict[str, Any]], Awaitable[None]]
+EventObserver = Callable[[store.EventRow], Awaitable[None]]
 
 
 class EventHub:
     def __init__(self, db: Database, redactor: Redactor | None = None,
-                 on_status_change: StatusListener | None = None) -> None:
-        """``on_status_change`` (the webhooks) hears every change of a run's status."""
+                 on_status_change: StatusListener | None = None, observers: tuple[EventObserver, ...] = ()) -> None:
+        """``on_status_change`` (the webhooks) hears every change of a run's status;
+        ``observers`` (metrics, audit) see every stored event and must not raise."""
         self._db = db
         self.redactor = redactor or Redactor()
         self._signals: dict[str, asyncio.Event] = {}
         self.on_status_change = on_status_change
+        self.observers = observers
 
     def signal(self, run_id: str) -> asyncio.Event:
         """The event set on the next append for ``run_id``. Take it *before* reading, so an
@@ -72,6 +75,8 @@ class EventHub:
         old = self._signals.pop(run_id, None)
         if old is not None:
             old.set()
+        for observe in self.observers:
+            await observe(row)
         return row
 
     async def builder(self, run_id: str, data: dict[str, Any]) -> store.EventRow:

@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 
 from critique_local.clock import now, now_iso, parse_iso
 from critique_local.errors import ErrorCode
+from critique_local.ops import logs
 from critique_local.repos import workrepo
 from critique_local.runs.executor import Executor
 from critique_local.runs.queue import RunQueue
@@ -67,9 +68,20 @@ class Scheduler:
             await asyncio.wait(tasks, timeout=timeout_s)
         self._workers = []
 
+    async def drain(self, timeout_s: float) -> int:
+        """Start no more turns (queued ones stay queued for the next start) and wait up to
+        ``timeout_s`` seconds for the turns executing now; returns how many still execute."""
+        self._queue.close()
+        running = [t for t in self._running.values() if not t.done()]
+        if running and timeout_s > 0:
+            log.info("draining: waiting up to %.0f s for %d running turn(s)", timeout_s, len(running))
+            await asyncio.wait(running, timeout=timeout_s)
+        return sum(not t.done() for t in self._running.values())
+
     async def _work(self) -> None:
         while True:
             run_id, user_id = await self._queue.get()
+            logs.for_run(run_id)  # the run's task inherits it: its log lines carry run_id
             task = asyncio.create_task(self.executor.execute(run_id), name=f"run-{run_id}")
             self._running[run_id] = task
             try:

@@ -63,9 +63,11 @@ class SessionEnd(StrEnum):
     SANDBOX_LOST = "sandbox_lost"  # sandbox or agent died while idle: messages chain
     IDLE_LIMIT = "idle_limit"  # least recently used beyond scheduler.max_idle_sessions(_per_user): messages chain
     FINISHED = "finished"  # turn ended with the run (failed, cancelled)
+    SERVER_STOPPED = "server_stopped"  # server.end_idle_sessions_on_stop: messages start a chained run
 
 
-CHAINABLE = frozenset({SessionEnd.EXPIRED, SessionEnd.SANDBOX_LOST, SessionEnd.IDLE_LIMIT})
+CHAINABLE = frozenset({SessionEnd.EXPIRED, SessionEnd.SANDBOX_LOST, SessionEnd.IDLE_LIMIT,
+                       SessionEnd.SERVER_STOPPED})
 
 # Lifecycle values (the stable contract documented in README and OpenAPI):
 LIFECYCLE_DOC: dict[str, str] = {

@@ -43,7 +43,7 @@ from typing import Any
 
 import aiosqlite
 
-from critique_local.store.migrations import MIGRATIONS
+from critique_local.store.migrations import pending
 
 Row = sqlite3.Row
 
@@ -66,7 +66,11 @@ class Database:
         await conn.execute("PRAGMA foreign_keys=ON")
         await conn.execute("PRAGMA busy_timeout=10000")
         db = cls(conn)
-        await db._migrate()
+        try:
+            await db._migrate()
+        except BaseException:  # e.g. SchemaTooNew: no connection thread left behind
+            await conn.close()
+            raise
         return db
 
     async def close(self) -> None:
@@ -76,7 +80,7 @@ class Database:
         async with self._write_lock:
             row = await (await self._conn.execute("PRAGMA user_version")).fetchone()
             version = int(row[0]) if row else 0
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            for number, script in pending(version):
                 await self._conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={number}; COMMIT;")
 
     # Reads are one hop to the connection's thread each (execute + fetch + close together):

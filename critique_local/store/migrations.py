@@ -204,3 +204,38 @@ MIGRATIONS.append(
     ALTER TABLE runs ADD COLUMN patch_redactions INTEGER NOT NULL DEFAULT 0;
     """
 )
+
+# The audit trail: who created, followed up, cancelled, ended and published which run, and how it
+# went (critique-local audit); runs counted by status and phase for /metrics from an index alone.
+MIGRATIONS.append(
+    """
+    CREATE TABLE audit_log (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        user_id TEXT,
+        key_id TEXT,
+        action TEXT NOT NULL,
+        run_id TEXT,
+        outcome TEXT NOT NULL,
+        http_status INTEGER,
+        detail TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX audit_run ON audit_log(run_id, id);
+    CREATE INDEX audit_at ON audit_log(at);
+    CREATE INDEX runs_status_phase ON runs(status, phase);
+    """
+)
+
+
+class SchemaTooNew(Exception):
+    """The database was written by a newer critique-local (migrations are forward-only)."""
+
+
+def pending(version: int) -> list[tuple[int, str]]:
+    """The migrations a database at schema ``version`` still needs, as (number, SQL); raises
+    :class:`SchemaTooNew` when ``version`` is beyond the last migration this code knows."""
+    if version > len(MIGRATIONS):
+        raise SchemaTooNew(f"the database is at schema version {version}, newer than this critique-local "
+                           f"({len(MIGRATIONS)}): downgrades are not supported; restore a backup made by this "
+                           "version, or run the newer version")
+    return list(enumerate(MIGRATIONS[version:], start=version + 1))

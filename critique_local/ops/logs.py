@@ -1,0 +1,42 @@
+"""Log context and formats: every log record carries ``request_id`` and ``run_id`` (empty when
+none applies), taken from context variables that the request middleware and the scheduler set;
+``server.log_format = "json"`` writes one JSON object per line with them."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+
+from pythonjsonlogger.json import JsonFormatter
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+RUN_ID: contextvars.ContextVar[str] = contextvars.ContextVar("run_id", default="")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+JSON_FIELDS = ("asctime", "levelname", "name", "message", "request_id", "run_id")
+
+
+class ContextFilter(logging.Filter):
+    """Adds ``request_id`` and ``run_id`` to every record (it never drops one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        record.run_id = RUN_ID.get()
+        return True
+
+
+def configure(level: str, fmt: str) -> None:
+    """Root logging for ``serve``: ``fmt`` is ``text`` or ``json`` (``server.log_format``)."""
+    handler = logging.StreamHandler()
+    handler.addFilter(ContextFilter())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(list(JSON_FIELDS), rename_fields={"asctime": "time",
+                                                                              "levelname": "level",
+                                                                              "name": "logger"}))
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def for_run(run_id: str) -> None:
+    """Tag what the current task (and the tasks it starts) logs with ``run_id``."""
+    RUN_ID.set(run_id)

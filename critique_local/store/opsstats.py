@@ -1,0 +1,28 @@
+"""Counts read at scrape time for ``/metrics``, and the database's readiness probe."""
+
+from __future__ import annotations
+
+from critique_local.store.db import Database
+
+
+async def ping(db: Database) -> None:
+    """Raises when the database cannot answer a query."""
+    await db.one("SELECT 1")
+
+
+async def runs_by_status_phase(db: Database) -> list[tuple[str, str, int]]:
+    """(status, phase, runs) for every pair that has runs."""
+    rows = await db.all("SELECT status, phase, COUNT(*) FROM runs GROUP BY status, phase")
+    return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+
+async def webhook_deliveries_by_state(db: Database) -> list[tuple[str, int]]:
+    rows = await db.all("SELECT state, COUNT(*) FROM webhook_deliveries GROUP BY state")
+    return [(str(r[0]), int(r[1])) for r in rows]
+
+
+async def sandboxes_in_use(db: Database) -> tuple[int, int]:
+    """(sandboxes of running turns, sandboxes of idle warm sessions)."""
+    row = await db.one("SELECT SUM(status = 'running'), SUM(status = 'idle') FROM runs "
+                       "WHERE status IN ('running', 'idle') AND sandbox_id IS NOT NULL")
+    return (int(row[0] or 0), int(row[1] or 0)) if row else (0, 0)
