@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from critique_local import logfilter
-from critique_local.api import meta, runs
+from critique_local.api import mcp, meta, runs
 from critique_local.api.middleware import authenticated, error_middleware
 from critique_local.api.ratelimit import RateLimiter
 from critique_local.api.registry import Route
@@ -98,8 +98,11 @@ def public_app(services: Services, scheduler: Scheduler, upstream: Upstream, web
     """The public listener's application: the Coding Agent API, meta routes and the gateway,
     every authenticated route under the per-key rate limit."""
     limits = services.settings.limits
-    return _application(services, scheduler, upstream, webhooks, [*runs.ROUTES, *meta.ROUTES, *gateway.ROUTES],
-                        RateLimiter(limits.requests_per_minute, limits.burst), guard)
+    app = _application(services, scheduler, upstream, webhooks,
+                       [*runs.ROUTES, *meta.ROUTES, *gateway.ROUTES, *mcp.ROUTES],
+                       RateLimiter(limits.requests_per_minute, limits.burst), guard)
+    app.cleanup_ctx.append(mcp.lifespan)
+    return app
 
 
 def sandbox_app(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks,
@@ -165,6 +168,7 @@ def known_secrets(settings: Settings) -> Redactor:
         redactor.add(provider.api_key)
     redactor.add(settings.github.token)
     redactor.add(settings.gitea.token)
+    redactor.add(settings.gitlab.token)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter(redactor))
     return redactor

@@ -26,9 +26,11 @@ HEADLESS_PERMISSIONS: dict[str, str] = {
 PLAN_PERMISSIONS: dict[str, str] = {**HEADLESS_PERMISSIONS, "edit": "deny"}
 
 
-def opencode_config(gateway_url: str, model_id: str, context_tokens: int, output_tokens: int) -> str:
+def opencode_config(gateway_url: str, model_id: str, context_tokens: int, output_tokens: int,
+                    mcp: dict[str, Any] | None = None) -> str:
     """JSON for ``OPENCODE_CONFIG_CONTENT``. The gateway token is read from the environment
-    (``{env:...}``) so it is not repeated in the config text."""
+    (``{env:...}``) so it is not repeated in the config text. ``mcp``: OpenCode's ``mcp``
+    section (remote servers, reached through the server's relay)."""
     config: dict[str, Any] = {
         "$schema": "https://opencode.ai/config.json",
         "autoupdate": False,
@@ -52,4 +54,6 @@ def opencode_config(gateway_url: str, model_id: str, context_tokens: int, output
         "permission": HEADLESS_PERMISSIONS,
         "agent": {"plan": {"permission": PLAN_PERMISSIONS}},
     }
+    if mcp:
+        config["mcp"] = mcp
     return json.dumps(config)

@@ -18,10 +18,10 @@ REF = "#/components/schemas/{model}"
 
 
 def all_routes() -> list[Route]:
-    from critique_local.api import meta, runs
+    from critique_local.api import mcp, meta, runs
     from critique_local.gateway import routes as gateway
 
-    return [*runs.ROUTES, *meta.ROUTES, *gateway.ROUTES]
+    return [*runs.ROUTES, *meta.ROUTES, *gateway.ROUTES, *mcp.ROUTES]
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:

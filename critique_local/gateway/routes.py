@@ -24,7 +24,7 @@ from critique_local.api.registry import Route
 from critique_local.api.schemas import Model, ModelList
 from critique_local.appkeys import LIMITER, SERVICES, UPSTREAM
 from critique_local.errors import ApiError, BadRequest, Forbidden, InvalidRequest, PaymentRequired, Unauthorized
-from critique_local.gateway import scripted, wire
+from critique_local.gateway import mcp_relay, scripted, wire
 from critique_local.gateway.calls import CallLog
 from critique_local.gateway.catalog import ModelEntry
 from critique_local.gateway.metering import Meter
@@ -277,4 +277,5 @@ ROUTES = [
           errors=(400, 401, 402, 403, 408, 413, 422, 429, 502, 504), tag="inference"),
     Route("GET", "/api/v1/models", list_models, "Models (OpenAI-compatible list)", None, response=ModelList,
           errors=(401, 403, 429), tag="inference"),
+    *mcp_relay.ROUTES,
 ]

@@ -18,7 +18,7 @@ from critique_local.errors import (
     PaymentRequired,
 )
 from critique_local.repos.names import branch_problem, protected_pattern, ref_problem, repository_name_problem
-from critique_local.runs import intent, network
+from critique_local.runs import intent, mcp_servers, network
 from critique_local.services import Services
 from critique_local.store import runs as store
 from critique_local.store.keys import Principal
@@ -113,9 +113,12 @@ async def create(
     if byok_key is not None and entry.provider is not None and s.settings.billing.byok_provider not in s.settings.providers:
         raise InvalidRequest("this server has no provider for billing.mode openrouter", field="billing.mode",
                              code="unsupported")
+    mcp_servers.check(s.settings, req)
     repo_id = await _repository_id(s, req)
-    stored_request = req.model_dump(mode="json", by_alias=True, exclude={"prompt", "billing"})
+    stored_request = req.model_dump(mode="json", by_alias=True, exclude={"prompt", "billing", "mcp_servers"})
     stored_request["billingMode"] = req.billing.mode if req.billing else "managed"
+    if req.mcp_servers:
+        stored_request["mcpServers"] = mcp_servers.stored(req)
     new = store.NewRun(
         id=new_id("run"), user_id=principal.user_id, repository_id=repo_id, request=stored_request,
         model_id=model_id, task_kind=req.task_kind, intent=intent.classify(req.prompt), base_ref=ref,
@@ -139,6 +142,8 @@ async def create(
     if not result.created and result.body_hash != digest:
         raise IdempotencyKeyReused("Idempotency-Key was already used with a different body",
                                    field="Idempotency-Key")
+    if result.created and (sealed := mcp_servers.seal_headers(s.box, new.id, req)) is not None:
+        await store.update_run(s.db, new.id, mcp_headers=sealed)
     if result.created and byok_key is not None:
         await store.update_run(s.db, new.id, byok_key=s.box.seal(byok_key, new.id))
         await billing.charge_orchestration(s.db, principal.user_id, new.id, s.settings.billing.orchestration_credits)

@@ -171,7 +171,7 @@ class Executor:
             endpoint = await sandbox.endpoint(OPENCODE_PORT)
             agent = OpenCodeClient(endpoint.base_url, {**endpoint.headers, **basic_auth(password)})
         else:
-            env = {**self._network_env(run, token), **agent_env(self.s, token, password, run.model_id)}
+            env = {**self._network_env(run, token), **agent_env(self.s, token, password, run.model_id, run.request)}
             agent = await start_agent(sandbox, env, settings.sandbox.agent_ready_timeout_s)
         try:
             title = str(run.request.get("title") or f"critique-local {run.id}")
@@ -530,7 +530,7 @@ class Executor:
         await store.update_turn(self.s.db, run_id, max(run.turn_count, 1), status="failed", finished_at=now_iso())
         await self._transition(run, RunStatus.FAILED, Phase.FAILED, error_code=code, error_message=message,
                                finished_at=now_iso(), sandbox_token_hash=None, sandbox_token=None,
-                               agent_secret=None, byok_key=None, session_end_reason=SessionEnd.FINISHED.value)
+                               agent_secret=None, byok_key=None, mcp_headers=None, session_end_reason=SessionEnd.FINISHED.value)
         self.s.redactor.forget_run(run_id)
         await self.run_repo(run_id).discard()
 
@@ -540,7 +540,7 @@ class Executor:
         if run.sandbox_id:
             await self.destroy(run.sandbox_id)
         closed = await self._transition(run, status, phase, finished_at=now_iso(), sandbox_token_hash=None,
-                                        sandbox_token=None, agent_secret=None, byok_key=None,
+                                        sandbox_token=None, agent_secret=None, byok_key=None, mcp_headers=None,
                                         session_end_reason=reason.value, **fields)
         self.s.redactor.forget_run(run.id)
         await self.run_repo(run.id).discard()

@@ -19,11 +19,13 @@ import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from critique_local.agent.config import OPENCODE_PORT, TOKEN_ENV, opencode_config
 from critique_local.agent.opencode import OpenCodeClient, basic_auth
 from critique_local.errors import RunFailure
 from critique_local.repos import checkout
+from critique_local.runs.mcp_servers import opencode_mcp
 from critique_local.sandboxes.base import Sandbox, SandboxError, SandboxSpec
 from critique_local.services import Services
 from critique_local.tokens import SANDBOX_TOKEN_PREFIX, new_token
@@ -44,14 +46,17 @@ class WarmSandbox:
     checkout_key: str | None  # the packed checkout already in /workspace (None: empty)
 
 
-def agent_env(services: Services, token: str, password: str, model_id: str) -> dict[str, str]:
+def agent_env(services: Services, token: str, password: str, model_id: str,
+              request: dict[str, Any] | None = None) -> dict[str, str]:
+    """``request``: the run's stored request (its mcpServers join the config through the relay)."""
     model = services.catalog.get(model_id)
     return {
         TOKEN_ENV: token,
         "OPENCODE_SERVER_PASSWORD": password,
         "OPENCODE_CONFIG_CONTENT": opencode_config(services.gateway_url, model_id,
                                                    model.context_tokens if model else 128_000,
-                                                   model.output_tokens if model else 8192),
+                                                   model.output_tokens if model else 8192,
+                                                   opencode_mcp(services.gateway_url, request or {})),
     }
 
 

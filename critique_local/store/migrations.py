@@ -204,3 +204,10 @@ MIGRATIONS.append(
     ALTER TABLE runs ADD COLUMN patch_redactions INTEGER NOT NULL DEFAULT 0;
     """
 )
+
+# The sealed headers of a run's mcpServers (deleted when its session ends, like byok_key).
+MIGRATIONS.append(
+    """
+    ALTER TABLE runs ADD COLUMN mcp_headers TEXT;
+    """
+)
