@@ -2,8 +2,8 @@
 
 The MCP SDK's Streamable HTTP transport is an ASGI app; this bridge lets it answer a request
 that aiohttp has already routed, authenticated and rate-limited, in the same process and event
-loop. The body is read (bounded by the app's ``client_max_size`` and the body deadline) before
-the ASGI app runs; the response streams (Server-Sent Events included) as the app sends it.
+loop. The caller reads the body (bounded by the app's ``client_max_size`` and the body deadline)
+before the ASGI app runs; the response streams (Server-Sent Events included) as the app sends it.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from aiohttp import web
-
-from critique_local.errors import RequestTimeout
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -43,17 +41,10 @@ def http_scope(request: web.Request, extra: dict[str, Any]) -> Scope:
     }
 
 
-async def call_asgi(request: web.Request, app: ASGIApp, extra: dict[str, Any], body_timeout_s: float) -> web.StreamResponse:
-    """Run ``app`` for ``request`` and return what it answered.
-
-    Raises :class:`RequestTimeout` when the body does not arrive within ``body_timeout_s`` and
-    aiohttp's ``HTTPRequestEntityTooLarge`` when it exceeds ``client_max_size``. A client that
-    goes away is reported to the app as ``http.disconnect``; writes after that are dropped."""
-    try:
-        async with asyncio.timeout(body_timeout_s):
-            body = await request.read()
-    except TimeoutError:
-        raise RequestTimeout("the request body did not arrive in time (limits.request_body_timeout_s)") from None
+async def call_asgi(request: web.Request, app: ASGIApp, extra: dict[str, Any], body: bytes) -> web.StreamResponse:
+    """Run ``app`` for ``request``, whose ``body`` the caller has read (and bounded), and return
+    what it answered. A client that goes away is reported to the app as ``http.disconnect``;
+    writes after that are dropped."""
     finished = asyncio.Event()
     body_sent = False
     response: web.StreamResponse | None = None

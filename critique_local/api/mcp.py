@@ -33,7 +33,7 @@ from critique_local import __version__
 from critique_local.api import meta
 from critique_local.api import runs as rest
 from critique_local.api.asgi import call_asgi
-from critique_local.api.http import validation_error
+from critique_local.api.http import read_json, validation_error
 from critique_local.api.registry import Route
 from critique_local.api.schemas import (
     CreateRunRequest,
@@ -45,7 +45,7 @@ from critique_local.api.schemas import (
     RunList,
 )
 from critique_local.appkeys import CONTROL, SERVICES
-from critique_local.errors import ApiError, Forbidden, InvalidRequest
+from critique_local.errors import ApiError, BadRequest, Forbidden, InvalidRequest
 from critique_local.runs.states import TERMINAL, RunStatus
 from critique_local.store import events as events_store
 from critique_local.store import runs as runs_store
@@ -57,6 +57,7 @@ MAX_WAIT_S = 1800
 POLL_S = 10.0  # re-read the run at least this often while waiting (a missed wake-up costs no more)
 PRINCIPAL = "critique.principal"  # ASGI scope keys set by the route
 APP = "critique.app"
+REQUEST = "critique.request"
 MANAGER = web.AppKey("mcp_manager", StreamableHTTPSessionManager)
 
 
@@ -214,14 +215,20 @@ def _activity(kind: str, data: dict[str, Any]) -> str:
     return f"{what}: {str(detail)[:200]}" if detail else what
 
 
+def _gone(request: web.Request | None) -> bool:
+    return request is not None and (request.transport is None or request.transport.is_closing())
+
+
 async def _wait(ctx: ServerRequestContext[Any], app: web.Application, run_id: str, after: int,
                 seconds: int) -> None:
-    """Until run ``run_id`` is idle or terminal, at most ``seconds``: report each event after
-    ``after`` as progress (its id is the progress value; a no-op without a progressToken)."""
+    """Until run ``run_id`` is idle or terminal, at most ``seconds`` and only while the client
+    is connected: report each event after ``after`` as progress (its id is the progress value;
+    a no-op without a progressToken)."""
     s = app[SERVICES]
+    http: web.Request | None = ctx.request.scope.get(REQUEST) if ctx.request is not None else None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
-    while True:
+    while not _gone(http):
         signal = s.hub.signal(run_id)
         batch = await events_store.after(s.db, run_id, after)
         for ev in batch:
@@ -310,15 +317,40 @@ async def lifespan(app: web.Application) -> AsyncIterator[None]:
     await task
 
 
+class NotAcceptable(ApiError):
+    status = 406
+    code = "not_acceptable"
+
+
+class UnsupportedMediaType(ApiError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+def _accepts(request: web.Request) -> bool:
+    types_ = {part.split(";")[0].strip().lower() for part in request.headers.get("Accept", "").split(",")}
+    return bool(types_ & {"application/json", "application/*", "*/*"}) and \
+        bool(types_ & {"text/event-stream", "text/*", "*/*"})
+
+
 async def endpoint(request: web.Request, principal: Principal) -> web.StreamResponse:
-    extra = {PRINCIPAL: principal, APP: request.app}
-    return await call_asgi(request, request.app[MANAGER].handle_request, extra,
-                           request.app[SERVICES].settings.limits.request_body_timeout_s)
+    """What the protocol's transport would refuse is refused here first, with the API's error
+    body (406, 415, 400 ``bad_json``, 408, 413); the rest is the SDK's."""
+    if not _accepts(request):
+        raise NotAcceptable("Accept must include application/json and text/event-stream (MCP Streamable HTTP)",
+                            field="Accept")
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("Content-Type must be application/json", field="Content-Type")
+    message = await read_json(request)
+    if not (isinstance(message, dict) and message.get("jsonrpc") == "2.0"):
+        raise BadRequest("the body must be one JSON-RPC 2.0 message", code="bad_json")
+    extra = {PRINCIPAL: principal, APP: request.app, REQUEST: request}
+    return await call_asgi(request, request.app[MANAGER].handle_request, extra, await request.read())
 
 
 ROUTES = [
     Route("POST", PATH, endpoint, "Model Context Protocol (Streamable HTTP, stateless): the run tools",
           "read:builder", raw=("text/event-stream", "JSON-RPC responses and progress notifications (MCP Streamable "
                                                     "HTTP); application/json for requests that answer at once"),
-          errors=(401, 403, 413), tag="mcp"),
+          errors=(400, 401, 403, 406, 408, 413, 415), tag="mcp"),
 ]
