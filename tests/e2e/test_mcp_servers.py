@@ -124,6 +124,15 @@ def test_the_agent_uses_an_mcp_server_without_seeing_its_credential(
     assert sandbox_contains(container, SECRET) == ""
     assert sandbox_contains(container, "mcp-relay/docs") != ""  # the probe finds what is there
 
+    # a follow-up turn on the warm session uses the server again
+    api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": '@tool docs_lookup {"term": "again"}\n@say twice'})
+    second = wait_for(api, run["id"], {"idle", "failed"})
+    assert second["status"] == "idle" and second["turnCount"] == 2, second["error"]
+    events = [e["data"] for e in api.get(f"{RUNS}/{run['id']}", params={"events": "1"}).json()["run"]["events"]]
+    again = [e for e in events if e.get("type") == "tool" and e.get("tool") == "docs_lookup"
+             and e.get("status") == "completed"]
+    assert len(again) == 2 and "again: defined in the handbook" in json.dumps(again[-1])
+
     ended = api.post(f"{RUNS}/{run['id']}/messages", json={"endSession": True})
     assert ended.status_code == 200
     with closing(sqlite3.connect(f"file:{relay_server.data_dir / 'critique.db'}?mode=ro", uri=True)) as db:
