@@ -95,8 +95,9 @@ async def relay(request: web.Request, _: Any) -> web.StreamResponse:
             raise Forbidden("this run's MCP server credentials are gone (they are deleted when a session ends)",
                             code="mcp_credentials_gone")
         headers = mcp_servers.open_headers(s.box, run.id, sealed).get(name, {})
-        for value in headers.values():
+        for value in headers.values():  # if a tool echoes it, events show [REDACTED]
             s.redactor.add(value, run.id)
+            s.redactor.add(value.split(" ")[-1], run.id)  # the token of "Bearer <token>"
     private_ok: Networks = [ipaddress.ip_network(c, strict=False) for c in s.settings.network.private_cidrs]
     if problem := target_problem(server["url"], private_ok):
         await s.hub.builder(run.id, {"type": "mcp.request", "server": name, "error": problem})
