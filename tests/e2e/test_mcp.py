@@ -128,6 +128,19 @@ async def test_keys_scopes_and_ownership(server: Server, alice: str, bob: str) -
         assert hidden == {"code": "run_not_found", "message": "run not found"}
         assert error_of(await client.call_tool("cancel_run", {"runId": started["id"]}))["code"] == "run_not_found"
 
-    async with mcp_client(server, alice) as client:
+    progress: list[str | None] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append(message)
+
+    async with mcp_client(server, alice, mode="legacy") as client:
         cancelled = structured(await client.call_tool("cancel_run", {"runId": started["id"]}))["run"]
         assert cancelled["status"] == "cancelled"
+        # waiting with progress on the 2025 handshake: the call returns once the turn has ended,
+        # and the last progress message is that outcome
+        quick = structured(await client.call_tool("create_run", {
+            "repository": "acme/web", "prompt": "@say quick", "modelId": "critique/scripted"}))["run"]
+        waited = structured(await client.call_tool("get_run", {"runId": quick["id"], "waitSeconds": 600},
+                                                   progress_callback=on_progress))["run"]
+        assert waited["status"] not in ("queued", "running")
+        assert progress and progress[-1] == f"run {waited['status']} ({waited['lifecycle']})", progress
