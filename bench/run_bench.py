@@ -31,7 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from critique_local.agent.config import HEADLESS_PERMISSIONS  # noqa: E402
+from critique_local.agent.opencode.config import HEADLESS_PERMISSIONS  # noqa: E402
 from critique_local.clock import ms_between  # noqa: E402
 from tests.helpers import Server, free_port, git, make_repo  # noqa: E402
 

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from critique_local.api.ratelimit import RateLimiter
-from critique_local.errors import RateLimited
+from critique_local.errors import ErrorCode, RateLimited
 
 log = logging.getLogger(__name__)
 FD_RESERVE = 512  # descriptors kept for everything else: SQLite, the engine, agent clients, git
@@ -56,7 +56,7 @@ def fit_to_open_files(public: int, sandbox: int) -> tuple[int, int]:
 
 
 def _refusal(message: str) -> bytes:
-    body = json.dumps({"error": {"code": "too_many_connections", "message": message}}).encode()
+    body = json.dumps({"error": {"code": ErrorCode.TOO_MANY_CONNECTIONS.value, "message": message}}).encode()
     return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
             b"Retry-After: 1\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
@@ -220,15 +220,31 @@ class ConnectionGuard:
                 conn.arm()  # the next request head (keep-alive) must come in time too
 
 
+async def prebind(runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard,
+                  backlog: int = 1024) -> asyncio.Server:
+    """Bind a guarded listener before ``runner`` is set up, without accepting yet (connections
+    are refused until a :class:`GuardedSite` made with ``bound=`` starts): the port is known
+    early, e.g. for ``server.public_url``. Raises OSError when the address is taken."""
+
+    def handler() -> asyncio.Protocol:
+        assert runner.server is not None, "a connection was accepted before the runner was set up"
+        return runner.server()
+
+    return await asyncio.get_running_loop().create_server(
+        guard.protocol_factory(handler), host, port, backlog=backlog, reuse_address=True, start_serving=False)
+
+
 class GuardedSite(web.BaseSite):
-    """A TCP site whose connections go through a :class:`ConnectionGuard`."""
+    """A TCP site whose connections go through a :class:`ConnectionGuard` (on a socket from
+    :func:`prebind` when ``bound`` is given)."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard,
-                 backlog: int = 1024) -> None:
+                 backlog: int = 1024, bound: asyncio.Server | None = None) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
         self._guard = guard
+        self._bound = bound
 
     @property
     def name(self) -> str:
@@ -236,6 +252,10 @@ class GuardedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
+        if self._bound is not None:
+            self._server = self._bound
+            await self._bound.start_serving()
+            return
         server = self._runner.server
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(

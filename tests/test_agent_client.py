@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from critique_local.agent.opencode import MAX_EVENT_BYTES, MAX_REPLY_BYTES, AgentError, OpenCodeClient
+from critique_local.agent.opencode.client import MAX_EVENT_BYTES, MAX_REPLY_BYTES, OpenCodeClient
+from critique_local.errors import AgentError
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The rules behind ``model_unreachable`` (the e2e cases are in tests/e2e/test_model_unreachable.py):
 what the gateway records of a turn's model calls, when the watch calls a model unreachable, how
-upstream failures are classified, and how OpenCode's retries become ``retry`` events."""
+upstream failures are classified, and how OpenCode's events become the watch's signals and
+``retry`` events."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from critique_local.agent.normalize import Normalizer
+from critique_local.agent.opencode.harness import model_signals
 from critique_local.gateway.calls import CallLog, ModelCalls
 from critique_local.gateway.upstream import UpstreamError
 from critique_local.runs.modelwatch import ModelWatch
@@ -72,8 +74,14 @@ def test_the_registry_keeps_only_open_logs() -> None:
 
 
 def watch(clock: Clock, bound: float = 30) -> ModelWatch:
-    return ModelWatch(ModelCalls(clock), "run_1", "ses_1", model_id="acme/m", provider="prov", bound_s=bound,
-                      gateway_url="http://172.18.0.1:8788/api/v1", sandbox=None, clock=clock)
+    return ModelWatch(ModelCalls(clock), "run_1", model_id="acme/m", provider="prov", bound_s=bound,
+                      gateway_url="http://172.18.0.1:8788/api/v1", sandbox=None, agent_name="OpenCode", clock=clock)
+
+
+def feed(w: ModelWatch, event: dict[str, Any]) -> None:
+    """An OpenCode event of the run's session ``ses_1``, as the OpenCode harness reports it."""
+    for signal in model_signals(event, "ses_1"):
+        w.observe(signal)
 
 
 def tool(status: str, part: str = "prt_1", session: str = "ses_1") -> dict[str, Any]:
@@ -110,18 +118,18 @@ def test_waiting_for_the_model_only_counts_while_no_tool_runs_and_no_call_arrive
     clock = Clock()
     w = watch(clock)
     assert w._no_call_reached_us()
-    w.observe(tool("running"))
+    feed(w, tool("running"))
     assert not w._no_call_reached_us()  # a long bash step is not a missing model
-    w.observe(tool("running", session="ses_other"))  # other sessions are not ours
+    feed(w, tool("running", session="ses_other"))  # other sessions are not ours
     clock.now += 500
-    w.observe(tool("completed"))
+    feed(w, tool("completed"))
     assert w._no_call_reached_us() and w.needs_model_since == clock.now
     call = w.calls.start()
     assert not w._no_call_reached_us()  # a call reached the gateway
     w.calls.answered(call)
     w.calls.end(call)
     assert not w._no_call_reached_us()
-    w.observe({"type": "session.status",
+    feed(w, {"type": "session.status",
                "properties": {"sessionID": "ses_1", "status": {"type": "retry", "attempt": 1, "message": "Unable"}}})
     assert w.retries == 1 and w.last_retry == "Unable"
 
@@ -131,7 +139,7 @@ def test_without_a_probe_a_silent_gateway_needs_opencode_retries_to_be_reported(
     w = watch(clock)
     clock.now += 30
     assert asyncio.run(w.check()) is None  # OpenCode may just be slow: nothing says otherwise
-    w.observe({"type": "session.status", "properties": {"sessionID": "ses_1", "status": {
+    feed(w, {"type": "session.status", "properties": {"sessionID": "ses_1", "status": {
         "type": "retry", "attempt": 1, "message": "Cannot connect to API: Unable to connect."}}})
     clock.now += 29
     assert asyncio.run(w.check()) is None  # looked a moment ago

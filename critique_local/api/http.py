@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from critique_local import bounds
 from critique_local.appkeys import SERVICES
-from critique_local.errors import BadRequest, InvalidRequest, RequestTimeout
+from critique_local.errors import BadRequest, ErrorCode, InvalidRequest, RequestTimeout
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -19,7 +19,7 @@ def validation_error(exc: ValidationError) -> InvalidRequest:
     first = exc.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or None
     if first["type"] == "extra_forbidden":
-        return InvalidRequest(f"unknown field: {field}", field=field, code="unknown_field")
+        return InvalidRequest(f"unknown field: {field}", field=field, code=ErrorCode.UNKNOWN_FIELD)
     message = first["msg"].removeprefix("Value error, ")
     return InvalidRequest(f"{field}: {message}" if field else message, field=field)
 
@@ -34,13 +34,13 @@ async def read_json(request: web.Request) -> Any:
     except TimeoutError:
         raise RequestTimeout("the request body did not arrive in time (limits.request_body_timeout_s)") from None
     if not raw:
-        raise BadRequest("request body must be a JSON object", code="bad_json")
+        raise BadRequest("request body must be a JSON object", code=ErrorCode.BAD_JSON)
     try:
         return bounds.loads(raw)
     except bounds.TooDeep as exc:
-        raise BadRequest(f"request body is nested too deeply: {exc}", code="bad_json") from exc
+        raise BadRequest(f"request body is nested too deeply: {exc}", code=ErrorCode.BAD_JSON) from exc
     except ValueError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}", code="bad_json") from exc
+        raise BadRequest(f"request body is not valid JSON: {exc}", code=ErrorCode.BAD_JSON) from exc
 
 
 def header(request: web.Request, name: str, max_chars: int) -> str | None:
@@ -57,7 +57,7 @@ def header(request: web.Request, name: str, max_chars: int) -> str | None:
 async def parse_body(request: web.Request, model: type[M]) -> tuple[M, Any]:
     data = await read_json(request)
     if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object", code="bad_json")
+        raise BadRequest("request body must be a JSON object", code=ErrorCode.BAD_JSON)
     try:
         return model.model_validate(data), data
     except ValidationError as exc:

@@ -44,8 +44,17 @@ from critique_local.api.schemas import (
     RunEnvelope,
     RunList,
 )
-from critique_local.appkeys import CONTROL, SERVICES
-from critique_local.errors import ApiError, BadRequest, Forbidden, InvalidRequest
+from critique_local.appkeys import CONTROL, SERVICES, SETTINGS
+from critique_local.errors import (
+    ApiError,
+    BadRequest,
+    ErrorCode,
+    Forbidden,
+    InvalidRequest,
+    NotAcceptable,
+    UnsupportedMediaType,
+)
+from critique_local.runs.spec import FollowUp
 from critique_local.runs.states import TERMINAL, RunStatus
 from critique_local.store import events as events_store
 from critique_local.store import runs as runs_store
@@ -126,12 +135,12 @@ async def _message(app: web.Application, principal: Principal, a: SendMessageArg
     run = await rest.owned_run(app, principal, a.run_id)
     req = MessageRequest.model_validate(a.model_dump(by_alias=True, exclude_unset=True,
                                                      exclude={"wait_seconds", "run_id"}))
-    return await rest.envelope(app, await app[CONTROL].message(run, req))
+    return await rest.envelope(app, await app[CONTROL].message(run, req.follow_up()))
 
 
 async def _end(app: web.Application, principal: Principal, a: RunRef) -> BaseModel:
     run = await rest.owned_run(app, principal, a.run_id)
-    return await rest.envelope(app, await app[CONTROL].message(run, MessageRequest(end_session=True)))
+    return await rest.envelope(app, await app[CONTROL].message(run, FollowUp(end_session=True)))
 
 
 async def _cancel(app: web.Application, principal: Principal, a: RunRef) -> BaseModel:
@@ -276,7 +285,7 @@ async def _call(ctx: ServerRequestContext[Any], params: types.CallToolRequestPar
         return _error(err)
     except Exception:  # as the REST error middleware does: logged here, no internals to the client
         log.exception("unhandled error in MCP tool %s", params.name)
-        return _error(ApiError("internal server error", code="internal_error"))
+        return _error(ApiError("internal server error", code=ErrorCode.INTERNAL_ERROR))
     return _ok(result)
 
 
@@ -297,7 +306,7 @@ async def lifespan(app: web.Application) -> AsyncIterator[None]:
     entered and left by one task) for the life of the app."""
     logging.getLogger("mcp").setLevel(logging.WARNING)  # it logs every stateless request at INFO
     manager = StreamableHTTPSessionManager(protocol_server(), stateless=True,
-                                           max_request_body_size=app[SERVICES].settings.limits.max_body_bytes)
+                                           max_request_body_size=app[SETTINGS].limits.max_body_bytes)
     started, stop = asyncio.Event(), asyncio.Event()
 
     async def hold() -> None:
@@ -317,16 +326,6 @@ async def lifespan(app: web.Application) -> AsyncIterator[None]:
     await task
 
 
-class NotAcceptable(ApiError):
-    status = 406
-    code = "not_acceptable"
-
-
-class UnsupportedMediaType(ApiError):
-    status = 415
-    code = "unsupported_media_type"
-
-
 def _accepts(request: web.Request) -> bool:
     types_ = {part.split(";")[0].strip().lower() for part in request.headers.get("Accept", "").split(",")}
     return bool(types_ & {"application/json", "application/*", "*/*"}) and \
@@ -343,7 +342,7 @@ async def endpoint(request: web.Request, principal: Principal) -> web.StreamResp
         raise UnsupportedMediaType("Content-Type must be application/json", field="Content-Type")
     message = await read_json(request)
     if not (isinstance(message, dict) and message.get("jsonrpc") == "2.0"):
-        raise BadRequest("the body must be one JSON-RPC 2.0 message", code="bad_json")
+        raise BadRequest("the body must be one JSON-RPC 2.0 message", code=ErrorCode.BAD_JSON)
     extra = {PRINCIPAL: principal, APP: request.app, REQUEST: request}
     return await call_asgi(request, request.app[MANAGER].handle_request, extra, await request.read())
 

@@ -11,6 +11,7 @@ from critique_local.api.ratelimit import RateLimiter
 from critique_local.api.registry import Handler, Route
 from critique_local.errors import (
     ApiError,
+    ErrorCode,
     Forbidden,
     MethodNotAllowed,
     NotFound,
@@ -49,7 +50,7 @@ async def error_middleware(
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return web.json_response({"error": {"code": "internal_error", "message": "internal server error"}},
+        return web.json_response({"error": {"code": ErrorCode.INTERNAL_ERROR.value, "message": "internal server error"}},
                                  status=500)
 
 

@@ -24,8 +24,8 @@ from critique_local.api.schemas import (
     StreamQuery,
 )
 from critique_local.api.views import run_view
-from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES, WEBHOOKS
-from critique_local.errors import InvalidRequest, NotFound
+from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES, STOPPING, WEBHOOKS
+from critique_local.errors import ErrorCode, InvalidRequest, NotFound
 from critique_local.runs import create as creating
 from critique_local.runs.states import TERMINAL, RunStatus
 from critique_local.store import events as events_store
@@ -43,7 +43,7 @@ async def owned_run(app: web.Application, principal: Principal, run_id: str) -> 
     """The caller's run. Raises NotFound (run_not_found) for a missing or another user's run."""
     run = await store.get_run(app[SERVICES].db, run_id, principal.user_id)
     if run is None:  # another user's run is indistinguishable from a missing one
-        raise NotFound("run not found", code="run_not_found")
+        raise NotFound("run not found", code=ErrorCode.RUN_NOT_FOUND)
     return run
 
 
@@ -80,11 +80,9 @@ async def create_run(request: web.Request, principal: Principal) -> web.StreamRe
 async def start_run(app: web.Application, principal: Principal, req: CreateRunRequest, raw: object,
                     idempotency_key: str | None) -> tuple[RunRow, bool]:
     """Create (or find, by idempotency key) a run and queue it; (run, created)."""
-    s = app[SERVICES]
-    run, created = await creating.create(s, principal, req, raw, idempotency_key)
+    run, created = await creating.create(app[SERVICES], principal, req.order(), raw, idempotency_key)
     if created:
-        await s.hub.status(run)
-        app[SCHEDULER].submit(run.id, run.user_id)
+        await app[SCHEDULER].enqueue(run)
     return run, created
 
 
@@ -110,7 +108,7 @@ async def get_patch(request: web.Request, principal: Principal) -> web.StreamRes
     run = await _owned_run(request, principal)
     patch = await store.get_patch(request.app[SERVICES].db, run.id)
     if patch is None:
-        raise NotFound("this run has no patch (no changes yet)", code="patch_not_found")
+        raise NotFound("this run has no patch (no changes yet)", code=ErrorCode.PATCH_NOT_FOUND)
     return web.Response(body=patch.data, content_type="text/x-diff", headers={
         "Content-Disposition": f'attachment; filename="{run.id}.patch"',
         "X-Critique-Patch-Redactions": str(patch.redactions)})
@@ -119,7 +117,7 @@ async def get_patch(request: web.Request, principal: Principal) -> web.StreamRes
 async def send_message(request: web.Request, principal: Principal) -> web.StreamResponse:
     run = await _owned_run(request, principal)
     req, _ = await parse_body(request, MessageRequest)
-    carrier = await request.app[CONTROL].message(run, req)
+    carrier = await request.app[CONTROL].message(run, req.follow_up())
     return respond(await envelope(request.app, carrier), status=200 if req.end_session else 202)
 
 
@@ -148,8 +146,9 @@ async def stream(request: web.Request, principal: Principal) -> web.StreamRespon
     run = await _owned_run(request, principal)
     last = _resume_point(request)
     s = request.app[SERVICES]
+    stopping = request.app[STOPPING]
     async with sse_response(request, ping_interval=HEARTBEAT_S) as sse:
-        while sse.is_connected():
+        while sse.is_connected() and not stopping.is_set():
             signal = s.hub.signal(run.id)
             batch = await events_store.after(s.db, run.id, last)
             for ev in batch:
@@ -163,10 +162,10 @@ async def stream(request: web.Request, principal: Principal) -> web.StreamRespon
                 for ev in await events_store.after(s.db, run.id, last):
                     await sse.send(_json(ev.data, ev.seq, ev.created_at), id=str(ev.seq), event=ev.kind)
                 break
-            try:
-                await asyncio.wait_for(signal.wait(), HEARTBEAT_S)
-            except TimeoutError:
-                continue
+            waits = {asyncio.ensure_future(signal.wait()), asyncio.ensure_future(stopping.wait())}
+            _, pending = await asyncio.wait(waits, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in pending:
+                waiter.cancel()
     return sse
 
 

@@ -26,7 +26,7 @@ from critique_local.api.middleware import bearer
 from critique_local.api.registry import Route
 from critique_local.appkeys import LIMITER, SERVICES
 from critique_local.egress import blocked_address
-from critique_local.errors import ApiError, Forbidden, NotFound, RequestTimeout, Unauthorized
+from critique_local.errors import ErrorCode, Forbidden, McpServerUnreachable, NotFound, RequestTimeout, Unauthorized
 from critique_local.runs import mcp_servers
 from critique_local.runs.states import RunStatus
 from critique_local.store import runs as store
@@ -38,11 +38,6 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 FORWARDED_REQUEST = ("Content-Type", "Accept", "Mcp-Session-Id", "Mcp-Protocol-Version", "Last-Event-ID")
 FORWARDED_RESPONSE = ("Content-Type", "Mcp-Session-Id", "Mcp-Protocol-Version", "Cache-Control")
 Networks = list[ipaddress.IPv4Network | ipaddress.IPv6Network]
-
-
-class McpServerUnreachable(ApiError):
-    status = 502
-    code = "mcp_server_unreachable"
 
 
 class GuardedResolver(AbstractResolver):
@@ -85,21 +80,21 @@ async def relay(request: web.Request, _: Any) -> web.StreamResponse:
     if (limiter := request.app.get(LIMITER)) is not None:
         limiter.check(f"run:{run.id}")
     name = request.match_info["name"]
-    server = (run.request.get("mcpServers") or {}).get(name)
+    server = run.spec.mcp_servers.get(name)
     if server is None:
-        raise NotFound(f"this run has no MCP server {name!r}", code="mcp_server_not_found")
+        raise NotFound(f"this run has no MCP server {name!r}", code=ErrorCode.MCP_SERVER_NOT_FOUND)
     headers: dict[str, str] = {}
-    if server.get("headerNames"):
+    if server.header_names:
         sealed = await store.mcp_headers(s.db, run.id)
         if sealed is None:
             raise Forbidden("this run's MCP server credentials are gone (they are deleted when a session ends)",
-                            code="mcp_credentials_gone")
+                            code=ErrorCode.MCP_CREDENTIALS_GONE)
         headers = mcp_servers.open_headers(s.box, run.id, sealed).get(name, {})
         for value in headers.values():  # if a tool echoes it, events show [REDACTED]
             s.redactor.add(value, run.id)
             s.redactor.add(value.split(" ")[-1], run.id)  # the token of "Bearer <token>"
     private_ok: Networks = [ipaddress.ip_network(c, strict=False) for c in s.settings.network.private_cidrs]
-    if problem := target_problem(server["url"], private_ok):
+    if problem := target_problem(server.url, private_ok):
         await s.hub.builder(run.id, {"type": "mcp.request", "server": name, "error": problem})
         raise McpServerUnreachable(f"MCP server {name}: {problem}; refused")
     try:
@@ -114,7 +109,7 @@ async def relay(request: web.Request, _: Any) -> web.StreamResponse:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                      trust_env=False) as session:
         try:
-            upstream = await session.request(request.method, server["url"], data=body or None, headers=outbound,
+            upstream = await session.request(request.method, server.url, data=body or None, headers=outbound,
                                              allow_redirects=False)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             reason = str(exc) or type(exc).__name__

@@ -23,12 +23,22 @@ from critique_local.api.middleware import bearer
 from critique_local.api.registry import Route
 from critique_local.api.schemas import Model, ModelList
 from critique_local.appkeys import LIMITER, SERVICES, UPSTREAM
-from critique_local.errors import ApiError, BadRequest, Forbidden, InvalidRequest, PaymentRequired, Unauthorized
+from critique_local.errors import (
+    BadRequest,
+    BudgetExceeded,
+    ErrorCode,
+    Forbidden,
+    GatewayError,
+    InvalidRequest,
+    PaymentRequired,
+    Unauthorized,
+)
 from critique_local.gateway import mcp_relay, scripted, wire
 from critique_local.gateway.calls import CallLog
 from critique_local.gateway.catalog import ModelEntry
 from critique_local.gateway.metering import Meter
 from critique_local.gateway.upstream import UpstreamError
+from critique_local.runs.spec import ResourcesSpec
 from critique_local.runs.states import RunStatus
 from critique_local.services import Services
 from critique_local.store import runs as store
@@ -48,23 +58,6 @@ class ChatRequest(Model):
     model: str = Field(max_length=200)
     messages: list[dict[str, Any]] = Field(min_length=1, max_length=10_000)
     stream: bool = False
-
-
-class GatewayError(ApiError):
-    status = 502
-    code = "upstream_error"
-
-    @classmethod
-    def of(cls, exc: UpstreamError) -> GatewayError:
-        err = cls(exc.message, code=exc.code)
-        err.status = exc.status
-        return err
-
-
-class BudgetExceeded(ApiError):
-    # 402 and no retry words: OpenCode ends the turn at once instead of retrying
-    status = 402
-    code = "budget_exceeded"
 
 
 @dataclass(frozen=True)
@@ -98,17 +91,17 @@ async def _caller(s: Services, request: web.Request) -> Caller:
 
 async def _entry_for(s: Services, caller: Caller, model_id: str) -> ModelEntry:
     if caller.run is not None and caller.run.model_id != model_id:
-        raise Forbidden(f"this run may only use its own model, not {model_id!r}", code="model_not_allowed")
+        raise Forbidden(f"this run may only use its own model, not {model_id!r}", code=ErrorCode.MODEL_NOT_ALLOWED)
     entry = s.catalog.get(model_id)
     if entry is None:
-        raise InvalidRequest(f"unknown model {model_id!r}", field="model", code="unknown_model")
+        raise InvalidRequest(f"unknown model {model_id!r}", field="model", code=ErrorCode.UNKNOWN_MODEL)
     if caller.run is None and not entry.allowed_for(await billing.plan_of(s.db, s.settings.billing, caller.user_id)):
-        raise Forbidden(f"model {model_id} is not in your plan", field="model", code="model_not_in_plan")
+        raise Forbidden(f"model {model_id} is not in your plan", field="model", code=ErrorCode.MODEL_NOT_IN_PLAN)
     return entry
 
 
 def _byok(run: RunRow | None) -> bool:
-    return run is not None and run.request.get("billingMode") == "openrouter"
+    return run is not None and run.spec.byok
 
 
 async def _check_budget(s: Services, caller: Caller, entry: ModelEntry, messages: list[dict[str, Any]]) -> None:
@@ -118,8 +111,8 @@ async def _check_budget(s: Services, caller: Caller, entry: ModelEntry, messages
         if not entry.free and await billing.balance(s.db, caller.user_id) <= 0:
             raise PaymentRequired("no credits left")
         return
-    resources = (run.request.get("safety") or {}).get("resources") or {}
-    max_turns, max_credits = resources.get("maxTurns"), resources.get("maxCredits")
+    resources = run.spec.resources or ResourcesSpec()
+    max_turns, max_credits = resources.max_turns, resources.max_credits
     if max_turns is not None:
         this_turn = await billing.usage(s.db, run.id, run.turn_count)
         if this_turn.model_calls >= max_turns:
@@ -139,7 +132,7 @@ async def chat_completions(request: web.Request, principal: Principal) -> web.St
     caller = await _caller(s, request)
     raw = await read_json(request)
     if not isinstance(raw, dict):
-        raise BadRequest("request body must be a JSON object", code="bad_json")
+        raise BadRequest("request body must be a JSON object", code=ErrorCode.BAD_JSON)
     try:
         req = ChatRequest.model_validate(raw)
     except ValidationError as exc:
@@ -176,7 +169,7 @@ async def _scripted(request: web.Request, req: ChatRequest, raw: dict[str, Any],
     if reply.delay_s:
         await asyncio.sleep(reply.delay_s)
     if reply.error is not None:
-        raise BadRequest(f"scripted model: {reply.error}", code="model_error")
+        raise BadRequest(f"scripted model: {reply.error}", code=ErrorCode.MODEL_ERROR)
     prompt_tokens = scripted.estimate_tokens(req.messages)
     completion_tokens = scripted.estimate_tokens([reply.text, reply.tool_args])
     if not req.stream:
@@ -203,7 +196,7 @@ async def _forward(request: web.Request, s: Services, caller: Caller, entry: Mod
         assert caller.run is not None
         sealed = await store.byok_key(s.db, caller.run.id)
         if sealed is None:
-            raise PaymentRequired("this run's provider key is gone", code="byok_key_missing")
+            raise PaymentRequired("this run's provider key is gone", code=ErrorCode.BYOK_KEY_MISSING)
         base = s.settings.providers.get(s.settings.billing.byok_provider, provider)
         provider = base.model_copy(update={"api_key": s.box.open(sealed, caller.run.id)})
     body = {**raw, "model": entry.upstream_id}
@@ -233,9 +226,9 @@ async def _forward(request: web.Request, s: Services, caller: Caller, entry: Mod
         first = await anext(events)
     except UpstreamError as exc:
         failed(exc)
-        raise GatewayError.of(exc) from exc
+        raise GatewayError(exc.message, code=exc.code, status=exc.status) from exc
     except StopAsyncIteration:
-        raise GatewayError("upstream closed the stream without data", code="upstream_error") from None
+        raise GatewayError("upstream closed the stream without data") from None
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     try:

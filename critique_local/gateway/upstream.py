@@ -14,6 +14,7 @@ from httpx_sse import EventSource, ServerSentEvent
 
 from critique_local import bounds
 from critique_local.config import ProviderSettings
+from critique_local.errors import ErrorCode
 
 
 class UpstreamError(Exception):
@@ -26,7 +27,7 @@ class UpstreamError(Exception):
     when the provider could not be reached, timed out, or answered 5xx or 429 (what a run's model
     watch counts towards ``model_unreachable``), false when it answered and refused the call."""
 
-    def __init__(self, status: int, message: str, code: str = "upstream_error", *, unavailable: bool = False) -> None:
+    def __init__(self, status: int, message: str, code: ErrorCode = ErrorCode.UPSTREAM_ERROR, *, unavailable: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -37,17 +38,17 @@ class UpstreamError(Exception):
     def from_status(cls, upstream_status: int, text: str) -> UpstreamError:
         detail = f"upstream answered {upstream_status}: {text[:500]}"
         if upstream_status in (400, 404, 422):
-            return cls(400, detail, "upstream_bad_request")
+            return cls(400, detail, ErrorCode.UPSTREAM_BAD_REQUEST)
         if upstream_status in (401, 403):
-            return cls(502, detail, "upstream_unauthorized")
+            return cls(502, detail, ErrorCode.UPSTREAM_UNAUTHORIZED)
         if upstream_status == 429:
-            return cls(429, detail, "upstream_rate_limited", unavailable=True)
+            return cls(429, detail, ErrorCode.UPSTREAM_RATE_LIMITED, unavailable=True)
         return cls(502, detail, unavailable=upstream_status >= 500)
 
     @classmethod
     def from_exception(cls, exc: httpx.HTTPError) -> UpstreamError:
         if isinstance(exc, httpx.TimeoutException):
-            return cls(504, f"upstream did not answer in time ({exc.__class__.__name__})", "upstream_timeout",
+            return cls(504, f"upstream did not answer in time ({exc.__class__.__name__})", ErrorCode.UPSTREAM_TIMEOUT,
                        unavailable=True)
         why = str(exc).strip()[:200]
         return cls(502, f"upstream unreachable: {exc.__class__.__name__}" + (f" ({why})" if why else ""),
@@ -81,9 +82,9 @@ class Upstream:
             data = bounds.loads(resp.content)
         except ValueError as exc:  # not JSON, or nested beyond what we parse
             raise UpstreamError(502, f"upstream answered something that is not usable JSON: {str(exc)[:200]}",
-                                "upstream_error") from exc
+                                ErrorCode.UPSTREAM_ERROR) from exc
         if not isinstance(data, dict):
-            raise UpstreamError(502, "upstream answered JSON that is not an object", "upstream_error")
+            raise UpstreamError(502, "upstream answered JSON that is not an object", ErrorCode.UPSTREAM_ERROR)
         return data
 
     async def stream(self, provider: ProviderSettings, body: dict[str, Any],

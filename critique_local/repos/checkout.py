@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from critique_local.config import GitSettings
-from critique_local.errors import RunFailure
+from critique_local.errors import ErrorCode, RunFailure
 from critique_local.repos.git import clean_env, run_git
 from critique_local.repos.hosts import Source
 from critique_local.repos.mirrors import Mirrors
@@ -44,7 +44,7 @@ async def prepare(git: GitSettings, source: Source | None, ref: str | None, data
     local mirror (fetched first), then reuse a packed checkout of that commit if one is cached,
     else build it with a shallow fetch from the mirror (``git.checkout_depth``)."""
     if source is None:
-        raise RunFailure("repository_not_found", "the repository is no longer available")
+        raise RunFailure(ErrorCode.REPOSITORY_NOT_FOUND, "the repository is no longer available")
     if mirrors is None or not git.mirror_cache:
         return await _prepare_direct(git, source, ref, data_dir / "tmp")
     mirror = await mirrors.ensure(source)
@@ -108,7 +108,7 @@ async def _checkout_and_pack(ws: Path, env: dict[str, str], commit: str, branch:
     )
     _, err = await proc.communicate()
     if proc.returncode != 0:
-        raise RunFailure("checkout_failed", f"packing the checkout failed: {err.decode()[-300:]}")
+        raise RunFailure(ErrorCode.CHECKOUT_FAILED, f"packing the checkout failed: {err.decode()[-300:]}")
 
 
 def _evict(folder: Path, keep: int) -> None:
@@ -133,7 +133,7 @@ async def _resolve_ref(repo: Path, env: dict[str, str], ref: str | None, prefix:
         return await run_git(["rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}"], repo, env,
                              60), None
     except RunFailure as exc:
-        raise RunFailure("ref_not_found", f"ref {ref!r} does not exist in the repository") from exc
+        raise RunFailure(ErrorCode.REF_NOT_FOUND, f"ref {ref!r} does not exist in the repository") from exc
 
 
 def _new_workdir(scratch: Path) -> Path:

@@ -8,7 +8,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from critique_local.errors import RunFailure
+from critique_local.errors import ErrorCode, RunFailure
 
 
 def clean_env() -> dict[str, str]:
@@ -47,14 +47,14 @@ async def run_git_bytes(args: list[str], cwd: Path | None, env: dict[str, str], 
     except TimeoutError as exc:
         proc.kill()
         await proc.wait()
-        raise RunFailure("clone_timeout", f"git {args[0]} took longer than {timeout_s:.0f}s") from exc
+        raise RunFailure(ErrorCode.CLONE_TIMEOUT, f"git {args[0]} took longer than {timeout_s:.0f}s") from exc
     except BaseException:  # cancelled: a push must not land after its run was reported ended
         proc.kill()
         await asyncio.shield(proc.wait())
         raise
     if proc.returncode not in ok_codes:
         command = next((a for a in args if not a.startswith("-") and "=" not in a), args[0])
-        raise RunFailure("git_error", f"git {command} failed: {err.decode(errors='replace').strip()[-500:]}")
+        raise RunFailure(ErrorCode.GIT_ERROR, f"git {command} failed: {err.decode(errors='replace').strip()[-500:]}")
     return out
 
 

@@ -19,7 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from critique_local.errors import RunFailure
+from critique_local.errors import ErrorCode, RunFailure
 from critique_local.repos.git import OutputTooLarge, clean_env, run_git, run_git_bytes
 from critique_local.repos.hosts import Source
 
@@ -98,7 +98,7 @@ class RunRepo:
         if await self.has(f"{base_commit}^{{tree}}"):
             return
         if source is None:
-            raise RunFailure("repository_not_found", "the repository is no longer available")
+            raise RunFailure(ErrorCode.REPOSITORY_NOT_FOUND, "the repository is no longer available")
         await run_git(["fetch", "--quiet", "--no-tags", "--depth=1", "--", source.url, base_commit], self.path,
                       {**await source.git_env(), **SAFE_ENV}, timeout_s)
 
@@ -111,10 +111,10 @@ class RunRepo:
                 await self.git("index-pack", "--strict", "--fix-thin", "--stdin", timeout_s=300, stdin=pack)
             kind = (await self.git("cat-file", "-t", tree, timeout_s=60)).strip()
         except RunFailure as exc:
-            raise RunFailure("collect_failed", f"the changes read from the sandbox were refused: "
+            raise RunFailure(ErrorCode.COLLECT_FAILED, f"the changes read from the sandbox were refused: "
                                                f"{exc.message}") from exc
         if kind != b"tree":
-            raise RunFailure("collect_failed", f"the sandbox reported {tree[:12]}, which is not a tree")
+            raise RunFailure(ErrorCode.COLLECT_FAILED, f"the sandbox reported {tree[:12]}, which is not a tree")
 
     async def tree_of(self, commit: str) -> str:
         return (await self.git("rev-parse", "--verify", f"{commit}^{{tree}}", timeout_s=60)).decode().strip()
@@ -130,7 +130,7 @@ class RunRepo:
             return await self.git("diff-tree", *DIFF_OPTIONS, "-p", "--binary", old, new, "--", timeout_s=300,
                                   max_bytes=max_bytes)
         except OutputTooLarge as exc:
-            raise RunFailure("patch_too_large", f"the patch is over {max_bytes} bytes "
+            raise RunFailure(ErrorCode.PATCH_TOO_LARGE, f"the patch is over {max_bytes} bytes "
                                                 "(limits.max_patch_bytes)") from exc
 
     async def check_whitespace(self, old: str, new: str, max_bytes: int) -> tuple[bool, bytes]:

@@ -8,30 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from critique_local.api.schemas import MessageRequest
 from critique_local.clock import now_iso
-from critique_local.errors import Conflict, InvalidRequest
+from critique_local.errors import InvalidRequest, RunTerminal, SessionExpired, TurnInProgress
+from critique_local.runs import create as creating
 from critique_local.runs.create import check_publish
 from critique_local.runs.scheduler import Scheduler
+from critique_local.runs.spec import FollowUp
 from critique_local.runs.states import CHAINABLE, TERMINAL, Phase, RunStatus, SessionEnd
 from critique_local.store import pulls
 from critique_local.store import runs as store
 from critique_local.store.runs import RunRow
-from critique_local.tokens import new_id
-
-MAX_CHAIN_CONTEXT_CHARS = 60_000  # prior summaries carried into a chained run's prompt
-
-
-class TurnInProgress(Conflict):
-    code = "turn_in_progress"
-
-
-class RunTerminal(Conflict):
-    code = "run_terminal"
-
-
-class SessionExpired(Conflict):
-    code = "session_expired"
 
 
 class RunControl:
@@ -40,7 +26,7 @@ class RunControl:
         self.s = scheduler.s
         self.executor = scheduler.executor
 
-    async def message(self, run: RunRow, req: MessageRequest) -> RunRow:
+    async def message(self, run: RunRow, req: FollowUp) -> RunRow:
         """Returns the run that will carry the turn: the same one (warm) or a chained one."""
         check_publish(self.s.settings, req.publish, run.task_kind, run.base_branch or run.base_ref)
         if req.end_session:
@@ -57,13 +43,12 @@ class RunControl:
                 live = (run.session_expires_at or "") > now_iso()
                 attached = await self.executor.attach(run) if live else None
                 if attached is not None:
-                    await attached[1].aclose()
+                    await attached[1].close()
                     publish = await self._turn_publish(run, req)
                     if await store.begin_follow_up(self.s.db, run.id, req.prompt, publish) is None:
                         raise TurnInProgress("a turn is in progress on this run")
                     run = await self._reload(run.id)
-                    await self.s.hub.status(run)
-                    self.scheduler.submit(run.id, run.user_id)
+                    await self.scheduler.enqueue(run)
                     return run
                 reason = SessionEnd.EXPIRED if not live else SessionEnd.SANDBOX_LOST
                 run = await self.executor.close_session(run, RunStatus.COMPLETED, Phase.FINISHED, reason)
@@ -73,15 +58,17 @@ class RunControl:
                 raise RunTerminal(f"this run was already continued as {run.chained_to_run_id}; message that run")
             if req.fallback == "none":
                 raise SessionExpired("the session of this run has ended and fallback is none")
+            if problem := creating.chain_problem(run):
+                raise SessionExpired(problem)
             return await self._chain(run, req.prompt)
 
-    async def _turn_publish(self, run: RunRow, req: MessageRequest) -> dict[str, Any]:
+    async def _turn_publish(self, run: RunRow, req: FollowUp) -> dict[str, Any]:
         """A message's publish settings; without any, the previous turn's (a run that publishes
         keeps its pull request in step with its work). The branch never changes once pushed."""
         previous = await store.turn_publish(self.s.db, run.id, run.turn_count)
         if req.publish is None:
             return previous
-        wanted = req.publish.model_dump(mode="json", exclude_none=True)
+        wanted = {k: v for k, v in req.publish.to_stored().items() if v is not None}
         pr = await pulls.of_run(self.s.db, run.id)
         if pr is not None and req.publish.branch not in (None, pr.branch):
             raise InvalidRequest(f"this run already publishes to {pr.branch!r}", field="publish.branch")
@@ -90,23 +77,8 @@ class RunControl:
         return wanted
 
     async def _chain(self, old: RunRow, prompt: str) -> RunRow:
-        summaries = [(r[0], r[3]) for r in await store.turns_raw(self.s.db, old.id) if r[3]]
-        context = "".join(f"> Turn {i}: {line}\n" for i, summary in summaries for line in summary.splitlines())
-        if len(context) > MAX_CHAIN_CONTEXT_CHARS:  # summaries are agent-made: the newest are kept
-            context = "> [earlier turns clipped]\n" + context[-MAX_CHAIN_CONTEXT_CHARS:]
-        chained_prompt = prompt if not context else (
-            f"Earlier turns of this task (run {old.id}; their changes are not in this checkout):\n{context}\n{prompt}")
-        new = store.NewRun(
-            id=new_id("run"), user_id=old.user_id, repository_id=old.repository_id,
-            request={**old.request, "chainedFromRunId": old.id}, model_id=old.model_id, task_kind=old.task_kind,
-            intent=old.intent, base_ref=old.base_ref, prompt=chained_prompt,
-        )
-        await store.create_run(self.s.db, new, None)
-        await store.update_run(self.s.db, new.id, chained_from_run_id=old.id)
-        await store.update_run(self.s.db, old.id, chained_to_run_id=new.id)
-        run = await self._reload(new.id)
-        await self.s.hub.status(run)
-        self.scheduler.submit(run.id, run.user_id)
+        run = await creating.chain(self.s, old, prompt)
+        await self.scheduler.enqueue(run)
         return run
 
     async def end_session(self, run: RunRow) -> RunRow:

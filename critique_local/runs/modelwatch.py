@@ -1,21 +1,22 @@
 """A model that cannot be reached ends the turn: ``model_unreachable``, within a bound.
 
 Two sides see different things. The gateway sees every call the sandbox makes and how the
-provider answered (:mod:`critique_local.gateway.calls`, the server's own record). OpenCode's
-event stream says when OpenCode needs the model (the prompt was sent, or its tools finished)
-and when it retries (``session.status`` ``retry``). With B = ``models.unreachable_timeout_s``,
-the turn ends with ``model_unreachable`` when:
+provider answered (:mod:`critique_local.gateway.calls`, the server's own record). The agent's
+harness reports when the agent needs the model (:class:`PromptSent`, or a
+:class:`ToolActivity` that ends the last running tool) and when it retries
+(:class:`ModelRetry`). With B = ``models.unreachable_timeout_s``, the turn ends with
+``model_unreachable`` when:
 
 1. the provider has failed every call for B seconds (refused, timed out, 5xx or 429),
 2. a call has waited B seconds for the provider's first answer, or
-3. OpenCode has needed the model for B seconds and no call reached the gateway, and a probe
-   run inside the sandbox cannot reach the gateway either (when it can, OpenCode is slow for
+3. the agent has needed the model for B seconds and no call reached the gateway, and a probe
+   run inside the sandbox cannot reach the gateway either (when it can, the agent is slow for
    another reason and the watch waits on, probing again every B; ``turn_timeout_s`` still
-   bounds the turn). A probe that cannot run convicts only if OpenCode reported retries.
+   bounds the turn). A probe that cannot run convicts only if the agent reported retries.
 
-OpenCode may give up first (it retries 5 times, ~70 s): its error is then explained by the same
-record. What OpenCode reports only decides *when* to look; the verdict rests on the gateway's
-record and the probe, so an agent cannot make a run fail with this code by faking events.
+The agent may give up first (retrying a few times over about a minute): its error is then explained by the
+same record. What the agent reports only decides *when* to look; the verdict rests on the
+gateway's record and the probe, so an agent cannot make a run fail with this code by faking events.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from critique_local.errors import TurnStop
+from critique_local.agent.base import ModelRetry, PromptSent, ToolActivity, TurnEvent
+from critique_local.errors import ErrorCode, TurnStop
 from critique_local.gateway.calls import CallLog, ModelCalls
 from critique_local.sandboxes.base import Sandbox, SandboxError
 from critique_local.services import Services
@@ -54,74 +56,69 @@ except Exception as exc:
 
 
 class ModelWatch:
-    """One prompt's watch. Feed it the session's OpenCode events with :meth:`observe`, run the
-    prompt under :meth:`guard`, and ask :meth:`explain` when OpenCode ends the turn with an
-    ``APIError``. :meth:`close` when the prompt is done."""
+    """One prompt's watch. Feed it what the agent's harness reports with :meth:`observe`, run
+    the prompt under :meth:`guard`, and ask :meth:`explain` when the agent ends the turn with a
+    model error. :meth:`close` when the prompt is done."""
 
-    def __init__(self, calls: ModelCalls, run_id: str, session_id: str, *, model_id: str, provider: str | None,
-                 bound_s: float, gateway_url: str, sandbox: Sandbox | None,
+    def __init__(self, calls: ModelCalls, run_id: str, *, model_id: str, provider: str | None,
+                 bound_s: float, gateway_url: str, sandbox: Sandbox | None, agent_name: str = "the agent",
                  clock: Callable[[], float] = time.monotonic) -> None:
         """``calls``: the server's registry the gateway writes to; ``provider``: the
         [providers.NAME] the run's model calls go to (None: served in-process); ``bound_s``:
         ``models.unreachable_timeout_s``; ``gateway_url``: the gateway as the sandbox reaches it;
-        ``sandbox``: where the reachability probe runs (None: no probe, the verdict is unknown)."""
+        ``sandbox``: where the reachability probe runs (None: no probe, the verdict is unknown);
+        ``agent_name``: the agent as messages name it."""
         self.registry = calls
         self.run_id = run_id
-        self.session_id = session_id
         self.model_id = model_id
         self.provider = provider
         self.bound_s = bound_s
         self.gateway_url = gateway_url
         self.sandbox = sandbox
+        self.agent_name = agent_name
         self.clock = clock
         self.calls: CallLog = calls.open(run_id, provider)
-        self.tools: set[str] = set()  # tool parts pending or running: OpenCode does not need the model
+        self.tools: set[str] = set()  # tool calls running: the agent does not need the model
         self.needs_model_since = clock()
         self.retries = 0
-        self.retries_in_wait = 0  # since OpenCode last went back to the model
+        self.retries_in_wait = 0  # since the agent last went back to the model
         self.last_retry = ""
         self.probed_at: float | None = None  # a probe last gave no verdict (reachable, or could not run)
 
     @classmethod
-    def for_prompt(cls, services: Services, run: RunRow, sandbox: Sandbox, session_id: str) -> ModelWatch:
+    def for_prompt(cls, services: Services, run: RunRow, sandbox: Sandbox) -> ModelWatch:
         entry = services.catalog.get(run.model_id)
         provider = entry.provider if entry is not None else None
-        if provider is not None and run.request.get("billingMode") == "openrouter":
+        if provider is not None and run.spec.byok:
             provider = services.settings.billing.byok_provider
-        return cls(services.model_calls, run.id, session_id, model_id=run.model_id, provider=provider,
+        return cls(services.model_calls, run.id, model_id=run.model_id, provider=provider,
                    bound_s=services.settings.models.unreachable_timeout_s, gateway_url=services.gateway_url,
-                   sandbox=sandbox)
+                   sandbox=sandbox, agent_name=services.harness.name)
 
     def close(self) -> None:
         self.registry.close(self.run_id, self.calls)
 
-    def observe(self, event: dict[str, Any]) -> None:
-        """An OpenCode event of any session (others are ignored)."""
-        kind = event.get("type")
-        props = event.get("properties") or {}
-        if kind == "message.part.updated":
-            part = props.get("part") or {}
-            if part.get("sessionID") != self.session_id or part.get("type") != "tool":
-                return
-            status = (part.get("state") or {}).get("status")
-            if status in ("pending", "running"):
-                self.tools.add(str(part.get("id")))
-            elif status in ("completed", "error"):
-                self.tools.discard(str(part.get("id")))
+    def observe(self, event: TurnEvent) -> None:
+        """What the harness reported during the turn (rows of the event log are ignored)."""
+        if isinstance(event, PromptSent):
+            self.needs_model_since, self.retries_in_wait = self.clock(), 0
+        elif isinstance(event, ToolActivity):
+            if event.running:
+                self.tools.add(event.tool_id)
+            else:
+                self.tools.discard(event.tool_id)
                 if not self.tools:  # back to the model
                     self.needs_model_since = self.clock()
                     self.retries_in_wait = 0
-        elif kind == "session.status" and props.get("sessionID") == self.session_id:
-            status = props.get("status") or {}
-            if status.get("type") == "retry":
-                self.retries += 1
-                self.retries_in_wait += 1
-                self.last_retry = str(status.get("message") or "")[:300]
+        elif isinstance(event, ModelRetry):
+            self.retries += 1
+            self.retries_in_wait += 1
+            self.last_retry = event.message[:300]
 
     # ---- verdicts ------------------------------------------------------------------------------
 
     def _no_call_reached_us(self) -> bool:
-        """OpenCode needs the model and no call of it has reached the gateway since."""
+        """The agent needs the model and no call of it has reached the gateway since."""
         c = self.calls
         return not self.tools and c.open_calls == 0 and (c.last_start is None or c.last_start < self.needs_model_since)
 
@@ -138,17 +135,17 @@ class ModelWatch:
                 return None  # probed during this same wait, without a verdict: look again later
             reachable, detail = await self.probe()
             # a probe that could not run (a loaded machine, an image without python3) convicts
-            # only together with OpenCode's own connection retries
+            # only together with the agent's own connection retries
             if reachable or (reachable is None and not self.retries_in_wait):
                 self.probed_at = now
-                log.info("run %s: OpenCode has not called the model for %.0f s; from the sandbox: %s",
-                         self.run_id, now - self.needs_model_since, detail)
+                log.info("run %s: %s has not called the model for %.0f s; from the sandbox: %s",
+                         self.run_id, self.agent_name, now - self.needs_model_since, detail)
                 return None
             return self._gateway_unreachable(now, detail)
         return None
 
     async def explain(self) -> str | None:
-        """OpenCode ended the turn with a model error: the ``model_unreachable`` message when
+        """The agent ended the turn with a model error: the ``model_unreachable`` message when
         the model could not be reached, else None (a plain ``model_error``)."""
         now = self.clock()
         if self.calls.failing_since is not None:
@@ -160,7 +157,7 @@ class ModelWatch:
         return None
 
     async def guard(self, work: Awaitable[T], abort: Callable[[], Awaitable[None]], partial: Callable[[], str]) -> T:
-        """Await ``work`` (the prompt); when :meth:`check` gives a reason, ``abort`` OpenCode's
+        """Await ``work`` (the prompt); when :meth:`check` gives a reason, ``abort`` the agent's
         turn and raise :class:`TurnStop` ``model_unreachable`` with the text so far."""
         self.needs_model_since, self.retries_in_wait = self.clock(), 0
         task = asyncio.ensure_future(work)
@@ -176,7 +173,7 @@ class ModelWatch:
                     log.info("run %s: model_unreachable: %s", self.run_id, reason)
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(abort(), 5)
-                    raise TurnStop("model_unreachable", reason, partial())
+                    raise TurnStop(ErrorCode.MODEL_UNREACHABLE, reason, partial())
         finally:
             if not task.done():
                 task.cancel()
@@ -221,7 +218,7 @@ class ModelWatch:
                 "than that to start answering (then raise models.unreachable_timeout_s); send the message again")
 
     def _gateway_unreachable(self, now: float, probe: str) -> str:
-        seen = f"; OpenCode retried {self.retries} time(s): {self.last_retry}" if self.retries else ""
+        seen = f"; {self.agent_name} retried {self.retries} time(s): {self.last_retry}" if self.retries else ""
         return (f"the sandbox cannot reach the model gateway ({self.gateway_url}): no model call arrived for "
                 f"{now - self.needs_model_since:.0f} s ({self._bound()}){seen}; from the sandbox: {probe}. "
                 "Check the sandbox firewall (docker.host_firewall; on a shared host another server may have "

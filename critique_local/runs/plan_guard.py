@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from critique_local.errors import RunFailure
+from critique_local.errors import ErrorCode, RunFailure
 from critique_local.sandboxes.base import Sandbox
 
 # $1: the tree (or commit) the turn started from. A throw-away index holds it, so the agent's own
@@ -42,7 +42,7 @@ async def discard_changes(sandbox: Sandbox, start: str) -> dict[str, Any] | None
     cannot do it."""
     res = await sandbox.exec(["bash", "-c", RESTORE, "restore", start], timeout_s=120, max_output_bytes=1_100_000)
     if not res.ok:
-        raise RunFailure("plan_changed_tree", "a plan turn changed the tree and its changes could not be "
+        raise RunFailure(ErrorCode.PLAN_CHANGED_TREE, "a plan turn changed the tree and its changes could not be "
                          f"discarded: {res.stderr.decode(errors='replace')[-300:]}")
     count, _, listed = res.stdout.partition(b"\n")
     paths = [p.decode(errors="replace") for p in listed.split(b"\0")[:MAX_LISTED_PATHS] if p]
@@ -58,5 +58,5 @@ def check_unchanged(files_changed: int) -> None:
     :func:`discard_changes`, still show changed paths (e.g. a checkout filter the agent
     configured rewrote the files)."""
     if files_changed:
-        raise RunFailure("plan_changed_tree", f"a plan turn changed {files_changed} path(s) in the tree that "
+        raise RunFailure(ErrorCode.PLAN_CHANGED_TREE, f"a plan turn changed {files_changed} path(s) in the tree that "
                          "could not be put back; taskKind plan must leave the tree unchanged")

@@ -1,11 +1,11 @@
-"""The warm pool: sandboxes started ahead of demand, with OpenCode already healthy.
+"""The warm pool: sandboxes started ahead of demand, with the agent already healthy.
 
 ``pool.size`` sandboxes wait with an empty workspace; a run takes one and only has to upload
 its checkout and open a session. ``pool.repositories`` keeps sandboxes that already hold a
 repository's default branch (from the mirror cache): a run on that exact commit uploads
 nothing, so its start does not grow with the repository's size.
 
-Pooled sandboxes serve runs on ``models.default`` with network mode ``none`` (OpenCode's
+Pooled sandboxes serve runs on ``models.default`` with network mode ``none`` (the agent's
 configuration and environment are fixed when it starts); other runs start cold. Their
 gateway token opens nothing until a run claims the sandbox and the token is bound to it. The
 pool lives in memory: on shutdown its sandboxes are removed, and after a crash the startup
@@ -19,13 +19,10 @@ import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
-from typing import Any
 
-from critique_local.agent.config import OPENCODE_PORT, TOKEN_ENV, opencode_config
-from critique_local.agent.opencode import OpenCodeClient, basic_auth
+from critique_local.agent.base import LaunchConfig, McpServer
 from critique_local.errors import RunFailure
 from critique_local.repos import checkout
-from critique_local.runs.mcp_servers import opencode_mcp
 from critique_local.sandboxes.base import Sandbox, SandboxError, SandboxSpec
 from critique_local.services import Services
 from critique_local.tokens import SANDBOX_TOKEN_PREFIX, new_token
@@ -34,8 +31,6 @@ log = logging.getLogger(__name__)
 WORKSPACE = "/workspace"
 REFILL_CHECK_S = 30.0
 KEEP_ALIVE_S = 900.0
-START_OPENCODE = ("mkdir -p ~/.cache/opencode/bin && ln -sf /usr/bin/rg ~/.cache/opencode/bin/rg && "
-                  f"exec opencode serve --hostname 0.0.0.0 --port {OPENCODE_PORT}")
 
 
 @dataclass(frozen=True)
@@ -46,31 +41,15 @@ class WarmSandbox:
     checkout_key: str | None  # the packed checkout already in /workspace (None: empty)
 
 
-def agent_env(services: Services, token: str, password: str, model_id: str,
-              request: dict[str, Any] | None = None) -> dict[str, str]:
-    """``request``: the run's stored request (its mcpServers join the config through the relay)."""
+def launch_config(services: Services, token: str, secret: str, model_id: str,
+                  env: dict[str, str] | None = None, mcp_servers: tuple[McpServer, ...] = ()) -> LaunchConfig:
+    """How the agent of a sandbox starts: the gateway with the sandbox's ``token``, ``model_id``
+    with its catalog limits, the agent's ``secret``, extra ``env`` and the run's MCP servers."""
     model = services.catalog.get(model_id)
-    return {
-        TOKEN_ENV: token,
-        "OPENCODE_SERVER_PASSWORD": password,
-        "OPENCODE_CONFIG_CONTENT": opencode_config(services.gateway_url, model_id,
-                                                   model.context_tokens if model else 128_000,
-                                                   model.output_tokens if model else 8192,
-                                                   opencode_mcp(services.gateway_url, request or {})),
-    }
-
-
-async def start_agent(sandbox: Sandbox, env: dict[str, str], timeout_s: float) -> OpenCodeClient:
-    """Start ``opencode serve`` in the sandbox and wait until it is healthy."""
-    await sandbox.spawn(["bash", "-c", START_OPENCODE], env=env, cwd=WORKSPACE, log_path="/tmp/opencode.log")
-    endpoint = await sandbox.endpoint(OPENCODE_PORT)
-    agent = OpenCodeClient(endpoint.base_url, {**endpoint.headers, **basic_auth(env["OPENCODE_SERVER_PASSWORD"])})
-    try:
-        await agent.wait_healthy(timeout_s)
-    except BaseException:
-        await agent.aclose()
-        raise
-    return agent
+    return LaunchConfig(gateway_url=services.gateway_url, gateway_token=token, model_id=model_id,
+                        context_tokens=model.context_tokens if model else 128_000,
+                        output_tokens=model.output_tokens if model else 8192, secret=secret, env=env or {},
+                        mcp_servers=mcp_servers)
 
 
 class WarmPool:
@@ -183,9 +162,9 @@ class WarmPool:
         try:
             if prepared is not None:
                 await sandbox.upload_tar(WORKSPACE, prepared.tar_path)
-            env = agent_env(self.s, token, password, self.s.settings.models.default)
-            agent = await start_agent(sandbox, env, self.s.settings.sandbox.agent_ready_timeout_s)
-            await agent.aclose()
+            config = launch_config(self.s, token, password, self.s.settings.models.default)
+            agent = await self.s.harness.launch(sandbox, config, self.s.settings.sandbox.agent_ready_timeout_s)
+            await agent.close()
         except BaseException:
             with contextlib.suppress(SandboxError):
                 await asyncio.shield(self.s.backend.destroy(sandbox.id))

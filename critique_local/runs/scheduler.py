@@ -3,7 +3,7 @@
 for expired warm sessions, and cancellation by run id.
 
 The queue itself is durable in the ``runs`` table: on start, queued runs are resubmitted in
-creation order, idle runs whose sandbox and OpenCode still answer are kept (reattached), runs
+creation order, idle runs whose sandbox and agent still answer are kept (reattached), runs
 that were executing are failed with ``server_restarted``, and containers of ours that belong to
 neither are removed.
 """
@@ -17,6 +17,7 @@ import time
 from collections import Counter, defaultdict
 
 from critique_local.clock import now, now_iso, parse_iso
+from critique_local.errors import ErrorCode
 from critique_local.repos import workrepo
 from critique_local.runs.executor import Executor
 from critique_local.runs.queue import RunQueue
@@ -24,17 +25,17 @@ from critique_local.runs.states import TERMINAL, Phase, RunStatus, SessionEnd
 from critique_local.sandboxes.base import SandboxError
 from critique_local.services import Services
 from critique_local.store import runs as store
+from critique_local.store.runs import RunRow
 
 log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, executor: Executor) -> None:
         self.s = services
-        self.executor = Executor(services)
+        self.executor = executor
         self._queue = RunQueue(services.settings.scheduler.max_concurrent_runs_per_user)
         self._workers: list[asyncio.Task[None]] = []
-        self._reaper: asyncio.Task[None] | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._idle_limits = asyncio.Lock()
@@ -46,19 +47,25 @@ class Scheduler:
     def submit(self, run_id: str, user_id: str) -> None:
         self._queue.put(run_id, user_id)
 
+    async def enqueue(self, run: RunRow) -> None:
+        """A run that has a queued turn now (created, chained, or a follow-up admitted): clients
+        hear its status, then it waits for a worker."""
+        await self.s.hub.status(run)
+        self.submit(run.id, run.user_id)
+
     async def start(self) -> None:
         """Start executing. Call :meth:`recover` first, before the API accepts requests."""
         self._workers = [asyncio.create_task(self._work(), name=f"run-worker-{i}")
                          for i in range(self.s.settings.scheduler.max_concurrent_runs)]
-        self._reaper = asyncio.create_task(self._reap_forever(), name="session-reaper")
 
     async def stop(self, timeout_s: float = 10.0) -> None:
-        tasks = [*self._workers, *self._running.values(), *([self._reaper] if self._reaper else [])]
+        """Cancel the workers and every executing job, waiting at most ``timeout_s`` seconds."""
+        tasks = [*self._workers, *self._running.values()]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
-        self._workers, self._reaper = [], None
+        self._workers = []
 
     async def _work(self) -> None:
         while True:
@@ -88,7 +95,9 @@ class Scheduler:
 
     # ---- expiry -------------------------------------------------------------------------------
 
-    async def _reap_forever(self) -> None:
+    async def reap_forever(self) -> None:
+        """Every ``sandbox.reap_interval_s``: end expired and surplus idle sessions; every
+        ``sandbox.sweep_interval_s``: reclaim the host and sweep sandboxes. Runs until cancelled."""
         swept = time.monotonic()
         while True:
             await asyncio.sleep(self.s.settings.sandbox.reap_interval_s)
@@ -201,7 +210,7 @@ class Scheduler:
                 lost.append(run)
             else:
                 keep.add(attached[0].id)
-                await attached[1].aclose()
+                await attached[1].close()
                 if run.session_expires_at:  # reconnecting may have reset a remote sandbox's lifetime
                     left = (parse_iso(run.session_expires_at) - now()).total_seconds()
                     with contextlib.suppress(SandboxError):
@@ -216,7 +225,7 @@ class Scheduler:
         for run in lost:
             await self.executor.close_session(run, RunStatus.COMPLETED, Phase.FINISHED, SessionEnd.SANDBOX_LOST)
         for run in await store.runs_with_status(db, RunStatus.RUNNING):
-            await self.executor.fail(run.id, "server_restarted", "the server restarted while this run was active")
+            await self.executor.fail(run.id, ErrorCode.SERVER_RESTARTED, "the server restarted while this run was active")
         # the server's repositories of runs that ended while it was down (or crashed) go too
         alive = await store.runs_with_status(db, RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.IDLE)
         await workrepo.prune(self.s.settings.server.data_dir / "runs", {r.id for r in alive})

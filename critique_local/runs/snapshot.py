@@ -33,7 +33,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from critique_local.errors import RunFailure
+from critique_local.errors import ErrorCode, RunFailure
 from critique_local.repos.checkout import NEUTRAL_ATTRIBUTES
 from critique_local.sandboxes.base import Sandbox, SandboxError
 
@@ -149,18 +149,18 @@ async def take(sandbox: Sandbox, base_tree: str, max_pack_bytes: int) -> Snapsho
     try:
         if not res.ok or res.truncated:
             why = res.stderr.decode(errors="replace").strip()[-300:] or f"exit code {res.exit_code}"
-            raise RunFailure("collect_failed", f"reading the work tree failed: {why}")
+            raise RunFailure(ErrorCode.COLLECT_FAILED, f"reading the work tree failed: {why}")
         tree = (records.get(b"TREE") or [b""])[0].decode(errors="replace")
         base = (records.get(b"BASETREE") or [b""])[0].decode(errors="replace")
         size = (records.get(b"PACKSIZE") or [b""])[0]
         if not _SHA.fullmatch(tree) or (base and base != base_tree) or not size.isdigit():
-            raise RunFailure("collect_failed", "reading the work tree gave an unexpected answer")
+            raise RunFailure(ErrorCode.COLLECT_FAILED, "reading the work tree gave an unexpected answer")
         if int(size) > max_pack_bytes:
-            raise RunFailure("patch_too_large", f"the changes are {int(size)} bytes as a git pack; the limit is "
+            raise RunFailure(ErrorCode.PATCH_TOO_LARGE, f"the changes are {int(size)} bytes as a git pack; the limit is "
                                                 f"{max_pack_bytes} (publish.max_bundle_bytes)")
         pack = await sandbox.read_file(f"{folder}/changes.pack", max_pack_bytes)
         if pack is None or len(pack) != int(size):
-            raise RunFailure("collect_failed", "reading the changes out of the sandbox failed")
+            raise RunFailure(ErrorCode.COLLECT_FAILED, "reading the changes out of the sandbox failed")
         skipped = [line.decode(errors="replace") for text in records.get(b"SKIPPED", []) for line in text.splitlines()
                    if line.strip()]
         return Snapshot(tree, base, records.get(b"NESTED", []), pack, skipped)

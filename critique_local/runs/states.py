@@ -60,7 +60,7 @@ class SessionEnd(StrEnum):
 
     END_SESSION = "end_session"  # the client ended it: messages get 409 run_terminal
     EXPIRED = "expired"  # idle timeout or lifetime cap: messages start a chained run
-    SANDBOX_LOST = "sandbox_lost"  # sandbox or OpenCode died while idle: messages chain
+    SANDBOX_LOST = "sandbox_lost"  # sandbox or agent died while idle: messages chain
     IDLE_LIMIT = "idle_limit"  # least recently used beyond scheduler.max_idle_sessions(_per_user): messages chain
     FINISHED = "finished"  # turn ended with the run (failed, cancelled)
 
@@ -70,7 +70,7 @@ CHAINABLE = frozenset({SessionEnd.EXPIRED, SessionEnd.SANDBOX_LOST, SessionEnd.I
 # Lifecycle values (the stable contract documented in README and OpenAPI):
 LIFECYCLE_DOC: dict[str, str] = {
     "queued": "Accepted, waiting for a free execution slot.",
-    "provisioning": "Preparing the repository checkout and the sandbox; starting OpenCode.",
+    "provisioning": "Preparing the repository checkout and the sandbox; starting the agent.",
     "agent_running": "The agent is working on the current turn.",
     "collecting": "The turn ended; changed paths, diff stats and the patch are being read.",
     "validating": "validationMode checks (or tests) are running; a failure may send the agent a repair prompt.",

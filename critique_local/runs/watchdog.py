@@ -14,9 +14,8 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from critique_local.agent.opencode import AgentError
 from critique_local.config import SandboxSettings
-from critique_local.errors import RunFailure
+from critique_local.errors import AgentError, ErrorCode, RunFailure
 from critique_local.sandboxes.base import Sandbox, SandboxBackend, SandboxError
 
 WORKSPACE = "/workspace"
@@ -46,7 +45,7 @@ class Watchdog:
                     break
                 if not await self.backend.alive(sandbox.id):
                     task.cancel()
-                    raise RunFailure("sandbox_gone", SANDBOX_GONE)
+                    raise RunFailure(ErrorCode.SANDBOX_GONE, SANDBOX_GONE)
                 with contextlib.suppress(SandboxError):
                     usage = await self.backend.usage(sandbox.id)
                     at_limit = usage.pids is not None and usage.pids_limit is not None and (
@@ -56,15 +55,15 @@ class Watchdog:
                     task.cancel()
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(stop(), 2)
-                    raise RunFailure("process_limit", f"the sandbox stayed at its process limit "
+                    raise RunFailure(ErrorCode.PROCESS_LIMIT, f"the sandbox stayed at its process limit "
                                      f"(sandbox.pids_limit = {self.settings.pids_limit}): a fork bomb "
                                      "or runaway processes; the run was stopped")
             return task.result()
         except (AgentError, RunFailure) as exc:
-            if isinstance(exc, RunFailure) and exc.code in ("process_limit", "sandbox_gone"):
+            if isinstance(exc, RunFailure) and exc.code in (ErrorCode.PROCESS_LIMIT, ErrorCode.SANDBOX_GONE):
                 raise
             if await self.stopped(sandbox):
-                raise RunFailure("sandbox_gone", SANDBOX_GONE) from exc
+                raise RunFailure(ErrorCode.SANDBOX_GONE, SANDBOX_GONE) from exc
             cause = await self.diagnose(sandbox)
             if cause is not None:
                 raise cause from exc
@@ -76,7 +75,7 @@ class Watchdog:
                     await task
 
     async def stopped(self, sandbox: Sandbox) -> bool:
-        """Whether the sandbox stopped. A killed container drops OpenCode's connection a moment
+        """Whether the sandbox stopped. A killed container drops the agent's connection a moment
         before its engine reports it exited, so a running answer is asked again for a second."""
         for delay in STOPPED_RECHECKS_S:
             await asyncio.sleep(delay)
@@ -86,7 +85,7 @@ class Watchdog:
 
     async def check_workspace(self, sandbox: Sandbox) -> None:
         if WORKSPACE in await self.full_mounts(sandbox):
-            raise RunFailure("workspace_full", f"the workspace is full (sandbox.workspace_mb = "
+            raise RunFailure(ErrorCode.WORKSPACE_FULL, f"the workspace is full (sandbox.workspace_mb = "
                              f"{self.settings.workspace_mb}); the run was stopped")
 
     async def full_mounts(self, sandbox: Sandbox) -> list[str]:
@@ -109,13 +108,13 @@ class Watchdog:
         except SandboxError:
             return None
         if usage.memory_limit_hits:
-            return RunFailure("out_of_memory", "the sandbox reached its memory limit (sandbox.memory_mb) and the "
+            return RunFailure(ErrorCode.OUT_OF_MEMORY, "the sandbox reached its memory limit (sandbox.memory_mb) and the "
                               "agent stopped: runaway memory use or output")
         full = await self.full_mounts(sandbox)
         if WORKSPACE in full:
-            return RunFailure("workspace_full", f"the workspace is full (sandbox.workspace_mb = "
+            return RunFailure(ErrorCode.WORKSPACE_FULL, f"the workspace is full (sandbox.workspace_mb = "
                               f"{self.settings.workspace_mb})")
         if full:
-            return RunFailure("sandbox_storage_full", f"{', '.join(full)} filled up (sandbox.home_mb / tmp_mb) and "
+            return RunFailure(ErrorCode.SANDBOX_STORAGE_FULL, f"{', '.join(full)} filled up (sandbox.home_mb / tmp_mb) and "
                               "the agent stopped: runaway output?")
         return None

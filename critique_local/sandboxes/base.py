@@ -2,7 +2,8 @@
 tarball into it, start background processes, and reach a port inside it over HTTP. Nothing here
 assumes a shared filesystem with the server, so a cloud backend fits as well as Docker.
 
-Errors from the underlying SDK are translated to :class:`SandboxError` at the backend boundary.
+Errors from the underlying SDK are translated to :class:`SandboxError` (``errors.py``, a
+:class:`~critique_local.errors.RunError` with an ``ErrorCode``) at the backend boundary.
 """
 
 from __future__ import annotations
@@ -12,18 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from critique_local.errors import SandboxError, SandboxGone
 
-class SandboxError(Exception):
-    """A sandbox operation failed; ``code`` becomes a run's ``error.code`` when fatal."""
-
-    def __init__(self, message: str, code: str = "sandbox_error") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class SandboxGone(SandboxError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "sandbox_gone")
+__all__ = ["SandboxError", "SandboxGone"]  # defined in errors.py (one exception tree); backends import them here
 
 
 @dataclass(frozen=True)

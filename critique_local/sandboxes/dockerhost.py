@@ -22,6 +22,7 @@ from typing import Any
 import docker
 import docker.errors
 
+from critique_local.errors import ErrorCode
 from critique_local.hoststate import HostState
 from critique_local.sandboxes import firewall
 from critique_local.sandboxes.base import SandboxError
@@ -51,7 +52,7 @@ def ensure_network(client: docker.DockerClient, host: HostState, instance_id: st
     found = [n for n in found if n.name == name]  # `names` matches substrings
     if len(found) > 1:
         raise SandboxError(f"there are {len(found)} Docker networks named {name}: remove the extra ones",
-                           "network_unsafe")
+                           ErrorCode.NETWORK_UNSAFE)
     net = found[0] if found else None
     if net is not None:
         net.reload()
@@ -61,7 +62,7 @@ def ensure_network(client: docker.DockerClient, host: HostState, instance_id: st
                 raise SandboxError(
                     f"network {name} allows container-to-container traffic or has the wrong routing, and "
                     f"{'containers' if net.attrs.get('Containers') else 'other servers (' + ', '.join(users) + ')'}"
-                    " still use it: stop them, remove the network, then restart", "network_unsafe")
+                    " still use it: stop them, remove the network, then restart", ErrorCode.NETWORK_UNSAFE)
             net.remove()
             net = None
     if net is None:

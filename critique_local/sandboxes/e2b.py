@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from critique_local.config import E2BSettings, SandboxSettings
+from critique_local.errors import ErrorCode
 from critique_local.sandboxes.base import (
     Endpoint,
     ExecResult,
@@ -154,7 +155,7 @@ class E2BBackend(SandboxBackend):
                 self._sdk = importlib.import_module("e2b")
             except ImportError as exc:
                 raise SandboxError("the e2b package is missing: pip install 'critique-local[e2b]'",
-                                   "e2b_unavailable") from exc
+                                   ErrorCode.E2B_UNAVAILABLE) from exc
         return self._sdk
 
     def _api(self) -> dict[str, Any]:
@@ -165,10 +166,10 @@ class E2BBackend(SandboxBackend):
 
     async def start(self) -> None:
         if not (self.settings.api_key or os.environ.get("E2B_API_KEY")):
-            raise SandboxError("sandbox.backend e2b needs e2b.api_key or E2B_API_KEY", "e2b_unavailable")
+            raise SandboxError("sandbox.backend e2b needs e2b.api_key or E2B_API_KEY", ErrorCode.E2B_UNAVAILABLE)
         if not self._gateway_url:
             raise SandboxError("sandbox.backend e2b needs e2b.gateway_url: this server's /api/v1 as E2B sandboxes "
-                               "reach it (https, port 443)", "e2b_unavailable")
+                               "reach it (https, port 443)", ErrorCode.E2B_UNAVAILABLE)
         _ = self.sdk
 
     async def close(self) -> None:
@@ -186,9 +187,9 @@ class E2BBackend(SandboxBackend):
     async def create(self, spec: SandboxSpec) -> Sandbox:
         if spec.network_mode == "restricted":
             raise SandboxError("network mode restricted is not available on the e2b backend (connections could "
-                               "not be logged); use none or the docker backend", "network_mode_not_supported")
+                               "not be logged); use none or the docker backend", ErrorCode.NETWORK_MODE_NOT_SUPPORTED)
         if spec.network_mode == "open" and not self._allow_open:
-            raise SandboxError("network mode open is not enabled on this server", "network_mode_not_allowed")
+            raise SandboxError("network mode open is not enabled on this server", ErrorCode.NETWORK_MODE_NOT_ALLOWED)
         metadata = {META_INSTANCE: self._instance, META_RUN: spec.run_id, META_USER: spec.user_id}
         try:
             box = await self.sdk.AsyncSandbox.create(
@@ -196,7 +197,7 @@ class E2BBackend(SandboxBackend):
                 envs=dict(spec.env), secure=True, allow_internet_access=spec.network_mode == "open",
                 network=self._network(spec.network_mode), **self._api())
         except _errors(self.sdk) as exc:
-            raise SandboxError(f"could not start an E2B sandbox: {exc}", "sandbox_start_failed") from exc
+            raise SandboxError(f"could not start an E2B sandbox: {exc}", ErrorCode.SANDBOX_START_FAILED) from exc
         return E2BSandbox(self.sdk, box)
 
     async def connect(self, sandbox_id: str) -> Sandbox | None:

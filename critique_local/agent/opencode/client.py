@@ -20,12 +20,7 @@ import httpx
 
 from critique_local import bounds
 from critique_local.agent.sse import sse_data
-
-
-class AgentError(Exception):
-    def __init__(self, message: str, code: str = "agent_error") -> None:
-        super().__init__(message)
-        self.code = code
+from critique_local.errors import AgentError, ErrorCode
 
 
 def basic_auth(password: str, user: str = "opencode") -> dict[str, str]:
@@ -65,9 +60,9 @@ class OpenCodeClient:
                                              f"{MAX_REPLY_BYTES} bytes")
         except TimeoutError as exc:
             raise AgentError(f"OpenCode {method} {path}: Timeout: no complete reply within {timeout_s:.0f} s",
-                             "agent_unreachable") from exc
+                             ErrorCode.AGENT_UNREACHABLE) from exc
         except httpx.HTTPError as exc:
-            raise AgentError(f"OpenCode {method} {path}: {exc.__class__.__name__}: {exc}", "agent_unreachable") from exc
+            raise AgentError(f"OpenCode {method} {path}: {exc.__class__.__name__}: {exc}", ErrorCode.AGENT_UNREACHABLE) from exc
         if resp.status_code >= 400:
             text = bytes(body[:300]).decode(errors="replace")
             raise AgentError(f"OpenCode {method} {path}: HTTP {resp.status_code}: {text}")
@@ -93,7 +88,7 @@ class OpenCodeClient:
             except AgentError as exc:
                 last = str(exc)[:200]
             await asyncio.sleep(0.1)
-        raise AgentError(f"OpenCode did not become healthy within {timeout_s:.0f}s ({last})", "agent_start_timeout")
+        raise AgentError(f"OpenCode did not become healthy within {timeout_s:.0f}s ({last})", ErrorCode.AGENT_START_TIMEOUT)
 
     async def create_session(self, title: str) -> str:
         data = await self._json("POST", "/session", json={"title": title})
@@ -131,7 +126,7 @@ class OpenCodeClient:
             async with self._http.stream("GET", "/event", timeout=timeout,
                                          headers={"Accept": "text/event-stream"}) as resp:
                 if resp.status_code != 200:
-                    raise AgentError(f"OpenCode event stream: HTTP {resp.status_code}", "agent_unreachable")
+                    raise AgentError(f"OpenCode event stream: HTTP {resp.status_code}", ErrorCode.AGENT_UNREACHABLE)
                 async for data in sse_data(resp.aiter_raw(), MAX_EVENT_BYTES):
                     try:
                         event = bounds.loads(data) if data is not None else None
@@ -142,4 +137,4 @@ class OpenCodeClient:
                     else:
                         self.dropped_events += 1
         except httpx.HTTPError as exc:
-            raise AgentError(f"OpenCode event stream: {exc.__class__.__name__}", "agent_unreachable") from exc
+            raise AgentError(f"OpenCode event stream: {exc.__class__.__name__}", ErrorCode.AGENT_UNREACHABLE) from exc

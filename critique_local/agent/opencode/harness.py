@@ -1,0 +1,205 @@
+"""OpenCode as a :class:`~critique_local.agent.base.Harness`: ``opencode serve`` in the sandbox,
+driven over its HTTP API (``client.py``) with the configuration of ``config.py``.
+
+A turn is one blocking ``POST /session/{id}/message`` while ``GET /event`` streams the turn's
+events: they become the run's event rows (``agent/normalize.py``) and the neutral signals the
+model watch needs (:func:`model_signals`); any permission or question a headless turn would wait
+on is rejected. The reply (any shape: it comes from the sandbox) becomes a
+:class:`~critique_local.agent.base.TurnReply`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from critique_local.agent.base import (
+    WORKSPACE,
+    Agent,
+    EventRow,
+    EventsDropped,
+    Harness,
+    LaunchConfig,
+    ModelRetry,
+    OnEvent,
+    PromptSent,
+    ToolActivity,
+    TurnError,
+    TurnErrorKind,
+    TurnEvent,
+    TurnReply,
+    TurnRequest,
+)
+from critique_local.agent.normalize import Normalizer
+from critique_local.agent.opencode.client import OpenCodeClient, basic_auth
+from critique_local.agent.opencode.config import OPENCODE_PORT, PROVIDER_ID, TOKEN_ENV, opencode_config
+from critique_local.agent.opencode.sessions import export_session, import_session
+from critique_local.bounds import clip_text
+from critique_local.errors import AgentError, ErrorCode
+from critique_local.sandboxes.base import Sandbox
+
+START_OPENCODE = ("mkdir -p ~/.cache/opencode/bin && ln -sf /usr/bin/rg ~/.cache/opencode/bin/rg && "
+                  f"exec opencode serve --hostname 0.0.0.0 --port {OPENCODE_PORT}")
+LOG_PATH = "/tmp/opencode.log"
+IDLE_WAIT_S = 3.0  # after the reply, how long the stream may take to say the session is idle
+BUDGET_MARK = "budget_exceeded"  # the gateway's refusal, as OpenCode quotes it in the turn's error
+
+
+def agent_env(config: LaunchConfig) -> dict[str, str]:
+    """The environment ``opencode serve`` starts with (secrets included: never logged)."""
+    return {
+        **config.env,
+        TOKEN_ENV: config.gateway_token,
+        "OPENCODE_SERVER_PASSWORD": config.secret,
+        "OPENCODE_CONFIG_CONTENT": opencode_config(config.gateway_url, config.model_id, config.context_tokens,
+                                                   config.output_tokens, config.mcp_servers),
+    }
+
+
+def model_signals(event: dict[str, Any], session_id: str) -> list[TurnEvent]:
+    """What an OpenCode event says about the session's need for the model: a tool part of
+    ``session_id`` pending/running or completed/failed, or a ``retry`` status. Other sessions'
+    events (subagents included) say nothing."""
+    kind = event.get("type")
+    props = event.get("properties")
+    props = props if isinstance(props, dict) else {}
+    if kind == "message.part.updated":
+        part = props.get("part")
+        part = part if isinstance(part, dict) else {}
+        if part.get("sessionID") != session_id or part.get("type") != "tool":
+            return []
+        state = part.get("state")
+        status = state.get("status") if isinstance(state, dict) else None
+        if status in ("pending", "running"):
+            return [ToolActivity(str(part.get("id")), running=True)]
+        if status in ("completed", "error"):
+            return [ToolActivity(str(part.get("id")), running=False)]
+    elif kind == "session.status" and props.get("sessionID") == session_id:
+        status = props.get("status")
+        if isinstance(status, dict) and status.get("type") == "retry":
+            return [ModelRetry(str(status.get("message") or "")[:300])]
+    return []
+
+
+def reply_of(result: dict[str, Any], last_text: str, max_chars: int) -> TurnReply:
+    """``{info, parts}`` of the turn's last assistant message -> the turn's outcome."""
+    info = result.get("info")
+    error = info.get("error") if isinstance(info, dict) else None
+    parts = [p for p in result["parts"] if isinstance(p, dict)] if isinstance(result.get("parts"), list) else []
+    final = "\n".join(str(p.get("text", "")) for p in parts if p.get("type") == "text" and not p.get("synthetic"))
+    summary = clip_text(final.strip() or last_text, max_chars)
+    if not error:
+        return TurnReply(summary)
+    error = error if isinstance(error, dict) else {"name": str(error)[:200]}
+    data = error["data"] if isinstance(error.get("data"), dict) else {}
+    message = clip_text(str(data.get("message") or error.get("name") or "the agent's turn failed"), max_chars)
+    if BUDGET_MARK in message:
+        reason = message[message.index(BUDGET_MARK):].removeprefix(f"{BUDGET_MARK}: ")
+        return TurnReply(summary, TurnError(TurnErrorKind.BUDGET, reason))
+    kind = TurnErrorKind.MODEL if error.get("name") == "APIError" else TurnErrorKind.AGENT
+    return TurnReply(summary, TurnError(kind, message))
+
+
+class OpenCodeAgent(Agent):
+    def __init__(self, sandbox: Sandbox, client: OpenCodeClient) -> None:
+        self.sandbox = sandbox
+        self.client = client
+        self.address = client.base_url
+
+    async def wait_healthy(self, timeout_s: float) -> None:
+        await self.client.wait_healthy(timeout_s)
+
+    async def open_session(self, title: str) -> str:
+        return await self.client.create_session(title)
+
+    async def abort(self, session_id: str) -> None:
+        await self.client.abort(session_id)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def export_session(self, session_id: str) -> bytes:
+        return await export_session(self.sandbox, session_id)
+
+    async def import_session(self, state: bytes) -> str:
+        return await import_session(self.sandbox, state)
+
+    async def prompt(self, turn: TurnRequest, on_event: OnEvent) -> TurnReply:
+        client, session_id = self.client, turn.session_id
+        normalize = Normalizer(session_id)
+        connected = asyncio.Event()
+        idle = asyncio.Event()
+        texts: list[str] = []  # the last assistant text (the summary when the reply has none)
+
+        async def pump() -> None:
+            async for event in client.events():
+                kind = event.get("type")
+                if kind == "server.connected":
+                    connected.set()
+                    continue
+                props = event.get("properties")
+                props = props if isinstance(props, dict) else {}
+                for signal in model_signals(event, session_id):
+                    await on_event(signal)
+                if kind == "session.idle" and props.get("sessionID") == session_id:
+                    idle.set()
+                row = normalize(event)  # first: it learns the run's subagent sessions
+                # safety net: a prompt nobody answers would hang the headless turn (or one of its
+                # subagents) forever
+                with contextlib.suppress(AgentError):
+                    if kind == "permission.asked" and normalize.owns(props.get("sessionID")):
+                        await client.reply_permission(str(props.get("id")), "reject")
+                    if kind == "question.asked" and normalize.owns(props.get("sessionID")):
+                        await client.reject_question(str(props.get("id")))
+                if row is not None:
+                    if row["type"] == "text" and "sessionId" not in row:  # a subagent's text is not the summary
+                        texts[:] = [row["text"]]
+                    await on_event(EventRow(row))
+
+        pump_task = asyncio.create_task(pump())
+        try:
+            # OpenCode answered its health check already; on a loaded machine its event stream
+            # can still take a while to open, so this waits as long as its start may take
+            await asyncio.wait_for(connected.wait(), turn.connect_timeout_s)
+            await on_event(PromptSent())
+            try:
+                result = await client.prompt(session_id, turn.text, provider_id=PROVIDER_ID, model_id=turn.model_id,
+                                             agent="plan" if turn.read_only else "build", timeout_s=turn.timeout_s)
+            except AgentError as exc:
+                if exc.code is ErrorCode.AGENT_UNREACHABLE and "Timeout" in str(exc):
+                    with contextlib.suppress(AgentError):
+                        await client.abort(session_id)
+                    raise AgentError("the agent's turn exceeded sandbox.turn_timeout_s",
+                                     ErrorCode.TURN_TIMEOUT) from exc
+                raise
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(idle.wait(), IDLE_WAIT_S)
+        except TimeoutError as exc:
+            raise AgentError("OpenCode's event stream did not connect", ErrorCode.AGENT_UNREACHABLE) from exc
+        finally:
+            pump_task.cancel()
+            with contextlib.suppress(BaseException):
+                await pump_task
+            if client.dropped_events:
+                dropped, client.dropped_events = client.dropped_events, 0
+                await on_event(EventsDropped(dropped))
+        return reply_of(result, texts[-1] if texts else "", turn.max_text_chars)
+
+
+class OpenCodeHarness(Harness):
+    name = "OpenCode"
+
+    async def launch(self, sandbox: Sandbox, config: LaunchConfig, timeout_s: float) -> Agent:
+        await sandbox.spawn(["bash", "-c", START_OPENCODE], env=agent_env(config), cwd=WORKSPACE, log_path=LOG_PATH)
+        agent = await self.attach(sandbox, config.secret)
+        try:
+            await agent.wait_healthy(timeout_s)
+        except BaseException:
+            await agent.close()
+            raise
+        return agent
+
+    async def attach(self, sandbox: Sandbox, secret: str) -> Agent:
+        endpoint = await sandbox.endpoint(OPENCODE_PORT)
+        return OpenCodeAgent(sandbox, OpenCodeClient(endpoint.base_url, {**endpoint.headers, **basic_auth(secret)}))

@@ -1,0 +1,277 @@
+"""One turn of a run, in a sandbox with the agent attached: prompt the session (its events go
+to the run's log, a watchdog and the model watch look on), collect the cumulative results out
+of the sandbox, validate (and in ``tests`` mode send failures back to the agent), redact,
+publish, and record the turn. The run then goes ``idle`` with the sandbox and the agent's
+session kept warm.
+
+A turn that stops early (:class:`~critique_local.errors.TurnStop`: a budget refused a model
+call, or the model cannot be reached) keeps its work: the run goes idle with the stop's code.
+Everything else that fails a turn raises a :class:`~critique_local.errors.RunError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import timedelta
+from typing import Any
+
+from critique_local import billing
+from critique_local.agent.base import Agent, EventRow, EventsDropped, TurnErrorKind, TurnEvent, TurnRequest
+from critique_local.clock import iso, now, now_iso, parse_iso
+from critique_local.errors import BudgetStop, ErrorCode, RunFailure, SandboxError, TurnStop
+from critique_local.repos.workrepo import RunRepo
+from critique_local.runs.collect import TurnResult, collect
+from critique_local.runs.modelwatch import ModelWatch
+from critique_local.runs.plan_guard import check_unchanged, discard_changes
+from critique_local.runs.provision import Job, Provisioner
+from critique_local.runs.publish import Publisher, PublishOutcome
+from critique_local.runs.states import Phase, RunStatus
+from critique_local.runs.validate import ValidationResult, repair_prompt, validate
+from critique_local.runs.watchdog import Watchdog
+from critique_local.sandboxes.base import Sandbox
+from critique_local.services import Services
+from critique_local.store import runs as store
+from critique_local.store.runs import RunRow
+
+TURN_EXTENSION_S = 600  # a sandbox's lifetime during a turn: the turn's bound plus this
+
+
+async def transition(s: Services, run: RunRow, status: RunStatus, phase: Phase, **fields: Any) -> RunRow:
+    """Record a state change; clients hear of it when status or phase changed."""
+    updated = await store.transition(s.db, run.id, status, phase, **fields)
+    if updated.status is not run.status or updated.phase is not run.phase:
+        await s.hub.status(updated)
+    return updated
+
+
+def run_repo(s: Services, run_id: str) -> RunRepo:
+    """The server's own repository of the run (``repos/workrepo.py``)."""
+    return RunRepo(s.settings.server.data_dir / "runs", run_id)
+
+
+class Turn:
+    def __init__(self, services: Services, provisioner: Provisioner, watchdog: Watchdog) -> None:
+        self.s = services
+        self.provisioner = provisioner
+        self.watchdog = watchdog
+
+    async def run(self, job: Job, idx: int, prompt: str) -> None:
+        """Turn ``idx`` of ``job.run`` (provisioned or reattached) with ``prompt``."""
+        s, sandbox, agent = self.s, job.sandbox, job.agent
+        assert sandbox is not None and agent is not None
+        await store.update_turn(s.db, job.run.id, idx, status="running", started_at=now_iso())
+        await s.backend.extend(sandbox.id, s.settings.sandbox.turn_timeout_s + TURN_EXTENSION_S)
+        run = await transition(s, job.run, RunStatus.RUNNING, Phase.AGENT_RUNNING, error_code=None,
+                               error_message=None)
+        base, session_id = run.base_commit, run.agent_session_id
+        assert base is not None and session_id is not None
+        stopped: TurnStop | None = None
+        try:
+            summary = await self.watchdog.watch(sandbox, self._prompt(run, sandbox, agent, prompt),
+                                                lambda: agent.abort(session_id))
+        except TurnStop as stop:
+            # a budget refused the next model call, or the model cannot be reached: the turn ends
+            # here, its work so far is kept, and the run stays usable for follow-ups
+            stopped, summary = stop, stop.partial
+        run = await transition(s, run, RunStatus.RUNNING, Phase.COLLECTING)
+        previous = await self._previous_tree(run.id, idx) or base
+        repo = await self._open_repo(run)
+        if run.task_kind == "plan" and (warning := await discard_changes(sandbox, previous)):
+            await s.hub.builder(run.id, warning)
+        result = await self._collect(sandbox, repo, run, previous)
+        if run.task_kind == "plan":
+            check_unchanged(result.turn_stats["filesChanged"])
+        validation: ValidationResult | None = None
+        mode = run.spec.validation
+        if run.task_kind != "plan" and mode != "minimal":
+            run = await transition(s, run, RunStatus.RUNNING, Phase.VALIDATING)
+            validation = await self._validate(run, sandbox, repo, mode, result.tree)
+            repairs = 0
+            # tests mode: failing tests go back to the agent, in the same session and user turn
+            # (so its model calls count against that turn's maxTurns allowance)
+            while (mode == "tests" and validation is not None and validation.status == "failed"
+                   and repairs < s.settings.validation.max_repair_turns and stopped is None):
+                repairs += 1
+                await s.backend.extend(sandbox.id, s.settings.sandbox.turn_timeout_s + TURN_EXTENSION_S)
+                await s.hub.builder(run.id, {"type": "validation.repair", "attempt": repairs})
+                run = await transition(s, run, RunStatus.RUNNING, Phase.AGENT_RUNNING)
+                try:
+                    summary = await self.watchdog.watch(
+                        sandbox, self._prompt(run, sandbox, agent, repair_prompt(validation)),
+                        lambda: agent.abort(session_id)) or summary
+                except TurnStop as stop:
+                    stopped, summary = stop, stop.partial or summary
+                run = await transition(s, run, RunStatus.RUNNING, Phase.COLLECTING)
+                result = await self._collect(sandbox, repo, run, previous)
+                run = await transition(s, run, RunStatus.RUNNING, Phase.VALIDATING)
+                validation = await self._validate(run, sandbox, repo, mode, result.tree)
+            if validation is not None:
+                validation = validation.with_repairs(repairs)
+                await s.hub.builder(run.id, {"type": "validation", "final": True, **validation.as_json()})
+        await self._finish(run, sandbox, repo, idx, prompt, summary, result, validation, stopped)
+
+    async def _finish(self, run: RunRow, sandbox: Sandbox, repo: RunRepo, idx: int, prompt: str, summary: str,
+                      result: TurnResult, validation: ValidationResult | None, stopped: TurnStop | None) -> None:
+        """Redact, publish, record the turn; the run goes idle."""
+        s, redactor = self.s, self.s.redactor
+        # nothing leaves the sandbox with a secret we know in it
+        summary = redactor.clean(summary, run.id)
+        patch, leaked = redactor.binary(result.patch, run.id)
+        changed_paths = redactor.data(result.changed_paths, run.id)
+        if validation is not None:
+            validation = validation.redacted(lambda text: redactor.clean(text, run.id))
+        if leaked:  # never silently: the stored patch no longer recreates the sandbox's tree
+            await s.hub.builder(run.id, {
+                "type": "warning", "code": "patch_redacted", "redactions": leaked,
+                "message": f"the changes contain {leaked} secret(s) or token(s); they are [REDACTED] in the "
+                           "patch, which therefore no longer matches the sandbox's files, and nothing is published"})
+        outcome: PublishOutcome | None = None
+        publish = await store.turn_publish(s.db, run.id, idx)
+        if run.task_kind != "plan" and publish.get("mode") == "draft_pr":
+            if leaked:
+                outcome = PublishOutcome("failed", f"the changes contain {leaked} secret(s) or token(s) "
+                                         "(redacted in the patch); nothing was pushed")
+            else:
+                run = await transition(s, run, RunStatus.RUNNING, Phase.PUBLISHING)
+                first = await store.turn(s.db, run.id, 1)
+                first_prompt = first.prompt if first is not None else prompt
+                outcome = await Publisher(s).publish(run, repo, idx, publish, first_prompt, summary, result,
+                                                     validation)
+                outcome = dataclasses.replace(outcome, message=redactor.clean(outcome.message, run.id))
+            await s.hub.builder(run.id, {"type": "publish", **outcome.as_json()})
+        await store.update_turn(
+            s.db, run.id, idx, status="completed", summary=summary, diff_stats=json.dumps(result.turn_stats),
+            tree=result.tree, finished_at=now_iso(),
+            validation=json.dumps(validation.as_json()) if validation else None,
+            publish_outcome=json.dumps(outcome.as_json()) if outcome else None)
+        errors: dict[str, Any] = {}
+        if isinstance(stopped, BudgetStop):
+            used = await billing.usage(s.db, run.id)
+            errors = {"error_code": stopped.code,
+                      "error_message": f"{stopped.message}; used this run: {used.model_calls} model calls, "
+                                       f"{used.credits:.6f} credits"}
+        elif stopped is not None:
+            errors = {"error_code": stopped.code, "error_message": stopped.message}
+        elif outcome is not None and outcome.status == "failed":
+            errors = {"error_code": ErrorCode.PUBLISH_FAILED, "error_message": outcome.message}
+        if errors:
+            errors["error_message"] = redactor.clean(errors["error_message"], run.id)
+            await s.hub.builder(run.id, {"type": "error", "code": errors["error_code"],
+                                         "message": errors["error_message"]})
+        if validation is not None:
+            errors["validation"] = json.dumps(validation.as_json())
+        expires = self._expiry(run)
+        await s.backend.extend(sandbox.id, max(60.0, (parse_iso(expires) - now()).total_seconds() + 60))
+        await transition(
+            s, run, RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, summary=summary,
+            changed_paths=json.dumps(changed_paths), diff_stats=json.dumps(result.diff_stats),
+            patch=patch or None, patch_redactions=leaked, session_expires_at=expires, **errors,
+        )
+
+    async def _prompt(self, run: RunRow, sandbox: Sandbox, agent: Agent, prompt: str) -> str:
+        """One prompt of the turn; its summary. Its events go to the run's log (at most
+        ``limits.max_events_per_turn``) and to the model watch."""
+        limits, hub = self.s.settings.limits, self.s.hub
+        assert run.agent_session_id is not None
+        session_id = run.agent_session_id
+        model = ModelWatch.for_prompt(self.s, run, sandbox)
+        texts: list[str] = []  # the last assistant text (the partial summary of a stopped turn)
+        rows = dropped = 0  # events of this prompt: stored, and not stored
+
+        async def on_event(event: TurnEvent) -> None:
+            nonlocal rows, dropped
+            model.observe(event)
+            if isinstance(event, EventRow):
+                if event.row["type"] == "text" and "sessionId" not in event.row:  # not a subagent's
+                    texts[:] = [event.row["text"]]
+                rows += 1
+                if rows <= limits.max_events_per_turn:
+                    await hub.builder(run.id, event.row)
+            elif isinstance(event, EventsDropped):
+                dropped += event.count
+
+        turn = TurnRequest(session_id, prompt, run.model_id, read_only=run.task_kind == "plan",
+                           timeout_s=self.s.settings.sandbox.turn_timeout_s,
+                           connect_timeout_s=self.s.settings.sandbox.agent_ready_timeout_s,
+                           max_text_chars=limits.max_summary_chars)
+        try:
+            reply = await model.guard(agent.prompt(turn, on_event), lambda: agent.abort(session_id),
+                                      lambda: texts[-1] if texts else "")
+        finally:
+            model.close()
+            dropped += max(0, rows - limits.max_events_per_turn)
+            if dropped:
+                await hub.builder(run.id, {
+                    "type": "events.clipped", "stored": min(rows, limits.max_events_per_turn), "dropped": dropped,
+                    "message": f"{dropped} events of this turn were not stored (limits.max_events_per_turn, or "
+                               "larger than an event may be)"})
+        error = reply.error
+        if error is None:
+            return reply.summary
+        if error.kind is TurnErrorKind.BUDGET:
+            raise BudgetStop(error.message, reply.summary)
+        if error.kind is TurnErrorKind.MODEL:
+            unreachable = await model.explain()
+            if unreachable is not None:
+                raise TurnStop(ErrorCode.MODEL_UNREACHABLE,
+                               f"{unreachable} ({self.s.harness.name}: {error.message[:300]})", reply.summary)
+            raise RunFailure(ErrorCode.MODEL_ERROR, error.message)
+        raise RunFailure(ErrorCode.AGENT_ERROR, error.message)
+
+    async def _open_repo(self, run: RunRow) -> RunRepo:
+        assert run.base_commit is not None
+        repo = run_repo(self.s, run.id)
+        source = self.s.hosts.resolve(run.repository_full_name)
+        git = self.s.settings.git
+        mirror = self.s.mirrors.path(source) if source is not None and git.mirror_cache and self.s.mirrors else None
+        await repo.ensure(source, run.base_commit, mirror, git.clone_timeout_s)
+        return repo
+
+    async def _collect(self, sandbox: Sandbox, repo: RunRepo, run: RunRow, previous: str) -> TurnResult:
+        assert run.base_commit is not None
+        settings = self.s.settings
+        await self.watchdog.check_workspace(sandbox)
+        try:
+            result = await collect(sandbox, repo, run.base_commit, previous, settings.limits.max_patch_bytes,
+                                   settings.publish.max_bundle_bytes)
+        except (RunFailure, SandboxError) as exc:
+            # git writes its index and pack to /tmp: a failure there is explained by the mount that
+            # filled up when one did (``sandbox_storage_full``)
+            if isinstance(exc, RunFailure) and exc.code is not ErrorCode.COLLECT_FAILED:
+                raise
+            cause = await self.watchdog.diagnose(sandbox)
+            if cause is not None:
+                raise cause from exc
+            raise
+        if result.nested:
+            shown = ", ".join(result.nested[:20]) + (" …" if len(result.nested) > 20 else "")
+            await self.s.hub.builder(run.id, {
+                "type": "warning", "code": "nested_repository", "paths": result.nested[:200],
+                "message": f"nested git repositories ({shown}): their files are in the patch as ordinary files; "
+                           "their own .git directories and history are not"})
+        if result.skipped:
+            await self.s.hub.builder(run.id, {
+                "type": "warning", "code": "unreadable_files", "details": result.skipped[:50],
+                "message": "files that could not be read are not in the patch: " + "; ".join(result.skipped[:5])})
+        return result
+
+    async def _validate(self, run: RunRow, sandbox: Sandbox, repo: RunRepo, mode: str,
+                        tree: str) -> ValidationResult | None:
+        assert run.base_commit is not None
+        result = await validate(sandbox, repo, mode, self.s.settings.validation, run.repository_full_name,
+                                run.base_commit, tree, await self.provisioner.command_env(run))
+        if result is not None:
+            await self.s.hub.builder(run.id, {"type": "validation", "final": False, **result.as_json()})
+        return result
+
+    async def _previous_tree(self, run_id: str, idx: int) -> str | None:
+        previous = await store.turn(self.s.db, run_id, idx - 1)
+        return previous.tree if previous is not None and previous.tree else None
+
+    def _expiry(self, run: RunRow) -> str:
+        sb = self.s.settings.sandbox
+        idle_until = now() + timedelta(seconds=sb.idle_timeout_s)
+        if run.sandbox_started_at:
+            idle_until = min(idle_until, parse_iso(run.sandbox_started_at) + timedelta(seconds=sb.max_lifetime_s))
+        return iso(idle_until)
