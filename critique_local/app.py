@@ -13,6 +13,7 @@ Every long-lived resource is opened and closed by one cleanup context (aiohttp's
     services          the objects routes and runs share, built with their dependencies
                       (nothing started): event hub -> webhooks, executor <- warm pool,
                       scheduler <- executor, run control <- scheduler
+    mcp sessions      the MCP endpoint's session manager (``api/mcp.py``)
     sandbox backend   its networks / templates (the Docker engine is first touched here)
     gateway listener  the sandbox-facing application, on its own runner
     egress proxy      for restricted runs; then the host firewall admits exactly these two ports
@@ -44,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from critique_local import logfilter
+from critique_local.api.mcp import lifespan as mcp_sessions
 from critique_local.api.ratelimit import RateLimiter
 from critique_local.api.routes import PUBLIC_ROUTES
 from critique_local.appkeys import CLAIM, GUARD, PUBLIC_URL, SANDBOX_BUDGET, SCHEDULER, SERVICES, STOPPING
@@ -110,8 +112,7 @@ def create_app(settings: Settings, claim: InstanceClaim, *, execute_runs: bool =
     app[SANDBOX_BUDGET] = ConnectionBudget("sandbox-facing", sandbox_cap, limits.connections_per_sandbox)
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(_close_streams)
-    app.cleanup_ctx.append(database)
-    app.cleanup_ctx.append(services)
+    app.cleanup_ctx.extend([database, services, mcp_sessions])
     if execute_runs:
         app.cleanup_ctx.extend([sandbox_backend, gateway_listener, egress_proxy, warm_pool, scheduler, reaper])
     app.cleanup_ctx.extend([webhook_delivery, ops.metrics_listener])

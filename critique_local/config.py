@@ -105,6 +105,14 @@ class GiteaSettings(Section):
     token: str = Field("", description="Access token (server side only) for cloning, pushing and pull requests.")
 
 
+class GitLabSettings(Section):
+    enabled: bool = Field(False, description="Use a GitLab server (self-managed or gitlab.com) for repositories "
+                                             "not under local_root.")
+    base_url: str = Field("", description="e.g. https://gitlab.internal.example.com")
+    token: str = Field("", description="Access token with api and write_repository scopes (server side only) for "
+                                       "cloning, pushing and merge requests.")
+
+
 class PublishSettings(Section):
     author_name: str = Field("critique-local agent", min_length=1, description="Author and committer of commits.")
     author_email: str = Field("agent@critique-local.invalid", min_length=3, description="Their e-mail address.")
@@ -267,6 +275,7 @@ class Settings(Section):
     git: GitSettings = Field(default_factory=GitSettings)
     github: GitHubSettings = Field(default_factory=GitHubSettings)
     gitea: GiteaSettings = Field(default_factory=GiteaSettings)
+    gitlab: GitLabSettings = Field(default_factory=GitLabSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
@@ -285,8 +294,10 @@ class Settings(Section):
 
     @model_validator(mode="after")
     def _one_remote_host(self) -> Settings:
-        if self.github.enabled and self.gitea.enabled:
-            raise ValueError("enable at most one of [github] and [gitea]")
+        if sum((self.github.enabled, self.gitea.enabled, self.gitlab.enabled)) > 1:
+            raise ValueError("enable at most one of [github], [gitea] and [gitlab]")
+        if self.gitlab.enabled and not self.gitlab.base_url:
+            raise ValueError("[gitlab] enabled needs base_url")
         if self.gitea.enabled and not self.gitea.base_url:
             raise ValueError("[gitea] enabled needs base_url")
         if bool(self.github.app_id) != bool(self.github.app_private_key_path):
@@ -314,7 +325,7 @@ class ConfigError(Exception):
     """The configuration file or an override is invalid; the message says where."""
 
 
-SCALAR_SECTIONS = ("server", "git", "github", "gitea", "publish", "validation", "sandbox", "docker", "e2b", "network", "scheduler", "pool", "metrics", "models", "limits", "webhooks", "billing")
+SCALAR_SECTIONS = ("server", "git", "github", "gitea", "gitlab", "publish", "validation", "sandbox", "docker", "e2b", "network", "scheduler", "pool", "metrics", "models", "limits", "webhooks", "billing")
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:

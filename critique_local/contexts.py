@@ -260,4 +260,5 @@ def known_secrets(settings: Settings) -> tuple[Redactor, RedactingFilter]:
         redactor.add(provider.api_key)
     redactor.add(settings.github.token)
     redactor.add(settings.gitea.token)
+    redactor.add(settings.gitlab.token)
     return redactor, RedactingFilter(redactor)

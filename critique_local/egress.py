@@ -56,7 +56,7 @@ def host_allowed(host: str, allowlist: tuple[str, ...]) -> bool:
     return False
 
 
-def _blocked_address(address: str, private_ok: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+def blocked_address(address: str, private_ok: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
     ip = ipaddress.ip_address(address)
     if any(ip in net for net in private_ok):
         return False
@@ -170,7 +170,7 @@ class EgressProxy:
             await decide(False, "name does not resolve")
             return f"{host} does not resolve"
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        blocked = [a for a in addresses if _blocked_address(a, self.private_ok)]
+        blocked = [a for a in addresses if blocked_address(a, self.private_ok)]
         if blocked:
             await decide(False, "resolves to a private or reserved address", blocked[0])
             return f"{host} resolves to a private address; refused"

@@ -14,20 +14,24 @@ become a run's ``error``.
         ProtectedBranch   422       protected_branch
         NetworkModeNotAllowed 422   network_mode_not_allowed
         NetworkModeNotSupported 422 network_mode_not_supported
+        McpServersNeedNetwork 422   mcp_servers_need_network
       Unauthorized        401       unauthorized
       PaymentRequired     402       insufficient_credits
       BudgetExceeded      402       budget_exceeded (the gateway refuses a sandbox's model call)
       Forbidden           403       forbidden / model_not_in_plan
       NotFound            404       not_found / run_not_found / repository_not_found
       MethodNotAllowed    405       method_not_allowed
+      NotAcceptable       406       not_acceptable (the MCP endpoint's Accept header)
       RequestTimeout      408       request_timeout (the body came too slowly)
       Conflict            409       conflict
         TurnInProgress    409       turn_in_progress
         RunTerminal       409       run_terminal
         SessionExpired    409       session_expired
       PayloadTooLarge     413       payload_too_large
+      UnsupportedMediaType 415      unsupported_media_type
       RateLimited         429       rate_limited (with Retry-After)
       GatewayError        4xx/5xx   upstream_* (a provider's answer, mapped)
+      McpServerUnreachable 502      mcp_server_unreachable (the MCP relay could not reach a run's server)
     RunError(code, message)       a run's ``error.code`` and ``error.message`` (never an HTTP error)
       RunFailure                    the run cannot go on: it fails
       SandboxError                  a sandbox operation failed (sandbox backends)
@@ -76,6 +80,13 @@ class ErrorCode(StrEnum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     RATE_LIMITED = "rate_limited"
     TOO_MANY_CONNECTIONS = "too_many_connections"
+    # the MCP endpoint and a run's mcpServers (api/mcp.py, runs/mcp_servers.py, gateway/mcp_relay.py)
+    NOT_ACCEPTABLE = "not_acceptable"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    MCP_SERVERS_NEED_NETWORK = "mcp_servers_need_network"
+    MCP_SERVER_NOT_FOUND = "mcp_server_not_found"
+    MCP_CREDENTIALS_GONE = "mcp_credentials_gone"
+    MCP_SERVER_UNREACHABLE = "mcp_server_unreachable"
     INTERNAL_ERROR = "internal_error"  # also a run error: a bug of ours
     # the model gateway (answers to a sandbox's model calls)
     BUDGET_EXCEEDED = "budget_exceeded"  # also a turn's stop reason
@@ -169,6 +180,10 @@ class NetworkModeNotSupported(InvalidRequest):
     code = ErrorCode.NETWORK_MODE_NOT_SUPPORTED
 
 
+class McpServersNeedNetwork(InvalidRequest):
+    code = ErrorCode.MCP_SERVERS_NEED_NETWORK
+
+
 class Unauthorized(ApiError):
     status = 401
     code = ErrorCode.UNAUTHORIZED
@@ -202,6 +217,11 @@ class MethodNotAllowed(ApiError):
     code = ErrorCode.METHOD_NOT_ALLOWED
 
 
+class NotAcceptable(ApiError):
+    status = 406
+    code = ErrorCode.NOT_ACCEPTABLE
+
+
 class Conflict(ApiError):
     status = 409
     code = ErrorCode.CONFLICT
@@ -222,6 +242,16 @@ class SessionExpired(Conflict):
 class PayloadTooLarge(ApiError):
     status = 413
     code = ErrorCode.PAYLOAD_TOO_LARGE
+
+
+class UnsupportedMediaType(ApiError):
+    status = 415
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
+
+
+class McpServerUnreachable(ApiError):
+    status = 502
+    code = ErrorCode.MCP_SERVER_UNREACHABLE
 
 
 class RequestTimeout(ApiError):

@@ -1,7 +1,7 @@
-"""A loopback git host that behaves like GitHub's REST API (and Gitea's) for pull requests and
-serves bare repositories over smart HTTP through ``git http-backend``. It records every
-request, checks credentials and payloads like the real services, and answers 401/422 when
-they are wrong. It is an external service to the server under test, never part of it."""
+"""A loopback git host that behaves like GitHub's REST API (and Gitea's) for pull requests, like
+GitLab's REST API v4 for merge requests, and serves bare repositories over smart HTTP through
+``git http-backend``. It records every request, checks credentials and payloads like the real
+services, and answers as they do when something is wrong (401, 403, 409, 422). It is an external service to the server under test, never part of it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import jwt
 from aiohttp import web
@@ -47,6 +48,8 @@ class GitHostStandIn:
         self.installation_tokens: dict[str, datetime] = {}
         self.token_lifetime = timedelta(hours=1)
         self.pulls_status: int | None = None  # set: opening a pull request answers this (e.g. 502)
+        self.merge_requests: dict[tuple[str, int], PullRequest] = {}  # GitLab: (project path, iid)
+        self.read_only_token = "glpat-readonly-0123456789"  # GitLab: valid, but may not write (403)
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.app_private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                  serialization.NoEncryption()).decode()
@@ -82,8 +85,9 @@ class GitHostStandIn:
         return str(claims.get("iss")) == APP_ID
 
     def _record(self, request: web.Request, body: Any) -> None:
-        self.requests.append({"method": request.method, "path": request.path,
-                              "authorization": request.headers.get("Authorization"), "json": body})
+        self.requests.append({"method": request.method, "path": request.path, "raw_path": request.raw_path,
+                              "authorization": request.headers.get("Authorization"),
+                              "private_token": request.headers.get("PRIVATE-TOKEN"), "json": body})
 
     # ---- GitHub App ------------------------------------------------------------------------
 
@@ -155,6 +159,64 @@ class GitHostStandIn:
         pr.body = body.get("body", pr.body)
         return web.json_response(self._pull_json(pr), status=201 if gitea else 200)
 
+    # ---- GitLab merge requests (REST API v4) ----------------------------------------------
+
+    def _mr_json(self, mr: PullRequest) -> dict[str, Any]:
+        draft = mr.title.startswith(("Draft:", "[Draft]", "(Draft)"))
+        return {"id": 1000 + mr.number, "iid": mr.number, "title": mr.title, "description": mr.body,
+                "state": mr.state, "draft": draft, "work_in_progress": draft, "source_branch": mr.head,
+                "target_branch": mr.base, "sha": self._branch_sha(mr.repo, mr.head),
+                "web_url": f"{self.url}/{mr.repo}/-/merge_requests/{mr.number}"}
+
+    def _gitlab_auth(self, request: web.Request) -> web.Response | None:
+        token = request.headers.get("PRIVATE-TOKEN") or self._bearer(request)
+        if token == self.read_only_token:
+            return web.json_response({"message": "403 Forbidden"}, status=403)
+        if not token or not self._valid_token(token):
+            return web.json_response({"message": "401 Unauthorized"}, status=401)
+        return None
+
+    async def _create_mr(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self._record(request, body)
+        if (refused := self._gitlab_auth(request)) is not None:
+            return refused
+        repo = unquote(request.match_info["project"])
+        if not (self.root / f"{repo}.git").is_dir():
+            return web.json_response({"message": "404 Project Not Found"}, status=404)
+        missing = [k for k in ("source_branch", "target_branch", "title") if not isinstance(body.get(k), str)
+                   or not body[k]]
+        if missing:
+            return web.json_response({"error": f"{missing[0]} is missing"}, status=400)
+        if body["source_branch"] == body["target_branch"] or self._branch_sha(repo, body["source_branch"]) is None \
+                or self._branch_sha(repo, body["target_branch"]) is None:
+            return web.json_response({"message": ["Source branch does not exist or equals the target branch"]},
+                                     status=422)
+        for mr in self.merge_requests.values():
+            if mr.repo == repo and mr.head == body["source_branch"] and mr.state == "opened":
+                return web.json_response({"message": [
+                    f"Another open merge request already exists for this source branch: !{mr.number}"]}, status=409)
+        iid = 1 + max((n for r, n in self.merge_requests if r == repo), default=0)
+        mr = PullRequest(iid, repo, body["source_branch"], body["target_branch"], body["title"],
+                         str(body.get("description") or ""), False, state="opened")
+        self.merge_requests[(repo, iid)] = mr
+        return web.json_response(self._mr_json(mr), status=201)
+
+    async def _update_mr(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self._record(request, body)
+        if (refused := self._gitlab_auth(request)) is not None:
+            return refused
+        mr = self.merge_requests.get((unquote(request.match_info["project"]), int(request.match_info["iid"])))
+        if mr is None:
+            return web.json_response({"message": "404 Not found"}, status=404)
+        if "title" in body and not body["title"]:
+            return web.json_response({"message": {"title": ["can't be blank"]}}, status=400)
+        mr.history.append({"title": mr.title, "body": mr.body})
+        mr.title = body.get("title", mr.title)
+        mr.body = body.get("description", mr.body)
+        return web.json_response(self._mr_json(mr))
+
     # ---- git smart HTTP ----------------------------------------------------------------------
 
     async def _git(self, request: web.Request) -> web.StreamResponse:
@@ -201,6 +263,8 @@ class GitHostStandIn:
             for prefix in ("/api/v3", "/api/v1"):
                 app.router.add_post(prefix + "/repos/{owner}/{repo}/pulls", self._create_pull)
                 app.router.add_patch(prefix + "/repos/{owner}/{repo}/pulls/{number}", self._update_pull)
+            app.router.add_post("/api/v4/projects/{project}/merge_requests", self._create_mr)
+            app.router.add_put("/api/v4/projects/{project}/merge_requests/{iid:[0-9]+}", self._update_mr)
             app.router.add_get("/api/v3/repos/{owner}/{repo}/installation", self._installation)
             app.router.add_post("/api/v3/app/installations/{id}/access_tokens", self._access_token)
             app.router.add_route("*", "/{owner}/{repo}.git/{tail:.*}", self._git)

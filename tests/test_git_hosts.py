@@ -1,8 +1,10 @@
 """Git hosts against a loopback stand-in: GitHub App installation tokens (minted, cached,
-refreshed before expiry), token auth, Gitea/Forgejo pull requests; branch-name rules."""
+refreshed before expiry), token auth, Gitea/Forgejo pull requests, GitLab merge requests;
+branch-name rules."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -10,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from critique_local.config import GiteaSettings, GitHubSettings
-from critique_local.repos.hosts import GiteaHost, GitHubHost, HostError
+from critique_local.config import GiteaSettings, GitHubSettings, GitLabSettings, Settings
+from critique_local.repos.hosts import GiteaHost, GitHubHost, GitLabHost, HostError, Hosts
 from critique_local.repos.names import branch_problem, protected_pattern, slug
 from tests.githost_standin import APP_ID, INSTALLATION_ID, GitHostStandIn
 from tests.helpers import git, make_repo
@@ -132,3 +134,51 @@ def test_protected_patterns_and_slugs() -> None:
     assert slug("Fix the Login page!!  (urgent)") == "fix-the-login-page-urgent"
     assert slug("") == "change" and slug("@@@") == "change"
     assert len(slug("x" * 100)) == 40
+
+
+async def test_gitlab_merge_requests_are_drafts_numbered_by_iid(githost: GitHostStandIn, tmp_path: Path) -> None:
+    settings = GitLabSettings(enabled=True, base_url=githost.url, token=githost.token)
+    async with httpx.AsyncClient() as client:
+        host = GitLabHost(settings, client)
+        mr = await host.open_pull_request("acme/lib", head="topic", base="main", title="Fix it", body="B")
+        post = githost.requests[-1]
+        assert post["raw_path"] == "/api/v4/projects/acme%2Flib/merge_requests"
+        assert post["private_token"] == githost.token and post["authorization"] is None
+        assert post["json"] == {"source_branch": "topic", "target_branch": "main", "title": "Draft: Fix it",
+                                "description": "B"}
+        topic_sha = git("--git-dir", str(githost.root / "acme" / "lib.git"), "rev-parse", "topic")
+        assert (mr.number, mr.draft, mr.state, mr.head_sha) == (1, True, "open", topic_sha)
+        assert mr.url == f"{githost.url}/acme/lib/-/merge_requests/1"
+
+        updated = await host.update_pull_request("acme/lib", mr.number, title="Fix it", body="B2")
+        assert githost.requests[-1]["method"] == "PUT" and updated.number == 1
+        assert githost.merge_requests[("acme/lib", 1)].body == "B2"
+        assert githost.merge_requests[("acme/lib", 1)].title == "Draft: Fix it"
+
+        with pytest.raises(HostError, match=r"HTTP 409: .*already exists for this source branch: !1"):
+            await host.open_pull_request("acme/lib", head="topic", base="main", title="Again", body="B")
+        with pytest.raises(HostError, match="HTTP 422"):
+            await host.open_pull_request("acme/lib", head="no-such-branch", base="main", title="T", body="B")
+        with pytest.raises(HostError, match="HTTP 404"):
+            await host.update_pull_request("acme/lib", 99, title="T", body="B")
+        wrong = GitLabHost(GitLabSettings(enabled=True, base_url=githost.url, token="glpat-wrong"), client)
+        with pytest.raises(HostError, match="HTTP 401"):
+            await wrong.update_pull_request("acme/lib", mr.number, title="x", body="y")
+        reader = GitLabHost(GitLabSettings(enabled=True, base_url=githost.url, token=githost.read_only_token), client)
+        with pytest.raises(HostError, match="HTTP 403"):
+            await reader.open_pull_request("acme/lib", head="topic", base="main", title="T", body="B")
+        with pytest.raises(HostError, match=r"needs gitlab\.token"):
+            await GitLabHost(GitLabSettings(enabled=True, base_url=githost.url), client).open_pull_request(
+                "acme/lib", head="topic", base="main", title="T", body="B")
+
+    # git over smart HTTP with the token as the password of "oauth2", only in the process's env
+    clone = tmp_path / "clone"
+    source = Hosts(Settings(gitlab=settings, git={"local_root": str(tmp_path / "none")})).resolve("acme/lib")
+    assert source is not None and source.kind == "gitlab" and source.url == f"{githost.url}/acme/lib.git"
+    env = await source.git_env()
+    cloned = await asyncio.create_subprocess_exec("git", "clone", "-q", source.url, str(clone), env=env)
+    assert await cloned.wait() == 0
+    assert (clone / "a.txt").read_text() == "a\n" and githost.token not in (clone / ".git" / "config").read_text()
+    assert Settings(gitlab={"enabled": True, "base_url": "x"}).gitlab.enabled
+    with pytest.raises(ValueError, match="at most one"):
+        Settings(gitlab={"enabled": True, "base_url": "x"}, gitea={"enabled": True, "base_url": "y"})

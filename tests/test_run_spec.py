@@ -18,6 +18,7 @@ FULL: dict[str, Any] = {
     "metadata": {"k": "v"}, "safety": {"network": {"mode": "restricted", "allowlist": ["pypi.org"]},
                                        "resources": {"maxTurns": 5, "maxCredits": 2.5}},
     "webhook": {"url": "https://hooks.example/x"},
+    "mcpServers": {"docs": {"url": "https://mcp.example/mcp", "headers": {"X-Key": "k1", "Authorization": "Bearer t"}}},
 }
 
 
@@ -30,8 +31,11 @@ FULL: dict[str, Any] = {
 def test_stored_request_round_trips(body: dict[str, Any]) -> None:
     order = CreateRunRequest.model_validate(body).order()
     stored = CreateRunRequest.model_validate(body).model_dump(mode="json", by_alias=True,
-                                                               exclude={"prompt", "billing"})
+                                                               exclude={"prompt", "billing", "mcp_servers"})
     stored["billingMode"] = body.get("billing", {}).get("mode", "managed")
+    if "mcpServers" in body:  # header names only: their values are in order.mcp_headers
+        stored["mcpServers"] = {"docs": {"url": "https://mcp.example/mcp", "headerNames": ["Authorization", "X-Key"]}}
+        assert order.mcp_headers == {"docs": {"X-Key": "k1", "Authorization": "Bearer t"}}
     assert order.spec.to_stored() == stored
     assert RunSpec.from_stored(stored) == order.spec
     assert order.prompt == body["prompt"]

@@ -29,12 +29,22 @@ WORKSPACE = "/workspace"
 
 
 @dataclass(frozen=True)
+class McpServer:
+    """A remote MCP server the agent may use: ``name`` (its tools appear as ``<name>_<tool>``)
+    at ``url``, which takes the sandbox's gateway token as its bearer token (the server's relay)."""
+
+    name: str
+    url: str
+
+
+@dataclass(frozen=True)
 class LaunchConfig:
     """What an agent server starts with. ``gateway_url``: the server's OpenAI-compatible
     ``/api/v1`` as the sandbox reaches it; ``gateway_token``: the sandbox's bearer token there;
     ``secret``: the agent server's own password (the caller persists it sealed, see
     :meth:`Harness.attach`); ``context_tokens``/``output_tokens``: the model's limits as the
-    agent is told them; ``env``: extra environment (a restricted run's egress proxy)."""
+    agent is told them; ``env``: extra environment (a restricted run's egress proxy);
+    ``mcp_servers``: remote MCP servers the agent may use."""
 
     gateway_url: str
     gateway_token: str
@@ -43,6 +53,7 @@ class LaunchConfig:
     output_tokens: int
     secret: str
     env: Mapping[str, str] = field(default_factory=dict)
+    mcp_servers: tuple[McpServer, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from critique_local.api.registry import Route
 from critique_local.api.schemas import Health, ModelList, ModelView
 from critique_local.appkeys import POOL, SERVED_ROUTES, SERVICES
 from critique_local.gateway.catalog import ModelEntry
+from critique_local.services import Services
 from critique_local.store.keys import Principal
 
 
@@ -24,10 +25,13 @@ async def healthz(request: web.Request, principal: Principal) -> web.StreamRespo
 
 
 async def models(request: web.Request, principal: Principal) -> web.StreamResponse:
+    return respond(await model_list(request.app[SERVICES], principal))
+
+
+async def model_list(s: Services, principal: Principal) -> ModelList:
     """The models the caller's plan may use."""
-    s = request.app[SERVICES]
     plan = await billing.plan_of(s.db, s.settings.billing, principal.user_id)
-    return respond(ModelList(data=[model_view(m) for m in s.catalog.all() if m.allowed_for(plan)]))
+    return ModelList(data=[model_view(m) for m in s.catalog.all() if m.allowed_for(plan)])
 
 
 def model_view(m: ModelEntry) -> ModelView:

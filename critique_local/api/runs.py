@@ -39,16 +39,22 @@ MAX_VIEW_EVENTS = 2000  # ?events=1 returns the first ones; the stream (?after=)
 BASE = "/api/v1/coding-agent/runs"
 
 
-async def _owned_run(request: web.Request, principal: Principal) -> RunRow:
-    run = await store.get_run(request.app[SERVICES].db, request.match_info["id"], principal.user_id)
+async def owned_run(app: web.Application, principal: Principal, run_id: str) -> RunRow:
+    """The caller's run. Raises NotFound (run_not_found) for a missing or another user's run."""
+    run = await store.get_run(app[SERVICES].db, run_id, principal.user_id)
     if run is None:  # another user's run is indistinguishable from a missing one
         raise NotFound("run not found", code=ErrorCode.RUN_NOT_FOUND)
     return run
 
 
-async def _view(request: web.Request, run: RunRow, *, patch: bool = False, events: bool = False,
-                brief: bool = False) -> RunEnvelope:
-    s = request.app[SERVICES]
+async def _owned_run(request: web.Request, principal: Principal) -> RunRow:
+    return await owned_run(request.app, principal, request.match_info["id"])
+
+
+async def envelope(app: web.Application, run: RunRow, *, patch: bool = False, events: bool = False,
+                   brief: bool = False) -> RunEnvelope:
+    """The public view of ``run`` as the REST API and the MCP tools return it."""
+    s = app[SERVICES]
     turns = [] if brief else await store.turns_of(s.db, run.id)
     per_turn = await billing.usage_by_turn(s.db, run.id)
     for turn in turns:
@@ -67,26 +73,35 @@ async def _view(request: web.Request, run: RunRow, *, patch: bool = False, event
 async def create_run(request: web.Request, principal: Principal) -> web.StreamResponse:
     idempotency_key = header(request, "Idempotency-Key", creating.MAX_IDEMPOTENCY_KEY_CHARS)
     req, raw = await parse_body(request, CreateRunRequest)
-    s = request.app[SERVICES]
-    run, created = await creating.create(s, principal, req.order(), raw, idempotency_key)
+    run, created = await start_run(request.app, principal, req, raw, idempotency_key)
+    return respond(await envelope(request.app, run), status=201 if created else 200)
+
+
+async def start_run(app: web.Application, principal: Principal, req: CreateRunRequest, raw: object,
+                    idempotency_key: str | None) -> tuple[RunRow, bool]:
+    """Create (or find, by idempotency key) a run and queue it; (run, created)."""
+    run, created = await creating.create(app[SERVICES], principal, req.order(), raw, idempotency_key)
     if created:
-        await request.app[SCHEDULER].enqueue(run)
-    return respond(await _view(request, run), status=201 if created else 200)
+        await app[SCHEDULER].enqueue(run)
+    return run, created
 
 
 async def list_runs(request: web.Request, principal: Principal) -> web.StreamResponse:
-    q = parse_query(request, ListRunsQuery)
-    s = request.app[SERVICES]
-    rows = await store.list_runs(s.db, principal.user_id, q.limit + 1, int(q.cursor) if q.cursor else None)
+    return respond(await run_page(request.app, principal, parse_query(request, ListRunsQuery)))
+
+
+async def run_page(app: web.Application, principal: Principal, q: ListRunsQuery) -> RunList:
+    """One page of the caller's runs, newest first, as brief views."""
+    rows = await store.list_runs(app[SERVICES].db, principal.user_id, q.limit + 1, int(q.cursor) if q.cursor else None)
     page = rows[: q.limit]
-    views = [(await _view(request, r, brief=True)).run for r in page]
-    return respond(RunList(data=views, next_cursor=str(page[-1].seq) if len(rows) > q.limit else None))
+    views = [(await envelope(app, r, brief=True)).run for r in page]
+    return RunList(data=views, next_cursor=str(page[-1].seq) if len(rows) > q.limit else None)
 
 
 async def get_run(request: web.Request, principal: Principal) -> web.StreamResponse:
     q = parse_query(request, GetRunQuery)
     run = await _owned_run(request, principal)
-    return respond(await _view(request, run, patch=q.patch in ("1", "true"), events=q.events in ("1", "true")))
+    return respond(await envelope(request.app, run, patch=q.patch in ("1", "true"), events=q.events in ("1", "true")))
 
 
 async def get_patch(request: web.Request, principal: Principal) -> web.StreamResponse:
@@ -103,12 +118,12 @@ async def send_message(request: web.Request, principal: Principal) -> web.Stream
     run = await _owned_run(request, principal)
     req, _ = await parse_body(request, MessageRequest)
     carrier = await request.app[CONTROL].message(run, req.follow_up())
-    return respond(await _view(request, carrier), status=200 if req.end_session else 202)
+    return respond(await envelope(request.app, carrier), status=200 if req.end_session else 202)
 
 
 async def cancel_run(request: web.Request, principal: Principal) -> web.StreamResponse:
     run = await _owned_run(request, principal)
-    return respond(await _view(request, await request.app[CONTROL].cancel(run)))
+    return respond(await envelope(request.app, await request.app[CONTROL].cancel(run)))
 
 
 async def webhook_deliveries(request: web.Request, principal: Principal) -> web.StreamResponse:

@@ -3,6 +3,7 @@ OpenAPI document; field limits here are the API's documented bounds."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -58,6 +59,32 @@ class Webhook(Model):
     url: str = Field(min_length=8, max_length=2000, description="Receives run.status deliveries (Standard Webhooks).")
 
 
+MAX_MCP_SERVERS = 10
+MAX_MCP_HEADERS = 20
+MCP_SERVER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"
+_HEADER_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$"  # an HTTP token
+
+
+class McpServer(Model):
+    url: str = Field(min_length=8, max_length=2000, pattern=r"^https?://",
+                     description="The remote MCP server's endpoint (Streamable HTTP or SSE).")
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict, max_length=MAX_MCP_HEADERS,
+        description="Sent with every request to the server, e.g. Authorization. Stored encrypted, added by "
+                    "critique-local's relay outside the sandbox, never returned, deleted when the run ends.")
+
+    @field_validator("headers", mode="after")
+    @classmethod
+    def _headers(cls, headers: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, value in headers.items():
+            if not re.fullmatch(_HEADER_NAME, name):
+                raise ValueError(f"header name {name[:40]!r} is not an HTTP token")
+            text = value.get_secret_value()
+            if len(text) > 8192 or any(c in text for c in "\r\n\x00"):
+                raise ValueError(f"header {name} must be at most 8192 characters on one line")
+        return headers
+
+
 class CreateRunRequest(Model):
     repository: str | None = Field(None, max_length=201, description="owner/name.")
     repository_full_name: str | None = Field(None, max_length=201, description="owner/name (alias of repository).")
@@ -77,6 +104,18 @@ class CreateRunRequest(Model):
                                      description="Up to 32 string keys; values <= 512 chars.")
     safety: Safety | None = None
     webhook: Webhook | None = Field(None, description="run.status deliveries; the host must be allowed by config.")
+    mcp_servers: dict[str, McpServer] = Field(
+        default_factory=dict, max_length=MAX_MCP_SERVERS,
+        description="Remote MCP servers the agent may use, by name (letters, digits, _ and -; tools appear as "
+                    "<name>_<tool>). Needs safety.network.mode restricted or open.")
+
+    @field_validator("mcp_servers", mode="after")
+    @classmethod
+    def _mcp_names(cls, servers: dict[str, McpServer]) -> dict[str, McpServer]:
+        for name in servers:
+            if not re.fullmatch(MCP_SERVER_NAME, name):
+                raise ValueError(f"server name {name[:40]!r}: 1-32 letters, digits, _ or -")
+        return servers
 
     @field_validator("tags", mode="after")
     @classmethod
@@ -120,10 +159,14 @@ class CreateRunRequest(Model):
 
     def order(self) -> RunOrder:
         """The request as the run layer takes it (the spec is what ``runs.request`` stores)."""
-        stored = self.model_dump(mode="json", by_alias=True, exclude={"prompt", "billing"})
+        stored = self.model_dump(mode="json", by_alias=True, exclude={"prompt", "billing", "mcp_servers"})
         stored["billingMode"] = self.billing.mode if self.billing else "managed"
+        if self.mcp_servers:  # header names only: the values go sealed into their own column
+            stored["mcpServers"] = {n: {"url": s.url, "headerNames": sorted(s.headers)} for n, s in self.mcp_servers.items()}
         key = self.billing.open_router_api_key if self.billing else None
-        return RunOrder(RunSpec.from_stored(stored), self.prompt, key.get_secret_value() if key is not None else None)
+        headers = {n: {k: v.get_secret_value() for k, v in s.headers.items()} for n, s in self.mcp_servers.items()}
+        return RunOrder(RunSpec.from_stored(stored), self.prompt, key.get_secret_value() if key is not None else None,
+                        {n: h for n, h in headers.items() if h})
 
 
 class MessageRequest(Model):
@@ -219,7 +262,7 @@ class DraftPullRequestView(Model):
     base_ref: str = Field(description="The branch the pull request targets (the run's base branch).")
     state: str = Field(description="open or closed, as the host reports it.")
     draft: bool
-    host: Literal["github", "gitea", "local"]
+    host: Literal["github", "gitea", "gitlab", "local"]
     title: str
     body: str = Field(description="Links the run; lists changed paths, diff stats and the validation result.")
     created_at: str

@@ -34,7 +34,7 @@ from critique_local.errors import (
     PaymentRequired,
     Unauthorized,
 )
-from critique_local.gateway import scripted, wire
+from critique_local.gateway import mcp_relay, scripted, wire
 from critique_local.gateway.calls import CallLog
 from critique_local.gateway.catalog import ModelEntry
 from critique_local.gateway.metering import Meter
@@ -278,4 +278,5 @@ ROUTES = [
           errors=(400, 401, 402, 403, 408, 413, 422, 429, 502, 504), tag="inference"),
     Route("GET", "/api/v1/models", list_models, "Models (OpenAI-compatible list)", None, response=ModelList,
           errors=(401, 403, 429), tag="inference"),
+    *mcp_relay.ROUTES,
 ]

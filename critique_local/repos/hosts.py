@@ -1,7 +1,7 @@
 """Where a repository lives and how the server (never a sandbox) authenticates to it.
 
 A repository ``owner/name`` resolves, in order, to a bare repository under ``git.local_root``,
-then to GitHub / GitHub Enterprise Server or to Gitea / Forgejo (whichever is enabled). Remote
+then to GitHub / GitHub Enterprise Server, Gitea / Forgejo or GitLab (whichever is enabled). Remote
 hosts also open and update pull requests through their REST APIs. Credentials reach git only
 as an ``http.extraHeader`` in the environment of a git process the server runs.
 """
@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import jwt
 
-from critique_local.config import GiteaSettings, GitHubSettings, Settings
+from critique_local.config import GiteaSettings, GitHubSettings, GitLabSettings, Settings
 from critique_local.redact import Redactor
 from critique_local.repos.git import clean_env
 
@@ -254,6 +255,56 @@ class GiteaHost(RemoteHost):
                                  draft=True, head_sha=str((data.get("head") or {}).get("sha") or ""))
 
 
+class GitLabHost(RemoteHost):
+    """GitLab (self-managed or gitlab.com), REST API v4. Merge requests are drafts through the
+    ``Draft:`` title prefix (GitLab derives ``draft: true`` from it); their number is the iid."""
+
+    kind = "gitlab"
+
+    def __init__(self, settings: GitLabSettings, client: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.client = client
+
+    def clone_url(self, full_name: str) -> str:
+        return f"{self.settings.base_url.rstrip('/')}/{full_name}.git"
+
+    async def git_auth_header(self, full_name: str) -> str | None:
+        # GitLab takes any token as the password of the user "oauth2" (personal, project, group)
+        return _basic("oauth2", self.settings.token) if self.settings.token else None
+
+    def _api(self, full_name: str) -> str:
+        project = quote(full_name, safe="")  # a project path is an id when URL-encoded
+        return f"{self.settings.base_url.rstrip('/')}/api/v4/projects/{project}/merge_requests"
+
+    def _headers(self) -> dict[str, str]:
+        if not self.settings.token:
+            raise HostError("publishing to GitLab needs gitlab.token")
+        return {"PRIVATE-TOKEN": self.settings.token, "Accept": "application/json"}
+
+    async def open_pull_request(self, full_name: str, *, head: str, base: str, title: str,
+                                body: str) -> RemotePullRequest:
+        resp = await self.client.post(self._api(full_name), headers=self._headers(), json={
+            "source_branch": head, "target_branch": base, "title": f"Draft: {title}", "description": body})
+        if resp.status_code != 201:
+            raise _api_error(resp, "opening the merge request")
+        return self._merge_request(resp.json())
+
+    async def update_pull_request(self, full_name: str, number: int, *, title: str, body: str) -> RemotePullRequest:
+        resp = await self.client.put(f"{self._api(full_name)}/{number}", headers=self._headers(),
+                                     json={"title": f"Draft: {title}", "description": body})
+        if resp.status_code != 200:
+            raise _api_error(resp, f"updating merge request !{number}")
+        return self._merge_request(resp.json())
+
+    @staticmethod
+    def _merge_request(data: dict[str, Any]) -> RemotePullRequest:
+        state = str(data["state"])
+        return RemotePullRequest(number=int(data["iid"]), url=str(data["web_url"]),
+                                 state="open" if state == "opened" else state,
+                                 draft=bool(data.get("draft", data.get("work_in_progress", True))),
+                                 head_sha=str(data.get("sha") or ""))
+
+
 class Hosts:
     """Resolves repositories; owns the HTTP client and token caches of the remote host."""
 
@@ -265,6 +316,8 @@ class Hosts:
             self.remote = GitHubHost(settings.github, self.client, redactor)
         elif settings.gitea.enabled:
             self.remote = GiteaHost(settings.gitea, self.client)
+        elif settings.gitlab.enabled:
+            self.remote = GitLabHost(settings.gitlab, self.client)
 
     def local_path(self, full_name: str) -> Path:
         owner, name = full_name.split("/", 1)

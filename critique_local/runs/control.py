@@ -58,6 +58,8 @@ class RunControl:
                 raise RunTerminal(f"this run was already continued as {run.chained_to_run_id}; message that run")
             if req.fallback == "none":
                 raise SessionExpired("the session of this run has ended and fallback is none")
+            if problem := creating.chain_problem(run):
+                raise SessionExpired(problem)
             return await self._chain(run, req.prompt)
 
     async def _turn_publish(self, run: RunRow, req: FollowUp) -> dict[str, Any]:

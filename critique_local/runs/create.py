@@ -21,7 +21,7 @@ from critique_local.errors import (
     ProtectedBranch,
 )
 from critique_local.repos.names import branch_problem, protected_pattern, ref_problem, repository_name_problem
-from critique_local.runs import intent, network
+from critique_local.runs import intent, mcp_servers, network
 from critique_local.runs.spec import PublishSpec, RunOrder, RunSpec
 from critique_local.services import Services
 from critique_local.store import runs as store
@@ -117,6 +117,7 @@ async def create(
     if byok_key is not None and entry.provider is not None and s.settings.billing.byok_provider not in s.settings.providers:
         raise InvalidRequest("this server has no provider for billing.mode openrouter", field="billing.mode",
                              code=ErrorCode.UNSUPPORTED)
+    mcp_servers.check(s.settings, req)
     repo_id = await _repository_id(s, req)
     new = store.NewRun(
         id=new_id("run"), user_id=principal.user_id, repository_id=repo_id, spec=req,
@@ -141,6 +142,8 @@ async def create(
     if not result.created and result.body_hash != digest:
         raise IdempotencyKeyReused("Idempotency-Key was already used with a different body",
                                    field="Idempotency-Key")
+    if result.created and (sealed := mcp_servers.seal_headers(s.box, new.id, order.mcp_headers)) is not None:
+        await store.update_run(s.db, new.id, mcp_headers=sealed)
     if result.created and byok_key is not None:
         await store.update_run(s.db, new.id, byok_key=s.box.seal(byok_key, new.id))
         await billing.charge_orchestration(s.db, principal.user_id, new.id, s.settings.billing.orchestration_credits)
@@ -158,6 +161,19 @@ async def _insert(s: Services, new: store.NewRun, idempotency: tuple[str, str] |
         await store.update_run(s.db, new.id, chained_from_run_id=chained_from.id)
         await store.update_run(s.db, chained_from.id, chained_to_run_id=new.id)
     return result
+
+
+def chain_problem(old: store.RunRow) -> str | None:
+    """Why ``old`` cannot be continued by a chained run, or None. A run's BYOK key and its
+    mcpServers' header values are deleted when its session ends (before any chaining), so a
+    chained run could not have them: it would fail at its first model call or MCP request."""
+    gone = [what for what, needed in (("BYOK key", old.spec.byok),
+                                      ("MCP server headers", any(m.header_names for m in old.spec.mcp_servers.values())))
+            if needed]
+    if not gone:
+        return None
+    return (f"the session of this run has ended and its {' and '.join(gone)} were deleted with it; "
+            "start a new run that sends them again")
 
 
 async def chain(s: Services, old: store.RunRow, prompt: str) -> store.RunRow:

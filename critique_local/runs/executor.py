@@ -120,7 +120,8 @@ class Executor:
         await store.update_turn(self.s.db, run_id, max(run.turn_count, 1), status="failed", finished_at=now_iso())
         await transition(self.s, run, RunStatus.FAILED, Phase.FAILED, error_code=code, error_message=message,
                          finished_at=now_iso(), sandbox_token_hash=None, sandbox_token=None,
-                         agent_secret=None, byok_key=None, session_end_reason=SessionEnd.FINISHED.value)
+                         agent_secret=None, byok_key=None, mcp_headers=None,
+                         session_end_reason=SessionEnd.FINISHED.value)
         self.s.redactor.forget_run(run_id)
         await self.run_repo(run_id).discard()
 
@@ -130,7 +131,7 @@ class Executor:
         if run.sandbox_id:
             await self.destroy(run.sandbox_id)
         closed = await transition(self.s, run, status, phase, finished_at=now_iso(), sandbox_token_hash=None,
-                                  sandbox_token=None, agent_secret=None, byok_key=None,
+                                  sandbox_token=None, agent_secret=None, byok_key=None, mcp_headers=None,
                                   session_end_reason=reason.value, **fields)
         self.s.redactor.forget_run(run.id)
         await self.run_repo(run.id).discard()

@@ -20,7 +20,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from critique_local.agent.base import LaunchConfig
+from critique_local.agent.base import LaunchConfig, McpServer
 from critique_local.errors import RunFailure
 from critique_local.repos import checkout
 from critique_local.sandboxes.base import Sandbox, SandboxError, SandboxSpec
@@ -42,13 +42,14 @@ class WarmSandbox:
 
 
 def launch_config(services: Services, token: str, secret: str, model_id: str,
-                  env: dict[str, str] | None = None) -> LaunchConfig:
+                  env: dict[str, str] | None = None, mcp_servers: tuple[McpServer, ...] = ()) -> LaunchConfig:
     """How the agent of a sandbox starts: the gateway with the sandbox's ``token``, ``model_id``
-    with its catalog limits, the agent's ``secret`` and extra ``env``."""
+    with its catalog limits, the agent's ``secret``, extra ``env`` and the run's MCP servers."""
     model = services.catalog.get(model_id)
     return LaunchConfig(gateway_url=services.gateway_url, gateway_token=token, model_id=model_id,
                         context_tokens=model.context_tokens if model else 128_000,
-                        output_tokens=model.output_tokens if model else 8192, secret=secret, env=env or {})
+                        output_tokens=model.output_tokens if model else 8192, secret=secret, env=env or {},
+                        mcp_servers=mcp_servers)
 
 
 class WarmPool:

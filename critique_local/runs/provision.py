@@ -20,6 +20,7 @@ from critique_local.agent.base import WORKSPACE, Agent
 from critique_local.clock import ms_between, now_iso
 from critique_local.errors import AgentError, ErrorCode, RunFailure, SandboxError
 from critique_local.repos import checkout
+from critique_local.runs.mcp_servers import relay_servers
 from critique_local.runs.network import network_policy, proxy_env
 from critique_local.runs.pool import WarmPool, launch_config
 from critique_local.sandboxes.base import Sandbox, SandboxSpec
@@ -98,7 +99,8 @@ class Provisioner:
         if warm is not None:
             job.agent = await harness.attach(sandbox, password)
         else:
-            config = launch_config(self.s, token, password, run.model_id, self.network_env(run, token))
+            config = launch_config(self.s, token, password, run.model_id, self.network_env(run, token),
+                                   relay_servers(self.s.gateway_url, run.spec))
             job.agent = await harness.launch(sandbox, config, settings.sandbox.agent_ready_timeout_s)
         title = run.spec.title or f"critique-local {run.id}"
         session_id = await job.agent.open_session(title)

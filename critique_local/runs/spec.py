@@ -53,6 +53,15 @@ class ResourcesSpec:
 
 
 @dataclass(frozen=True)
+class McpServerSpec:
+    """One of ``mcpServers``: the remote server's ``url`` and the names of the headers the relay
+    adds (their values are sealed in their own column, never in the spec)."""
+
+    url: str
+    header_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """Everything a run was asked to do besides its prompts (which live on its turns).
 
@@ -78,6 +87,7 @@ class RunSpec:
     resources: ResourcesSpec | None = None
     webhook_url: str | None = None
     chained_from_run_id: str | None = None
+    mcp_servers: Mapping[str, McpServerSpec] = field(default_factory=dict)
     safety_sent: bool = False  # ``safety`` was in the request (possibly with neither part)
 
     @property
@@ -114,6 +124,8 @@ class RunSpec:
             resources=ResourcesSpec(res.get("maxTurns"), res.get("maxCredits")) if res else None,
             webhook_url=_opt_str((data.get("webhook") or {}).get("url")),
             chained_from_run_id=_opt_str(data.get("chainedFromRunId")),
+            mcp_servers={str(name): McpServerSpec(str(s["url"]), tuple(str(h) for h in s.get("headerNames") or ()))
+                         for name, s in (data.get("mcpServers") or {}).items()},
             safety_sent=data.get("safety") is not None,
         )
 
@@ -138,6 +150,9 @@ class RunSpec:
         }
         if self.chained_from_run_id is not None:
             stored["chainedFromRunId"] = self.chained_from_run_id
+        if self.mcp_servers:
+            stored["mcpServers"] = {name: {"url": s.url, "headerNames": list(s.header_names)}
+                                    for name, s in self.mcp_servers.items()}
         return stored
 
     def safety_view(self) -> dict[str, Any] | None:
@@ -148,11 +163,12 @@ class RunSpec:
 @dataclass(frozen=True)
 class RunOrder:
     """A validated create request: the spec, plus what is not stored with it (the prompt goes to
-    the first turn, the BYOK key is sealed into its own column)."""
+    the first turn, the BYOK key and the mcpServers' header values are sealed into their own columns)."""
 
     spec: RunSpec
     prompt: str
     open_router_api_key: str | None = None  # as sent, None when absent
+    mcp_headers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # {server: {header: value}}
 
 
 @dataclass(frozen=True)

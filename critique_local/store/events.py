@@ -44,3 +44,9 @@ async def last_of_kind(db: Database, run_id: str, kind: str) -> dict[str, Any] |
     row = await db.one("SELECT data FROM events WHERE run_id = ? AND kind = ? ORDER BY seq DESC LIMIT 1",
                        (run_id, kind))
     return dict(json.loads(row[0])) if row else None
+
+
+async def last_seq(db: Database, run_id: str) -> int:
+    """The id of the run's newest event (0: none)."""
+    row = await db.one("SELECT MAX(seq) FROM events WHERE run_id = ?", (run_id,))
+    return int(row[0] or 0) if row is not None else 0

@@ -227,6 +227,15 @@ MIGRATIONS.append(
 )
 
 
+
+# The sealed headers of a run's mcpServers (deleted when its session ends, like byok_key).
+MIGRATIONS.append(
+    """
+    ALTER TABLE runs ADD COLUMN mcp_headers TEXT;
+    """
+)
+
+
 class SchemaTooNew(Exception):
     """The database was written by a newer critique-local (migrations are forward-only)."""
 

@@ -347,3 +347,9 @@ async def sandbox_token(db: Database, run_id: str) -> str | None:
 async def byok_key(db: Database, run_id: str) -> str | None:
     row = await db.one("SELECT byok_key FROM runs WHERE id = ?", (run_id,))
     return str(row[0]) if row and row[0] else None
+
+
+async def mcp_headers(db: Database, run_id: str) -> str | None:
+    """The run's sealed mcpServers headers (None: none, or the session ended)."""
+    row = await db.one("SELECT mcp_headers FROM runs WHERE id = ?", (run_id,))
+    return str(row[0]) if row and row[0] else None

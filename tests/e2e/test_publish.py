@@ -28,6 +28,7 @@ def githost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitHostStandIn
     standin = GitHostStandIn(root)
     make_repo(root, "acme/api", {"README.md": "# api\n", "src/app.py": "VALUE = 1\n"})
     make_repo(root, "acme/calc", CALC)
+    make_repo(root, "acme/gl", {"README.md": "# gl\n", "src/app.py": "VALUE = 1\n"})
     standin.start()
     yield standin
     standin.stop()
@@ -45,6 +46,16 @@ def gh_server(tmp_path_factory: pytest.TempPathFactory, githost: GitHostStandIn)
         "CRITIQUE_LOCAL_PUBLISH_AUTHOR_NAME": "Fix Bot", "CRITIQUE_LOCAL_PUBLISH_AUTHOR_EMAIL": "fixbot@example.test",
         "CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S": "60",
     })
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def gl_server(tmp_path_factory: pytest.TempPathFactory, githost: GitHostStandIn) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("gl-server"), extra_env={
+        "CRITIQUE_LOCAL_GITLAB_ENABLED": "true", "CRITIQUE_LOCAL_GITLAB_BASE_URL": githost.url,
+        "CRITIQUE_LOCAL_GITLAB_TOKEN": githost.token, "CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S": "60"})
     srv.start()
     yield srv
     srv.stop()
@@ -298,3 +309,33 @@ def test_repo_test_file_comes_from_the_base_commit_and_repairs_are_capped(
     assert v["commandSource"] == "base_commit"
     assert done["status"] == "idle" and done["error"] is None  # the work is kept; the result says it fails
     api.post(f"{RUNS}/{run['id']}/messages", json={"endSession": True})
+
+
+def test_gitlab_draft_merge_request_opens_and_follow_ups_update_it(gl_server: Server, githost: GitHostStandIn,
+                                                                    tmp_path: Path) -> None:
+    api = gl_server.client(gl_server.new_key("fixbot"))
+    run = api.post(RUNS, json={"repository": "acme/gl", "publish": {"mode": "draft_pr"},
+                               "prompt": "Tune it.\n@write src/app.py\nVALUE = 2\n@end\n@say Tuned."}).json()["run"]
+    done = wait_for(api, run["id"], {"idle", "failed"})
+    assert done["status"] == "idle" and done["error"] is None, done["error"]
+    mr = done["draftPullRequest"]
+    assert (mr["number"], mr["host"], mr["draft"], mr["state"], mr["baseRef"]) == (1, "gitlab", True, "open", "main")
+    assert mr["url"] == f"{githost.url}/acme/gl/-/merge_requests/1"
+    (post,) = [r for r in githost.requests if r["method"] == "POST" and r["path"].endswith("/merge_requests")]
+    assert post["private_token"] == githost.token and post["json"]["title"] == "Draft: Tune it."
+    assert post["json"]["source_branch"] == mr["branch"] and run["id"] in post["json"]["description"]
+    repo = clone(f"{githost.url}/acme/gl.git", tmp_path / "gl", githost.token)
+    git("fetch", "-q", "origin", mr["branch"], cwd=repo)
+    assert git("rev-parse", "FETCH_HEAD", cwd=repo) == mr["headSha"]
+
+    api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@write src/app.py\nVALUE = 3\n@end\n@say Again."})
+    second = wait_for(api, run["id"], {"idle", "failed"})
+    assert second["error"] is None and second["draftPullRequest"]["number"] == 1
+    (put,) = [r for r in githost.requests if r["method"] == "PUT" and r["path"].endswith("/merge_requests/1")]
+    assert put["json"]["title"] == "Draft: Tune it." and "Again." in put["json"]["description"]
+    assert githost.merge_requests[("acme/gl", 1)].body == put["json"]["description"]
+    git("fetch", "-q", "origin", mr["branch"], cwd=repo)
+    assert git("rev-parse", "FETCH_HEAD", cwd=repo) == second["draftPullRequest"]["headSha"] != mr["headSha"]
+    assert api.post(f"{RUNS}/{run['id']}/messages", json={"endSession": True}).status_code == 200
+    full = api.get(f"{RUNS}/{run['id']}", params={"patch": "1", "events": "1"}).text
+    assert githost.token not in full

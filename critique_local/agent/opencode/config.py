@@ -4,11 +4,15 @@ and permissions that never wait for a human."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
+
+from critique_local.agent.base import McpServer
 
 PROVIDER_ID = "critique"
 TOKEN_ENV = "CRITIQUE_GATEWAY_TOKEN"
 OPENCODE_PORT = 4096
+MCP_TIMEOUT_MS = 30_000  # OpenCode's per-request MCP timeout (its 5 s default is tight on a loaded host)
 
 # The container is the security boundary (SECURITY.md); inside it the agent works as on a
 # developer's machine: /tmp, $HOME caches and the web (as far as the run's network policy lets it)
@@ -26,9 +30,11 @@ HEADLESS_PERMISSIONS: dict[str, str] = {
 PLAN_PERMISSIONS: dict[str, str] = {**HEADLESS_PERMISSIONS, "edit": "deny"}
 
 
-def opencode_config(gateway_url: str, model_id: str, context_tokens: int, output_tokens: int) -> str:
+def opencode_config(gateway_url: str, model_id: str, context_tokens: int, output_tokens: int,
+                    mcp_servers: Sequence[McpServer] = ()) -> str:
     """JSON for ``OPENCODE_CONFIG_CONTENT``. The gateway token is read from the environment
-    (``{env:...}``) so it is not repeated in the config text."""
+    (``{env:...}``) so it is not repeated in the config text; it is also the bearer token of
+    every ``mcp_servers`` URL (remote servers, reached through the server's relay)."""
     config: dict[str, Any] = {
         "$schema": "https://opencode.ai/config.json",
         "autoupdate": False,
@@ -52,4 +58,8 @@ def opencode_config(gateway_url: str, model_id: str, context_tokens: int, output
         "permission": HEADLESS_PERMISSIONS,
         "agent": {"plan": {"permission": PLAN_PERMISSIONS}},
     }
+    if mcp_servers:
+        config["mcp"] = {s.name: {"type": "remote", "url": s.url, "enabled": True, "oauth": False,
+                                  "timeout": MCP_TIMEOUT_MS, "headers": {"Authorization": "Bearer {env:" + TOKEN_ENV + "}"}}
+                         for s in mcp_servers}
     return json.dumps(config)

@@ -53,7 +53,7 @@ def agent_env(config: LaunchConfig) -> dict[str, str]:
         TOKEN_ENV: config.gateway_token,
         "OPENCODE_SERVER_PASSWORD": config.secret,
         "OPENCODE_CONFIG_CONTENT": opencode_config(config.gateway_url, config.model_id, config.context_tokens,
-                                                   config.output_tokens),
+                                                   config.output_tokens, config.mcp_servers),
     }
 
 
