@@ -174,6 +174,8 @@ def egress_policy(services: Services) -> PolicyLookup:
     """The egress proxy's view of a run: only a running turn of a restricted run gets out."""
 
     async def lookup(token: str) -> Policy | None:
+        if token in services.egress_tokens:  # an environment's setup (envs/builder.py)
+            return services.egress_tokens[token]
         run = await runs_store.run_for_sandbox_token(services.db, token_hash(token))
         if run is None or run.status is not RunStatus.RUNNING:
             return None

@@ -16,6 +16,7 @@ import httpx
 from httpx_sse import connect_sse
 
 from critique_local.config import SCALAR_SECTIONS, ConfigError, Settings, load_settings
+from critique_local.envs import cli as envs_cli
 from critique_local.hoststate import InstanceInUse
 from critique_local.services import Services
 from critique_local.store.db import Database
@@ -496,3 +497,6 @@ def runs_cancel(url: str, key: str, run_id: str) -> None:
 def runs_watch(url: str, key: str, run_id: str) -> None:
     """Follow a run's live stream as a readable log."""
     _watch(url, key, run_id)
+
+
+main.add_command(envs_cli.envs)  # critique-local envs (critique_local/envs/cli.py)

@@ -9,6 +9,7 @@ from critique_local.agent import default_harness
 from critique_local.agent.base import Harness
 from critique_local.config import Settings
 from critique_local.crypto import SecretBox
+from critique_local.egress import Policy
 from critique_local.gateway.calls import ModelCalls
 from critique_local.gateway.catalog import Catalog
 from critique_local.redact import Redactor
@@ -38,3 +39,4 @@ class Services:
     model_calls: ModelCalls = field(default_factory=ModelCalls)  # running turns' model calls, as the gateway saw them
     extra: dict[str, object] = field(default_factory=dict)
     harness: Harness = field(default_factory=default_harness)  # the coding agent runs drive
+    egress_tokens: dict[str, Policy] = field(default_factory=dict)  # proxy tokens of environment builds (envs/)

@@ -28,6 +28,7 @@ from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES, WEBHOOKS
 from critique_local.errors import ErrorCode, InvalidRequest, NotFound
 from critique_local.runs import create as creating
 from critique_local.runs.states import TERMINAL, RunStatus
+from critique_local.store import environments as environments_store
 from critique_local.store import events as events_store
 from critique_local.store import pulls
 from critique_local.store import runs as store
@@ -61,6 +62,7 @@ async def _view(request: web.Request, run: RunRow, *, patch: bool = False, event
         events=await events_store.after(s.db, run.id, 0, limit=MAX_VIEW_EVENTS) if events else None,
         pull_request=await pulls.of_run(s.db, run.id),
         brief=brief,
+        environment=await environments_store.of_run(s.db, run.id),
     ))
 
 
