@@ -21,6 +21,9 @@ from typing import Any
 
 import pytest
 
+from tests.e2b_standin import SNAPSHOT_REPOSITORY
+from tests.e2e.test_e2b_backend import calls as e2b_calls
+from tests.e2e.test_e2b_backend import e2b_server  # noqa: F401 - a fixture
 from tests.helpers import Server, free_port, git, make_repo, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -241,3 +244,34 @@ def test_failing_or_slow_setup_fails_the_run_with_its_tail_and_keeps_nothing(
     assert done["environment"] is None
     assert not [e for e in envs(env_server) if e["repository"] == repo]
     assert of_type(events(api, done["id"]), "setup.finished")
+
+
+def test_e2b_builds_a_snapshot_once_and_starts_later_runs_from_it(e2b_server: Server) -> None:  # noqa: F811
+    """The E2B backend through the SDK stand-in: setup runs in a sandbox of the base template,
+    the SDK's create_snapshot keeps it, later sandboxes are created from the snapshot's id."""
+    make_repo(e2b_server.repos, "acme/enve2b", {
+        ".gitignore": "gen/\n",
+        ".critique/setup.sh": "mkdir -p ~/.local/share/tool gen && echo ready > ~/.local/share/tool/state && "
+                              "echo made > gen/out.txt && echo set up\n",
+        ".critique/test": "test -f ~/.local/share/tool/state && test -f gen/out.txt && test -f README.md\n",
+        "README.md": "one\n"})
+    e2b_server.start()
+    api = e2b_server.client(e2b_server.new_key("cloud-envs"))
+    first = finish(api, run_once(api, "acme/enve2b", "@say hi")["id"])
+    assert first["status"] == "idle" and first["validation"]["status"] == "passed", first
+    snapshots = [c for c in e2b_calls(e2b_server) if c["call"] == "create_snapshot"]
+    assert len(snapshots) == 1
+    snapshot_id = snapshots[0]["snapshot_id"]
+    made = [c for c in e2b_calls(e2b_server) if c["call"] == "create"]
+    assert [c["template"] for c in made] == ["critique-local-opencode", snapshot_id]  # build, then the run
+    assert snapshots[0]["sandbox_id"] in {c["sandbox_id"] for c in e2b_calls(e2b_server) if c["call"] == "kill"}
+    assert [e["ref"] for e in envs(e2b_server)] == [snapshot_id]
+
+    commit(e2b_server, "acme/enve2b", {"README.md": "two\n"})
+    second = finish(api, run_once(api, "acme/enve2b", "@bash cat README.md\n@say hi")["id"])
+    assert second["status"] == "idle" and second["validation"]["status"] == "passed", second
+    assert second["environment"]["reused"] is True and second["environment"]["key"] == first["environment"]["key"]
+    assert "two" in api.get(f"{RUNS}/{second['id']}", params={"events": "1"}).text  # the newer commit's tree
+    assert len([c for c in e2b_calls(e2b_server) if c["call"] == "create_snapshot"]) == 1
+    assert [c["template"] for c in e2b_calls(e2b_server) if c["call"] == "create"][-1] == snapshot_id
+    subprocess.run(["docker", "rmi", "-f", f"{SNAPSHOT_REPOSITORY}:{snapshot_id}"], capture_output=True)
