@@ -171,6 +171,9 @@ class PoolSettings(Section):
     size: int = Field(1, ge=0, le=64, description="Warm sandboxes with OpenCode running and an empty workspace.")
     repositories: dict[str, int] = Field(
         default_factory=dict, description="Warm sandboxes that already hold a repository's default branch.")
+    environments: dict[str, int] = Field(
+        default_factory=dict, description="Warm sandboxes started from the kept environment of a repository's "
+        "default branch (.critique/setup.sh), holding that branch.")
 
 
 DEFAULT_KEY_FILES = [

@@ -68,19 +68,30 @@ class Environments:
 
     async def plan(self, run: RunRow, tar_path: Path) -> EnvPlan | None:
         """The run's environment plan from its packed checkout (None: no setup or start script)."""
+        return await self.plan_for(run.repository_full_name, tar_path)
+
+    async def plan_for(self, repository: str, tar_path: Path) -> EnvPlan | None:
         base = await self.s.backend.environment_base()
         identity = f"{base}\0agent={getattr(self.s.harness, 'version', type(self.s.harness).__name__)}"
-        return await plan(self.s.settings, run.repository_full_name, tar_path, identity, self.s.backend.network_modes)
+        return await plan(self.s.settings, repository, tar_path, identity, self.s.backend.network_modes)
+
+    async def reused(self, env_plan: EnvPlan, run: RunRow) -> EnvUse | None:
+        """The kept environment of ``env_plan`` as a reuse (recorded for ``run``), or None."""
+        row = await store.get(self.s.db, env_plan.key)
+        if row is None or row.stale:
+            return None
+        await store.touch(self.s.db, row.key)
+        await store.record_run(self.s.db, run.id, row.key, "reused", None)
+        return EnvUse(row.key, row.ref, "reused", None)
 
     async def ensure(self, env_plan: EnvPlan, run: RunRow, tar_path: Path) -> EnvUse:
         """The kept environment of ``env_plan`` (built now when there is none, or it is marked
         for rebuild). Raises RunFailure(setup_failed) when setup fails."""
         db = self.s.db
+        kept = await self.reused(env_plan, run)
+        if kept is not None:
+            return kept
         row = await store.get(db, env_plan.key)
-        if row is not None and not row.stale:
-            await store.touch(db, row.key)
-            await store.record_run(db, run.id, row.key, "reused", None)
-            return EnvUse(row.key, row.ref, "reused", None)
         task = self._builds.get(env_plan.key)
         status = "joined"
         if task is None:
@@ -153,14 +164,7 @@ class Environments:
         """Run the start script in a run's sandbox (no repository secrets: what it starts runs
         beside the agent). Raises RunFailure(setup_failed) when it fails."""
         assert env_plan.start is not None
-        settings = self.s.settings.environments
-        result = await scripts.run_script(sandbox, env_plan.start, "start.sh", scripts.START_LOG, env,
-                                          settings.start_timeout_s, settings.output_tail_chars)
-        if result.timed_out or result.exit_code != 0:
-            why = (f"did not finish within {settings.start_timeout_s:g} s" if result.timed_out
-                   else f"exited with {result.exit_code}")
-            raise RunFailure(ErrorCode.SETUP_FAILED, f"start.sh {why}; output tail:\n{result.tail}")
-        return {"exitCode": 0, "durationMs": result.duration_ms}
+        return await run_start(self.s, sandbox, env_plan.start, env)
 
     async def evict(self, keep: set[str] | frozenset[str] = frozenset(), superseded: bool = False) -> list[str]:
         """Remove environments unused for ``environments.max_unused_s``, then the least recently
@@ -178,3 +182,16 @@ class Environments:
             except SandboxError as exc:
                 log.warning("could not remove environment %s: %s", row.key[:12], exc)
         return removed
+
+
+async def run_start(s: Services, sandbox: Sandbox, script: str, env: dict[str, str] | None = None) -> dict[str, object]:
+    """``.critique/start.sh`` in ``sandbox``: {exitCode, durationMs}. Raises
+    RunFailure(setup_failed) when it fails or exceeds ``environments.start_timeout_s``."""
+    settings = s.settings.environments
+    result = await scripts.run_script(sandbox, script, "start.sh", scripts.START_LOG, env or {},
+                                      settings.start_timeout_s, settings.output_tail_chars)
+    if result.timed_out or result.exit_code != 0:
+        why = (f"did not finish within {settings.start_timeout_s:g} s" if result.timed_out
+               else f"exited with {result.exit_code}")
+        raise RunFailure(ErrorCode.SETUP_FAILED, f"start.sh {why}; output tail:\n{result.tail}")
+    return {"exitCode": 0, "durationMs": result.duration_ms}

@@ -62,10 +62,19 @@ class Provisioner:
         warm = env = None
         try:
             env_plan = await self.envs.plan(run, prepared.tar_path)  # None: the repository declares no setup
-            if env_plan is None and self.pool is not None and self.pool.eligible(run.model_id, mode):
-                warm = await self.pool.take(prepared.key)
-            if env_plan is not None and env_plan.setup is not None:
+            env_key = env_plan.key if env_plan is not None and env_plan.setup is not None else None
+            if self.pool is not None and self.pool.eligible(run.model_id, mode) and (
+                    env_plan is None or env_key is not None):
+                warm = await self.pool.take(prepared.key, env_key)
+                if warm is not None and env_plan is not None:  # started from the kept environment
+                    env = await self.envs.reused(env_plan, run)
+                    if env is None:  # removed meanwhile (envs prune)
+                        await self.s.backend.destroy(warm.sandbox.id)
+                        warm = None
+            if env_plan is not None and env_plan.setup is not None and env is None:
                 env = await self.envs.ensure(env_plan, run, prepared.tar_path)
+                if env.status == "built" and self.pool is not None:
+                    self.pool.wake()  # pool.environments may want sandboxes of it
             t_env = time.monotonic()
             token = warm.token if warm else new_token(SANDBOX_TOKEN_PREFIX)
             password = warm.password if warm else secrets.token_urlsafe(24)
@@ -97,7 +106,7 @@ class Provisioner:
             await asyncio.shield(checkout.discard(prepared))
         run = dataclasses.replace(run, base_commit=prepared.base_commit, base_ref=prepared.base_ref,
                                   base_branch=prepared.base_branch, sandbox_id=sandbox.id, sandbox_started_at=started)
-        if env_plan is not None and env_plan.start is not None:
+        if env_plan is not None and env_plan.start is not None and warm is None:  # a warm one ran it
             await self.s.hub.builder(run.id, {"type": "start.finished", **await self.envs.start(
                 sandbox, env_plan, self.network_env(run, token))})
         await self.s.hub.builder(run.id, {

@@ -81,7 +81,8 @@ def commit(client: docker.DockerClient, base_image: str, tar_path: Path, size: i
     """An image of ``base_image`` plus ``tar_path`` at :data:`ENV_TAR`; returns its id."""
     api = client.api
     # never started; created with the image's own command, which the commit keeps
-    helper = api.create_container(base_image, network_disabled=True, labels=labels)["Id"]
+    # (without our instance label: the orphan sweep would take a stopped container of ours for debris)
+    helper = api.create_container(base_image, network_disabled=True, labels={LABEL_ENV: "helper"})["Id"]
     try:
         if not api.put_archive(helper, "/", _wrapped(tar_path, size)):
             raise RuntimeError("could not put the environment into its image")
