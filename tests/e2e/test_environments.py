@@ -126,6 +126,11 @@ def env_server(tmp_path_factory: pytest.TempPathFactory, index: PackageIndex) ->
     srv.cli("secrets", "set", "acme/envpy", "REPO_TOKEN", input_text=SECRET)
     yield srv
     srv.stop()
+    instance = (srv.data_dir / "instance_id").read_text().strip()
+    images = subprocess.run(["docker", "images", "-q", "--filter", "label=critique.env=1", "--filter",
+                             f"label=critique.instance={instance}"], capture_output=True, text=True).stdout.split()
+    if images:
+        subprocess.run(["docker", "rmi", "-f", *set(images)], capture_output=True)
 
 
 def commit(server: Server, full_name: str, files: dict[str, str]) -> None:
