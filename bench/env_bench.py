@@ -85,7 +85,8 @@ def main() -> None:
     result: dict[str, Any] = {"cpus": os.cpu_count(), "runs": args.runs, "setup_s": args.setup_s}
     setup = (f"sleep {args.setup_s}\nmkdir -p ~/.local/share/bench deps && head -c 20000000 /dev/urandom "
              "> ~/.local/share/bench/blob && echo ok > deps/state\n")
-    server = Server(work, extra_env={"CRITIQUE_LOCAL_LIMITS_REQUESTS_PER_MINUTE": "0"})  # it polls
+    server = Server(work, extra_env={"CRITIQUE_LOCAL_LIMITS_REQUESTS_PER_MINUTE": "0",  # it polls
+                                     "CRITIQUE_LOCAL_SANDBOX_AGENT_READY_TIMEOUT_S": "300"})  # a loaded machine
     try:
         server.repos.mkdir(parents=True)
         make_repo(server.repos, "bench/setup", {**FILES, ".gitignore": "deps/\n", ".critique/setup.sh": setup})

@@ -110,7 +110,8 @@ def env_server(tmp_path_factory: pytest.TempPathFactory, index: PackageIndex) ->
         f'[network]\nprivate_cidrs = ["{INDEX_HOST}/32"]\n'
         f'[environments]\nallowlist = ["{INDEX_HOST}:{index.port}"]\n'
         '[environments.repositories."acme/envslow"]\nsetup_timeout_s = 3\n')
-    srv = Server(base, extra_env={"CRITIQUE_LOCAL_CONFIG": str(config)})
+    # OpenCode's start is bounded generously: several sandboxes start at once on a shared 2-core machine
+    srv = Server(base, extra_env={"CRITIQUE_LOCAL_CONFIG": str(config), "CRITIQUE_LOCAL_SANDBOX_AGENT_READY_TIMEOUT_S": "300"})
     srv.repos.mkdir(parents=True)
     make_repo(srv.repos, "acme/envpy", {
         "requirements.txt": f"--index-url {index.url}/simple\ngreetlib==1.0\n",
@@ -235,6 +236,11 @@ def test_setup_once_then_reuse_on_a_newer_commit_then_a_new_lockfile_builds_anew
     assert [e["key"] for e in envs(env_server)] == [done[0]["environment"]["key"]]
     gone = subprocess.run(["docker", "image", "inspect", kept["ref"]], capture_output=True, text=True)
     assert gone.returncode != 0
+    newest = done[0]["environment"]["key"]
+    shown = json.loads(env_server.cli("envs", "show", newest[:12]).stdout)
+    assert shown["key"] == newest and shown["stale"] is False and shown["lastUsedAt"] >= shown["createdAt"]
+    env_server.cli("envs", "rebuild", newest[:12])  # the next run needing it runs setup again
+    assert json.loads(env_server.cli("envs", "show", newest[:12]).stdout)["stale"] is True
 
 
 @pytest.mark.parametrize(("repo", "expected"), [
