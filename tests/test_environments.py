@@ -15,7 +15,7 @@ from critique_local.clock import iso, now
 from critique_local.config import Settings
 from critique_local.egress import host_allowed
 from critique_local.envs import evict
-from critique_local.envs.spec import EnvPlan, plan
+from critique_local.envs.spec import EnvPlan, GitTree, TarTree, plan
 from critique_local.runs.network import allowlist_entry_ok
 from critique_local.store.environments import EnvironmentRow
 
@@ -35,7 +35,7 @@ def packed(tmp_path: Path, files: dict[str, str], name: str = "ws.tar") -> Path:
 
 def plan_of(tmp_path: Path, files: dict[str, str], settings: Settings | None = None, base: str = "img-1",
             modes: frozenset[str] = ALL_MODES, name: str = "ws.tar") -> EnvPlan | None:
-    return asyncio.run(plan(settings or Settings(), "acme/web", packed(tmp_path, files, name), base, modes))
+    return asyncio.run(plan(settings or Settings(), "acme/web", TarTree(packed(tmp_path, files, name)), base, modes))
 
 
 REPO = {".critique/setup.sh": "pip install -r requirements.txt\n", "requirements.txt": "greetlib==1.0\n",
@@ -122,3 +122,20 @@ def test_host_port_entries_allow_that_port_only() -> None:
     assert host_allowed("127.0.0.2", allowlist, 8080)
     assert not host_allowed("127.0.0.2", allowlist, 8787) and not host_allowed("127.0.0.2", allowlist)
     assert host_allowed("pypi.org", allowlist, 443) and host_allowed("registry.npmjs.org", allowlist, 443)
+
+
+def test_git_and_tar_readers_agree(tmp_path: Path) -> None:
+    """The server reads the base commit with git (mirror or fresh clone); both readers find the
+    same scripts, and key files change the key alike."""
+    from tests.helpers import git, make_repo
+
+    bare = make_repo(tmp_path / "repos", "acme/web", {**REPO, "link": "x"})
+    commit = git("rev-parse", "HEAD", cwd=bare)
+    tree = GitTree(bare, commit)
+    found = asyncio.run(tree.read({".critique/setup.sh", "missing", "requirements.txt"}, 100))
+    assert found == {".critique/setup.sh": REPO[".critique/setup.sh"].encode(),
+                     "requirements.txt": REPO["requirements.txt"].encode()}
+    digests = asyncio.run(tree.digests({"requirements.txt", "package.json"}))
+    assert list(digests) == ["requirements.txt"]
+    from_git = asyncio.run(plan(Settings(), "acme/web", tree, "img", ALL_MODES))
+    assert from_git is not None and from_git.setup == REPO[".critique/setup.sh"]

@@ -29,8 +29,9 @@ from pathlib import Path
 
 from critique_local.egress import Policy
 from critique_local.envs import evict, scripts
-from critique_local.envs.spec import EnvPlan, plan
+from critique_local.envs.spec import EnvPlan, GitTree, TarTree, Tree, plan
 from critique_local.errors import ErrorCode, RunFailure, SandboxError
+from critique_local.repos.checkout import Checkout
 from critique_local.runs.network import proxy_env
 from critique_local.sandboxes.base import Sandbox, SandboxSpec
 from critique_local.services import Services
@@ -66,14 +67,27 @@ class Environments:
         self.s = services
         self._builds: dict[str, asyncio.Task[_Built]] = {}
 
-    async def plan(self, run: RunRow, tar_path: Path) -> EnvPlan | None:
-        """The run's environment plan from its packed checkout (None: no setup or start script)."""
-        return await self.plan_for(run.repository_full_name, tar_path)
+    async def plan(self, run: RunRow, prepared: Checkout) -> EnvPlan | None:
+        """The run's environment plan from its base commit (None: no setup or start script)."""
+        return await self.plan_for(run.repository_full_name, prepared)
 
-    async def plan_for(self, repository: str, tar_path: Path) -> EnvPlan | None:
+    def tree(self, repository: str, prepared: Checkout) -> Tree:
+        """The base commit where the server reads it fastest: the mirror, or an uncached
+        checkout's fresh clone (``git cat-file``); the packed checkout only as a last resort."""
+        source = self.s.hosts.resolve(repository)
+        if prepared.workdir is not None and (prepared.workdir / "ws" / ".git").is_dir():
+            return GitTree(prepared.workdir / "ws" / ".git", prepared.base_commit)
+        if self.s.mirrors is not None and self.s.settings.git.mirror_cache and source is not None:
+            return GitTree(self.s.mirrors.path(source), prepared.base_commit)
+        return TarTree(prepared.tar_path)
+
+    async def plan_for(self, repository: str, prepared: Checkout) -> EnvPlan | None:
+        if not self.s.settings.environments.enabled:
+            return None
         base = await self.s.backend.environment_base()
         identity = f"{base}\0agent={getattr(self.s.harness, 'version', type(self.s.harness).__name__)}"
-        return await plan(self.s.settings, repository, tar_path, identity, self.s.backend.network_modes)
+        return await plan(self.s.settings, repository, self.tree(repository, prepared), identity,
+                          self.s.backend.network_modes)
 
     async def reused(self, env_plan: EnvPlan, run: RunRow) -> EnvUse | None:
         """The kept environment of ``env_plan`` as a reuse (recorded for ``run``), or None."""

@@ -17,8 +17,10 @@ import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from critique_local.config import EnvironmentSettings, Settings
+from critique_local.repos.git import clean_env, run_git_bytes
 
 SETUP_FILE = ".critique/setup.sh"
 START_FILE = ".critique/start.sh"
@@ -41,9 +43,70 @@ class EnvPlan:
     setup_timeout_s: float = 1800.0
 
 
+class Tree(Protocol):
+    """The run's base commit, as the server holds it."""
+
+    async def read(self, paths: set[str], cap: int) -> dict[str, bytes]:
+        """The regular files among ``paths`` and their bytes (at most ``cap`` each)."""
+
+    async def digests(self, paths: set[str]) -> dict[str, str]:
+        """A content digest of each file among ``paths`` that exists."""
+
+
+@dataclass(frozen=True)
+class GitTree:
+    """A commit in a repository on the server (the mirror, or the fresh clone of an uncached
+    checkout): ``git cat-file`` reads blobs, never the file system, so links lead nowhere."""
+
+    git_dir: Path
+    commit: str
+
+    async def _batch(self, paths: set[str], check: bool) -> bytes:
+        names = sorted(p for p in paths if p and "\n" not in p)
+        stdin = "".join(f"{self.commit}:{p}\n" for p in names).encode()
+        return await run_git_bytes([f"--git-dir={self.git_dir}", "cat-file", "--batch-check" if check else "--batch"],
+                                   None, clean_env(), 120, stdin=stdin)
+
+    async def digests(self, paths: set[str]) -> dict[str, str]:
+        names = sorted(p for p in paths if p and "\n" not in p)
+        lines = (await self._batch(set(names), True)).decode(errors="replace").splitlines()
+        out = {}
+        for name, line in zip(names, lines, strict=False):
+            parts = line.split()
+            if len(parts) == 3 and parts[1] == "blob":
+                out[name] = parts[0]  # the blob id: a digest of the contents
+        return out
+
+    async def read(self, paths: set[str], cap: int) -> dict[str, bytes]:
+        names = sorted(p for p in paths if p and "\n" not in p)
+        raw, out, pos = await self._batch(set(names), False), {}, 0
+        for name in names:
+            end = raw.index(b"\n", pos)
+            parts = raw[pos:end].split()
+            pos = end + 1
+            if len(parts) == 3 and parts[1] in (b"blob", b"tree", b"commit", b"tag"):
+                size = int(parts[2])
+                if parts[1] == b"blob":
+                    out[name] = raw[pos:pos + min(size, cap)]
+                pos += size + 1
+        return out
+
+
+@dataclass(frozen=True)
+class TarTree:
+    """A packed checkout (scanned whole: for tests and when no repository is at hand)."""
+
+    tar_path: Path
+
+    async def read(self, paths: set[str], cap: int) -> dict[str, bytes]:
+        return await asyncio.to_thread(_read_members, self.tar_path, paths, cap)
+
+    async def digests(self, paths: set[str]) -> dict[str, str]:
+        found = await asyncio.to_thread(_read_members, self.tar_path, paths, MAX_KEY_FILE_BYTES)
+        return {name: hashlib.sha256(data).hexdigest() for name, data in found.items()}
+
+
 def _read_members(tar_path: Path, wanted: set[str], cap: int) -> dict[str, bytes]:
-    """The regular files among ``wanted`` (paths in the tree) and their bytes (at most ``cap``
-    each; a larger one is hashed by its first ``cap`` bytes and its size)."""
     found: dict[str, bytes] = {}
     with tarfile.open(tar_path, "r:") as tar:
         for member in tar:
@@ -72,7 +135,7 @@ def _text(data: bytes | None) -> str | None:
     return data[:MAX_SCRIPT_BYTES].decode(errors="replace").replace("\0", "")
 
 
-async def plan(settings: Settings, repository: str, tar_path: Path, base_identity: str,
+async def plan(settings: Settings, repository: str, tree: Tree, base_identity: str,
                supported_modes: frozenset[str]) -> EnvPlan | None:
     """The run's environment plan, or None when the repository declares neither script (or
     environments are disabled). ``base_identity``: the sandbox image or template and agent."""
@@ -80,8 +143,7 @@ async def plan(settings: Settings, repository: str, tar_path: Path, base_identit
     if not envs.enabled:
         return None
     conf_setup, conf_start, conf_keys, mode, allowlist = _setting(envs, repository)
-    scripts = await asyncio.to_thread(_read_members, tar_path, {SETUP_FILE, START_FILE, KEY_FILES_FILE},
-                                      MAX_SCRIPT_BYTES)
+    scripts = await tree.read({SETUP_FILE, START_FILE, KEY_FILES_FILE}, MAX_SCRIPT_BYTES)
     setup = conf_setup if conf_setup is not None else _text(scripts.get(SETUP_FILE))
     start = conf_start if conf_start is not None else _text(scripts.get(START_FILE))
     if setup is None and start is None:
@@ -98,15 +160,14 @@ async def plan(settings: Settings, repository: str, tar_path: Path, base_identit
         mode = "restricted"  # open only where the operator allows it
     if mode not in supported_modes:
         mode = "none"  # narrower, never wider: e.g. E2B cannot log each connection of restricted mode
-    contents = await asyncio.to_thread(_read_members, tar_path, set(key_files), MAX_KEY_FILE_BYTES)
+    contents = await tree.digests(set(key_files))
     digest = hashlib.sha256()
     for part in (f"env-format-{ENV_FORMAT}", repository, setup or "", start or "", base_identity,
                  json.dumps([mode, sorted(allowlist) if mode == "restricted" else []])):
         digest.update(hashlib.sha256(part.encode()).digest())
     for name in key_files:
-        data = contents.get(name)
         digest.update(hashlib.sha256(name.encode()).digest())
-        digest.update(hashlib.sha256(data).digest() if data is not None else b"absent")
+        digest.update(contents.get(name, "absent").encode())
     repo = envs.repositories.get(repository)
     return EnvPlan(repository, setup, start, mode, tuple(allowlist) if mode == "restricted" else (),
                    digest.hexdigest(), tuple(key_files),

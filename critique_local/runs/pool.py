@@ -166,7 +166,7 @@ class WarmPool:
         if prepared is None:
             return
         try:
-            env_plan = await Environments(self.s).plan_for(full_name, prepared.tar_path)
+            env_plan = await Environments(self.s).plan_for(full_name, prepared)
             row = await env_store.get(self.s.db, env_plan.key) if env_plan and env_plan.setup else None
             for warm in [w for w in self._ready if w.env_key and w.checkout_key and
                          w.checkout_key.startswith(f"{full_name}\0") and (row is None or w.env_key != row.key)]:

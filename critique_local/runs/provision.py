@@ -61,7 +61,7 @@ class Provisioner:
         mode = network_policy(settings, run.request)[0]
         warm = env = None
         try:
-            env_plan = await self.envs.plan(run, prepared.tar_path)  # None: the repository declares no setup
+            env_plan = await self.envs.plan(run, prepared)  # None: the repository declares no setup
             env_key = env_plan.key if env_plan is not None and env_plan.setup is not None else None
             if self.pool is not None and self.pool.eligible(run.model_id, mode) and (
                     env_plan is None or env_key is not None):
