@@ -268,6 +268,7 @@ def test_e2b_builds_a_snapshot_once_and_starts_later_runs_from_it(e2b_server: Se
                               "echo made > gen/out.txt && echo set up\n",
         ".critique/test": "test -f ~/.local/share/tool/state && test -f gen/out.txt && test -f README.md\n",
         "README.md": "one\n"})
+    e2b_server.extra_env["CRITIQUE_LOCAL_SANDBOX_AGENT_READY_TIMEOUT_S"] = "300"  # a shared, loaded machine
     e2b_server.start()
     api = e2b_server.client(e2b_server.new_key("cloud-envs"))
     first = finish(api, run_once(api, "acme/enve2b", "@say hi")["id"])
