@@ -1,9 +1,29 @@
-"""Building and serving the application.
+"""The application: :func:`create_app` builds it, :func:`serve` runs it.
 
-Two listeners share one set of services: the public API (``server.host:port``) and a
-sandbox-facing listener that serves only the model gateway, bound to the address sandboxes
-can route to (the internal Docker network's gateway). Sandboxes therefore cannot reach the
-Coding Agent API, and clients outside never need to reach the sandbox network.
+Two listeners share one set of services: the public API (``server.host:port``, the application
+:func:`create_app` returns) and a sandbox-facing listener that serves only the model gateway,
+bound to the address sandboxes can route to (the internal Docker network's gateway). Sandboxes
+therefore cannot reach the Coding Agent API, and clients outside never need to reach the
+sandbox network.
+
+Every long-lived resource is opened and closed by one cleanup context (aiohttp's
+``cleanup_ctx``), in this order; shutdown runs them backwards:
+
+    database          the SQLite file (migrated on open)
+    services          the objects routes and runs share, built with their dependencies
+                      (nothing started): event hub -> webhooks, executor <- warm pool,
+                      scheduler <- executor, run control <- scheduler
+    sandbox backend   its networks / templates (the Docker engine is first touched here)
+    gateway listener  the sandbox-facing application, on its own runner
+    egress proxy      for restricted runs; then the host firewall admits exactly these two ports
+    warm pool         sandboxes started ahead of demand
+    scheduler         recovery after a restart, then the workers that execute runs
+    reaper            expiry of idle sessions and the sandbox sweep
+    webhook delivery  signed run.status deliveries with retries
+
+``create_app(settings, claim, execute_runs=False)`` leaves out the five contexts that execute
+runs (backend through reaper): the API then accepts, lists, cancels and streams runs, which
+stay queued, and never touches the sandbox backend (the fast in-process tests use this).
 """
 
 from __future__ import annotations
@@ -14,35 +34,54 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from aiohttp import web
 
 from critique_local import logfilter
-from critique_local.api import meta, runs
 from critique_local.api.middleware import authenticated, error_middleware
 from critique_local.api.ratelimit import RateLimiter
 from critique_local.api.registry import Route
-from critique_local.appkeys import CONTROL, DB, LIMITER, SCHEDULER, SERVICES, UPSTREAM, WEBHOOKS
+from critique_local.api.routes import PUBLIC_ROUTES, SANDBOX_ROUTES
+from critique_local.appkeys import (
+    CLAIM,
+    CONTROL,
+    DB,
+    ENVIRONMENTS,
+    GATEWAY_PORT,
+    GUARD,
+    LIMITER,
+    POOL,
+    PUBLIC_URL,
+    SANDBOX_BUDGET,
+    SCHEDULER,
+    SERVED_ROUTES,
+    SERVICES,
+    SETTINGS,
+    STOPPING,
+    UPSTREAM,
+    WEBHOOKS,
+)
 from critique_local.config import Settings
 from critique_local.crypto import SecretBox
 from critique_local.egress import DecisionHook, EgressProxy, Policy, PolicyLookup
-from critique_local.gateway import routes as gateway
+from critique_local.envs.builder import Environments
 from critique_local.gateway.catalog import Catalog
 from critique_local.gateway.upstream import Upstream
 from critique_local.hoststate import HostState, InstanceClaim, default_root
-from critique_local.listeners import ConnectionBudget, ConnectionGuard, GuardedSite, fit_to_open_files
+from critique_local.listeners import ConnectionBudget, ConnectionGuard, GuardedSite, fit_to_open_files, prebind
 from critique_local.redact import RedactingFilter, Redactor
 from critique_local.repos.hosts import Hosts
 from critique_local.repos.mirrors import Mirrors
 from critique_local.runs.control import RunControl
 from critique_local.runs.events import EventHub
+from critique_local.runs.executor import Executor
 from critique_local.runs.network import network_policy
 from critique_local.runs.pool import WarmPool
 from critique_local.runs.scheduler import Scheduler
 from critique_local.runs.states import RunStatus
-from critique_local.sandboxes.base import SandboxBackend
 from critique_local.sandboxes.factory import make_backend
 from critique_local.services import Services
 from critique_local.store import runs as runs_store
@@ -76,40 +115,185 @@ def claim_instance(settings: Settings) -> InstanceClaim:
     return host.claim(instance_id(settings), settings.server.data_dir, wait_s=10)
 
 
-def _application(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks,
-                 routes: list[Route], limiter: RateLimiter, guard: ConnectionGuard | None) -> web.Application:
-    middlewares = [guard.middleware] if guard is not None else []
-    app = web.Application(middlewares=[*middlewares, error_middleware],
-                          client_max_size=services.settings.limits.max_body_bytes)
-    app[SERVICES] = services
-    app[DB] = services.db
-    app[SCHEDULER] = scheduler
-    app[CONTROL] = RunControl(scheduler)
-    app[UPSTREAM] = upstream
-    app[WEBHOOKS] = webhooks
+def _listener_app(settings: Settings, routes: tuple[Route, ...], limiter: RateLimiter,
+                  guard: ConnectionGuard) -> web.Application:
+    app = web.Application(middlewares=[guard.middleware, error_middleware],
+                          client_max_size=settings.limits.max_body_bytes)
+    app[SETTINGS] = settings
+    app[SERVED_ROUTES] = routes
     app[LIMITER] = limiter
+    app[GUARD] = guard
     for route in routes:
         app.router.add_route(route.method, route.path, authenticated(route, DB, limiter))
     return app
 
 
-def public_app(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks,
-               guard: ConnectionGuard | None = None) -> web.Application:
+def create_app(settings: Settings, claim: InstanceClaim, *, execute_runs: bool = True) -> web.Application:
     """The public listener's application: the Coding Agent API, meta routes and the gateway,
-    every authenticated route under the per-key rate limit."""
-    limits = services.settings.limits
-    return _application(services, scheduler, upstream, webhooks, [*runs.ROUTES, *meta.ROUTES, *gateway.ROUTES],
-                        RateLimiter(limits.requests_per_minute, limits.burst), guard)
-
-
-def sandbox_app(services: Services, scheduler: Scheduler, upstream: Upstream, webhooks: Webhooks,
-                guard: ConnectionGuard | None = None) -> web.Application:
-    """The sandbox-facing listener's application: only the gateway, rate-limited per run."""
-    limits = services.settings.limits
-    app = _application(services, scheduler, upstream, webhooks, list(gateway.ROUTES),
-                       RateLimiter(limits.requests_per_minute, limits.burst), guard)
-    app.on_response_prepare.append(_one_call_per_connection)
+    every authenticated route under the per-key rate limit, with one cleanup context per
+    resource (see the module docstring). Nothing is opened until the application starts.
+    ``app[PUBLIC_URL]`` defaults to ``server.public_url`` or ``server.host:port``; set it
+    before starting when the port is picked at bind time."""
+    limits = settings.limits
+    public_cap, sandbox_cap = fit_to_open_files(limits.public_connections, limits.sandbox_connections)
+    app = _listener_app(settings, PUBLIC_ROUTES, RateLimiter(limits.requests_per_minute, limits.burst),
+                        ConnectionGuard(ConnectionBudget("public API", public_cap), limits.request_head_timeout_s))
+    app[CLAIM] = claim
+    app[PUBLIC_URL] = settings.public_base_url()
+    app[SANDBOX_BUDGET] = ConnectionBudget("sandbox-facing", sandbox_cap, limits.connections_per_sandbox)
+    app[STOPPING] = asyncio.Event()
+    app.on_shutdown.append(_close_streams)
+    app.cleanup_ctx.append(database)
+    app.cleanup_ctx.append(services)
+    if execute_runs:
+        app.cleanup_ctx.extend([sandbox_backend, gateway_listener, egress_proxy, warm_pool, scheduler, reaper])
+    app.cleanup_ctx.append(webhook_delivery)
     return app
+
+
+# ---- cleanup contexts, in start order -------------------------------------------------------
+
+async def database(app: web.Application) -> AsyncIterator[None]:
+    db = await Database.open(app[SETTINGS].db_path)
+    app[DB] = db
+    yield
+    await db.close()
+
+
+async def services(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    db = app[DB]
+    redactor, log_filter = known_secrets(settings)
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.addFilter(log_filter)
+    box = SecretBox.from_data_dir(settings.server.data_dir)
+    webhooks = Webhooks(db, box, settings.webhooks)
+    s = Services(settings=settings, db=db, hub=EventHub(db, redactor, on_status_change=webhooks.enqueue),
+                 backend=make_backend(settings, app[CLAIM]), catalog=Catalog.from_settings(settings),
+                 instance_id=app[CLAIM].instance_id, box=box, hosts=Hosts(settings, redactor), redactor=redactor,
+                 mirrors=Mirrors(settings.server.data_dir / "mirrors", settings.git), public_url=app[PUBLIC_URL])
+    environments = Environments(s)
+    pool = WarmPool(s, environments)
+    run_scheduler = Scheduler(s, Executor(s, environments, pool))
+    upstream = Upstream()
+    app[SERVICES] = s
+    app[WEBHOOKS] = webhooks
+    app[UPSTREAM] = upstream
+    app[POOL] = pool
+    app[ENVIRONMENTS] = environments
+    app[SCHEDULER] = run_scheduler
+    app[CONTROL] = RunControl(run_scheduler)
+    try:
+        yield
+    finally:
+        await webhooks.aclose()
+        await upstream.aclose()
+        await s.hosts.aclose()
+        for handler in root.handlers:
+            handler.removeFilter(log_filter)
+
+
+async def sandbox_backend(app: web.Application) -> AsyncIterator[None]:
+    backend = app[SERVICES].backend
+    try:
+        await backend.start()
+        yield
+    finally:
+        await backend.close()
+
+
+async def gateway_listener(app: web.Application) -> AsyncIterator[None]:
+    """The sandbox-facing listener: only the gateway, rate-limited per sandbox address; or, for
+    remote sandboxes (no bind address), the configured ``e2b.gateway_url``."""
+    s, settings = app[SERVICES], app[SETTINGS]
+    host = s.backend.gateway_bind_host()
+    if host is None:
+        s.gateway_url = settings.e2b.gateway_url.rstrip("/")
+        yield
+        return
+    limits = settings.limits
+    guard = ConnectionGuard(app[SANDBOX_BUDGET], limits.request_head_timeout_s,
+                            RateLimiter(limits.requests_per_minute, limits.burst))
+    gateway = _listener_app(settings, SANDBOX_ROUTES, RateLimiter(limits.requests_per_minute, limits.burst), guard)
+    gateway[SERVICES], gateway[DB], gateway[UPSTREAM] = app[SERVICES], app[DB], app[UPSTREAM]
+    gateway.on_response_prepare.append(_one_call_per_connection)
+    runner = runner_for(gateway, settings)
+    await runner.setup()
+    try:
+        port = await _bind_gateway(runner, host, settings, guard)
+        s.gateway_url = f"http://{host}:{port}/api/v1"
+        app[GATEWAY_PORT] = port
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def egress_proxy(app: web.Application) -> AsyncIterator[None]:
+    """The egress proxy on the sandbox-facing address; then the host firewall opens exactly the
+    gateway's and the proxy's ports to sandboxes."""
+    s, settings = app[SERVICES], app[SETTINGS]
+    host = s.backend.gateway_bind_host()
+    proxy = EgressProxy(egress_policy(s, app[ENVIRONMENTS].egress_tokens), egress_event(s), settings.network.private_cidrs, app[SANDBOX_BUDGET],
+                        settings.limits.request_head_timeout_s)
+    try:
+        if host is not None:
+            proxy_port = await proxy.start(host, settings.network.proxy_port)
+            s.proxy_address = f"{host}:{proxy_port}"
+            await s.backend.restrict_host([app[GATEWAY_PORT], proxy_port])
+        yield
+    finally:
+        await proxy.stop()
+
+
+async def warm_pool(app: web.Application) -> AsyncIterator[None]:
+    await app[POOL].start()
+    try:
+        yield
+    finally:
+        await app[POOL].stop()
+
+
+async def scheduler(app: web.Application) -> AsyncIterator[None]:
+    """Recovery (queued runs resubmitted, idle sessions reattached, interrupted runs failed),
+    then the workers."""
+    run_scheduler = app[SCHEDULER]
+    await run_scheduler.recover()
+    await run_scheduler.start()
+    try:
+        yield
+    finally:
+        await run_scheduler.stop()
+
+
+async def reaper(app: web.Application) -> AsyncIterator[None]:
+    async with _task(app[SCHEDULER].reap_forever(), "session-reaper"):
+        yield
+
+
+async def webhook_delivery(app: web.Application) -> AsyncIterator[None]:
+    async with _task(app[WEBHOOKS].run_forever(), "webhook-delivery"):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _task(work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """Run ``work`` as a task for the life of the block; cancelled at its end."""
+    task = asyncio.create_task(work, name=name)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+# ---- pieces ----------------------------------------------------------------------------------
+
+async def _close_streams(app: web.Application) -> None:
+    """Shutting down: open event streams end now (clients resume with Last-Event-ID), rather
+    than holding the shutdown until aiohttp's handler deadline."""
+    app[STOPPING].set()
 
 
 async def _one_call_per_connection(request: web.Request, response: web.StreamResponse) -> None:
@@ -150,36 +334,27 @@ async def _bind_gateway(runner: web.AppRunner, host: str, settings: Settings, gu
     return bound
 
 
-def make_services(settings: Settings, db: Database, backend: SandboxBackend, redactor: Redactor) -> Services:
-    """The services one server owns (nothing is started here)."""
-    return Services(settings=settings, db=db, hub=EventHub(db, redactor), backend=backend,
-                    catalog=Catalog.from_settings(settings), instance_id=instance_id(settings),
-                    box=SecretBox.from_data_dir(settings.server.data_dir), hosts=Hosts(settings, redactor),
-                    redactor=redactor, mirrors=Mirrors(settings.server.data_dir / "mirrors", settings.git))
-
-
-def known_secrets(settings: Settings) -> Redactor:
-    """A redactor that knows every secret in the configuration, and redacts log lines too."""
+def known_secrets(settings: Settings) -> tuple[Redactor, RedactingFilter]:
+    """A redactor that knows every secret in the configuration, and a log filter using it."""
     redactor = Redactor()
     for provider in settings.providers.values():
         redactor.add(provider.api_key)
     redactor.add(settings.github.token)
     redactor.add(settings.gitea.token)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter(redactor))
-    return redactor
+    return redactor, RedactingFilter(redactor)
 
 
-def egress_policy(services: Services) -> PolicyLookup:
-    """The egress proxy's view of a run: only a running turn of a restricted run gets out."""
+def egress_policy(services: Services, setup_tokens: Mapping[str, Policy]) -> PolicyLookup:
+    """The egress proxy's view of a run: only a running turn of a restricted run gets out, and
+    an environment's running setup (``setup_tokens``: ``Environments.egress_tokens``)."""
 
     async def lookup(token: str) -> Policy | None:
-        if token in services.egress_tokens:  # an environment's setup (envs/builder.py)
-            return services.egress_tokens[token]
+        if token in setup_tokens:  # an environment's setup (envs/builder.py)
+            return setup_tokens[token]
         run = await runs_store.run_for_sandbox_token(services.db, token_hash(token))
         if run is None or run.status is not RunStatus.RUNNING:
             return None
-        mode, allowlist = network_policy(services.settings, run.request)
+        mode, allowlist = network_policy(services.settings, run.spec.network)
         return Policy(run.id, tuple(allowlist)) if mode == "restricted" else None
 
     return lookup
@@ -192,7 +367,12 @@ def egress_event(services: Services) -> DecisionHook:
     return record
 
 
+# ---- serving ---------------------------------------------------------------------------------
+
 async def serve(settings: Settings, on_ready: Callable[[Services], None] | None = None) -> None:
+    """Claim this data dir's instance, run :func:`create_app` until SIGINT/SIGTERM, release.
+    Raises InstanceInUse (another server holds the data dir), OSError (the port is taken) and
+    whatever a resource raises while starting (e.g. SandboxError: no Docker engine)."""
     # Blocking calls (the Docker SDK, git, files) run in threads; asyncio's default pool has
     # cores + 4 of them, too few for many concurrent runs each waiting on the engine.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=BLOCKING_THREADS,
@@ -202,69 +382,26 @@ async def serve(settings: Settings, on_ready: Callable[[Services], None] | None 
     logfilter.install()  # before redaction, so repeats are recognised by their message template
     claim = await asyncio.to_thread(claim_instance, settings)  # before anything touches the data dir
     log.info("instance %s (claimed in %s)", claim.instance_id, claim.host.root)
-    db = await Database.open(settings.db_path)
-    backend = make_backend(settings, claim)
-    services = make_services(settings, db, backend, known_secrets(settings))
-    limits = settings.limits
-    public_cap, sandbox_cap = fit_to_open_files(limits.public_connections, limits.sandbox_connections)
-    public_guard = ConnectionGuard(ConnectionBudget("public API", public_cap), limits.request_head_timeout_s)
-    sandbox_budget = ConnectionBudget("sandbox-facing", sandbox_cap, limits.connections_per_sandbox)
-    proxy = EgressProxy(egress_policy(services), egress_event(services), settings.network.private_cidrs,
-                        sandbox_budget, limits.request_head_timeout_s)
-    upstream = Upstream()
-    webhooks = Webhooks(db, services.box, settings.webhooks)
-    services.hub.on_status_change = webhooks.enqueue
-    scheduler = Scheduler(services)
-    pool = WarmPool(services)
-    scheduler.executor.pool = pool
-    services.warm_count = lambda: pool.ready_count
-    runners: list[web.AppRunner] = []
-    delivery: asyncio.Task[None] | None = None
     try:
-        await backend.start()
-        gateway_host = backend.gateway_bind_host()
-        if gateway_host is None:  # remote sandboxes reach the public listener at a configured URL
-            services.gateway_url = settings.e2b.gateway_url.rstrip("/")
-        else:
-            gateway_guard = ConnectionGuard(sandbox_budget, limits.request_head_timeout_s,
-                                            RateLimiter(limits.requests_per_minute, limits.burst))
-            runner = runner_for(sandbox_app(services, scheduler, upstream, webhooks, gateway_guard), settings)
+        app = create_app(settings, claim)
+        runner = runner_for(app, settings)
+        # bound (not yet accepting) first, so runs know the public URL from the start
+        bound = await prebind(runner, settings.server.host, settings.server.port, app[GUARD])
+        app[PUBLIC_URL] = settings.public_base_url(int(bound.sockets[0].getsockname()[1]))
+        try:
             await runner.setup()
-            runners.append(runner)
-            port = await _bind_gateway(runner, gateway_host, settings, gateway_guard)
-            services.gateway_url = f"http://{gateway_host}:{port}/api/v1"
-            proxy_port = await proxy.start(gateway_host, settings.network.proxy_port)
-            services.proxy_address = f"{gateway_host}:{proxy_port}"
-            await backend.restrict_host([port, proxy_port])
-        await scheduler.recover()
-        runner = runner_for(public_app(services, scheduler, upstream, webhooks, public_guard), settings)
-        await runner.setup()
-        runners.append(runner)
-        await GuardedSite(runner, settings.server.host, settings.server.port, public_guard).start()
-        services.public_url = settings.public_base_url(_bound_port(runner))
-        await scheduler.start()
-        await pool.start()
-        delivery = asyncio.create_task(webhooks.run_forever(), name="webhook-delivery")
-        if on_ready:
-            on_ready(services)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("shutting down")
-    finally:
-        if delivery is not None:
-            delivery.cancel()
-        await scheduler.stop()
-        await pool.stop()
-        await proxy.stop()
-        await webhooks.aclose()
-        for runner in reversed(runners):
+            await GuardedSite(runner, settings.server.host, settings.server.port, app[GUARD], bound=bound).start()
+            if on_ready:
+                on_ready(app[SERVICES])
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError):
+                    loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            log.info("shutting down")
+        finally:
             await runner.cleanup()
-        await upstream.aclose()
-        await services.hosts.aclose()
-        await backend.close()
-        await db.close()
+            bound.close()  # a no-op once the site stopped it; closes it when start-up failed
+    finally:
         claim.release()

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from critique_local.api.ratelimit import RateLimiter
+from critique_local.api.registry import Route
+from critique_local.config import Settings
+from critique_local.envs.builder import Environments
 from critique_local.gateway.upstream import Upstream
+from critique_local.hoststate import InstanceClaim
+from critique_local.listeners import ConnectionBudget, ConnectionGuard
 from critique_local.runs.control import RunControl
+from critique_local.runs.pool import WarmPool
 from critique_local.runs.scheduler import Scheduler
 from critique_local.services import Services
 from critique_local.store.db import Database
@@ -19,3 +27,13 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 CONTROL = web.AppKey("control", RunControl)
 WEBHOOKS = web.AppKey("webhooks", Webhooks)
 LIMITER = web.AppKey("limiter", RateLimiter)  # absent: this listener has no rate limit
+POOL = web.AppKey("pool", WarmPool)
+ENVIRONMENTS = web.AppKey("environments", Environments)  # kept environments (envs/): builds, reuse, eviction
+SERVED_ROUTES = web.AppKey("routes", tuple[Route, ...])  # what this application serves (router, auth, OpenAPI)
+SETTINGS = web.AppKey("settings", Settings)
+CLAIM = web.AppKey("claim", InstanceClaim)  # this data dir's instance id, held by this process
+GUARD = web.AppKey("guard", ConnectionGuard)  # the listener's connection budget and head deadline
+SANDBOX_BUDGET = web.AppKey("sandbox_budget", ConnectionBudget)  # shared by the gateway listener and the proxy
+PUBLIC_URL = web.AppKey("public_url", str)  # how clients reach us (serve() sets it once the port is bound)
+GATEWAY_PORT = web.AppKey("gateway_port", int)  # the sandbox-facing listener's port, once bound
+STOPPING = web.AppKey("stopping", asyncio.Event)  # set when the application shuts down: streams end

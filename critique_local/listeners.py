@@ -220,15 +220,31 @@ class ConnectionGuard:
                 conn.arm()  # the next request head (keep-alive) must come in time too
 
 
+async def prebind(runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard,
+                  backlog: int = 1024) -> asyncio.Server:
+    """Bind a guarded listener before ``runner`` is set up, without accepting yet (connections
+    are refused until a :class:`GuardedSite` made with ``bound=`` starts): the port is known
+    early, e.g. for ``server.public_url``. Raises OSError when the address is taken."""
+
+    def handler() -> asyncio.Protocol:
+        assert runner.server is not None, "a connection was accepted before the runner was set up"
+        return runner.server()
+
+    return await asyncio.get_running_loop().create_server(
+        guard.protocol_factory(handler), host, port, backlog=backlog, reuse_address=True, start_serving=False)
+
+
 class GuardedSite(web.BaseSite):
-    """A TCP site whose connections go through a :class:`ConnectionGuard`."""
+    """A TCP site whose connections go through a :class:`ConnectionGuard` (on a socket from
+    :func:`prebind` when ``bound`` is given)."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard,
-                 backlog: int = 1024) -> None:
+                 backlog: int = 1024, bound: asyncio.Server | None = None) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
         self._guard = guard
+        self._bound = bound
 
     @property
     def name(self) -> str:
@@ -236,6 +252,10 @@ class GuardedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
+        if self._bound is not None:
+            self._server = self._bound
+            await self._bound.start_serving()
+            return
         server = self._runner.server
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(

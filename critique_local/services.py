@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from critique_local.agent import default_harness
 from critique_local.agent.base import Harness
 from critique_local.config import Settings
 from critique_local.crypto import SecretBox
-from critique_local.egress import Policy
 from critique_local.gateway.calls import ModelCalls
 from critique_local.gateway.catalog import Catalog
 from critique_local.redact import Redactor
@@ -35,8 +33,5 @@ class Services:
     gateway_url: str = ""  # how sandboxes reach /api/v1; set once the sandbox-facing listener is bound
     public_url: str = ""  # how clients reach us; set once the public listener is bound
     proxy_address: str = ""  # host:port of the egress proxy on the sandbox-facing address
-    warm_count: Callable[[], int] = lambda: 0  # warm-pool sandboxes ready now
     model_calls: ModelCalls = field(default_factory=ModelCalls)  # running turns' model calls, as the gateway saw them
-    extra: dict[str, object] = field(default_factory=dict)
     harness: Harness = field(default_factory=default_harness)  # the coding agent runs drive
-    egress_tokens: dict[str, Policy] = field(default_factory=dict)  # proxy tokens of environment builds (envs/)

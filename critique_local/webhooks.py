@@ -32,9 +32,9 @@ from critique_local.clock import iso, now, now_iso, parse_iso
 from critique_local.config import WebhookSettings
 from critique_local.crypto import SecretBox
 from critique_local.errors import ErrorCode, InvalidRequest
+from critique_local.store import deliveries as store
 from critique_local.store.db import Database
 from critique_local.store.runs import RunRow
-from critique_local.tokens import new_id
 
 log = logging.getLogger(__name__)
 SECRET_PREFIX = "whsec_"
@@ -63,11 +63,11 @@ def check_url(settings: WebhookSettings, url: str, field: str = "webhook.url") -
 
 async def user_secret(db: Database, box: SecretBox, user_id: str, rotate: bool = False) -> tuple[str, bool]:
     """The user's signing secret (created when missing or rotated); True when it is new."""
-    row = await db.one("SELECT webhook_secret FROM users WHERE id = ?", (user_id,))
-    if row is not None and row[0] and not rotate:
-        return box.open(row[0], user_id), False
+    sealed = await store.sealed_secret(db, user_id)
+    if sealed is not None and not rotate:
+        return box.open(sealed, user_id), False
     secret = new_secret()
-    await db.write("UPDATE users SET webhook_secret = ? WHERE id = ?", (box.seal(secret, user_id), user_id))
+    await store.set_sealed_secret(db, user_id, box.seal(secret, user_id))
     return secret, True
 
 
@@ -85,22 +85,16 @@ class Webhooks:
     async def enqueue(self, run: RunRow, payload: dict[str, Any]) -> None:
         """Record one delivery per endpoint of the run (its own URL, then the user's defaults)."""
         urls: list[str] = []
-        own = (run.request.get("webhook") or {}).get("url")
+        own = run.spec.webhook_url
         if own:
             urls.append(str(own))
-        user = await self._db.one("SELECT name FROM users WHERE id = ?", (run.user_id,))
+        user = await store.user_name(self._db, run.user_id)
         if user is not None:
-            urls += [u for u in self._settings.user_urls.get(str(user[0]), []) if u not in urls]
+            urls += [u for u in self._settings.user_urls.get(user, []) if u not in urls]
         if not urls:
             return
         body = json.dumps({"type": "run.status", "timestamp": now_iso(), "data": payload})
-        async with self._db.tx() as conn:
-            for url in urls:
-                await conn.execute(
-                    "INSERT INTO webhook_deliveries (id, run_id, url, event_type, payload, state, next_attempt_at, "
-                    "created_at) VALUES (?, ?, ?, 'run.status', ?, 'pending', ?, ?)",
-                    (new_id("msg"), run.id, url, body, now_iso(), now_iso()),
-                )
+        await store.add(self._db, run.id, urls, body)
         self._wake.set()
 
     async def run_forever(self) -> None:
@@ -114,16 +108,13 @@ class Webhooks:
                 await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval_s)
 
     async def deliver_due(self) -> None:
-        rows = await self._db.all(
-            "SELECT d.id, d.url, d.payload, d.attempts, d.created_at, r.user_id FROM webhook_deliveries d "
-            "JOIN runs r ON r.id = d.run_id WHERE d.state = 'pending' AND d.next_attempt_at <= ? "
-            "ORDER BY d.created_at LIMIT 50", (now_iso(),))
-        await asyncio.gather(*(self._attempt(*row) for row in rows))
+        rows = await store.due(self._db, now_iso())
+        await asyncio.gather(*(self._attempt(row) for row in rows))
 
-    async def _attempt(self, msg_id: str, url: str, payload: str, attempts: int, created_at: str,
-                       user_id: str) -> None:
-        secret, _ = await user_secret(self._db, self._box, user_id)
-        body = payload.encode()
+    async def _attempt(self, due: store.DueDelivery) -> None:
+        msg_id, url, attempts = due.id, due.url, due.attempts
+        secret, _ = await user_secret(self._db, self._box, due.user_id)
+        body = due.payload.encode()
         ts = int(time.time())
         headers = {"content-type": "application/json", "webhook-id": msg_id, "webhook-timestamp": str(ts),
                    "webhook-signature": sign(secret, msg_id, ts, body)}
@@ -135,9 +126,7 @@ class Webhooks:
                 async with self._http.stream("POST", url, content=body, headers=headers) as resp:
                     code = resp.status_code
             if 200 <= code < 300:
-                await self._db.write(
-                    "UPDATE webhook_deliveries SET state = 'delivered', attempts = ?, last_status_code = ?, "
-                    "last_error = NULL, delivered_at = ? WHERE id = ?", (attempts + 1, code, now_iso(), msg_id))
+                await store.delivered(self._db, msg_id, attempts + 1, code)
                 return
             error = f"HTTP {code}"
         except httpx.HTTPError as exc:
@@ -146,17 +135,12 @@ class Webhooks:
             error = f"no answer within webhooks.timeout_s ({self._settings.timeout_s:.0f} s)"
         delay = min(self._settings.retry_base_s * 2 ** attempts, self._settings.retry_max_s)
         next_at = now() + timedelta(seconds=delay)
-        gave_up = next_at > parse_iso(created_at) + timedelta(seconds=self._settings.retry_window_s)
-        await self._db.write(
-            "UPDATE webhook_deliveries SET state = ?, attempts = ?, last_status_code = ?, last_error = ?, "
-            "next_attempt_at = ? WHERE id = ?",
-            ("failed" if gave_up else "pending", attempts + 1, code, error, iso(next_at), msg_id))
+        gave_up = next_at > parse_iso(due.created_at) + timedelta(seconds=self._settings.retry_window_s)
+        await store.attempt_failed(self._db, msg_id, gave_up=gave_up, attempts=attempts + 1, status_code=code,
+                                   error=error, next_attempt_at=iso(next_at))
 
     async def for_run(self, run_id: str) -> list[dict[str, Any]]:
-        rows = await self._db.all(
-            "SELECT id, url, event_type, state, attempts, last_status_code, last_error, created_at, delivered_at, "
-            "next_attempt_at, payload FROM webhook_deliveries WHERE run_id = ? ORDER BY created_at, id", (run_id,))
-        return [{"id": r[0], "url": r[1], "eventType": r[2], "state": r[3], "attempts": r[4],
-                 "lastStatusCode": r[5], "lastError": r[6], "createdAt": r[7], "deliveredAt": r[8],
-                 "nextAttemptAt": r[9] if r[3] == "pending" else None,
-                 "status": json.loads(r[10])["data"]["status"]} for r in rows]
+        return [{"id": r.id, "url": r.url, "eventType": r.event_type, "state": r.state, "attempts": r.attempts,
+                 "lastStatusCode": r.last_status_code, "lastError": r.last_error, "createdAt": r.created_at,
+                 "deliveredAt": r.delivered_at, "nextAttemptAt": r.next_attempt_at if r.state == "pending" else None,
+                 "status": json.loads(r.payload)["data"]["status"]} for r in await store.of_run(self._db, run_id)]

@@ -30,21 +30,26 @@ def upstream() -> Iterator[UpstreamStandIn]:
     standin.stop()
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamStandIn) -> Iterator[Server]:
-    """One real server for the session (Docker backend, scripted model, one loopback upstream)."""
-    base = tmp_path_factory.mktemp("server")
-    config = base / "config.toml"
-    config.write_text(
-        f'[providers.standin]\nbase_url = "http://127.0.0.1:{upstream.port}/v1"\napi_key = "{UPSTREAM_KEY}"\n'
+def standin_config(upstream_port: int) -> str:
+    """A config file's text: catalog models served by the loopback upstream stand-in."""
+    return (
+        f'[providers.standin]\nbase_url = "http://127.0.0.1:{upstream_port}/v1"\napi_key = "{UPSTREAM_KEY}"\n'
         '[[catalog]]\nid = "acme/coder-large"\nprovider = "standin"\nupstream_id = "coder-large-v2"\n'
         # OpenCode gives gpt-* models apply_patch instead of edit/write
         '[[catalog]]\nid = "acme/gpt-5-coder"\nprovider = "standin"\nupstream_id = "gpt-5-coder"\n'
         + "".join(f'[[catalog]]\nid = "acme/{m}"\nprovider = "standin"\nupstream_id = "{m}"\n'
                   for m in ("status-400", "status-401", "status-429", "status-500"))
-        + f'[providers.slowpoke]\nbase_url = "http://127.0.0.1:{upstream.port}/v1"\ntimeout_s = 1\n'
+        + f'[providers.slowpoke]\nbase_url = "http://127.0.0.1:{upstream_port}/v1"\ntimeout_s = 1\n'
         '[[catalog]]\nid = "acme/slow"\nprovider = "slowpoke"\nupstream_id = "slow"\n'
     )
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamStandIn) -> Iterator[Server]:
+    """One real server for the session (Docker backend, scripted model, one loopback upstream)."""
+    base = tmp_path_factory.mktemp("server")
+    config = base / "config.toml"
+    config.write_text(standin_config(upstream.port))
     srv = Server(base, extra_env={"CRITIQUE_LOCAL_CONFIG": str(config), **SHORT_SESSIONS})
     srv.repos.mkdir(parents=True)
     make_repo(srv.repos, "acme/web", SAMPLE_FILES, branches={"feature": {"FEATURE.md": "on feature\n"}})

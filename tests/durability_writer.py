@@ -9,6 +9,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from critique_local.runs.spec import RunSpec
 from critique_local.store import events, runs
 from critique_local.store.db import Database
 from critique_local.store.keys import ensure_user
@@ -21,7 +22,7 @@ async def main(path: Path) -> None:
     repo = await runs.ensure_repository(db, new_id("repo"), "acme/durable", "local")
     run_ids = []
     for _ in range(4):
-        new = runs.NewRun(id=new_id("run"), user_id=user, repository_id=repo, request={}, model_id="m",
+        new = runs.NewRun(id=new_id("run"), user_id=user, repository_id=repo, spec=RunSpec(), model_id="m",
                           task_kind="code", intent="other", base_ref=None, prompt="p")
         await runs.create_run(db, new, None)
         run_ids.append(new.id)

@@ -1,19 +1,79 @@
 """The API contract a client relies on: auth, errors, validation, idempotency, listing,
-OpenAPI. Runs created here are real (they execute in the session's server)."""
+OpenAPI, and the lifecycle of runs that need no sandbox (queued, cancelled). In process: the
+real application from ``create_app`` on loopback, without the half that executes runs (no
+Docker), so runs created here stay queued; running them is end-to-end (tests/e2e/)."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient
 
-from tests.helpers import Server
+from critique_local.api.routes import PUBLIC_ROUTES
+from tests.conftest import SAMPLE_FILES
+from tests.helpers import ROOT, make_repo
+from tests.inprocess import app_client, new_key, settings_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 RUNS = "/api/v1/coding-agent/runs"
 OK_BODY = {"repository": "acme/web", "prompt": "@say hi"}
+
+
+@dataclass
+class Contract:
+    """One application for the module, like a server clients share."""
+
+    app_client: TestClient
+    base: Path
+
+    @property
+    def url(self) -> str:
+        return str(self.app_client.make_url("")).rstrip("/")
+
+    def client(self, key: str | None) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30)
+
+    async def new_key(self, user: str, scopes: str | None = None) -> str:
+        wanted = tuple(scopes.split(",")) if scopes else ("read:builder", "write:builder", "inference")
+        return await new_key(self.app_client, user, wanted)
+
+    async def cli(self, *args: str) -> str:
+        """``critique-local ARGS`` on this application's database, as an operator runs it."""
+        env = {**os.environ, "CRITIQUE_LOCAL_SERVER_DATA_DIR": str(self.base / "data")}
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "critique_local", *args, cwd=ROOT, env=env,
+                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        return out.decode()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Contract]:
+    base = tmp_path_factory.mktemp("contract")
+    make_repo(base / "repos", "acme/web", SAMPLE_FILES, branches={"feature": {"FEATURE.md": "on feature\n"}})
+    async with app_client(settings_for(base)) as client:
+        yield Contract(client, base)
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def alice(server: Contract) -> str:
+    return await server.new_key("alice")
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def bob(server: Contract) -> str:
+    return await server.new_key("bob")
 
 
 def error_of(resp: httpx.Response) -> dict[str, Any]:
@@ -23,54 +83,56 @@ def error_of(resp: httpx.Response) -> dict[str, Any]:
     return dict(body["error"])
 
 
-def count_runs(api: httpx.Client) -> int:
-    return len(api.get(RUNS, params={"limit": 100}).json()["data"])
+async def count_runs(api: httpx.AsyncClient) -> int:
+    return len((await api.get(RUNS, params={"limit": 100})).json()["data"])
 
 
 # ---- authentication and isolation ----------------------------------------------------------
 
 @pytest.mark.parametrize("header", [None, "Bearer", "Bearer nope", "Basic abc", "Bearer crt_notavalidkey"])
-def test_missing_or_bad_key_is_401(server: Server, header: str | None) -> None:
+async def test_missing_or_bad_key_is_401(server: Contract, header: str | None) -> None:
     headers = {"Authorization": header} if header else {}
-    resp = httpx.get(server.url + RUNS, headers=headers)
+    async with server.client(None) as anonymous:
+        resp = await anonymous.get(RUNS, headers=headers)
     assert resp.status_code == 401
     assert error_of(resp)["code"] == "unauthorized"
 
 
-def test_missing_scope_is_403(server: Server) -> None:
-    reader = server.new_key("reader", scopes="read:builder")
-    with server.client(reader) as api:
-        assert api.get(RUNS).status_code == 200
-        resp = api.post(RUNS, json=OK_BODY)
+async def test_missing_scope_is_403(server: Contract) -> None:
+    reader = await server.new_key("reader", scopes="read:builder")
+    async with server.client(reader) as api:
+        assert (await api.get(RUNS)).status_code == 200
+        resp = await api.post(RUNS, json=OK_BODY)
         assert resp.status_code == 403 and error_of(resp)["code"] == "forbidden"
-    writer = server.new_key("writer", scopes="write:builder")
-    with server.client(writer) as api:
-        assert api.get(RUNS).status_code == 403
+    writer = await server.new_key("writer", scopes="write:builder")
+    async with server.client(writer) as api:
+        assert (await api.get(RUNS)).status_code == 403
 
 
-def test_revoked_key_is_401(server: Server) -> None:
-    key = server.new_key("temp")
-    key_id = next(line.split()[0] for line in server.cli("keys", "list", "--user", "temp").stdout.splitlines())
-    server.cli("keys", "revoke", key_id)
-    assert httpx.get(server.url + RUNS, headers={"Authorization": f"Bearer {key}"}).status_code == 401
-    assert key not in server.cli("keys", "list").stdout  # only a prefix is ever shown
+async def test_revoked_key_is_401(server: Contract) -> None:
+    key = await server.new_key("temp")
+    key_id = next(line.split()[0] for line in (await server.cli("keys", "list", "--user", "temp")).splitlines())
+    await server.cli("keys", "revoke", key_id)
+    async with server.client(key) as api:
+        assert (await api.get(RUNS)).status_code == 401
+    assert key not in await server.cli("keys", "list")  # only a prefix is ever shown
 
 
-def test_another_users_run_is_404_everywhere(server: Server, alice: str, bob: str) -> None:
-    with server.client(alice) as api:
-        run_id = api.post(RUNS, json=OK_BODY).json()["run"]["id"]
-    with server.client(bob) as other:
+async def test_another_users_run_is_404_everywhere(server: Contract, alice: str, bob: str) -> None:
+    async with server.client(alice) as api:
+        run_id = (await api.post(RUNS, json=OK_BODY)).json()["run"]["id"]
+    async with server.client(bob) as other:
         for path in (f"{RUNS}/{run_id}", f"{RUNS}/{run_id}?patch=1", f"{RUNS}/{run_id}/stream",
                      f"{RUNS}/{run_id}/patch"):
-            resp = other.get(path)
+            resp = await other.get(path)
             assert resp.status_code == 404 and error_of(resp)["code"] == "run_not_found"
-        resp = other.post(f"{RUNS}/{run_id}/messages", json={"prompt": "x"})
+        resp = await other.post(f"{RUNS}/{run_id}/messages", json={"prompt": "x"})
         assert resp.status_code == 404
-        assert run_id not in [r["id"] for r in other.get(RUNS).json()["data"]]
+        assert run_id not in [r["id"] for r in (await other.get(RUNS)).json()["data"]]
 
 
-def test_keys_are_stored_only_as_hashes(server: Server, alice: str) -> None:
-    assert alice.encode() not in (server.data_dir / "critique.db").read_bytes()
+async def test_keys_are_stored_only_as_hashes(server: Contract, alice: str) -> None:
+    assert alice.encode() not in (server.base / "data" / "critique.db").read_bytes()
 
 
 # ---- validation: each class of invalid input is a 422 that changes nothing -----------------
@@ -120,48 +182,48 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
 
 
 @pytest.mark.parametrize(("body", "field", "code"), INVALID)
-def test_invalid_create_is_422_and_changes_nothing(server: Server, body: dict[str, Any], field: str,
+async def test_invalid_create_is_422_and_changes_nothing(server: Contract, body: dict[str, Any], field: str,
                                                    code: str) -> None:
-    key = server.new_key("validator")
-    with server.client(key) as api:
-        resp = api.post(RUNS, json=body)
+    key = await server.new_key("validator")
+    async with server.client(key) as api:
+        resp = await api.post(RUNS, json=body)
         assert resp.status_code == 422, resp.text
         err = error_of(resp)
         assert err["code"] == code
         if field:
             assert err["field"] == field
-        assert count_runs(api) == 0
+        assert await count_runs(api) == 0
 
 
-def test_unknown_repository_is_404(server: Server, alice: str) -> None:
-    with server.client(alice) as api:
-        resp = api.post(RUNS, json={"repository": "acme/missing", "prompt": "x"})
+async def test_unknown_repository_is_404(server: Contract, alice: str) -> None:
+    async with server.client(alice) as api:
+        resp = await api.post(RUNS, json={"repository": "acme/missing", "prompt": "x"})
         assert resp.status_code == 404
         assert error_of(resp) == {"code": "repository_not_found", "message": "repository acme/missing not found",
                                   "field": "repository"}
-        resp = api.post(RUNS, json={"repositoryId": "repo_nope", "prompt": "x"})
+        resp = await api.post(RUNS, json={"repositoryId": "repo_nope", "prompt": "x"})
         assert resp.status_code == 404 and error_of(resp)["field"] == "repositoryId"
 
 
 @pytest.mark.parametrize("raw", [b"", b"{not json", b"[1,2]", b'"text"'])
-def test_non_object_body_is_400(server: Server, alice: str, raw: bytes) -> None:
-    with server.client(alice) as api:
-        resp = api.post(RUNS, content=raw, headers={"Content-Type": "application/json"})
+async def test_non_object_body_is_400(server: Contract, alice: str, raw: bytes) -> None:
+    async with server.client(alice) as api:
+        resp = await api.post(RUNS, content=raw, headers={"Content-Type": "application/json"})
         assert resp.status_code == 400 and error_of(resp)["code"] == "bad_json"
 
 
-def test_oversized_body_is_413(server: Server, alice: str) -> None:
-    with server.client(alice) as api:
-        resp = api.post(RUNS, content=b'{"prompt": "' + b"x" * 2_000_000 + b'"}',
+async def test_oversized_body_is_413(server: Contract, alice: str) -> None:
+    async with server.client(alice) as api:
+        resp = await api.post(RUNS, content=b'{"prompt": "' + b"x" * 2_000_000 + b'"}',
                         headers={"Content-Type": "application/json"})
         assert resp.status_code == 413 and error_of(resp)["code"] == "payload_too_large"
 
 
 @pytest.mark.parametrize("query", [{"limit": "0"}, {"limit": "101"}, {"limit": "x"}, {"cursor": "abc"},
                                    {"cursor": "0022508020323246559893628"}, {"cursor": "9" * 19}])
-def test_bad_list_query_is_422(server: Server, alice: str, query: dict[str, str]) -> None:
-    with server.client(alice) as api:
-        resp = api.get(RUNS, params=query)
+async def test_bad_list_query_is_422(server: Contract, alice: str, query: dict[str, str]) -> None:
+    async with server.client(alice) as api:
+        resp = await api.get(RUNS, params=query)
         assert resp.status_code == 422 and error_of(resp)["code"] == "invalid_request"
 
 
@@ -170,85 +232,83 @@ def test_bad_list_query_is_422(server: Server, alice: str, query: dict[str, str]
     ({}, {"Last-Event-ID": "9" * 19}, "Last-Event-ID"),
     ({}, {"Last-Event-ID": "\u00b2"}, "Last-Event-ID"),  # a digit to str.isdigit, not an event id
 ])
-def test_bad_stream_resume_point_is_422(server: Server, params: dict[str, str], headers: dict[str, str],
+async def test_bad_stream_resume_point_is_422(server: Contract, params: dict[str, str], headers: dict[str, str],
                                         field: str) -> None:
-    with server.client(server.new_key("resumer")) as api:
-        run = api.post(RUNS, json=OK_BODY).json()["run"]
-        resp = api.get(f"{RUNS}/{run['id']}/stream", params=params,
+    async with server.client(await server.new_key("resumer")) as api:
+        run = (await api.post(RUNS, json=OK_BODY)).json()["run"]
+        resp = await api.get(f"{RUNS}/{run['id']}/stream", params=params,
                        headers={k: v.encode() for k, v in headers.items()})
         assert resp.status_code == 422 and error_of(resp)["field"] == field, resp.text
-        api.post(f"{RUNS}/{run['id']}/cancel")
+        await api.post(f"{RUNS}/{run['id']}/cancel")
 
 
-def test_unknown_route_and_method_use_the_error_envelope(server: Server, alice: str) -> None:
-    with server.client(alice) as api:
-        resp = api.get("/api/v1/nothing-here")
+async def test_unknown_route_and_method_use_the_error_envelope(server: Contract, alice: str) -> None:
+    async with server.client(alice) as api:
+        resp = await api.get("/api/v1/nothing-here")
         assert resp.status_code == 404 and error_of(resp)["code"] == "not_found"
-        resp = api.delete(RUNS)
+        resp = await api.delete(RUNS)
         assert resp.status_code == 405 and error_of(resp)["code"] == "method_not_allowed"
 
 
 # ---- idempotency ---------------------------------------------------------------------------
 
-def test_same_idempotency_key_and_body_returns_the_original_run(server: Server) -> None:
-    key = server.new_key("idem1")
-    with server.client(key) as api:
+async def test_same_idempotency_key_and_body_returns_the_original_run(server: Contract) -> None:
+    key = await server.new_key("idem1")
+    async with server.client(key) as api:
         headers = {"Idempotency-Key": "intake-bug-742"}
-        first = api.post(RUNS, json=OK_BODY, headers=headers)
-        again = api.post(RUNS, json=OK_BODY, headers=headers)
+        first = await api.post(RUNS, json=OK_BODY, headers=headers)
+        again = await api.post(RUNS, json=OK_BODY, headers=headers)
         assert first.status_code == 201 and again.status_code == 200
         assert first.json()["run"]["id"] == again.json()["run"]["id"]
-        changed = api.post(RUNS, json={**OK_BODY, "prompt": "@say other"}, headers=headers)
+        changed = await api.post(RUNS, json={**OK_BODY, "prompt": "@say other"}, headers=headers)
         assert changed.status_code == 422 and error_of(changed)["code"] == "idempotency_key_reused"
-        assert count_runs(api) == 1
+        assert await count_runs(api) == 1
     # keys are per user: another user may use the same key
-    with server.client(server.new_key("idem2")) as other:
-        assert other.post(RUNS, json=OK_BODY, headers=headers).status_code == 201
+    async with server.client(await server.new_key("idem2")) as other:
+        assert (await other.post(RUNS, json=OK_BODY, headers=headers)).status_code == 201
 
 
-def test_concurrent_duplicates_create_exactly_one_run(server: Server) -> None:
-    key = server.new_key("idem3")
+async def test_concurrent_duplicates_create_exactly_one_run(server: Contract) -> None:
+    key = await server.new_key("idem3")
 
-    def post(_: int) -> httpx.Response:
-        with server.client(key) as api:
-            return api.post(RUNS, json=OK_BODY, headers={"Idempotency-Key": "race"})
+    async def post() -> httpx.Response:
+        async with server.client(key) as api:
+            return await api.post(RUNS, json=OK_BODY, headers={"Idempotency-Key": "race"})
 
-    with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(post, range(8)))
+    responses = await asyncio.gather(*(post() for _ in range(8)))
     assert sorted(r.status_code for r in responses) == [200] * 7 + [201]
     assert len({r.json()["run"]["id"] for r in responses}) == 1
-    with server.client(key) as api:
-        assert count_runs(api) == 1
+    async with server.client(key) as api:
+        assert await count_runs(api) == 1
 
 
 # ---- listing ---------------------------------------------------------------------------------
 
-def test_list_is_newest_first_with_a_cursor(server: Server) -> None:
-    key = server.new_key("lister")
-    with server.client(key) as api:
-        ids = [api.post(RUNS, json={**OK_BODY, "title": f"r{i}"}).json()["run"]["id"] for i in range(3)]
-        page1 = api.get(RUNS, params={"limit": 2}).json()
+async def test_list_is_newest_first_with_a_cursor(server: Contract) -> None:
+    key = await server.new_key("lister")
+    async with server.client(key) as api:
+        ids = [(await api.post(RUNS, json={**OK_BODY, "title": f"r{i}"})).json()["run"]["id"] for i in range(3)]
+        page1 = (await api.get(RUNS, params={"limit": 2})).json()
         assert [r["id"] for r in page1["data"]] == [ids[2], ids[1]]
         assert page1["nextCursor"]
-        page2 = api.get(RUNS, params={"limit": 2, "cursor": page1["nextCursor"]}).json()
+        page2 = (await api.get(RUNS, params={"limit": 2, "cursor": page1["nextCursor"]})).json()
         assert [r["id"] for r in page2["data"]] == [ids[0]] and page2["nextCursor"] is None
 
 
 # ---- discovery -------------------------------------------------------------------------------
 
-def test_models_list_includes_the_scripted_model(server: Server, alice: str) -> None:
-    with server.client(alice) as api:
+async def test_models_list_includes_the_scripted_model(server: Contract, alice: str) -> None:
+    async with server.client(alice) as api:
         for path in ("/api/v1/coding-agent/models", "/api/v1/models"):
-            ids = [m["id"] for m in api.get(path).json()["data"]]
+            ids = [m["id"] for m in (await api.get(path)).json()["data"]]
             assert "critique/scripted" in ids
 
 
-def test_openapi_covers_every_route_and_model(server: Server) -> None:
-    from critique_local.api.openapi import all_routes
-
-    doc = httpx.get(server.url + "/api/v1/openapi.json").json()
+async def test_openapi_covers_every_route_and_model(server: Contract) -> None:
+    async with server.client(None) as anonymous:
+        doc = (await anonymous.get("/api/v1/openapi.json")).json()
     assert doc["openapi"] == "3.1.0"
-    for route in all_routes():
+    for route in PUBLIC_ROUTES:
         assert route.method.lower() in doc["paths"][route.path], route.path
     schemas = doc["components"]["schemas"]
     create = schemas["CreateRunRequest"]["properties"]
@@ -268,5 +328,45 @@ def test_openapi_covers_every_route_and_model(server: Server) -> None:
     assert "awaiting_follow_up" in doc["info"]["description"]
 
 
-def test_healthz(server: Server) -> None:
-    assert httpx.get(server.url + "/healthz").json()["ok"] is True
+async def test_healthz(server: Contract) -> None:
+    async with server.client(None) as anonymous:
+        assert (await anonymous.get("/healthz")).json()["ok"] is True
+
+
+# ---- lifecycle without a sandbox: queued and cancelled runs ----------------------------------
+
+async def test_a_new_run_is_queued_and_cancelling_it_is_final(server: Contract) -> None:
+    async with server.client(await server.new_key("canceller")) as api:
+        created = await api.post(RUNS, json=OK_BODY)
+        run = created.json()["run"]
+        assert created.status_code == 201 and run["status"] == "queued" and run["lifecycle"] == "queued"
+        assert run["statusUrl"] == f"{server.url}{RUNS}/{run['id']}"
+        url = f"{RUNS}/{run['id']}"
+        busy = await api.post(f"{url}/messages", json={"prompt": "more"})
+        assert busy.status_code == 409 and error_of(busy)["code"] == "turn_in_progress"
+        busy = await api.post(f"{url}/messages", json={"endSession": True})
+        assert busy.status_code == 409 and error_of(busy)["code"] == "turn_in_progress"
+        assert error_of(await api.get(f"{url}/patch"))["code"] == "patch_not_found"
+        cancelled = await api.post(f"{url}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["run"]["status"] == "cancelled"
+        assert cancelled.json()["run"]["terminal"] is True
+        again = await api.post(f"{url}/cancel")  # idempotent
+        assert again.status_code == 200 and again.json()["run"]["status"] == "cancelled"
+        late = await api.post(f"{url}/messages", json={"prompt": "more"})
+        assert late.status_code == 409 and error_of(late)["code"] == "run_terminal"
+        # the stream of an ended run replays its events and closes
+        async with api.stream("GET", f"{url}/stream") as stream:
+            assert stream.status_code == 200
+            text = (await stream.aread()).decode()
+        assert text.count("event: run.status") == 2 and '"status": "cancelled"' in text
+        got = (await api.get(url, params={"events": "1"})).json()["run"]
+        assert [e["data"]["status"] for e in got["events"] if e["event"] == "run.status"] == ["queued", "cancelled"]
+
+
+async def test_missing_runs_are_404_on_every_route(server: Contract, alice: str) -> None:
+    async with server.client(alice) as api:
+        for method, path in (("GET", f"{RUNS}/run_missing"), ("GET", f"{RUNS}/run_missing/patch"),
+                             ("GET", f"{RUNS}/run_missing/stream"), ("POST", f"{RUNS}/run_missing/cancel"),
+                             ("POST", f"{RUNS}/run_missing/messages")):
+            resp = await api.request(method, path, json={"prompt": "x"} if path.endswith("messages") else None)
+            assert resp.status_code == 404 and error_of(resp)["code"] == "run_not_found", path

@@ -14,20 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from critique_local.app import make_services, public_app
-from critique_local.config import load_settings
-from critique_local.gateway.upstream import Upstream
-from critique_local.hoststate import HostState
-from critique_local.redact import Redactor
-from critique_local.runs.scheduler import Scheduler
-from critique_local.sandboxes.factory import make_backend
+from critique_local.appkeys import SERVICES
 from critique_local.services import Services
-from critique_local.store.db import Database
-from critique_local.store.keys import create_key
-from critique_local.webhooks import Webhooks
 from tests.helpers import make_repo
+from tests.inprocess import app_client, new_key, settings_for
 
 RUNS = "/api/v1/coding-agent/runs"
 OK_BODY = {"repository": "acme/web", "prompt": "@say hi"}
@@ -63,26 +55,10 @@ class Api:
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     make_repo(tmp_path / "repos", "acme/web", {"README.md": "# web\n"})
-    settings = load_settings(None, environ={
-        "CRITIQUE_LOCAL_SERVER_DATA_DIR": str(tmp_path / "data"),
-        "CRITIQUE_LOCAL_GIT_LOCAL_ROOT": str(tmp_path / "repos"),
-        "CRITIQUE_LOCAL_LIMITS_REQUESTS_PER_MINUTE": "60", "CRITIQUE_LOCAL_LIMITS_BURST": "8",
-        "CRITIQUE_LOCAL_LIMITS_REQUEST_BODY_TIMEOUT_S": "1",
-    })
-    db = await Database.open(settings.db_path)
-    services = make_services(settings, db, make_backend(settings, HostState(tmp_path / "host").claim("0123456789abcdef", tmp_path / "data")), Redactor())
-    services.public_url = "http://127.0.0.1"
-    upstream = Upstream()
-    webhooks = Webhooks(db, services.box, settings.webhooks)
-    app = public_app(services, Scheduler(services), upstream, webhooks)  # the scheduler is never started
-    alice, _ = await create_key(db, "alice", ("read:builder", "write:builder", "inference"))
-    bob, _ = await create_key(db, "bob", ("read:builder", "write:builder", "inference"))
-    async with TestClient(TestServer(app)) as client:
-        yield Api(client, services, alice, bob)
-    await webhooks.aclose()
-    await upstream.aclose()
-    await services.hosts.aclose()
-    await db.close()
+    settings = settings_for(tmp_path, CRITIQUE_LOCAL_LIMITS_REQUESTS_PER_MINUTE="60", CRITIQUE_LOCAL_LIMITS_BURST="8",
+                            CRITIQUE_LOCAL_LIMITS_REQUEST_BODY_TIMEOUT_S="1")
+    async with app_client(settings) as client:  # runs are accepted and stay queued
+        yield Api(client, client.app[SERVICES], await new_key(client, "alice"), await new_key(client, "bob"))
 
 
 def error_of(body: dict[str, Any]) -> dict[str, Any]:

@@ -17,23 +17,22 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.helpers import Server
+from tests.inprocess import AppThread, settings_for
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 EXAMPLES = 30
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A server of its own with no repositories, so no generated request starts a sandbox."""
-    srv = Server(tmp_path_factory.mktemp("fuzz"), extra_env={"CRITIQUE_LOCAL_LIMITS_REQUESTS_PER_MINUTE": "0"})
-    srv.start()
-    yield srv
-    srv.stop()
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppThread]:
+    """The application in process, without the half that executes runs (and with no
+    repositories: no generated request could start one anyway)."""
+    with AppThread(settings_for(tmp_path_factory.mktemp("fuzz"), CRITIQUE_LOCAL_LIMITS_REQUESTS_PER_MINUTE="0")) as srv:
+        yield srv
 
 
 @pytest.mark.parametrize("mode", list(schemathesis.GenerationMode))
-def test_api_never_errors_and_matches_its_document(fuzz_server: Server, mode: schemathesis.GenerationMode) -> None:
+def test_api_never_errors_and_matches_its_document(fuzz_server: AppThread, mode: schemathesis.GenerationMode) -> None:
     key = fuzz_server.new_key(f"fuzzer-{mode.value}")
     schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/api/v1/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]

@@ -18,18 +18,13 @@ import pytest
 from aiohttp import web
 
 from critique_local.api.ratelimit import RateLimiter
-from critique_local.app import make_services, public_app, runner_for
-from critique_local.config import Settings, load_settings
-from critique_local.gateway.upstream import Upstream
-from critique_local.hoststate import HostState
+from critique_local.app import claim_instance, create_app, runner_for
+from critique_local.appkeys import DB, GUARD
+from critique_local.config import Settings
 from critique_local.listeners import ConnectionBudget, ConnectionGuard, GuardedSite
 from critique_local.logfilter import RepeatFilter
-from critique_local.redact import Redactor
-from critique_local.runs.scheduler import Scheduler
-from critique_local.sandboxes.factory import make_backend
-from critique_local.store.db import Database
 from critique_local.store.keys import create_key
-from critique_local.webhooks import Webhooks
+from tests.inprocess import settings_for
 
 HEAD_TIMEOUT_S = 1.0
 CLOSE_BOUND_S = 20.0  # generous: the deadline is 1 s; this only bounds a loaded machine
@@ -46,26 +41,20 @@ class Listener:
 
 @pytest.fixture
 async def listener(tmp_path: Path) -> AsyncIterator[Listener]:
-    settings: Settings = load_settings(None, environ={
-        "CRITIQUE_LOCAL_SERVER_DATA_DIR": str(tmp_path / "data"),
-        "CRITIQUE_LOCAL_LIMITS_REQUEST_HEAD_TIMEOUT_S": str(HEAD_TIMEOUT_S)})
-    db = await Database.open(settings.db_path)
-    services = make_services(settings, db, make_backend(settings, HostState(tmp_path / "host").claim("0123456789abcdef", tmp_path / "data")), Redactor())
-    upstream, webhooks = Upstream(), Webhooks(db, services.box, settings.webhooks)
-    budget = ConnectionBudget("test", total=60, per_peer=40)
-    guard = ConnectionGuard(budget, HEAD_TIMEOUT_S)
-    runner = runner_for(public_app(services, Scheduler(services), upstream, webhooks, guard), settings)
+    settings: Settings = settings_for(tmp_path, CRITIQUE_LOCAL_LIMITS_REQUEST_HEAD_TIMEOUT_S=str(HEAD_TIMEOUT_S))
+    claim = await asyncio.to_thread(claim_instance, settings)
+    app = create_app(settings, claim, execute_runs=False)
+    guard = app[GUARD]
+    budget = guard.budget = ConnectionBudget("test", total=60, per_peer=40)  # small, to reach in a test
+    runner = runner_for(app, settings)
     await runner.setup()
     site = GuardedSite(runner, "127.0.0.1", 0, guard)
     await site.start()
     port = runner.addresses[0][1]
-    key, _ = await create_key(db, "alice", ("read:builder", "inference"))
+    key, _ = await create_key(app[DB], "alice", ("read:builder", "inference"))
     yield Listener(f"http://127.0.0.1:{port}", key, budget)
     await runner.cleanup()
-    await webhooks.aclose()
-    await upstream.aclose()
-    await services.hosts.aclose()
-    await db.close()
+    claim.release()
 
 
 async def _closed(reader: asyncio.StreamReader) -> bool:

@@ -9,16 +9,18 @@ from aiohttp import web
 
 from critique_local import __version__, billing
 from critique_local.api.http import respond
+from critique_local.api.openapi import document
 from critique_local.api.registry import Route
 from critique_local.api.schemas import Health, ModelList, ModelView
-from critique_local.appkeys import SERVICES
+from critique_local.appkeys import POOL, SERVED_ROUTES, SERVICES
 from critique_local.gateway.catalog import ModelEntry
 from critique_local.store.keys import Principal
 
 
 async def healthz(request: web.Request, principal: Principal) -> web.StreamResponse:
     s = request.app[SERVICES]
-    return respond(Health(ok=True, version=__version__, backend=s.backend.name, warm_sandboxes=s.warm_count()))
+    return respond(Health(ok=True, version=__version__, backend=s.backend.name,
+                          warm_sandboxes=request.app[POOL].ready_count))
 
 
 async def models(request: web.Request, principal: Principal) -> web.StreamResponse:
@@ -34,15 +36,15 @@ def model_view(m: ModelEntry) -> ModelView:
 
 
 async def openapi(request: web.Request, principal: Principal) -> web.StreamResponse:
+    """The document of the routes this application serves."""
     # unauthenticated and ~50 ms of CPU to build: built once, not on every request
-    return web.Response(body=_document(request.app[SERVICES].public_url), content_type="application/json")
+    return web.Response(body=_document(request.app[SERVED_ROUTES], request.app[SERVICES].public_url),
+                        content_type="application/json")
 
 
 @functools.lru_cache(maxsize=4)
-def _document(public_url: str) -> bytes:
-    from critique_local.api.openapi import document
-
-    return json.dumps(document(public_url)).encode()
+def _document(routes: tuple[Route, ...], public_url: str) -> bytes:
+    return json.dumps(document(routes, public_url)).encode()
 
 
 ROUTES = [

@@ -1,9 +1,11 @@
-"""OpenAPI 3.1, generated from the route registry and the pydantic models (pydantic writes
-every schema; this module only lays out paths and components)."""
+"""OpenAPI 3.1, generated from the route list the application serves (``api/routes.py``) and
+the pydantic models (pydantic writes every schema; this module only lays out paths and
+components)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -15,13 +17,6 @@ from critique_local.api.schemas import ErrorEnvelope
 from critique_local.runs.states import LIFECYCLE_DOC, NEXT_ACTIONS_DOC
 
 REF = "#/components/schemas/{model}"
-
-
-def all_routes() -> list[Route]:
-    from critique_local.api import meta, runs
-    from critique_local.gateway import routes as gateway
-
-    return [*runs.ROUTES, *meta.ROUTES, *gateway.ROUTES]
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -80,8 +75,8 @@ def _operation(route: Route) -> dict[str, Any]:
     return op
 
 
-def document(server_url: str = "") -> dict[str, Any]:
-    routes = all_routes()
+def document(routes: Sequence[Route], server_url: str = "") -> dict[str, Any]:
+    """The OpenAPI document of ``routes`` as JSON-ready dicts (``servers`` lists ``server_url``)."""
     models: set[type[BaseModel]] = {ErrorEnvelope}
     for r in routes:
         models.update(m for m in (r.request, r.response) if m is not None)

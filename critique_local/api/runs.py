@@ -24,7 +24,7 @@ from critique_local.api.schemas import (
     StreamQuery,
 )
 from critique_local.api.views import run_view
-from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES, WEBHOOKS
+from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES, STOPPING, WEBHOOKS
 from critique_local.errors import ErrorCode, InvalidRequest, NotFound
 from critique_local.runs import create as creating
 from critique_local.runs.states import TERMINAL, RunStatus
@@ -70,7 +70,7 @@ async def create_run(request: web.Request, principal: Principal) -> web.StreamRe
     idempotency_key = header(request, "Idempotency-Key", creating.MAX_IDEMPOTENCY_KEY_CHARS)
     req, raw = await parse_body(request, CreateRunRequest)
     s = request.app[SERVICES]
-    run, created = await creating.create(s, principal, req, raw, idempotency_key)
+    run, created = await creating.create(s, principal, req.order(), raw, idempotency_key)
     if created:
         await request.app[SCHEDULER].enqueue(run)
     return respond(await _view(request, run), status=201 if created else 200)
@@ -104,7 +104,7 @@ async def get_patch(request: web.Request, principal: Principal) -> web.StreamRes
 async def send_message(request: web.Request, principal: Principal) -> web.StreamResponse:
     run = await _owned_run(request, principal)
     req, _ = await parse_body(request, MessageRequest)
-    carrier = await request.app[CONTROL].message(run, req)
+    carrier = await request.app[CONTROL].message(run, req.follow_up())
     return respond(await _view(request, carrier), status=200 if req.end_session else 202)
 
 
@@ -133,8 +133,9 @@ async def stream(request: web.Request, principal: Principal) -> web.StreamRespon
     run = await _owned_run(request, principal)
     last = _resume_point(request)
     s = request.app[SERVICES]
+    stopping = request.app[STOPPING]
     async with sse_response(request, ping_interval=HEARTBEAT_S) as sse:
-        while sse.is_connected():
+        while sse.is_connected() and not stopping.is_set():
             signal = s.hub.signal(run.id)
             batch = await events_store.after(s.db, run.id, last)
             for ev in batch:
@@ -148,10 +149,10 @@ async def stream(request: web.Request, principal: Principal) -> web.StreamRespon
                 for ev in await events_store.after(s.db, run.id, last):
                     await sse.send(_json(ev.data, ev.seq, ev.created_at), id=str(ev.seq), event=ev.kind)
                 break
-            try:
-                await asyncio.wait_for(signal.wait(), HEARTBEAT_S)
-            except TimeoutError:
-                continue
+            waits = {asyncio.ensure_future(signal.wait()), asyncio.ensure_future(stopping.wait())}
+            _, pending = await asyncio.wait(waits, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in pending:
+                waiter.cancel()
     return sse
 
 

@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from critique_local.runs.spec import FollowUp, PublishSpec, RunOrder, RunSpec
+
 MAX_PROMPT_CHARS = 120_000
 MAX_TAGS = 20
 MAX_TAG_CHARS = 64
@@ -116,6 +118,13 @@ class CreateRunRequest(Model):
             raise ValueError("baseRef and gitCheckoutRef disagree")
         return self
 
+    def order(self) -> RunOrder:
+        """The request as the run layer takes it (the spec is what ``runs.request`` stores)."""
+        stored = self.model_dump(mode="json", by_alias=True, exclude={"prompt", "billing"})
+        stored["billingMode"] = self.billing.mode if self.billing else "managed"
+        key = self.billing.open_router_api_key if self.billing else None
+        return RunOrder(RunSpec.from_stored(stored), self.prompt, key.get_secret_value() if key is not None else None)
+
 
 class MessageRequest(Model):
     prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS, description="The follow-up.")
@@ -123,6 +132,10 @@ class MessageRequest(Model):
     end_session: bool | None = Field(None, description="true: destroy the sandbox and complete the run.")
     fallback: Literal["chain", "none"] = Field(
         "chain", description="When the session has ended: chain a new run (default) or answer 409 session_expired.")
+
+    def follow_up(self) -> FollowUp:
+        publish = PublishSpec(self.publish.mode, self.publish.branch) if self.publish is not None else None
+        return FollowUp(self.prompt, publish, bool(self.end_session), self.fallback)
 
 
 MAX_EVENT_ID = 10**18 - 1  # ids and cursors are SQLite integers; larger numbers are not ours

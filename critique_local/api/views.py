@@ -46,7 +46,7 @@ def run_view(
         return _brief(run_view(run, base_url, turns=[], usage=usage, pull_request=pull_request,
                                environment=environment))
     lc = lifecycle_of(run.status, run.phase, run.has_patch, run.session_end_reason, run.chained_to_run_id)
-    req = run.request
+    spec = run.spec
     url = f"{base_url}/api/v1/coding-agent/runs/{run.id}"
     return RunView(
         id=run.id,
@@ -63,16 +63,16 @@ def run_view(
         repository=RepositoryView(id=run.repository_id, full_name=run.repository_full_name),
         model_id=run.model_id,
         task_kind="plan" if run.task_kind == "plan" else "code",
-        title=req.get("title"),
-        tags=list(req.get("tags") or []),
-        metadata=dict(req.get("metadata") or {}),
+        title=spec.title,
+        tags=list(spec.tags),
+        metadata=dict(spec.metadata),
         intent=run.intent,
         base_ref=run.base_ref,
         base_commit=run.base_commit,
-        validation_mode=req.get("validationMode") or "minimal",
-        publish=Publish.model_validate(req.get("publish") or {}),
-        billing_mode=str(req.get("billingMode") or "managed"),
-        safety=req.get("safety"),
+        validation_mode=spec.validation,
+        publish=Publish(mode=spec.publish.mode, branch=spec.publish.branch) if spec.publish else Publish(),
+        billing_mode=spec.billing_mode,
+        safety=spec.safety_view(),
         usage=UsageView.model_validate(usage),
         summary=run.summary,
         changed_paths=run.changed_paths,

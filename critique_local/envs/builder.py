@@ -66,6 +66,8 @@ class Environments:
     def __init__(self, services: Services) -> None:
         self.s = services
         self._builds: dict[str, asyncio.Task[_Built]] = {}
+        # egress proxy tokens of running builds (the proxy consults them: app.egress_policy)
+        self.egress_tokens: dict[str, Policy] = {}
 
     async def plan(self, run: RunRow, prepared: Checkout) -> EnvPlan | None:
         """The run's environment plan from its base commit (None: no setup or start script)."""
@@ -136,7 +138,7 @@ class Environments:
         s.redactor.add(token, run.id)
         if env_plan.network_mode == "restricted" and s.proxy_address:
             env.update(proxy_env(s.proxy_address, token, s.proxy_address.rpartition(":")[0]))
-            s.egress_tokens[token] = Policy(run.id, env_plan.allowlist)
+            self.egress_tokens[token] = Policy(run.id, env_plan.allowlist)
         env[scripts.MARKER] = marker
         sandbox: Sandbox | None = None
         try:
@@ -162,7 +164,7 @@ class Environments:
         except SandboxError as exc:
             raise RunFailure(ErrorCode.SETUP_FAILED, f"setting up the environment failed: {exc.message}") from exc
         finally:
-            s.egress_tokens.pop(token, None)
+            self.egress_tokens.pop(token, None)
             if sandbox is not None:
                 with contextlib.suppress(SandboxError):
                     await asyncio.shield(s.backend.destroy(sandbox.id))

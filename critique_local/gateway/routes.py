@@ -38,6 +38,7 @@ from critique_local.gateway.calls import CallLog
 from critique_local.gateway.catalog import ModelEntry
 from critique_local.gateway.metering import Meter
 from critique_local.gateway.upstream import UpstreamError
+from critique_local.runs.spec import ResourcesSpec
 from critique_local.runs.states import RunStatus
 from critique_local.services import Services
 from critique_local.store import runs as store
@@ -100,7 +101,7 @@ async def _entry_for(s: Services, caller: Caller, model_id: str) -> ModelEntry:
 
 
 def _byok(run: RunRow | None) -> bool:
-    return run is not None and run.request.get("billingMode") == "openrouter"
+    return run is not None and run.spec.byok
 
 
 async def _check_budget(s: Services, caller: Caller, entry: ModelEntry, messages: list[dict[str, Any]]) -> None:
@@ -110,8 +111,8 @@ async def _check_budget(s: Services, caller: Caller, entry: ModelEntry, messages
         if not entry.free and await billing.balance(s.db, caller.user_id) <= 0:
             raise PaymentRequired("no credits left")
         return
-    resources = (run.request.get("safety") or {}).get("resources") or {}
-    max_turns, max_credits = resources.get("maxTurns"), resources.get("maxCredits")
+    resources = run.spec.resources or ResourcesSpec()
+    max_turns, max_credits = resources.max_turns, resources.max_credits
     if max_turns is not None:
         this_turn = await billing.usage(s.db, run.id, run.turn_count)
         if this_turn.model_calls >= max_turns:

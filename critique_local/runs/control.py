@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from critique_local.api.schemas import MessageRequest
 from critique_local.clock import now_iso
 from critique_local.errors import InvalidRequest, RunTerminal, SessionExpired, TurnInProgress
 from critique_local.runs import create as creating
 from critique_local.runs.create import check_publish
 from critique_local.runs.scheduler import Scheduler
+from critique_local.runs.spec import FollowUp
 from critique_local.runs.states import CHAINABLE, TERMINAL, Phase, RunStatus, SessionEnd
 from critique_local.store import pulls
 from critique_local.store import runs as store
@@ -26,7 +26,7 @@ class RunControl:
         self.s = scheduler.s
         self.executor = scheduler.executor
 
-    async def message(self, run: RunRow, req: MessageRequest) -> RunRow:
+    async def message(self, run: RunRow, req: FollowUp) -> RunRow:
         """Returns the run that will carry the turn: the same one (warm) or a chained one."""
         check_publish(self.s.settings, req.publish, run.task_kind, run.base_branch or run.base_ref)
         if req.end_session:
@@ -60,13 +60,13 @@ class RunControl:
                 raise SessionExpired("the session of this run has ended and fallback is none")
             return await self._chain(run, req.prompt)
 
-    async def _turn_publish(self, run: RunRow, req: MessageRequest) -> dict[str, Any]:
+    async def _turn_publish(self, run: RunRow, req: FollowUp) -> dict[str, Any]:
         """A message's publish settings; without any, the previous turn's (a run that publishes
         keeps its pull request in step with its work). The branch never changes once pushed."""
         previous = await store.turn_publish(self.s.db, run.id, run.turn_count)
         if req.publish is None:
             return previous
-        wanted = req.publish.model_dump(mode="json", exclude_none=True)
+        wanted = {k: v for k, v in req.publish.to_stored().items() if v is not None}
         pr = await pulls.of_run(self.s.db, run.id)
         if pr is not None and req.publish.branch not in (None, pr.branch):
             raise InvalidRequest(f"this run already publishes to {pr.branch!r}", field="publish.branch")

@@ -4,12 +4,12 @@ run whose session ended) is inserted by the same path, from the run it continues
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
 
 from critique_local import billing
-from critique_local.api.schemas import CreateRunRequest, Publish
 from critique_local.config import Settings
 from critique_local.errors import (
     ErrorCode,
@@ -22,6 +22,7 @@ from critique_local.errors import (
 )
 from critique_local.repos.names import branch_problem, protected_pattern, ref_problem, repository_name_problem
 from critique_local.runs import intent, network
+from critique_local.runs.spec import PublishSpec, RunOrder, RunSpec
 from critique_local.services import Services
 from critique_local.store import runs as store
 from critique_local.store.keys import Principal
@@ -32,7 +33,7 @@ MAX_IDEMPOTENCY_KEY_CHARS = 255
 MAX_CHAIN_CONTEXT_CHARS = 60_000  # prior summaries carried into a chained run's prompt
 
 
-def check_publish(settings: Settings, publish: Publish | None, task_kind: str, base_ref: str | None) -> None:
+def check_publish(settings: Settings, publish: PublishSpec | None, task_kind: str, base_ref: str | None) -> None:
     """A publish request that could never be carried out is refused before anything is created."""
     if publish is None:
         return
@@ -51,15 +52,14 @@ def check_publish(settings: Settings, publish: Publish | None, task_kind: str, b
         raise ProtectedBranch(f"publish.branch matches the protected pattern {pattern!r}", field="publish.branch")
 
 
-def check_billing(req: CreateRunRequest) -> str | None:
+def check_billing(order: RunOrder) -> str | None:
     """The BYOK key of an openrouter run (None for managed runs)."""
-    billing = req.billing
-    if billing is None or billing.mode == "managed":
-        if billing is not None and billing.open_router_api_key is not None:
+    if not order.spec.byok:
+        if order.open_router_api_key is not None:
             raise InvalidRequest("openRouterApiKey is only used with billing.mode openrouter",
                                  field="billing.openRouterApiKey")
         return None
-    key = billing.open_router_api_key.get_secret_value().strip() if billing.open_router_api_key else ""
+    key = (order.open_router_api_key or "").strip()
     if not key:
         raise InvalidRequest("billing.mode openrouter needs billing.openRouterApiKey", field="billing.openRouterApiKey")
     return key
@@ -69,7 +69,7 @@ def body_hash(raw: Any) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-async def _repository_id(s: Services, req: CreateRunRequest) -> str:
+async def _repository_id(s: Services, req: RunSpec) -> str:
     if req.repository_id and not (req.repository or req.repository_full_name):
         name = await store.repository_by_id(s.db, req.repository_id)
         if name is None:
@@ -91,18 +91,22 @@ async def _repository_id(s: Services, req: CreateRunRequest) -> str:
 
 
 async def create(
-    s: Services, principal: Principal, req: CreateRunRequest, raw: Any, idempotency_key: str | None
+    s: Services, principal: Principal, order: RunOrder, raw: Any, idempotency_key: str | None
 ) -> tuple[store.RunRow, bool]:
-    network.check(s.settings, req.safety.network if req.safety else None, s.backend.network_modes)
+    """Validate ``order`` against configuration and state and insert it, queued; (run, created).
+    ``raw`` is the request body as parsed JSON (its hash pins an Idempotency-Key to one body).
+    Raises ApiError subclasses (4xx) and changes nothing when it does."""
+    req = order.spec
+    network.check(s.settings, req.network, s.backend.network_modes)
     if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS):
         raise InvalidRequest("Idempotency-Key must be 1-255 characters", field="Idempotency-Key")
     ref = req.base_ref or req.git_checkout_ref
     if ref is not None and (problem := ref_problem(ref)):
         raise InvalidRequest(f"baseRef {problem}", field="baseRef" if req.base_ref else "gitCheckoutRef")
     check_publish(s.settings, req.publish, req.task_kind, ref)
-    if req.webhook is not None:
-        check_url(s.settings.webhooks, req.webhook.url)
-    byok_key = check_billing(req)
+    if req.webhook_url is not None:
+        check_url(s.settings.webhooks, req.webhook_url)
+    byok_key = check_billing(order)
     model_id = req.model_id or s.settings.models.default
     entry = s.catalog.get(model_id)
     if entry is None:
@@ -114,12 +118,10 @@ async def create(
         raise InvalidRequest("this server has no provider for billing.mode openrouter", field="billing.mode",
                              code=ErrorCode.UNSUPPORTED)
     repo_id = await _repository_id(s, req)
-    stored_request = req.model_dump(mode="json", by_alias=True, exclude={"prompt", "billing"})
-    stored_request["billingMode"] = req.billing.mode if req.billing else "managed"
     new = store.NewRun(
-        id=new_id("run"), user_id=principal.user_id, repository_id=repo_id, request=stored_request,
-        model_id=model_id, task_kind=req.task_kind, intent=intent.classify(req.prompt), base_ref=ref,
-        prompt=req.prompt,
+        id=new_id("run"), user_id=principal.user_id, repository_id=repo_id, spec=req,
+        model_id=model_id, task_kind=req.task_kind, intent=intent.classify(order.prompt), base_ref=ref,
+        prompt=order.prompt,
     )
     digest = body_hash(raw)
     if idempotency_key is not None:
@@ -149,7 +151,7 @@ async def create(
 
 async def _insert(s: Services, new: store.NewRun, idempotency: tuple[str, str] | None,
                   chained_from: store.RunRow | None = None) -> store.Created:
-    """Insert a queued run with its first turn (``store.create_run``); a chained one is linked
+    """Store a queued run with its first turn (``store.create_run``); a chained one is linked
     both ways with the run it continues."""
     result = await store.create_run(s.db, new, idempotency)
     if result.created and chained_from is not None:
@@ -161,7 +163,7 @@ async def _insert(s: Services, new: store.NewRun, idempotency: tuple[str, str] |
 async def chain(s: Services, old: store.RunRow, prompt: str) -> store.RunRow:
     """A new run continuing ``old`` (whose session ended) with ``prompt``: same repository, base
     ref, model and settings, a fresh checkout, and the earlier turns' summaries in its prompt."""
-    summaries = [(r[0], r[3]) for r in await store.turns_raw(s.db, old.id) if r[3]]
+    summaries = [(t.index, t.summary) for t in await store.turns(s.db, old.id) if t.summary]
     context = "".join(f"> Turn {i}: {line}\n" for i, summary in summaries for line in summary.splitlines())
     if len(context) > MAX_CHAIN_CONTEXT_CHARS:  # summaries are agent-made: the newest are kept
         context = "> [earlier turns clipped]\n" + context[-MAX_CHAIN_CONTEXT_CHARS:]
@@ -169,7 +171,8 @@ async def chain(s: Services, old: store.RunRow, prompt: str) -> store.RunRow:
         f"Earlier turns of this task (run {old.id}; their changes are not in this checkout):\n{context}\n{prompt}")
     new = store.NewRun(
         id=new_id("run"), user_id=old.user_id, repository_id=old.repository_id,
-        request={**old.request, "chainedFromRunId": old.id}, model_id=old.model_id, task_kind=old.task_kind,
+        spec=dataclasses.replace(old.spec, chained_from_run_id=old.id), model_id=old.model_id,
+        task_kind=old.task_kind,
         intent=old.intent, base_ref=old.base_ref, prompt=chained_prompt,
     )
     await _insert(s, new, None, chained_from=old)

@@ -52,11 +52,13 @@ StatusListener = Callable[[RunRow, dict[str, Any]], Awaitable[None]]
 
 
 class EventHub:
-    def __init__(self, db: Database, redactor: Redactor | None = None) -> None:
+    def __init__(self, db: Database, redactor: Redactor | None = None,
+                 on_status_change: StatusListener | None = None) -> None:
+        """``on_status_change`` (the webhooks) hears every change of a run's status."""
         self._db = db
         self.redactor = redactor or Redactor()
         self._signals: dict[str, asyncio.Event] = {}
-        self.on_status_change: StatusListener | None = None  # webhooks
+        self.on_status_change = on_status_change
 
     def signal(self, run_id: str) -> asyncio.Event:
         """The event set on the next append for ``run_id``. Take it *before* reading, so an

@@ -89,7 +89,7 @@ class ModelWatch:
     def for_prompt(cls, services: Services, run: RunRow, sandbox: Sandbox) -> ModelWatch:
         entry = services.catalog.get(run.model_id)
         provider = entry.provider if entry is not None else None
-        if provider is not None and run.request.get("billingMode") == "openrouter":
+        if provider is not None and run.spec.byok:
             provider = services.settings.billing.byok_provider
         return cls(services.model_calls, run.id, model_id=run.model_id, provider=provider,
                    bound_s=services.settings.models.unreachable_timeout_s, gateway_url=services.gateway_url,

@@ -10,16 +10,15 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
-from critique_local.api.schemas import SafetyNetwork
 from critique_local.config import Settings
 from critique_local.errors import InvalidRequest, NetworkModeNotAllowed, NetworkModeNotSupported
+from critique_local.runs.spec import NetworkSpec
 
 _HOST = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
-def check(settings: Settings, network: SafetyNetwork | None, supported: frozenset[str]) -> None:
+def check(settings: Settings, network: NetworkSpec | None, supported: frozenset[str]) -> None:
     """Refuse a policy this server would not (operator settings) or could not (its sandbox
     backend) enforce, rather than run with weaker isolation than asked."""
     mode = network.mode if network is not None else settings.network.default_mode
@@ -48,12 +47,11 @@ def allowlist_entry_ok(entry: str) -> bool:
     return len(name) <= 253 and bool(_HOST.fullmatch(name))
 
 
-def network_policy(settings: Settings, request: dict[str, Any]) -> tuple[str, list[str]]:
-    """(mode, allowlist) of a stored run request, with the server's defaults filled in."""
-    network = ((request.get("safety") or {}).get("network")) or {}
-    mode = str(network.get("mode") or settings.network.default_mode)
-    allowlist = list(network.get("allowlist") or [])
-    if mode == "restricted" and not network.get("allowlist"):
+def network_policy(settings: Settings, network: NetworkSpec | None) -> tuple[str, list[str]]:
+    """(mode, allowlist) of a run's ``safety.network``, with the server's defaults filled in."""
+    mode = str((network.mode if network is not None else None) or settings.network.default_mode)
+    allowlist = list(network.allowlist) if network is not None else []
+    if mode == "restricted" and not allowlist:
         allowlist = list(settings.network.default_allowlist)
     return mode, allowlist
 

@@ -55,8 +55,9 @@ def launch_config(services: Services, token: str, secret: str, model_id: str,
 
 
 class WarmPool:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, environments: Environments) -> None:
         self.s = services
+        self.environments = environments  # pool.environments: sandboxes of kept environments
         self.settings = services.settings.pool
         self._ready: list[WarmSandbox] = []
         self._wake = asyncio.Event()
@@ -166,7 +167,7 @@ class WarmPool:
         if prepared is None:
             return
         try:
-            env_plan = await Environments(self.s).plan_for(full_name, prepared)
+            env_plan = await self.environments.plan_for(full_name, prepared)
             row = await env_store.get(self.s.db, env_plan.key) if env_plan and env_plan.setup else None
             for warm in [w for w in self._ready if w.env_key and w.checkout_key and
                          w.checkout_key.startswith(f"{full_name}\0") and (row is None or w.env_key != row.key)]:

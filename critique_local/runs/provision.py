@@ -45,10 +45,10 @@ class Job:
 
 
 class Provisioner:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, environments: Environments, pool: WarmPool | None = None) -> None:
         self.s = services
-        self.pool: WarmPool | None = None
-        self.envs = Environments(services)
+        self.pool = pool
+        self.envs = environments
 
     async def provision(self, job: Job) -> None:
         """Checkout, then a sandbox with the checkout uploaded and the agent healthy, then a
@@ -58,7 +58,7 @@ class Provisioner:
         prepared = await checkout.prepare(settings.git, self.s.hosts.resolve(run.repository_full_name),
                                           run.base_ref, settings.server.data_dir, self.s.mirrors)
         t_checkout = time.monotonic()
-        mode = network_policy(settings, run.request)[0]
+        mode = network_policy(settings, run.spec.network)[0]
         warm = env = None
         try:
             env_plan = await self.envs.plan(run, prepared)  # None: the repository declares no setup
@@ -120,7 +120,7 @@ class Provisioner:
         else:
             config = launch_config(self.s, token, password, run.model_id, self.network_env(run, token))
             job.agent = await harness.launch(sandbox, config, settings.sandbox.agent_ready_timeout_s)
-        title = str(run.request.get("title") or f"critique-local {run.id}")
+        title = run.spec.title or f"critique-local {run.id}"
         session_id = await job.agent.open_session(title)
         ready, sealed = now_iso(), self.s.box.seal(password, run.id)
         await store.update_run(self.s.db, run.id, agent_session_id=session_id, agent_ready_at=ready,
@@ -131,7 +131,7 @@ class Provisioner:
                                       agent_url=job.agent.address, agent_secret=sealed)
 
     def network_env(self, run: RunRow, token: str) -> dict[str, str]:
-        if network_policy(self.s.settings, run.request)[0] != "restricted" or not self.s.proxy_address:
+        if network_policy(self.s.settings, run.spec.network)[0] != "restricted" or not self.s.proxy_address:
             return {}
         return proxy_env(self.s.proxy_address, token, self.s.proxy_address.rpartition(":")[0])
 

@@ -59,12 +59,12 @@ class PublishOutcome:
 
 
 def default_branch(prefix: str, run: RunRow, first_prompt: str) -> str:
-    text = str(run.request.get("title") or first_prompt)
+    text = run.spec.title or first_prompt
     return f"{prefix}{slug(text)}-{run.id.removeprefix('run_')[:8]}"
 
 
 def title_of(run: RunRow, first_prompt: str) -> str:
-    text = str(run.request.get("title") or "").strip()
+    text = (run.spec.title or "").strip()
     if not text:
         lines = [ln.strip() for ln in first_prompt.splitlines() if ln.strip() and not ln.startswith("@")]
         text = lines[0] if lines else f"critique-local run {run.id}"

@@ -31,12 +31,11 @@ log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, executor: Executor) -> None:
         self.s = services
-        self.executor = Executor(services)
+        self.executor = executor
         self._queue = RunQueue(services.settings.scheduler.max_concurrent_runs_per_user)
         self._workers: list[asyncio.Task[None]] = []
-        self._reaper: asyncio.Task[None] | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._idle_limits = asyncio.Lock()
@@ -58,15 +57,15 @@ class Scheduler:
         """Start executing. Call :meth:`recover` first, before the API accepts requests."""
         self._workers = [asyncio.create_task(self._work(), name=f"run-worker-{i}")
                          for i in range(self.s.settings.scheduler.max_concurrent_runs)]
-        self._reaper = asyncio.create_task(self._reap_forever(), name="session-reaper")
 
     async def stop(self, timeout_s: float = 10.0) -> None:
-        tasks = [*self._workers, *self._running.values(), *([self._reaper] if self._reaper else [])]
+        """Cancel the workers and every executing job, waiting at most ``timeout_s`` seconds."""
+        tasks = [*self._workers, *self._running.values()]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
-        self._workers, self._reaper = [], None
+        self._workers = []
 
     async def _work(self) -> None:
         while True:
@@ -96,7 +95,9 @@ class Scheduler:
 
     # ---- expiry -------------------------------------------------------------------------------
 
-    async def _reap_forever(self) -> None:
+    async def reap_forever(self) -> None:
+        """Every ``sandbox.reap_interval_s``: end expired and surplus idle sessions; every
+        ``sandbox.sweep_interval_s``: reclaim the host and sweep sandboxes. Runs until cancelled."""
         swept = time.monotonic()
         while True:
             await asyncio.sleep(self.s.settings.sandbox.reap_interval_s)

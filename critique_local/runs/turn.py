@@ -83,7 +83,7 @@ class Turn:
         if run.task_kind == "plan":
             check_unchanged(result.turn_stats["filesChanged"])
         validation: ValidationResult | None = None
-        mode = str(run.request.get("validationMode") or "minimal")
+        mode = run.spec.validation
         if run.task_kind != "plan" and mode != "minimal":
             run = await transition(s, run, RunStatus.RUNNING, Phase.VALIDATING)
             validation = await self._validate(run, sandbox, repo, mode, result.tree)
@@ -134,7 +134,8 @@ class Turn:
                                          "(redacted in the patch); nothing was pushed")
             else:
                 run = await transition(s, run, RunStatus.RUNNING, Phase.PUBLISHING)
-                first_prompt = next((str(r[1]) for r in await store.turns_raw(s.db, run.id) if r[0] == 1), prompt)
+                first = await store.turn(s.db, run.id, 1)
+                first_prompt = first.prompt if first is not None else prompt
                 outcome = await Publisher(s).publish(run, repo, idx, publish, first_prompt, summary, result,
                                                      validation)
                 outcome = dataclasses.replace(outcome, message=redactor.clean(outcome.message, run.id))
@@ -265,10 +266,8 @@ class Turn:
         return result
 
     async def _previous_tree(self, run_id: str, idx: int) -> str | None:
-        for row in await store.turns_raw(self.s.db, run_id):
-            if row[0] == idx - 1:
-                return str(row[4]) if row[4] else None
-        return None
+        previous = await store.turn(self.s.db, run_id, idx - 1)
+        return previous.tree if previous is not None and previous.tree else None
 
     def _expiry(self, run: RunRow) -> str:
         sb = self.s.settings.sandbox

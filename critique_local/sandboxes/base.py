@@ -2,7 +2,8 @@
 tarball into it, start background processes, and reach a port inside it over HTTP. Nothing here
 assumes a shared filesystem with the server, so a cloud backend fits as well as Docker.
 
-Errors from the underlying SDK are translated to :class:`SandboxError` at the backend boundary.
+Errors from the underlying SDK are translated to :class:`SandboxError` (``errors.py``, a
+:class:`~critique_local.errors.RunError` with an ``ErrorCode``) at the backend boundary.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from critique_local.errors import SandboxError, SandboxGone
 
-__all__ = ["SandboxError", "SandboxGone"]  # defined in errors.py (one exception tree); imported from here by backends
+__all__ = ["SandboxError", "SandboxGone"]  # defined in errors.py (one exception tree); backends import them here
 
 
 @dataclass(frozen=True)

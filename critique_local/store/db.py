@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -59,15 +60,31 @@ class Database:
 
     @asynccontextmanager
     async def tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction (``BEGIN IMMEDIATE``); commits on success, rolls back on error."""
+        """A write transaction (``BEGIN IMMEDIATE``); commits on success, rolls back on error
+        (also when the caller is cancelled: see :meth:`_settle`)."""
         async with self._write_lock:
-            await self._conn.execute("BEGIN IMMEDIATE")
+            await self._settle("BEGIN IMMEDIATE", undo="ROLLBACK")
             try:
                 yield self._conn
             except BaseException:
-                await self._conn.execute("ROLLBACK")
+                await self._settle("ROLLBACK")
                 raise
-            await self._conn.execute("COMMIT")
+            await self._settle("COMMIT", undo="ROLLBACK")
+
+    async def _settle(self, statement: str, undo: str | None = None) -> None:
+        """Run a transaction statement to its end even when the caller is cancelled meanwhile
+        (the statement runs in the connection's thread either way): a BEGIN whose caller went
+        away would otherwise leave the connection inside a transaction, and every later write
+        would fail. On cancellation ``undo`` runs, then CancelledError is raised again."""
+        step = asyncio.ensure_future(self._conn.execute(statement))
+        try:
+            await asyncio.shield(step)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await step
+                if undo is not None:
+                    await self._conn.execute(undo)
+            raise
 
     async def write(self, sql: str, params: Iterable[Any] = ()) -> int:
         """One statement in its own transaction; returns the number of rows changed."""

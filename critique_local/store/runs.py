@@ -1,4 +1,10 @@
-"""Runs, turns and idempotency keys: all run SQL lives here."""
+"""Runs, turns and idempotency keys: all run SQL lives here.
+
+Rows come back typed: :class:`RunRow` (its stored request parsed into a
+:class:`~critique_local.runs.spec.RunSpec`) and :class:`TurnRow`. Times are ISO-8601 UTC text
+(``clock.iso``). Writes go through :meth:`Database.tx`, one at a time (see "What relies on the
+write lock" in that module); a missing run raises ``KeyError`` where noted.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from critique_local.clock import iso, now, now_iso
+from critique_local.runs.spec import RunSpec
 from critique_local.runs.states import Phase, RunStatus, check_transition
 from critique_local.store.db import Database
 
@@ -24,7 +31,7 @@ class RunRow:
     repository_full_name: str
     status: RunStatus
     phase: Phase
-    request: dict[str, Any]
+    spec: RunSpec
     model_id: str
     task_kind: str
     intent: str
@@ -69,7 +76,7 @@ _FROM = "FROM runs r JOIN repositories p ON p.id = r.repository_id"
 def _row(r: sqlite3.Row) -> RunRow:
     return RunRow(
         seq=r[0], id=r[1], user_id=r[2], repository_id=r[3], repository_full_name=r[4],
-        status=RunStatus(r[5]), phase=Phase(r[6]), request=json.loads(r[7]), model_id=r[8], task_kind=r[9],
+        status=RunStatus(r[5]), phase=Phase(r[6]), spec=RunSpec.from_stored(json.loads(r[7])), model_id=r[8], task_kind=r[9],
         intent=r[10], base_ref=r[11], base_commit=r[12], summary=r[13], changed_paths=json.loads(r[14]),
         diff_stats=json.loads(r[15]) if r[15] else None, has_patch=bool(r[16]), error_code=r[17],
         error_message=r[18], turn_count=r[19], sandbox_id=r[20], agent_session_id=r[21],
@@ -85,7 +92,7 @@ class NewRun:
     id: str
     user_id: str
     repository_id: str
-    request: dict[str, Any]
+    spec: RunSpec
     model_id: str
     task_kind: str
     intent: str
@@ -137,11 +144,11 @@ async def create_run(db: Database, run: NewRun, idempotency: tuple[str, str] | N
             "INSERT INTO runs (id, user_id, repository_id, status, phase, request, model_id, task_kind, intent, "
             "base_ref, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (run.id, run.user_id, run.repository_id, RunStatus.QUEUED.value, Phase.QUEUED.value,
-             json.dumps(run.request), run.model_id, run.task_kind, run.intent, run.base_ref, now, now),
+             json.dumps(run.spec.to_stored()), run.model_id, run.task_kind, run.intent, run.base_ref, now, now),
         )
         await conn.execute(
             "INSERT INTO turns (run_id, idx, prompt, status, publish) VALUES (?, 1, ?, 'queued', ?)",
-            (run.id, run.prompt, json.dumps(run.request.get("publish") or {"mode": "none"})),
+            (run.id, run.prompt, json.dumps(run.spec.publish.to_stored() if run.spec.publish else {"mode": "none"})),
         )
         if idempotency is not None:
             await conn.execute(
@@ -259,8 +266,30 @@ async def run_for_sandbox_token(db: Database, token_hash: str) -> RunRow | None:
     return _row(row) if row else None
 
 
-async def turns_raw(db: Database, run_id: str) -> list[sqlite3.Row]:
-    return await db.all("SELECT idx, prompt, status, summary, tree FROM turns WHERE run_id = ? ORDER BY idx", (run_id,))
+@dataclass(frozen=True)
+class TurnRow:
+    """One turn as the executor and the control plane need it: its 1-based ``index``, the
+    ``prompt`` as sent, its ``status`` (queued, running, completed, failed, cancelled), the
+    agent's ``summary`` and ``tree`` (the git tree id of the workspace after the turn), both None
+    until the turn completed."""
+
+    index: int
+    prompt: str
+    status: str
+    summary: str | None
+    tree: str | None
+
+
+async def turns(db: Database, run_id: str) -> list[TurnRow]:
+    """The run's turns, oldest first (empty for an unknown run)."""
+    rows = await db.all("SELECT idx, prompt, status, summary, tree FROM turns WHERE run_id = ? ORDER BY idx", (run_id,))
+    return [TurnRow(int(r[0]), str(r[1]), str(r[2]), r[3], r[4]) for r in rows]
+
+
+async def turn(db: Database, run_id: str, idx: int) -> TurnRow | None:
+    """Turn ``idx`` (1-based) of the run, or None."""
+    r = await db.one("SELECT idx, prompt, status, summary, tree FROM turns WHERE run_id = ? AND idx = ?", (run_id, idx))
+    return TurnRow(int(r[0]), str(r[1]), str(r[2]), r[3], r[4]) if r else None
 
 
 async def queued_turn(db: Database, run_id: str) -> tuple[int, str] | None:

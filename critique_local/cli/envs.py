@@ -17,27 +17,12 @@ from typing import Any
 
 import click
 
-from critique_local.config import Settings, load_settings
+from critique_local.cli.common import config_option, settings_of, with_db
+from critique_local.config import Settings
 from critique_local.envs import evict
 from critique_local.store import environments as store
 from critique_local.store.db import Database
 from critique_local.store.environments import EnvironmentRow
-
-config_option = click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-                             default=None, envvar="CRITIQUE_LOCAL_CONFIG", help="TOML config file.")
-
-
-def _settings(config_path: Path | None) -> Settings:
-    if config_path is None and Path("critique-local.toml").exists():
-        config_path = Path("critique-local.toml")
-    try:
-        return load_settings(config_path.absolute() if config_path else None)
-    except Exception as exc:  # ConfigError and friends: one line, as the other commands
-        raise click.ClickException(str(exc)) from exc
-
-
-async def _open(settings: Settings) -> Database:
-    return await Database.open(settings.db_path)
 
 
 def _size(n: int | None) -> str:
@@ -80,14 +65,7 @@ def envs() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def envs_list(config_path: Path | None, as_json: bool) -> None:
     """Environments, most recently used first: key, repository, size, created, last used, build time."""
-    async def go() -> list[EnvironmentRow]:
-        db = await _open(_settings(config_path))
-        try:
-            return await store.all_of(db)
-        finally:
-            await db.close()
-
-    for row in asyncio.run(go()):
+    for row in with_db(settings_of(config_path), store.all_of):
         if as_json:
             click.echo(json.dumps(row.view()))
         else:
@@ -100,14 +78,7 @@ def envs_list(config_path: Path | None, as_json: bool) -> None:
 @click.argument("key")
 def envs_show(config_path: Path | None, key: str) -> None:
     """One environment (KEY: its key or the first characters of it), as JSON."""
-    async def go() -> EnvironmentRow:
-        db = await _open(_settings(config_path))
-        try:
-            return await _one(db, key)
-        finally:
-            await db.close()
-
-    click.echo(json.dumps(asyncio.run(go()).view(), indent=2))
+    click.echo(json.dumps(with_db(settings_of(config_path), lambda db: _one(db, key)).view(), indent=2))
 
 
 @envs.command("rebuild")
@@ -115,16 +86,12 @@ def envs_show(config_path: Path | None, key: str) -> None:
 @click.argument("key")
 def envs_rebuild(config_path: Path | None, key: str) -> None:
     """Mark an environment so that the next run needing it runs setup again."""
-    async def go() -> EnvironmentRow:
-        db = await _open(_settings(config_path))
-        try:
-            row = await _one(db, key)
-            await store.mark_stale(db, row.key)
-            return row
-        finally:
-            await db.close()
+    async def mark(db: Database) -> EnvironmentRow:
+        row = await _one(db, key)
+        await store.mark_stale(db, row.key)
+        return row
 
-    click.echo(f"{asyncio.run(go()).key[:16]}: the next run needing it builds it again")
+    click.echo(f"{with_db(settings_of(config_path), mark).key[:16]}: the next run needing it builds it again")
 
 
 @envs.command("prune")
@@ -134,23 +101,19 @@ def envs_prune(config_path: Path | None, everything: bool) -> None:
     """Remove environments that a newer one of the same repository replaced (unused since it
     was built), those unused for environments.max_unused_s, and the least recently used beyond
     environments.max_total_mb."""
-    settings = _settings(config_path)
+    settings = settings_of(config_path)
 
-    async def go() -> list[tuple[EnvironmentRow, bool]]:
-        db = await _open(settings)
-        try:
-            rows = await store.all_of(db)
-            chosen = rows if everything else evict.choose(
-                rows, settings.environments.max_unused_s, settings.environments.max_total_mb * 1_000_000, True)
-            done = []
-            for row in chosen:
-                gone = await _delete(settings, row)
-                if gone:
-                    await store.delete(db, row.key)
-                done.append((row, gone))
-            return done
-        finally:
-            await db.close()
+    async def prune(db: Database) -> list[tuple[EnvironmentRow, bool]]:
+        rows = await store.all_of(db)
+        chosen = rows if everything else evict.choose(
+            rows, settings.environments.max_unused_s, settings.environments.max_total_mb * 1_000_000, True)
+        done = []
+        for row in chosen:
+            gone = await _delete(settings, row)
+            if gone:
+                await store.delete(db, row.key)
+            done.append((row, gone))
+        return done
 
-    for row, gone in asyncio.run(go()):
+    for row, gone in with_db(settings, prune):
         click.echo(f"{row.key[:16]}  {row.repository}: {'removed' if gone else 'in use, kept'}")

@@ -1,0 +1,25 @@
+"""The ``critique-local`` command: ``serve`` and ``config`` (cli/server.py), operator commands
+on the local database (cli/admin.py: keys, credits, webhooks, secrets) and an HTTP client for
+runs (cli/runs.py); kept environments (cli/envs.py: envs)."""
+
+from __future__ import annotations
+
+import click
+
+from critique_local.cli import admin, envs, runs, server
+from critique_local.cli.common import MainGroup
+
+
+@click.group(cls=MainGroup)
+def main() -> None:
+    """critique-local: a self-hosted Coding Agent API."""
+
+
+main.add_command(server.serve)
+main.add_command(server.config_group)
+main.add_command(admin.keys)
+main.add_command(admin.credits)
+main.add_command(admin.webhooks)
+main.add_command(admin.secrets)
+main.add_command(runs.runs)
+main.add_command(envs.envs)
