@@ -3,7 +3,11 @@ tarball into it, start background processes, and reach a port inside it over HTT
 assumes a shared filesystem with the server, so a cloud backend fits as well as Docker.
 
 Errors from the underlying SDK are translated to :class:`SandboxError` (``errors.py``, a
-:class:`~critique_local.errors.RunError` with an ``ErrorCode``) at the backend boundary.
+:class:`~critique_local.errors.RunError` with an ``ErrorCode``) at the backend boundary:
+every method below raises :class:`SandboxError` or, when the sandbox no longer exists,
+:class:`SandboxGone`; nothing else escapes a backend except cancellation. Times
+are in seconds (``*_s``), sizes in bytes (``*_bytes``), paths are inside the sandbox unless typed
+:class:`~pathlib.Path` (a file on the server).
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ class SandboxInfo:
 
 
 class Sandbox(abc.ABC):
+    """One running sandbox (a container, a cloud VM). ``id`` is the backend's id, stable across
+    server restarts (:meth:`SandboxBackend.connect` reattaches by it)."""
+
     id: str
 
     @abc.abstractmethod
@@ -76,19 +83,28 @@ class Sandbox(abc.ABC):
         timeout_s: float = 60,
         max_output_bytes: int = 1_000_000,
     ) -> ExecResult:
-        """Run a command to completion as the sandbox user (killed after ``timeout_s``)."""
+        """Run ``argv`` (no shell) to completion as the sandbox user in ``cwd`` with ``env`` added.
+        Killed after ``timeout_s`` seconds (a non-zero exit code); output beyond
+        ``max_output_bytes`` is dropped (``truncated`` says so). A non-zero exit is a result, not
+        an error; SandboxError when the command could not be run or did not end even after it was
+        killed, SandboxGone when the sandbox is gone."""
 
     @abc.abstractmethod
     async def spawn(self, argv: list[str], *, env: Mapping[str, str], cwd: str, log_path: str) -> None:
-        """Start a long-lived background process whose output goes to ``log_path``."""
+        """Start ``argv`` in the background (it outlives this call) with ``env`` in ``cwd``; its
+        stdout and stderr go to the file ``log_path`` inside the sandbox. Returns once started;
+        SandboxError when it could not be started."""
 
     @abc.abstractmethod
     async def upload_tar(self, dest_dir: str, tar_path: Path) -> None:
-        """Extract a local tarball into ``dest_dir`` inside the sandbox."""
+        """Extract the server-side tarball ``tar_path`` into ``dest_dir`` inside the sandbox (as the
+        sandbox user). SandboxError when the upload or the extraction failed."""
 
     @abc.abstractmethod
     async def endpoint(self, port: int) -> Endpoint:
-        """Where the server reaches ``port`` inside the sandbox."""
+        """Where the server reaches TCP ``port`` inside the sandbox: a base URL (``http://host:port``)
+        and headers every request must carry (e.g. a cloud backend's access token).
+        SandboxError when the sandbox has no reachable address."""
 
     async def read_file(self, path: str, max_bytes: int) -> bytes | None:
         """A file's bytes (binary-safe), or None when it is missing or larger than ``max_bytes``."""
@@ -98,15 +114,23 @@ class Sandbox(abc.ABC):
 
 
 class SandboxBackend(abc.ABC):
+    """Creates, finds and removes the sandboxes of one server instance (labelled with its
+    instance id, so servers sharing a host or an account never touch each other's). Constructing
+    a backend touches nothing; :meth:`start` is the first call that reaches the engine or cloud."""
+
     name: str
     network_modes: frozenset[str] = frozenset({"none", "restricted", "open"})  # safety.network modes it enforces
 
     @abc.abstractmethod
     async def start(self) -> None:
-        """Prepare shared resources (networks, templates). Called once at server start."""
+        """Prepare shared resources (networks, templates). Called once at server start; raises
+        SandboxError (e.g. code ``docker_unavailable``, ``image_missing``) when sandboxes cannot
+        be made."""
 
     @abc.abstractmethod
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release what :meth:`start` set up for this instance (sandboxes stay: warm sessions
+        outlive a restart). Never raises for things already gone."""
 
     @abc.abstractmethod
     def gateway_bind_host(self) -> str | None:
@@ -114,11 +138,14 @@ class SandboxBackend(abc.ABC):
         when sandboxes reach the gateway through ``gateway_url`` configured elsewhere."""
 
     @abc.abstractmethod
-    async def create(self, spec: SandboxSpec) -> Sandbox: ...
+    async def create(self, spec: SandboxSpec) -> Sandbox:
+        """A new running sandbox for ``spec`` (its environment, network mode and owner labels).
+        SandboxError (code ``sandbox_start_failed``) when it cannot be started."""
 
     @abc.abstractmethod
     async def connect(self, sandbox_id: str) -> Sandbox | None:
-        """Reattach to a live sandbox (e.g. after a restart); None when it is gone."""
+        """Reattach to a live sandbox (e.g. after a restart); None when it is gone or stopped.
+        SandboxError when the backend cannot tell (engine unreachable)."""
 
     @abc.abstractmethod
     async def destroy(self, sandbox_id: str) -> None:
@@ -126,7 +153,8 @@ class SandboxBackend(abc.ABC):
 
     @abc.abstractmethod
     async def list_ours(self) -> list[SandboxInfo]:
-        """Every sandbox this server instance created that still exists."""
+        """Every sandbox this server instance created that still exists (running or stopped),
+        with the run it was created for. SandboxError when the backend cannot list them."""
 
     async def extend(self, sandbox_id: str, seconds: float) -> None:  # noqa: B027 - optional
         """Keep the sandbox alive at least ``seconds`` more (remote sandboxes have a lifetime)."""

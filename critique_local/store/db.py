@@ -1,4 +1,35 @@
-"""The database handle: open, migrate, read, and write inside one serialised transaction."""
+"""The database handle: open, migrate, read, and write inside one serialised transaction.
+
+What relies on the write lock
+-----------------------------
+Every write is ``BEGIN IMMEDIATE`` on one connection behind an ``asyncio.Lock``: SQLite's
+database-wide write lock makes each read-then-write below atomic. On Postgres (several server
+replicas, READ COMMITTED by default) each needs its own guarantee:
+
+``events.append``         next ``seq`` = MAX(seq)+1 per run. Postgres: ``SELECT ... FROM runs
+                          WHERE id = $1 FOR UPDATE`` first (or a per-run counter column bumped
+                          with ``UPDATE ... RETURNING``); the (run_id, seq) key then only backs it up.
+``runs.begin_follow_up``  admission: status must be ``idle``; the new turn and RUNNING in one go.
+                          Postgres: ``UPDATE runs SET status='running', turn_count=turn_count+1
+                          WHERE id=$1 AND status='idle' RETURNING turn_count``, then the turn insert,
+                          in one transaction (a lost race updates no row).
+``runs.transition``       status read, checked against the lifecycle, written. Postgres: ``SELECT
+                          status ... FOR UPDATE`` in the transaction (or a compare-and-set
+                          ``UPDATE ... WHERE status = $old``).
+``runs.create_run``       idempotency: look the key up, else insert run + key. Postgres: ``INSERT
+                          INTO idempotency_keys ... ON CONFLICT (user_id, key) DO NOTHING
+                          RETURNING``; on no row, read the winner's run (expired keys: delete them
+                          in the same statement's CTE, or a sweeper).
+``ensure_user``/``ensure_repository``  select-then-insert: ``INSERT ... ON CONFLICT (name) DO
+                          NOTHING`` then select.
+``deliveries.due``        a delivery is attempted by whoever reads it due. Postgres with several
+                          replicas: claim with ``FOR UPDATE SKIP LOCKED`` and a lease column.
+Not database statements, but the same kind: ``Scheduler.lock`` (one run's message, cancel, expiry)
+and the run queue are in-process; with replicas they become a row lock on the run
+(``FOR UPDATE`` / ``pg_advisory_xact_lock``) and a ``SKIP LOCKED`` queue over queued turns;
+``EventHub`` wakes only this process's stream readers (``LISTEN``/``NOTIFY`` across replicas).
+Credit checks before a call (``balance``/``usage`` then the call) are advisory under either database.
+"""
 
 from __future__ import annotations
 
