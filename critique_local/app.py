@@ -11,12 +11,14 @@ Every long-lived resource is opened and closed by one cleanup context (aiohttp's
 
     database          the SQLite file (migrated on open)
     services          the objects routes and runs share, built with their dependencies
-                      (nothing started): event hub -> webhooks, executor <- warm pool,
-                      scheduler <- executor, run control <- scheduler
+                      (nothing started): event hub -> webhooks, warm pool <- environments,
+                      executor <- environments + warm pool, scheduler <- executor,
+                      run control <- scheduler
     mcp sessions      the MCP endpoint's session manager (``api/mcp.py``)
     sandbox backend   its networks / templates (the Docker engine is first touched here)
     gateway listener  the sandbox-facing application, on its own runner
-    egress proxy      for restricted runs; then the host firewall admits exactly these two ports
+    egress proxy      for restricted runs and environment setups; then the host firewall admits
+                      exactly these two ports
     warm pool         sandboxes started ahead of demand
     scheduler         recovery after a restart, then the workers that execute runs
     reaper            expiry of idle sessions and the sandbox sweep

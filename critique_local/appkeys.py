@@ -9,6 +9,7 @@ from aiohttp import web
 from critique_local.api.ratelimit import RateLimiter
 from critique_local.api.registry import Route
 from critique_local.config import Settings
+from critique_local.envs.builder import Environments
 from critique_local.gateway.upstream import Upstream
 from critique_local.hoststate import InstanceClaim
 from critique_local.listeners import ConnectionBudget, ConnectionGuard
@@ -28,6 +29,7 @@ CONTROL = web.AppKey("control", RunControl)
 WEBHOOKS = web.AppKey("webhooks", Webhooks)
 LIMITER = web.AppKey("limiter", RateLimiter)  # absent: this listener has no rate limit
 POOL = web.AppKey("pool", WarmPool)
+ENVIRONMENTS = web.AppKey("environments", Environments)  # kept environments (envs/): builds, reuse, eviction
 SERVED_ROUTES = web.AppKey("routes", tuple[Route, ...])  # what this application serves (router, auth, OpenAPI)
 SETTINGS = web.AppKey("settings", Settings)
 CLAIM = web.AppKey("claim", InstanceClaim)  # this data dir's instance id, held by this process

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +20,7 @@ from critique_local.appkeys import (
     CLAIM,
     CONTROL,
     DB,
+    ENVIRONMENTS,
     GATEWAY_PORT,
     GUARD,
     LIMITER,
@@ -37,6 +38,7 @@ from critique_local.appkeys import (
 from critique_local.config import Settings
 from critique_local.crypto import SecretBox
 from critique_local.egress import EgressProxy
+from critique_local.envs.builder import Environments
 from critique_local.gateway.catalog import Catalog
 from critique_local.gateway.upstream import Upstream
 from critique_local.listeners import ConnectionGuard, GuardedSite
@@ -99,13 +101,15 @@ async def services(app: web.Application) -> AsyncIterator[None]:
                  catalog=Catalog.from_settings(settings), instance_id=app[CLAIM].instance_id, box=box,
                  hosts=Hosts(settings, redactor), redactor=redactor, metrics=metrics,
                  mirrors=Mirrors(settings.server.data_dir / "mirrors", settings.git), public_url=app[PUBLIC_URL])
-    pool = WarmPool(s)
-    run_scheduler = Scheduler(s, Executor(s, pool))
+    environments = Environments(s)
+    pool = WarmPool(s, environments)
+    run_scheduler = Scheduler(s, Executor(s, environments, pool))
     upstream = Upstream()
     app[SERVICES] = s
     app[WEBHOOKS] = webhooks
     app[UPSTREAM] = upstream
     app[POOL] = pool
+    app[ENVIRONMENTS] = environments
     app[SCHEDULER] = run_scheduler
     app[CONTROL] = RunControl(run_scheduler)
     app[READINESS] = Readiness(s)
@@ -159,7 +163,8 @@ async def egress_proxy(app: web.Application) -> AsyncIterator[None]:
     gateway's and the proxy's ports to sandboxes."""
     s, settings = app[SERVICES], app[SETTINGS]
     host = s.backend.gateway_bind_host()
-    proxy = EgressProxy(egress_policy(s), egress_event(s), settings.network.private_cidrs, app[SANDBOX_BUDGET],
+    proxy = EgressProxy(egress_policy(s, app[ENVIRONMENTS].egress_tokens), egress_event(s),
+                        settings.network.private_cidrs, app[SANDBOX_BUDGET],
                         settings.limits.request_head_timeout_s)
     try:
         if host is not None:

@@ -44,10 +44,17 @@ PolicyLookup = Callable[[str], Awaitable[Policy | None]]  # proxy token -> the r
 DecisionHook = Callable[[str, dict[str, object]], Awaitable[None]]  # run id, event
 
 
-def host_allowed(host: str, allowlist: tuple[str, ...]) -> bool:
+def host_allowed(host: str, allowlist: tuple[str, ...], port: int | None = None) -> bool:
+    """Whether ``host`` (at ``port``) is on ``allowlist``: an entry is a host, ``*.domain`` (its
+    subdomains) or ``host:port`` (that port only)."""
     host = host.lower().rstrip(".")
     for entry in allowlist:
         entry = entry.lower().rstrip(".")
+        name, colon, entry_port = entry.rpartition(":")
+        if colon and entry_port.isdigit():
+            if port is None or int(entry_port) != port:
+                continue
+            entry = name.rstrip(".")
         if entry.startswith("*."):
             if host.endswith(entry[1:]) and host != entry[2:]:
                 return True
@@ -160,7 +167,7 @@ class EgressProxy:
                 event["address"] = address
             await self.on_decision(policy.run_id, event)
 
-        if not host_allowed(host, policy.allowlist):
+        if not host_allowed(host, policy.allowlist, port):
             await decide(False, "host is not in safety.network.allowlist")
             return f"{host} is not in this run's network allowlist"
         loop = asyncio.get_running_loop()

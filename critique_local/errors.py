@@ -118,6 +118,8 @@ class ErrorCode(StrEnum):
     PROCESS_LIMIT = "process_limit"
     WORKSPACE_FULL = "workspace_full"
     SANDBOX_STORAGE_FULL = "sandbox_storage_full"
+    # the repository's environment (envs/): setup.sh or start.sh failed or timed out
+    SETUP_FAILED = "setup_failed"
     # the agent and its model
     AGENT_ERROR = "agent_error"
     AGENT_UNREACHABLE = "agent_unreachable"

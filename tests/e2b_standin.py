@@ -8,6 +8,9 @@ creates. It is installed as ``sys.modules["e2b"]`` in a test server process
 - ``commands.run`` runs ``bash -l -c CMD`` as the given user; a non-zero exit raises
   ``CommandExitException``; exceeding ``timeout`` (default 60 s) raises ``TimeoutException`` and
   kills the command, background commands included, unless ``timeout=0``.
+- ``create_snapshot`` (a sandbox's filesystem kept: a Docker commit of its container; E2B also
+  keeps memory, which a stand-in container cannot), ``AsyncSandbox.create(<snapshot id>)``
+  starts from it, ``AsyncSandbox.delete_snapshot`` (False when unknown).
 - ``files.write``/``files.read`` (``FileNotFoundException``), ``get_host``, ``kill`` (False
   when unknown), ``connect`` (``NotFoundException`` when gone), ``list`` with a metadata query
   and a paginator.
@@ -37,6 +40,8 @@ NETWORK = "critique-e2b-standin"
 IMAGE = os.environ.get("E2B_STANDIN_IMAGE", "critique-local/sandbox:latest")
 TEMPLATES = {"critique-local-opencode"}
 LABEL = "critique.e2b-standin"
+SNAPSHOT_LABEL = "critique.e2b-standin.snapshot"
+SNAPSHOT_REPOSITORY = "critique-e2b-standin-snapshot"
 CALLS: list[dict[str, Any]] = []
 
 
@@ -82,6 +87,16 @@ class CommandResult:
     stdout: str
     exit_code: int
     error: str | None = None
+
+
+@dataclass
+class SnapshotInfo:
+    snapshot_id: str
+
+
+def _snapshot_image(snapshot_id: str) -> str | None:
+    found = _client().images.list(filters={"label": f"{SNAPSHOT_LABEL}={snapshot_id}"})
+    return str(found[0].id) if found else None
 
 
 @dataclass
@@ -275,13 +290,14 @@ class AsyncSandbox:
         _require_key(opts)
         _record("create", template=template, timeout=timeout, metadata=metadata, network=network,
                 allow_internet_access=allow_internet_access, secure=secure)
-        if template not in TEMPLATES:
+        image = IMAGE if template in TEMPLATES else await asyncio.to_thread(_snapshot_image, str(template))
+        if image is None:
             raise NotFoundException(f"template {template} not found")
         await asyncio.to_thread(network_gateway)
 
         def start() -> tuple[str, str]:
             container = _client().containers.run(
-                IMAGE, ["sleep", "infinity"], detach=True, init=True, network=NETWORK, environment=dict(envs or {}),
+                image, ["sleep", "infinity"], detach=True, init=True, network=NETWORK, environment=dict(envs or {}),
                 labels={LABEL: "1", **{f"meta.{k}": v for k, v in (metadata or {}).items()}})
             container.reload()
             return str(container.id), str(container.attrs["NetworkSettings"]["Networks"][NETWORK]["IPAddress"])
@@ -291,6 +307,32 @@ class AsyncSandbox:
         if _reaper is None or _reaper.done():
             _reaper = asyncio.create_task(_reap())
         return cls(sid, ip)
+
+    async def create_snapshot(self, **opts: Any) -> SnapshotInfo:
+        snapshot_id = f"snap-{secrets.token_hex(8)}"
+        _record("create_snapshot", sandbox_id=self.sandbox_id, snapshot_id=snapshot_id)
+
+        def commit() -> None:
+            container = _container(self.sandbox_id)
+            container.commit(repository=SNAPSHOT_REPOSITORY, tag=snapshot_id,
+                             conf={"Labels": {SNAPSHOT_LABEL: snapshot_id}})
+
+        await asyncio.to_thread(commit)
+        return SnapshotInfo(snapshot_id)
+
+    @classmethod
+    async def delete_snapshot(cls, snapshot_id: str, **opts: Any) -> bool:
+        _require_key(opts)
+        _record("delete_snapshot", snapshot_id=snapshot_id)
+
+        def remove() -> bool:
+            image = _snapshot_image(snapshot_id)
+            if image is None:
+                return False
+            _client().images.remove(image, force=True)
+            return True
+
+        return await asyncio.to_thread(remove)
 
     @classmethod
     async def connect(cls, sandbox_id: str, timeout: int | None = None, **opts: Any) -> AsyncSandbox:

@@ -28,6 +28,7 @@ from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES, STOPPING, WEBHO
 from critique_local.errors import ErrorCode, InvalidRequest, NotFound
 from critique_local.runs import create as creating
 from critique_local.runs.states import TERMINAL, RunStatus
+from critique_local.store import environments as environments_store
 from critique_local.store import events as events_store
 from critique_local.store import pulls
 from critique_local.store import runs as store
@@ -67,6 +68,7 @@ async def envelope(app: web.Application, run: RunRow, *, patch: bool = False, ev
         events=await events_store.after(s.db, run.id, 0, limit=MAX_VIEW_EVENTS) if events else None,
         pull_request=await pulls.of_run(s.db, run.id),
         brief=brief,
+        environment=await environments_store.of_run(s.db, run.id),
     ))
 
 

@@ -281,6 +281,12 @@ class TurnView(Model):
     publish: PublishOutcomeView | None = Field(description="What publishing did at the end of this turn.")
 
 
+class EnvironmentView(Model):
+    key: str = Field(description="The environment's key (SHA-256 of what determines it).")
+    reused: bool = Field(description="True when the run started from an environment kept before it asked.")
+    build_ms: int | None = Field(description="Duration of the build the run waited for (None when reused).")
+
+
 class RunView(Model):
     id: str
     status: Literal["queued", "running", "idle", "completed", "failed", "cancelled"]
@@ -329,6 +335,8 @@ class RunView(Model):
     events: list[EventView] | None = Field(None, description="Only with ?events=1.")
     turns: list[TurnView]
     agent_session_id: str | None = Field(description="The OpenCode session id; unchanged across warm turns.")
+    environment: EnvironmentView | None = Field(None, description="The environment the run started from "
+                                                "(.critique/setup.sh), or None.")
     chained_from_run_id: str | None = Field(description="The run this one continues (chained fallback).")
     chained_to_run_id: str | None = Field(description="The run that continued this one.")
     error: RunErrorView | None

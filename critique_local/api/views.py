@@ -7,6 +7,7 @@ from typing import Literal
 from critique_local.api.schemas import (
     DiffStats,
     DraftPullRequestView,
+    EnvironmentView,
     EventView,
     Publish,
     RepositoryView,
@@ -37,11 +38,13 @@ def run_view(
     events: list[EventRow] | None = None,
     pull_request: PullRequestRow | None = None,
     brief: bool = False,
+    environment: dict[str, object] | None = None,
 ) -> RunView:
     """The public view of a run. ``brief`` (list rows) keeps a row small whatever the run holds:
     no turns, texts clipped to :data:`LIST_TEXT_CHARS`, at most :data:`LIST_PATHS` paths."""
     if brief:
-        return _brief(run_view(run, base_url, turns=[], usage=usage, pull_request=pull_request))
+        return _brief(run_view(run, base_url, turns=[], usage=usage, pull_request=pull_request,
+                               environment=environment))
     lc = lifecycle_of(run.status, run.phase, run.has_patch, run.session_end_reason, run.chained_to_run_id)
     spec = run.spec
     url = f"{base_url}/api/v1/coding-agent/runs/{run.id}"
@@ -88,6 +91,7 @@ def run_view(
                 for e in events] if events is not None else None,
         turns=[TurnView.model_validate(t) for t in turns],
         agent_session_id=run.agent_session_id,
+        environment=EnvironmentView.model_validate(environment) if environment else None,
         chained_from_run_id=run.chained_from_run_id,
         chained_to_run_id=run.chained_to_run_id,
         error=RunErrorView(code=run.error_code, message=run.error_message or "") if run.error_code else None,

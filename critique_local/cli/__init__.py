@@ -1,13 +1,13 @@
 """The ``critique-local`` command: ``serve`` and ``config`` (cli/server.py), operator commands
 on the local database (cli/admin.py: keys, credits, webhooks, secrets) and an HTTP client for
 runs (cli/runs.py), and the operator's commands (cli/ops.py: doctor, sandbox gc, backup, restore,
-migrate, audit)."""
+migrate, audit); kept environments (cli/envs.py: envs)."""
 
 from __future__ import annotations
 
 import click
 
-from critique_local.cli import admin, ops, runs, server
+from critique_local.cli import admin, envs, ops, runs, server
 from critique_local.cli.common import MainGroup
 
 
@@ -25,3 +25,4 @@ main.add_command(admin.secrets)
 main.add_command(runs.runs)
 for command in (ops.doctor, ops.sandbox, ops.backup, ops.restore, ops.migrate, ops.audit_cmd):
     main.add_command(command)
+main.add_command(envs.envs)

@@ -3,6 +3,8 @@ its decisions go (the run's events and the metrics). The proxy itself is ``egres
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from critique_local.egress import DecisionHook, Policy, PolicyLookup
 from critique_local.runs.network import network_policy
 from critique_local.runs.states import RunStatus
@@ -11,10 +13,13 @@ from critique_local.store import runs as runs_store
 from critique_local.tokens import token_hash
 
 
-def egress_policy(services: Services) -> PolicyLookup:
-    """The egress proxy's view of a run: only a running turn of a restricted run gets out."""
+def egress_policy(services: Services, setup_tokens: Mapping[str, Policy]) -> PolicyLookup:
+    """The egress proxy's view of a run: only a running turn of a restricted run gets out, and
+    an environment's running setup (``setup_tokens``: ``Environments.egress_tokens``)."""
 
     async def lookup(token: str) -> Policy | None:
+        if token in setup_tokens:  # an environment's setup (envs/builder.py)
+            return setup_tokens[token]
         run = await runs_store.run_for_sandbox_token(services.db, token_hash(token))
         if run is None or run.status is not RunStatus.RUNNING:
             return None

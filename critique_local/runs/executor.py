@@ -15,6 +15,7 @@ from typing import Any
 
 from critique_local.agent.base import Agent
 from critique_local.clock import now_iso
+from critique_local.envs.builder import Environments
 from critique_local.errors import ErrorCode, RunError, SandboxError
 from critique_local.repos.workrepo import RunRepo
 from critique_local.runs.pool import WarmPool
@@ -32,9 +33,9 @@ ABORT_ON_CANCEL_S = 1.0
 
 
 class Executor:
-    def __init__(self, services: Services, pool: WarmPool | None = None) -> None:
+    def __init__(self, services: Services, environments: Environments, pool: WarmPool | None = None) -> None:
         self.s = services
-        self.provisioner = Provisioner(services, pool)
+        self.provisioner = Provisioner(services, environments, pool)
         self.turn = Turn(services, self.provisioner, Watchdog(services.backend, services.settings.sandbox))
 
     @property

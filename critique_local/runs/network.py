@@ -33,9 +33,18 @@ def check(settings: Settings, network: NetworkSpec | None, supported: frozenset[
     if network.allowlist and network.mode != "restricted":
         raise InvalidRequest("safety.network.allowlist needs mode restricted", field="safety.network.allowlist")
     for entry in network.allowlist:
-        if len(entry) > 253 or not _HOST.fullmatch(entry.lower()):
-            raise InvalidRequest(f"allowlist entry {entry[:80]!r} is not a host name or *.domain",
+        if not allowlist_entry_ok(entry):
+            raise InvalidRequest(f"allowlist entry {entry[:80]!r} is not a host name, *.domain or host:port",
                                  field="safety.network.allowlist")
+
+
+def allowlist_entry_ok(entry: str) -> bool:
+    """A host name, ``*.domain`` or ``host:port``."""
+    name, colon, port = entry.lower().rpartition(":")
+    if colon and not (port.isdigit() and 0 < int(port) < 65536):
+        return False
+    name = name if colon else entry.lower()
+    return len(name) <= 253 and bool(_HOST.fullmatch(name))
 
 
 def network_policy(settings: Settings, network: NetworkSpec | None) -> tuple[str, list[str]]:

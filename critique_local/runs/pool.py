@@ -21,10 +21,12 @@ import secrets
 from dataclasses import dataclass
 
 from critique_local.agent.base import LaunchConfig, McpServer
+from critique_local.envs.builder import Environments, run_start
 from critique_local.errors import RunFailure
 from critique_local.repos import checkout
 from critique_local.sandboxes.base import Sandbox, SandboxError, SandboxSpec
 from critique_local.services import Services
+from critique_local.store import environments as env_store
 from critique_local.tokens import SANDBOX_TOKEN_PREFIX, new_token
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class WarmSandbox:
     token: str
     password: str
     checkout_key: str | None  # the packed checkout already in /workspace (None: empty)
+    env_key: str | None = None  # the kept environment it started from (pool.environments)
 
 
 def launch_config(services: Services, token: str, secret: str, model_id: str,
@@ -53,8 +56,9 @@ def launch_config(services: Services, token: str, secret: str, model_id: str,
 
 
 class WarmPool:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, environments: Environments) -> None:
         self.s = services
+        self.environments = environments  # pool.environments: sandboxes of kept environments
         self.settings = services.settings.pool
         self._ready: list[WarmSandbox] = []
         self._wake = asyncio.Event()
@@ -63,17 +67,20 @@ class WarmPool:
 
     @property
     def enabled(self) -> bool:
-        return self.settings.size > 0 or bool(self.settings.repositories)
+        return self.settings.size > 0 or bool(self.settings.repositories) or bool(self.settings.environments)
 
     def eligible(self, model_id: str, network_mode: str) -> bool:
         return self.enabled and model_id == self.s.settings.models.default and network_mode == "none"
 
-    async def take(self, checkout_key: str | None) -> WarmSandbox | None:
-        """A ready sandbox: one already holding ``checkout_key`` if any, else an empty one. One
-        that stopped while waiting (engine restart, removed from outside) is dropped."""
+    async def take(self, checkout_key: str | None, env_key: str | None = None) -> WarmSandbox | None:
+        """A ready sandbox: one already holding ``checkout_key`` if any, else an empty one; of
+        the environment ``env_key`` (None: of none). One that stopped while waiting (engine
+        restart, removed from outside) is dropped."""
         while True:
-            chosen = next((w for w in self._ready if checkout_key and w.checkout_key == checkout_key), None)
-            chosen = chosen or next((w for w in self._ready if w.checkout_key is None), None)
+            ready = [w for w in self._ready if w.env_key == env_key]
+            chosen = next((w for w in ready if checkout_key and w.checkout_key == checkout_key), None)
+            # one of an environment only on its exact commit (another's tracked files would stay)
+            chosen = chosen or next((w for w in ready if w.checkout_key is None and not env_key), None)
             if chosen is None:
                 return None
             self._ready.remove(chosen)
@@ -83,6 +90,10 @@ class WarmPool:
             log.warning("warm pool: sandbox %s stopped while waiting; dropped", chosen.sandbox.id[:12])
             with contextlib.suppress(SandboxError):
                 await self.s.backend.destroy(chosen.sandbox.id)
+
+    def wake(self) -> None:
+        """Look at what to fill now (e.g. a new environment was kept)."""
+        self._wake.set()
 
     def discard(self, sandbox_id: str) -> None:
         """Forget a waiting sandbox that was removed (the sweep found it stopped); refill."""
@@ -147,6 +158,28 @@ class WarmPool:
                 self._ready.append(await self._create(prepared))
         while sum(1 for w in self._ready if w.checkout_key is None) < self.settings.size:
             self._ready.append(await self._create(None))
+        for full_name, wanted in self.settings.environments.items():
+            await self._fill_environment(full_name, wanted)
+
+    async def _fill_environment(self, full_name: str, wanted: int) -> None:
+        """Sandboxes of the kept environment of ``full_name``'s default branch (none while no
+        run has built it), holding that branch; those of an older key go."""
+        prepared = await self._default_checkout(full_name)
+        if prepared is None:
+            return
+        try:
+            env_plan = await self.environments.plan_for(full_name, prepared)
+            row = await env_store.get(self.s.db, env_plan.key) if env_plan and env_plan.setup else None
+            for warm in [w for w in self._ready if w.env_key and w.checkout_key and
+                         w.checkout_key.startswith(f"{full_name}\0") and (row is None or w.env_key != row.key)]:
+                self._ready.remove(warm)
+                with contextlib.suppress(SandboxError):
+                    await self.s.backend.destroy(warm.sandbox.id)
+            while row is not None and not row.stale and sum(1 for w in self._ready if w.env_key == row.key) < wanted:
+                self._ready.append(await self._create(prepared, row.ref, row.key, keep_checkout=True,
+                                                      start=env_plan.start if env_plan else None))
+        finally:
+            await checkout.discard(prepared)
 
     async def _default_checkout(self, full_name: str) -> checkout.Checkout | None:
         try:
@@ -156,12 +189,16 @@ class WarmPool:
             log.warning("warm pool: cannot prepare %s: %s", full_name, exc.message)
             return None
 
-    async def _create(self, prepared: checkout.Checkout | None) -> WarmSandbox:
+    async def _create(self, prepared: checkout.Checkout | None, environment: str | None = None,
+                      env_key: str | None = None, keep_checkout: bool = False, start: str | None = None) -> WarmSandbox:
         token, password = new_token(SANDBOX_TOKEN_PREFIX), secrets.token_urlsafe(24)
-        sandbox = await self.s.backend.create(SandboxSpec(f"pool-{secrets.token_hex(6)}", "", network_mode="none"))
+        sandbox = await self.s.backend.create(SandboxSpec(f"pool-{secrets.token_hex(6)}", "", network_mode="none",
+                                                          environment=environment))
         try:
             if prepared is not None:
                 await sandbox.upload_tar(WORKSPACE, prepared.tar_path)
+            if start is not None:  # .critique/start.sh of the environment, as at any sandbox start
+                await run_start(self.s, sandbox, start)
             config = launch_config(self.s, token, password, self.s.settings.models.default)
             agent = await self.s.harness.launch(sandbox, config, self.s.settings.sandbox.agent_ready_timeout_s)
             await agent.close()
@@ -170,6 +207,6 @@ class WarmPool:
                 await asyncio.shield(self.s.backend.destroy(sandbox.id))
             raise
         finally:
-            if prepared is not None:
+            if prepared is not None and not keep_checkout:
                 await checkout.discard(prepared)
-        return WarmSandbox(sandbox, token, password, prepared.key if prepared else None)
+        return WarmSandbox(sandbox, token, password, prepared.key if prepared else None, env_key)

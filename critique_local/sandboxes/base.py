@@ -28,6 +28,7 @@ class SandboxSpec:
     user_id: str
     env: Mapping[str, str] = field(default_factory=dict)
     network_mode: str = "none"  # none | restricted (no route out either way) | open (a route out)
+    environment: str | None = None  # a kept environment's ref (``save_environment``) to start from
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,24 @@ class SandboxBackend(abc.ABC):
 
     async def alive(self, sandbox_id: str) -> bool:
         """Whether the sandbox still runs (True when the backend cannot tell cheaply)."""
+        return True
+
+    # ---- environments (``envs/``): optional; a backend without them runs setup in every sandbox
+
+    async def environment_base(self) -> str | None:
+        """What environments of this backend are layered on (image id, template), for their key;
+        None when the backend cannot keep environments."""
+        return None
+
+    async def save_environment(self, sandbox: Sandbox, name: str, max_bytes: int) -> tuple[str, int | None]:
+        """Keep ``sandbox``'s ``/workspace`` and home as an environment later sandboxes start from
+        (``SandboxSpec.environment``); returns (ref, size in bytes or None). Raises SandboxError,
+        also when the contents exceed ``max_bytes``."""
+        raise SandboxError(f"the {self.name} backend cannot keep environments")
+
+    async def delete_environment(self, ref: str) -> bool:
+        """Remove a kept environment (True also when it was gone already); False while a sandbox
+        still uses it (it is tried again at the next eviction)."""
         return True
 
     async def restrict_host(self, ports: list[int]) -> None:  # noqa: B027 - optional: remote backends have no host

@@ -34,7 +34,7 @@ from docker.models.containers import Container
 from critique_local.config import DockerSettings, SandboxSettings
 from critique_local.errors import ErrorCode
 from critique_local.hoststate import HostLockTimeout, InstanceClaim
-from critique_local.sandboxes import dockerhost, firewall
+from critique_local.sandboxes import dockerenv, dockerhost, firewall
 from critique_local.sandboxes.base import (
     ResourceUsage,
     Sandbox,
@@ -60,7 +60,7 @@ HOST_ERRORS = (firewall.FirewallError, HostLockTimeout, OSError)  # iptables, ns
 log = logging.getLogger(__name__)
 
 
-class DockerBackend(SandboxBackend):
+class DockerBackend(dockerenv.DockerEnvironments, SandboxBackend):  # environments: dockerenv.py
     name = "docker"
 
     def __init__(self, sandbox: SandboxSettings, settings: DockerSettings, claim: InstanceClaim,
@@ -194,7 +194,7 @@ class DockerBackend(SandboxBackend):
         writable = "uid=1000,gid=1000,mode=0755,exec,nosuid,nodev"
         memory = s.memory_mb + s.workspace_mb + s.tmp_mb + 3 * s.home_mb
         kwargs: dict[str, Any] = {
-            "image": s.image,
+            "image": spec.environment or s.image,
             "name": f"critique-{spec.run_id}",
             "labels": {LABEL: "1", LABEL_INSTANCE: self._instance, LABEL_RUN: spec.run_id, LABEL_USER: spec.user_id},
             "user": AGENT_USER,
@@ -240,7 +240,9 @@ class DockerBackend(SandboxBackend):
                 if close_dns:  # before anything of the agent's runs in it
                     container.reload()
                     firewall.block_dns(int(container.attrs["State"]["Pid"]))
-            except (docker.errors.APIError, firewall.FirewallError):
+                if spec.environment:
+                    dockerenv.restore(self.client.api, str(container.id), AGENT_USER)
+            except (docker.errors.APIError, firewall.FirewallError, RuntimeError):
                 container.remove(force=True)
                 raise
             return container
@@ -249,7 +251,7 @@ class DockerBackend(SandboxBackend):
             container = await asyncio.to_thread(run)
         except firewall.FirewallError as exc:
             raise SandboxError(f"could not close Docker's DNS in a new sandbox: {exc}", ErrorCode.SANDBOX_START_FAILED) from exc
-        except ENGINE_ERRORS as exc:
+        except (*ENGINE_ERRORS, RuntimeError) as exc:
             raise SandboxError(f"could not start a sandbox: {why(exc)}", ErrorCode.SANDBOX_START_FAILED) from exc
         return DockerSandbox(self.client, container, self._settings.network)
 

@@ -236,6 +236,31 @@ MIGRATIONS.append(
 )
 
 
+# Environments (issue 16): what a repository's setup.sh produced, kept as an image or snapshot,
+# and which environment each run started from.
+MIGRATIONS.append(
+    """
+    CREATE TABLE environments (
+        key TEXT PRIMARY KEY,
+        repository TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        ref TEXT NOT NULL,
+        size_bytes INTEGER,
+        build_ms INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        last_used_at TEXT NOT NULL,
+        stale INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE run_environments (
+        run_id TEXT PRIMARY KEY,
+        env_key TEXT NOT NULL,
+        status TEXT NOT NULL,
+        build_ms INTEGER
+    );
+    """
+)
+
+
 class SchemaTooNew(Exception):
     """The database was written by a newer critique-local (migrations are forward-only)."""
 
