@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from critique_local.config import EnvironmentSettings, Settings
+from critique_local.config import Settings
+from critique_local.envs.settings import EnvironmentSettings
 from critique_local.repos.git import clean_env, run_git_bytes
 
 SETUP_FILE = ".critique/setup.sh"
