@@ -34,10 +34,15 @@ unit: deps
 	$(BIN)/pytest -m "not e2e" -q
 
 e2e: setup
-	$(BIN)/pytest -m e2e -q
+	$(BIN)/pytest -m "e2e and not exclusive" -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -m "e2e and exclusive" -q
 
+# Test files run on $(TEST_WORKERS) workers, each with its own servers (servers on one host never
+# touch each other's sandboxes); tests that change the host for everyone run alone, last.
+TEST_WORKERS ?= 2
 test: setup lint typecheck
-	$(BIN)/pytest -q -rs
+	$(BIN)/pytest -q -rs -n $(TEST_WORKERS) --dist loadfile -m "not exclusive"
+	$(BIN)/pytest -q -rs -m exclusive
 
 bench: setup
 	$(BIN)/python bench/run_bench.py

@@ -115,6 +115,12 @@ class Server:
             time.sleep(0.1)
         raise RuntimeError("server did not become healthy")
 
+    def print_log_tail(self, chars: int = 12000) -> None:
+        """The server log's end, on stdout: pytest shows it under a failed test's report."""
+        path = self.base / "server.log"
+        if path.exists():
+            print(f"---- {path} (end) ----\n{path.read_bytes()[-chars:].decode(errors='replace')}")
+
     def kill(self) -> None:
         """SIGKILL: no cleanup at all, like a crash."""
         if self.proc is not None:
@@ -133,6 +139,7 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(5)
             self.proc = None
+        self.print_log_tail()
         instance = self.data_dir / "instance_id"
         if instance.exists():
             ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=critique.instance={instance.read_text().strip()}"],

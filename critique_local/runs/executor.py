@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 ABORT_ON_CANCEL_S = 1.0
 
 
+def cancel_requested() -> bool:
+    """Whether the current task was asked to stop (``Task.cancel``: a cancel or shutdown), as
+    opposed to a ``CancelledError`` that escaped from something it awaited."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Executor:
     def __init__(self, services: Services, environments: Environments, pool: WarmPool | None = None) -> None:
         self.s = services
@@ -68,16 +75,17 @@ class Executor:
             await self.turn.run(job, *queued)
             return
         except asyncio.CancelledError:
-            # cancel or shutdown: stop the agent, remove the sandbox; the canceller (or the next
-            # start's recovery) records the outcome
-            if job.agent is not None and job.run.agent_session_id:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(asyncio.wait_for(job.agent.abort(job.run.agent_session_id),
-                                                          ABORT_ON_CANCEL_S))
-            sandbox_id = job.sandbox_id or job.run.sandbox_id
-            if sandbox_id:
-                await asyncio.shield(self.destroy(sandbox_id))
-            raise
+            if not cancel_requested():
+                # not a cancel of this job: a CancelledError that escaped from an operation the
+                # turn awaited. Left to propagate it would end the job with the run still
+                # `running`, recorded by no one; it fails the run instead.
+                log.exception("run %s: an operation was cancelled under the turn", job.run.id)
+                failure = (ErrorCode.INTERNAL_ERROR, "an internal operation of the turn was cancelled")
+            else:
+                # cancel or shutdown: stop the agent, remove the sandbox; the canceller (or the
+                # next start's recovery) records the outcome
+                await self._abandon(job)
+                raise
         except RunError as exc:
             failure = (exc.code, exc.message)
         except Exception as exc:
@@ -91,6 +99,15 @@ class Executor:
         if sandbox_id:
             await self.destroy(sandbox_id)
         await self.fail(job.run.id, *failure)
+
+    async def _abandon(self, job: Job) -> None:
+        """A cancelled job: the agent stopped (briefly tried), the sandbox removed."""
+        if job.agent is not None and job.run.agent_session_id:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.wait_for(job.agent.abort(job.run.agent_session_id), ABORT_ON_CANCEL_S))
+        sandbox_id = job.sandbox_id or job.run.sandbox_id
+        if sandbox_id:
+            await asyncio.shield(self.destroy(sandbox_id))
 
     async def attach(self, run: RunRow) -> tuple[Sandbox, Agent] | None:
         """The live sandbox and a healthy agent of an idle run, or None when either is gone;

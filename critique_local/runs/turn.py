@@ -11,8 +11,10 @@ Everything else that fails a turn raises a :class:`~critique_local.errors.RunErr
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -35,6 +37,8 @@ from critique_local.store import runs as store
 from critique_local.store.runs import RunRow
 
 TURN_EXTENSION_S = 600  # a sandbox's lifetime during a turn: the turn's bound plus this
+COLLECT_TIMEOUT_S = 600  # the whole collect step (the snapshot's own bound is 300 s)
+log = logging.getLogger(__name__)
 
 
 async def transition(s: Services, run: RunRow, status: RunStatus, phase: Phase, **fields: Any) -> RunRow:
@@ -229,6 +233,19 @@ class Turn:
         return repo
 
     async def _collect(self, sandbox: Sandbox, repo: RunRepo, run: RunRow, previous: str) -> TurnResult:
+        """The turn's results, within :data:`COLLECT_TIMEOUT_S` (every step has its own bound;
+        this one guarantees a run never stays ``collecting``). Raises ``collect_failed`` or the
+        limit the sandbox hit."""
+        try:
+            async with asyncio.timeout(COLLECT_TIMEOUT_S):
+                return await self._collect_unbounded(sandbox, repo, run, previous)
+        except TimeoutError as exc:
+            # the traceback shows the step that did not end
+            log.error("run %s: collecting took longer than %d s", run.id, COLLECT_TIMEOUT_S, exc_info=exc)
+            raise RunFailure(ErrorCode.COLLECT_FAILED, f"reading the turn's results out of the sandbox took "
+                             f"longer than {COLLECT_TIMEOUT_S} s") from exc
+
+    async def _collect_unbounded(self, sandbox: Sandbox, repo: RunRepo, run: RunRow, previous: str) -> TurnResult:
         assert run.base_commit is not None
         settings = self.s.settings
         await self.watchdog.check_workspace(sandbox)

@@ -124,6 +124,7 @@ def _docker_up() -> bool:
     return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
 
 
+@pytest.mark.exclusive  # takes the engine away from everything else on the host: runs alone
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="restarting dockerd needs root")
 def test_docker_daemon_restart_fails_running_runs_and_chains_idle_ones(fresh_server: Server) -> None:
     fresh_server.start()
