@@ -35,7 +35,7 @@
       key.value = "";
       location.hash = "#/runs";
     });
-    UI.clear(main).append(h("h2", {}, "Sign in"), form);
+    UI.fill(main, h("h2", {}, "Sign in"), form);
     key.focus();
   }
 

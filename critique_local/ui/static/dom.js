@@ -40,6 +40,7 @@
   };
   UI.append = (el, ...children) => appendAll(el, children);
   UI.clear = (el) => { el.replaceChildren(); return el; };
+  UI.fill = (el, ...children) => { el.replaceChildren(); return appendAll(el, children); };
   UI.safeHref = safeHref;
   UI.$ = (sel, root) => (root || document).querySelector(sel);
 

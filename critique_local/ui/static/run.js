@@ -25,7 +25,7 @@
     const diffBox = h("div", { id: "diff" });
     const validation = h("div", { id: "validation" });
     const notice = h("div", { id: "run-notice" });
-    UI.clear(main).append(notice, head, actions,
+    UI.fill(main, notice, head, actions,
       h("div", { class: "cols" },
         h("section", { class: "panel" }, h("h3", {}, "Activity ", live), feed),
         h("div", { class: "side" },
@@ -69,12 +69,12 @@
         }
       } finally {
         following = false;
-        live.textContent = run && !TERMINAL.has(run.status) && run.status !== "idle" ? "" : "";
+        live.textContent = "";
       }
     }
 
     function showError(err) {
-      UI.clear(notice).append(err.status === 403 ? UI.forbidden(err) : h("p", { class: "notice err" }, `${err.message} (${err.code})`));
+      UI.fill(notice, err.status === 403 ? UI.forbidden(err) : h("p", { class: "notice err" }, `${err.message} (${err.code})`));
       if (err.status === 401) UI.signOut(err.message);
     }
 
@@ -90,9 +90,9 @@
     }
 
     function render() {
-      UI.clear(head).append(
+      UI.fill(head, 
         h("h2", {}, h("span", { id: "run-title" }, run.title || run.id)),
-        h("div", { class: "meta" }, UI.badge(run.status), " ", h("span", { id: "run-lifecycle" }, run.lifecycle), " · ",
+        h("div", { class: "meta" }, Object.assign(UI.badge(run.status), { id: "run-status" }), " ", h("span", { id: "run-lifecycle" }, run.lifecycle), " · ",
           h("span", { class: "mono" }, run.repository.fullName), " · ", h("span", { class: "mono" }, run.modelId),
           " · ", run.taskKind, " · ", h("span", { class: "mono small" }, run.id),
           run.baseCommit ? [" · base ", h("span", { class: "mono" }, run.baseCommit.slice(0, 12))] : null),
@@ -129,7 +129,7 @@
         next.has("end_session") ? h("button", { type: "button", id: "end-session", onclick: () => act(form, "/messages", { endSession: true }) }, "End session") : null,
         next.has("cancel") ? h("button", { type: "button", id: "cancel", class: "danger", onclick: () => { if (confirm("Cancel this run?")) act(form, "/cancel", undefined); } }, "Cancel") : null,
         run.diffStats ? h("button", { type: "button", id: "download", onclick: download }, "Download patch") : null);
-      UI.clear(actions).append(run.canFollowUp || next.has("send_message") ? form : null, buttons);
+      UI.fill(actions, run.canFollowUp || next.has("send_message") ? form : null, buttons);
     }
 
     async function act(form, path, body) {
@@ -160,7 +160,7 @@
     }
 
     function renderTurns() {
-      UI.clear(turns).append(h("ol", { class: "turns" }, (run.turns || []).map((t) => h("li", { class: "turn", dataset: { index: String(t.index) } },
+      UI.fill(turns, h("ol", { class: "turns" }, (run.turns || []).map((t) => h("li", { class: "turn", dataset: { index: String(t.index) } },
         h("div", {}, h("strong", {}, `Turn ${t.index}`), " ", UI.badge(t.status), " ", UI.stats(t.diffStats),
           t.validation ? [" · validation ", UI.badge(t.validation.status)] : null),
         t.prompt ? h("details", {}, h("summary", {}, "Prompt"), h("pre", { class: "prompt" }, t.prompt)) : null,
@@ -171,7 +171,7 @@
 
     function renderValidation() {
       const v = run.validation;
-      UI.clear(validation).append(v
+      UI.fill(validation, v
         ? [h("p", {}, UI.badge(v.status), " ", v.mode, v.command ? [" · ", h("code", {}, v.command)] : null,
             v.exitCode !== null && v.exitCode !== undefined ? ` · exit ${v.exitCode}` : "", ` · ${v.durationMs} ms`),
           v.outputTail ? h("pre", { class: "output", id: "validation-output" }, v.outputTail) : null]
@@ -193,11 +193,11 @@
     }
 
     function drawDiff() {
-      if (patchText === null) { UI.clear(diffBox).append(h("p", { class: "muted" }, "No changes yet.")); return; }
+      if (patchText === null) { UI.fill(diffBox, h("p", { class: "muted" }, "No changes yet.")); return; }
       const toggle = h("div", { class: "toggle" }, ["unified", "split"].map((m) =>
         h("button", { type: "button", id: "diff-" + m, class: m === diffMode ? "on" : "", onclick: () => {
           diffMode = m; sessionStorage.setItem("critique-local.diffMode", m); drawDiff(); } }, m === "split" ? "side by side" : "unified")));
-      UI.clear(diffBox).append(toggle, UI.renderDiff(UI.parsePatch(patchText), diffMode));
+      UI.fill(diffBox, toggle, UI.renderDiff(UI.parsePatch(patchText), diffMode));
     }
 
     refresh().then(() => { if (run && !following) follow(); });

@@ -64,7 +64,7 @@
       for (const [k, el] of [["status", status], ["tag", tag], ["repository", repo]]) if (el.value.trim()) q.set(k, el.value.trim());
       location.hash = "#/runs" + (q.toString() ? "?" + q : "");
     });
-    UI.clear(main).append(h("h2", {}, "Runs"), form, info,
+    UI.fill(main, h("h2", {}, "Runs"), form, info,
       h("table", { class: "runs" }, h("thead", {}, h("tr", {}, ["Status", "Run", "Repository", "Model", "Tags", "Turns", "Age", "Usage"].map((c) => h("th", {}, c)))), tbody),
       pager);
 
@@ -79,12 +79,12 @@
         UI.clear(info);
         tbody.replaceChildren(...page.data.map(row));
         if (!page.data.length) tbody.append(h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No runs.")));
-        UI.clear(pager).append(
+        UI.fill(pager, 
           cursors.length ? h("button", { type: "button", id: "newer", onclick: () => { cursor = cursors.pop() || ""; load(); } }, "← Newer") : null,
           page.nextCursor ? h("button", { type: "button", id: "older", onclick: () => { cursors.push(cursor); cursor = page.nextCursor; load(); } }, "Older →") : null);
       } catch (err) {
         if (!main.isConnected) return;
-        UI.clear(info).append(err.status === 403 ? forbidden(err) : h("p", { class: "err" }, `${err.message} (${err.code || "network"})`));
+        UI.fill(info, err.status === 403 ? forbidden(err) : h("p", { class: "err" }, `${err.message} (${err.code || "network"})`));
         if (err.status === 401) return UI.signOut(err.message);
         if (err.status === 403) return;
       }
@@ -118,7 +118,7 @@
       field("validationMode", "Validation ", validation), field("publish", "Publish ", publish),
       field("safety", "Network ", network), field("safety.network.allowlist", "Allowlist ", allowlist),
       field("title", "Title ", title), field("tags", "Tags ", tags), submit);
-    UI.clear(main).append(h("h2", {}, "New run"), form);
+    UI.fill(main, h("h2", {}, "New run"), form);
     UI.api("GET", "/models").then((list) => {
       for (const m of list.data) model.append(h("option", { value: m.id }, `${m.name || m.id} (${m.id})`));
     }).catch((err) => UI.showErrors(form, err));
