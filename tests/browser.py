@@ -5,8 +5,10 @@ so a test can assert that nothing injected ever ran."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import threading
 from typing import Any
 
 from playwright.sync_api import Browser, Page, Playwright
@@ -49,3 +51,70 @@ def new_page(browser: Browser, key: str | None = None) -> tuple[Page, list[str]]
 
 def violations(page: Page) -> list[Any]:
     return list(page.evaluate("window.__violations || []"))
+
+
+class DroppingProxy:
+    """A loopback TCP forwarder to ``target_port`` that can cut every open connection at once
+    (``drop()``), as a flaky network would: for testing that the page resumes its stream."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.loop = asyncio.new_event_loop()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="dropping-proxy", daemon=True)
+        self._server: asyncio.Server | None = None
+
+    def __enter__(self) -> DroppingProxy:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._accept, "127.0.0.1", 0), self.loop).result(10)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in list(self._writers):
+            w.transport.abort()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def drop(self) -> None:
+        def cut() -> None:
+            for w in list(self._writers):
+                w.transport.abort()
+            self._writers.clear()
+        self.loop.call_soon_threadsafe(cut)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.transport.abort()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.browser import launch, new_page, violations
+from tests.browser import DroppingProxy, launch, new_page, violations
 from tests.helpers import Server, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -121,8 +121,16 @@ def test_sign_in_start_watch_reload_diff_follow_up_and_end(server: Server, alice
         ids = shown_ids(page)
         assert ids == list(range(1, len(ids) + 1)) and ids == api_event_ids(api, run_id)
 
+        # the list in another tab follows live: the row turns completed without a reload
+        listing, list_errors = new_page(browser, alice)
+        listing.goto(server.url + "/ui/#/runs?tag=ui")
+        row = listing.locator(f"#runs-body tr[data-run='{run_id}']")
+        expect(row).to_contain_text("idle")
         page.click("#end-session")
         expect(page.locator("#run-status")).to_have_text("completed", timeout=60_000)
+        expect(row).to_contain_text("completed", timeout=30_000)
+        assert list_errors == []
+        listing.context.close()
         assert wait_for(api, run_id, {"completed"})["sessionActive"] is False
 
     # the list: filtered by tag, the run as a row
@@ -178,6 +186,7 @@ def test_untrusted_content_is_shown_as_text_and_never_runs(server: Server, alice
     expect(page.locator("#activity li.ev-tool", has_text="completed").filter(has_text="cat ").last).to_contain_text(XSS[1])
     page.click("#diff-split")
     expect(diff.locator("table.lines.split")).to_contain_text(XSS[1])
+    page.screenshot(path=str(tmp_path / "xss-run.png"), full_page=True)
     page.goto(f"{server.url}/ui/#/runs?tag=xss")
     expect(page.locator(f"#runs-body tr[data-run='{run['id']}']")).to_contain_text(XSS[0])
 
@@ -185,6 +194,35 @@ def test_untrusted_content_is_shown_as_text_and_never_runs(server: Server, alice
     assert page.locator("img").count() == 0 and page.locator("script:not([src])").count() == 0
     assert violations(page) == [] and errors == []  # nothing was even attempted: all of it is text
     page.screenshot(path=str(tmp_path / "xss-list.png"), full_page=True)
+
+
+def test_a_dropped_stream_resumes_after_the_last_row_and_cancel_ends_the_run(server: Server, alice: str,
+                                                                             browser: Browser) -> None:
+    with server.client(alice) as api:
+        run = api.post(RUNS, json={"repository": "acme/web", "prompt": (
+            "@bash echo one\n@sleep 4\n@bash echo two\n@sleep 60\n@say never")}).json()["run"]
+        page, errors = new_page(browser, alice)
+        streams: list[dict[str, str]] = []
+        page.on("request", lambda r: streams.append(r.headers) if r.url.endswith("/stream") else None)
+        with DroppingProxy(server.port) as proxy:
+            page.goto(f"{proxy.url}/ui/#/runs/{run['id']}")
+            expect(page.locator("#activity li.ev-tool", has_text="echo one").first).to_be_visible(timeout=RUN_S)
+            proxy.drop()  # the connection drops mid-run: the page reconnects after its last row
+            expect(page.locator("#activity li.ev-tool", has_text="completed").filter(has_text="echo two")).to_have_count(
+                1, timeout=RUN_S)
+            assert len(streams) >= 2 and all(h.get("last-event-id") for h in streams[1:])
+            ids = shown_ids(page)
+            assert ids == list(range(1, len(ids) + 1)) and api_event_ids(api, run["id"])[: len(ids)] == ids
+
+            page.on("dialog", lambda d: d.accept())
+            page.click("#cancel")
+            expect(page.locator("#run-status")).to_have_text("cancelled", timeout=60_000)
+            assert api.get(f"{RUNS}/{run['id']}").json()["run"]["status"] == "cancelled"
+            expect(page.locator("#activity li").last).to_contain_text("cancelled")
+            ids = shown_ids(page)
+            assert ids == api_event_ids(api, run["id"])
+            assert errors == [] and violations(page) == []
+            page.context.close()
 
 
 def test_a_key_without_read_scope_is_told_why_and_sign_out_forgets_the_key(server: Server, browser: Browser) -> None:
