@@ -5,6 +5,7 @@ list filters the page uses, the CSRF guarantee, and an event stream whose client
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -14,6 +15,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from critique_local.appkeys import SERVICES
+from critique_local.runs.states import Phase, RunStatus
+from critique_local.store import runs as store
 from critique_local.ui import web as ui
 from tests.helpers import make_repo
 from tests.inprocess import app_client, new_key, settings_for
@@ -143,3 +146,29 @@ async def test_a_stream_client_that_goes_away_is_not_an_error(client: TestClient
     first = await asyncio.wait_for(resp.content.readuntil(b"before"), 10)
     assert b"id: 1" in first
     resp.close()
+
+
+async def test_a_stream_of_an_ended_turn_waits_for_its_closing_status_event(client: TestClient) -> None:
+    """Regression: the run's row turns idle a moment before its run.status event is appended;
+    a stream that looked in that moment ended without the event (the page then lacked its last
+    row until a reload)."""
+    key = await new_key(client, "alice")
+    run = (await (await client.post(RUNS, json={"repository": "acme/web", "prompt": "@say hi"},
+                                    headers=auth(key))).json())["run"]
+    s = client.app[SERVICES]
+    await store.transition(s.db, run["id"], RunStatus.RUNNING, Phase.AGENT_RUNNING)
+    await store.transition(s.db, run["id"], RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP)  # the row, no event yet
+
+    async def announce_later() -> None:
+        await asyncio.sleep(0.5)
+        row = await store.get_run(s.db, run["id"])
+        assert row is not None
+        await s.hub.status(row)
+
+    later = asyncio.create_task(announce_later())
+    resp = await client.get(f"{RUNS}/{run['id']}/stream", headers=auth(key))
+    body = await asyncio.wait_for(resp.text(), 10)  # the stream ends by itself
+    await later
+    statuses = [json.loads(line[5:])["status"] for line in body.splitlines() if line.startswith("data:")
+                and '"status"' in line]
+    assert statuses and statuses[-1] == "idle", body

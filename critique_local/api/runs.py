@@ -28,6 +28,7 @@ from critique_local.api.views import run_view
 from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES, STOPPING, WEBHOOKS
 from critique_local.errors import ErrorCode, InvalidRequest, NotFound
 from critique_local.runs import create as creating
+from critique_local.runs.events import RUN_STATUS as RUN_STATUS_EVENT
 from critique_local.runs.states import TERMINAL, RunStatus
 from critique_local.store import environments as environments_store
 from critique_local.store import events as events_store
@@ -38,6 +39,7 @@ from critique_local.store.runs import RunRow
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 10.0
+CLOSING_WAIT_S = 2.0  # at most this long for the closing run.status event of an idle or ended run
 MAX_VIEW_EVENTS = 2000  # ?events=1 returns the first ones; the stream (?after=) pages through all
 BASE = "/api/v1/coding-agent/runs"
 
@@ -172,6 +174,7 @@ async def _follow(app: web.Application, sse: EventSourceResponse, run_id: str, l
     client has gone."""
     s = app[SERVICES]
     stopping = app[STOPPING]
+    closing_by: float | None = None
     while sse.is_connected() and not stopping.is_set():
         signal = s.hub.signal(run_id)
         batch = await events_store.after(s.db, run_id, last)
@@ -181,13 +184,24 @@ async def _follow(app: web.Application, sse: EventSourceResponse, run_id: str, l
         if batch:
             continue
         current = await store.get_run(s.db, run_id)
+        timeout_s = HEARTBEAT_S
         if current is None or current.status in TERMINAL or current.status is RunStatus.IDLE:
-            # the closing run.status may have landed between the read above and this check
+            # the run's row changes just before its closing run.status event is appended: read
+            # what is announced, then send everything up to it; when the event is not there yet,
+            # wait for it (bounded), so the stream never ends without it
+            announced = await events_store.last_of_kind(s.db, run_id, RUN_STATUS_EVENT)
             for ev in await events_store.after(s.db, run_id, last):
                 await sse.send(_json(ev.data, ev.seq, ev.created_at), id=str(ev.seq), event=ev.kind)
-            return
+                last = ev.seq
+            if current is None or (announced or {}).get("status") == current.status.value:
+                return
+            now = asyncio.get_running_loop().time()
+            closing_by = closing_by or now + CLOSING_WAIT_S
+            if now >= closing_by:
+                return
+            timeout_s = closing_by - now
         waits = {asyncio.ensure_future(signal.wait()), asyncio.ensure_future(stopping.wait())}
-        _, pending = await asyncio.wait(waits, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
+        _, pending = await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         for waiter in pending:
             waiter.cancel()
 
