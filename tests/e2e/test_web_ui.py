@@ -172,6 +172,9 @@ def test_untrusted_content_is_shown_as_text_and_never_runs(server: Server, alice
     page.goto(f"{server.url}/ui/#/runs/{run['id']}")
     expect(page.locator("#run-status")).to_have_text("idle", timeout=60_000)
     expect(page.locator("#run-title")).to_have_text(XSS[0] + XSS[1])
+    expect(page.locator("#activity li").last).to_contain_text("idle")  # every event, the closing one too
+    with server.client(alice) as api:
+        assert shown_ids(page) == api_event_ids(api, run["id"])
     expect(page.locator("#run-summary")).to_have_text(f"Done {XSS[0]}{XSS[1]}")
     # every kind of change shown for what it is (run patches have no renames: see the parser test)
     for path, kind in (("README.md", "k-deleted"), ("app.py", "k-mode"), ("link.py", "k-symlink"),
