@@ -200,7 +200,9 @@
       UI.fill(diffBox, toggle, UI.renderDiff(UI.parsePatch(patchText), diffMode));
     }
 
-    refresh().then(() => { if (run && !following) follow(); });
+    // the run and its events load side by side: the activity paints as soon as the stream answers
+    refresh();
+    follow();
     return () => { abort.abort(); clearTimeout(timer); };
   };
 })();
