@@ -52,6 +52,7 @@ bench: setup
 	$(BIN)/python bench/session_bench.py
 	$(BIN)/python bench/gateway_bench.py
 	$(BIN)/python bench/pool_bench.py
+	$(BIN)/python bench/ui_bench.py
 	@command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null || \
 		echo "wrk unavailable: polling load falls back to the (slower) httpx client"
 	$(BIN)/python bench/load_bench.py

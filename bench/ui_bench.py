@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from critique_local.appkeys import SERVICES  # noqa: E402
+from critique_local.runs.events import EventHub  # noqa: E402
 from tests.browser import launch, new_page  # noqa: E402
 from tests.helpers import make_repo  # noqa: E402
 from tests.inprocess import AppThread, settings_for  # noqa: E402
@@ -110,9 +111,10 @@ def _painted_at(page: Page, rows: int, timeout_s: float = 30) -> float:
     raise TimeoutError(f"the page did not show {rows} rows in {timeout_s} s")
 
 
-async def _hub(srv: AppThread):  # type: ignore[no-untyped-def]
+async def _hub(srv: AppThread) -> EventHub:
     assert srv._client is not None
-    return srv._client.app[SERVICES].hub
+    hub: EventHub = srv._client.app[SERVICES].hub
+    return hub
 
 
 if __name__ == "__main__":
