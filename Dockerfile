@@ -1,4 +1,6 @@
 # The critique-local server's own image. Sandboxes are separate (sandboxes/docker).
+# Run `make deps` first: the web page's npm assets (critique_local/ui/node_modules) are copied in
+# with the package; without them the page works without syntax highlighting.
 # Offline installs can build on the imported base instead:
 #   docker build --build-arg BASE_IMAGE=critique-local/base:bookworm -t critique-local .
 ARG BASE_IMAGE=debian:bookworm-slim

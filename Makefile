@@ -3,6 +3,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTHON ?= python3
+UI := critique_local/ui
+UI_STAMP := $(UI)/node_modules/.installed-stamp
 
 .PHONY: serve test setup deps docker image lint typecheck unit e2e bench clean
 
@@ -11,7 +13,13 @@ $(STAMP): pyproject.toml
 	@$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-deps: $(STAMP)
+# the web page's pinned assets (diff, prismjs) from the npm registry; served by the Python process
+$(UI_STAMP): $(UI)/package.json $(UI)/package-lock.json
+	@command -v npm >/dev/null 2>&1 || bash scripts/ensure-system.sh
+	@npm ci --prefix $(UI) --no-audit --no-fund --silent
+	@touch $@
+
+deps: $(STAMP) $(UI_STAMP)
 
 docker:
 	@bash scripts/ensure-system.sh
@@ -49,6 +57,7 @@ bench: setup
 	$(BIN)/python bench/session_bench.py
 	$(BIN)/python bench/gateway_bench.py
 	$(BIN)/python bench/pool_bench.py
+	$(BIN)/python bench/ui_bench.py
 	@command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null || \
 		echo "wrk unavailable: polling load falls back to the (slower) httpx client"
 	$(BIN)/python bench/load_bench.py

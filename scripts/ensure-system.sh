@@ -4,6 +4,8 @@
 #   docker.io    the engine that runs sandboxes
 #   debootstrap  builds the sandbox base image offline (sandboxes/docker/build.sh)
 #   jq           used by the README's curl walk-through (and its test)
+#   npm          installs the web page's pinned assets (critique_local/ui/package-lock.json)
+#   chromium     the real browser the web page's tests drive (tests/e2e/test_web_ui.py, bench/ui_bench.py)
 set -euo pipefail
 
 missing=()
@@ -11,6 +13,7 @@ command -v dockerd >/dev/null 2>&1 || docker info >/dev/null 2>&1 || missing+=(d
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ]; then

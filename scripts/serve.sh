@@ -51,5 +51,7 @@ Follow it until it is idle, then read its patch (RUN_ID: the "id" in the answer)
   $CLI runs watch RUN_ID --key "\$CRT_API_KEY" --url $URL
   curl -sS "$URL/api/v1/coding-agent/runs/RUN_ID?patch=1" -H "Authorization: Bearer \$CRT_API_KEY"
 
+Or watch your runs in the browser (sign in with the key): $URL/ui/
+
 MSG
 exec "$CLI" serve

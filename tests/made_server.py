@@ -40,6 +40,11 @@ def clean_copy(dest: Path) -> Path:
     for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-qm", "clean copy"]):
         subprocess.run(["git", *args], cwd=dest, env=env, check=True, capture_output=True)
     (dest / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    # like the virtualenv, the web page's npm assets `make` installed here: the copy's make then
+    # finds them current and never asks the npm registry (tests talk only to loopback)
+    assets = ROOT / "critique_local/ui/node_modules"
+    if assets.is_dir():
+        (dest / "critique_local/ui/node_modules").symlink_to(assets, target_is_directory=True)
     return dest
 
 

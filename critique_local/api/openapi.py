@@ -84,6 +84,8 @@ def document(routes: Sequence[Route], server_url: str = "") -> dict[str, Any]:
                                  by_alias=True, ref_template=REF)
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
+        if r.tag == "ui":  # the web page is not part of the API
+            continue
         paths.setdefault(r.path, {})[r.method.lower()] = _operation(r)
     lifecycle = "\n".join(f"- `{k}`: {v}" for k, v in LIFECYCLE_DOC.items())
     actions = "\n".join(f"- `{k}`: {v}" for k, v in NEXT_ACTIONS_DOC.items())

@@ -94,6 +94,7 @@ class DraftPullRequestView(Model):
 class TurnView(Model):
     index: int
     status: str
+    prompt: str | None = Field(None, description="The prompt this turn was given, as sent.")
     summary: str | None
     diff_stats: DiffStats | None
     started_at: str | None

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 
 from aiohttp import web
-from aiohttp_sse import sse_response
+from aiohttp_sse import EventSourceResponse, sse_response
 
 from critique_local import billing
 from critique_local.api.http import header, parse_body, parse_query, respond
@@ -27,6 +28,7 @@ from critique_local.api.views import run_view
 from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES, STOPPING, WEBHOOKS
 from critique_local.errors import ErrorCode, InvalidRequest, NotFound
 from critique_local.runs import create as creating
+from critique_local.runs.events import RUN_STATUS as RUN_STATUS_EVENT
 from critique_local.runs.states import TERMINAL, RunStatus
 from critique_local.store import environments as environments_store
 from critique_local.store import events as events_store
@@ -35,7 +37,9 @@ from critique_local.store import runs as store
 from critique_local.store.keys import Principal
 from critique_local.store.runs import RunRow
 
+log = logging.getLogger(__name__)
 HEARTBEAT_S = 10.0
+CLOSING_WAIT_S = 2.0  # at most this long for the closing run.status event of an idle or ended run
 MAX_VIEW_EVENTS = 2000  # ?events=1 returns the first ones; the stream (?after=) pages through all
 BASE = "/api/v1/coding-agent/runs"
 
@@ -94,7 +98,9 @@ async def list_runs(request: web.Request, principal: Principal) -> web.StreamRes
 
 async def run_page(app: web.Application, principal: Principal, q: ListRunsQuery) -> RunList:
     """One page of the caller's runs, newest first, as brief views."""
-    rows = await store.list_runs(app[SERVICES].db, principal.user_id, q.limit + 1, int(q.cursor) if q.cursor else None)
+    rows = await store.list_runs(app[SERVICES].db, principal.user_id, q.limit + 1, int(q.cursor) if q.cursor else None,
+                                 status=RunStatus(q.status) if q.status else None,
+                                 tag=q.tag.strip().lower() if q.tag else None, repository=q.repository)
     page = rows[: q.limit]
     views = [(await envelope(app, r, brief=True)).run for r in page]
     return RunList(data=views, next_cursor=str(page[-1].seq) if len(rows) > q.limit else None)
@@ -147,28 +153,57 @@ def _resume_point(request: web.Request) -> int:
 async def stream(request: web.Request, principal: Principal) -> web.StreamResponse:
     run = await _owned_run(request, principal)
     last = _resume_point(request)
-    s = request.app[SERVICES]
-    stopping = request.app[STOPPING]
-    async with sse_response(request, ping_interval=HEARTBEAT_S) as sse, s.metrics.sse_stream():
-        while sse.is_connected() and not stopping.is_set():
-            signal = s.hub.signal(run.id)
-            batch = await events_store.after(s.db, run.id, last)
-            for ev in batch:
+    opened: web.StreamResponse | None = None
+    try:
+        async with sse_response(request, ping_interval=HEARTBEAT_S) as sse, request.app[SERVICES].metrics.sse_stream():
+            opened = sse
+            await _follow(request.app, sse, run.id, last)
+    except ConnectionResetError:
+        # the client went away (a closed tab, a dropped network): nothing is wrong and there is
+        # no one to answer; aiohttp finishes the dead response quietly
+        if opened is None:
+            raise
+        log.debug("stream of %s: client disconnected", run.id)
+    assert opened is not None
+    return opened
+
+
+async def _follow(app: web.Application, sse: EventSourceResponse, run_id: str, last: int) -> None:
+    """Send the run's events after ``last`` as they are appended, until the turn is over (idle or
+    terminal), the client leaves or the server stops. Raises ConnectionResetError when the
+    client has gone."""
+    s = app[SERVICES]
+    stopping = app[STOPPING]
+    closing_by: float | None = None
+    while sse.is_connected() and not stopping.is_set():
+        signal = s.hub.signal(run_id)
+        batch = await events_store.after(s.db, run_id, last)
+        for ev in batch:
+            await sse.send(_json(ev.data, ev.seq, ev.created_at), id=str(ev.seq), event=ev.kind)
+            last = ev.seq
+        if batch:
+            continue
+        current = await store.get_run(s.db, run_id)
+        timeout_s = HEARTBEAT_S
+        if current is None or current.status in TERMINAL or current.status is RunStatus.IDLE:
+            # the run's row changes just before its closing run.status event is appended: read
+            # what is announced, then send everything up to it; when the event is not there yet,
+            # wait for it (bounded), so the stream never ends without it
+            announced = await events_store.last_of_kind(s.db, run_id, RUN_STATUS_EVENT)
+            for ev in await events_store.after(s.db, run_id, last):
                 await sse.send(_json(ev.data, ev.seq, ev.created_at), id=str(ev.seq), event=ev.kind)
                 last = ev.seq
-            if batch:
-                continue
-            current = await store.get_run(s.db, run.id)
-            if current is None or current.status in TERMINAL or current.status is RunStatus.IDLE:
-                # the closing run.status may have landed between the read above and this check
-                for ev in await events_store.after(s.db, run.id, last):
-                    await sse.send(_json(ev.data, ev.seq, ev.created_at), id=str(ev.seq), event=ev.kind)
-                break
-            waits = {asyncio.ensure_future(signal.wait()), asyncio.ensure_future(stopping.wait())}
-            _, pending = await asyncio.wait(waits, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in pending:
-                waiter.cancel()
-    return sse
+            if current is None or (announced or {}).get("status") == current.status.value:
+                return
+            now = asyncio.get_running_loop().time()
+            closing_by = closing_by or now + CLOSING_WAIT_S
+            if now >= closing_by:
+                return
+            timeout_s = closing_by - now
+        waits = {asyncio.ensure_future(signal.wait()), asyncio.ensure_future(stopping.wait())}
+        _, pending = await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending:
+            waiter.cancel()
 
 
 def _json(data: dict[str, object], seq: int, created_at: str) -> str:

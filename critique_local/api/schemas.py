@@ -198,6 +198,11 @@ MAX_EVENT_ID = 10**18 - 1  # ids and cursors are SQLite integers; larger numbers
 class ListRunsQuery(Model):
     limit: int = Field(20, ge=1, le=100)
     cursor: str | None = Field(None, max_length=18, pattern=r"^[0-9]{1,18}$", description="nextCursor of the last page.")
+    status: Literal["queued", "running", "idle", "completed", "failed", "cancelled"] | None = Field(
+        None, description="Only runs with this status.")
+    tag: str | None = Field(None, min_length=1, max_length=MAX_TAG_CHARS,
+                            description="Only runs with this tag (compared normalized: trimmed, lower-cased).")
+    repository: str | None = Field(None, min_length=1, max_length=201, description="Only runs on this owner/name.")
 
 
 class GetRunQuery(Model):

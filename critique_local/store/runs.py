@@ -183,13 +183,26 @@ _LIST_COLUMNS = _COLUMNS.replace("r.changed_paths", "(SELECT json_group_array(va
                                  f"json_each(r.changed_paths) LIMIT {LIST_PATHS}))")
 
 
-async def list_runs(db: Database, user_id: str, limit: int, before_seq: int | None) -> list[RunRow]:
-    """The user's runs, newest first; ``changed_paths`` holds at most :data:`LIST_PATHS` paths."""
+async def list_runs(db: Database, user_id: str, limit: int, before_seq: int | None, *,
+                    status: RunStatus | None = None, tag: str | None = None,
+                    repository: str | None = None) -> list[RunRow]:
+    """The user's runs, newest first, optionally only those with ``status``, ``tag`` (exact,
+    as stored: normalized) or ``repository`` (owner/name); ``changed_paths`` holds at most
+    :data:`LIST_PATHS` paths."""
     sql = f"SELECT {_LIST_COLUMNS} {_FROM} WHERE r.user_id = ?"
     params: list[Any] = [user_id]
     if before_seq is not None:
         sql += " AND r.seq < ?"
         params.append(before_seq)
+    if status is not None:
+        sql += " AND r.status = ?"
+        params.append(status.value)
+    if tag is not None:
+        sql += " AND EXISTS (SELECT 1 FROM json_each(r.request, '$.tags') t WHERE t.value = ?)"
+        params.append(tag)
+    if repository is not None:
+        sql += " AND p.full_name = ?"
+        params.append(repository)
     rows = await db.all(sql + " ORDER BY r.seq DESC LIMIT ?", [*params, limit])
     return [_row(r) for r in rows]
 
@@ -219,14 +232,14 @@ async def get_patch(db: Database, run_id: str) -> StoredPatch | None:
 
 async def turns_of(db: Database, run_id: str) -> list[dict[str, Any]]:
     rows = await db.all(
-        "SELECT idx, status, summary, diff_stats, started_at, finished_at, validation, publish_outcome FROM turns "
-        "WHERE run_id = ? ORDER BY idx",
+        "SELECT idx, status, summary, diff_stats, started_at, finished_at, validation, publish_outcome, prompt "
+        "FROM turns WHERE run_id = ? ORDER BY idx",
         (run_id,),
     )
     return [
         {"index": r[0], "status": r[1], "summary": r[2], "diffStats": json.loads(r[3]) if r[3] else None,
          "startedAt": r[4], "finishedAt": r[5], "validation": json.loads(r[6]) if r[6] else None,
-         "publish": json.loads(r[7]) if r[7] else None}
+         "publish": json.loads(r[7]) if r[7] else None, "prompt": r[8]}
         for r in rows
     ]
 

@@ -1,0 +1,1 @@
+"""The web page for runs (``/ui/``): see ``web.py``."""
