@@ -3,6 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTHON ?= python3
+TEST_WORKERS ?= 2
 UI := critique_local/ui
 UI_STAMP := $(UI)/node_modules/.installed-stamp
 
@@ -47,7 +48,6 @@ e2e: setup
 
 # Test files run on $(TEST_WORKERS) workers, each with its own servers (servers on one host never
 # touch each other's sandboxes); tests that change the host for everyone run alone, last.
-TEST_WORKERS ?= 2
 test: setup lint typecheck
 	$(BIN)/pytest -q -rs -n $(TEST_WORKERS) --dist loadfile -m "not exclusive"
 	$(BIN)/pytest -q -rs -m exclusive
