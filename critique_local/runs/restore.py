@@ -73,7 +73,7 @@ async def put_tree(sandbox: Sandbox, repo: RunRepo, tree: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tree.tar"
         await asyncio.to_thread(path.write_bytes, archive)
-        await sandbox.exec(["rm", "-rf", "--", TREE_DIR], timeout_s=60)
+        await sandbox.exec(["bash", "-c", 'rm -rf -- "$1" && mkdir -p -- "$1"', "tree-dir", TREE_DIR], timeout_s=60)
         await sandbox.upload_tar(TREE_DIR, path)
     res = await sandbox.exec(["bash", "-c", _HASH_TREE, "put-tree", tree, NEUTRAL_ATTRIBUTES], timeout_s=300)
     if not res.ok:
