@@ -44,7 +44,7 @@ class ForkOrder:
 
 async def create(s: Services, source: RunRow, req: ForkOrder, raw: Any,
                  idempotency_key: str | None) -> tuple[RunRow, bool]:
-    """Insert the fork of ``source`` at ``req.turn``, queued; (run, created). ``raw``: the request
+    """Make the fork of ``source`` at ``req.turn``, queued; (run, created). ``raw``: the request
     body as parsed JSON (its hash pins an Idempotency-Key to one body). Raises 422
     (``invalid_request``: no such turn; ``unsupported``: the source has secrets of its own), 409
     (the turn is still running, or its state was not kept), 422 ``idempotency_key_reused``."""

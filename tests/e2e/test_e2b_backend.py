@@ -116,7 +116,7 @@ def test_an_expired_e2b_sandbox_chains_the_next_message(e2b_server: Server) -> N
     assert wait_for(api, run["id"], {"idle", "failed"})["status"] == "idle"
     box = next(c["sandbox_id"] for c in calls(e2b_server) if c["call"] == "files.write")
     subprocess.run(["docker", "rm", "-f", box], capture_output=True, check=True)  # E2B ended it (timeout)
-    resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@say second"})
+    resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@say second", "fallback": "chain"})
     assert resp.status_code == 202 and resp.json()["run"]["chainedFromRunId"] == run["id"]
     chained = wait_for(api, resp.json()["run"]["id"], {"idle", "failed"})
     assert chained["status"] == "idle" and chained["summary"] == "second"
