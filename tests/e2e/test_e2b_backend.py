@@ -192,4 +192,4 @@ def test_pause_resume_and_restore_on_e2b(e2b_server: Server) -> None:
     assert any(e.get("type") == "session.restored" for e in events)
     outputs = [e["output"] for e in events if e.get("tool") == "bash" and "output" in e]
     assert "from turn one" in outputs[-1]
-    assert len({c["sandbox_id"] for c in calls(e2b_server) if c["call"] == "create"}) == 2
+    assert sum(1 for c in calls(e2b_server) if c["call"] == "create") == 2  # the first, and the restored one
