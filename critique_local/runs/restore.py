@@ -172,27 +172,41 @@ class Restorer:
                                           settings.server.data_dir, s.mirrors)
         t_checkout = time.monotonic()
         mode = network_policy(settings, run.spec.network)[0]
-        token, password = new_token(SANDBOX_TOKEN_PREFIX), secrets.token_urlsafe(24)
+        mcp = relay_servers(s.gateway_url, run.spec)
+        pool = self.provisioner.pool
+        # a warm sandbox has the agent running already (and maybe this checkout): the restore's
+        # largest costs gone
+        warm = await pool.take(prepared.key) if pool is not None and pool.eligible(run.model_id, mode) and not mcp \
+            else None
+        token = warm.token if warm else new_token(SANDBOX_TOKEN_PREFIX)
+        password = warm.password if warm else secrets.token_urlsafe(24)
         s.redactor.add(token, run.id)
         try:
             if prepared.base_commit != run.base_commit:
                 raise RunFailure(ErrorCode.CHECKOUT_FAILED, "the run's base commit is no longer available")
             await store.update_run(s.db, run.id, sandbox_token_hash=token_hash(token),
                                    sandbox_token=s.box.seal(token, f"{run.id}:token"))
-            sandbox = await s.backend.create(SandboxSpec(run.id, run.user_id, network_mode=mode))
+            if warm is not None:
+                sandbox = warm.sandbox
+                await s.backend.adopt(sandbox.id, run.id)
+            else:
+                sandbox = await s.backend.create(SandboxSpec(run.id, run.user_id, network_mode=mode))
             job.sandbox_id, started = sandbox.id, now_iso()
             await store.update_run(s.db, run.id, sandbox_id=sandbox.id, sandbox_started_at=started)
             job.sandbox = sandbox
             t_sandbox = time.monotonic()
-            await sandbox.upload_tar(WORKSPACE, prepared.tar_path)
+            if warm is None or warm.checkout_key != prepared.key:
+                await sandbox.upload_tar(WORKSPACE, prepared.tar_path)
         finally:
             await asyncio.shield(checkout.discard(prepared))
         t_upload = time.monotonic()
         await put_tree(sandbox, self.repo(run.id), tree)
         t_tree = time.monotonic()
-        config = launch_config(s, token, password, run.model_id, self.provisioner.network_env(run, token),
-                               relay_servers(s.gateway_url, run.spec))
-        job.agent = await s.harness.launch(sandbox, config, settings.sandbox.agent_ready_timeout_s)
+        if warm is not None:
+            job.agent = await s.harness.attach(sandbox, password)
+        else:
+            config = launch_config(s, token, password, run.model_id, self.provisioner.network_env(run, token), mcp)
+            job.agent = await s.harness.launch(sandbox, config, settings.sandbox.agent_ready_timeout_s)
         t_agent = time.monotonic()
         session_id = await job.agent.import_session(state)
         t_import = time.monotonic()
@@ -201,7 +215,7 @@ class Restorer:
         await store.update_run(s.db, run.id, agent_session_id=session_id, agent_url=job.agent.address,
                                agent_secret=sealed, agent_ready_at=ready, paused_at=None)
         await s.hub.builder(run.id, {
-            "type": "session.restored", "reason": reason, "fromTurn": turn, "messages": durable.message_count(state),
+            "type": "session.restored", "reason": reason, "fromTurn": turn, "warm": warm is not None, "messages": durable.message_count(state),
             "checkoutMs": ms(t0, t_checkout), "sandboxMs": ms(t_checkout, t_sandbox), "uploadMs": ms(t_sandbox, t_upload),
             "treeMs": ms(t_upload, t_tree), "agentMs": ms(t_tree, t_agent), "importMs": ms(t_agent, t_import),
             "totalMs": ms(t0, t_import)})

@@ -230,3 +230,22 @@ def wait_paused(api: httpx.Client, run_id: str, timeout_s: float = 120) -> dict[
             return run
         time.sleep(0.5)
     raise AssertionError(f"run {run_id} was not paused")
+
+
+def test_a_restore_takes_a_warm_sandbox_from_the_pool(tmp_path: Path) -> None:
+    server = _server(tmp_path, CRITIQUE_LOCAL_POOL_SIZE="1")
+    server.start()
+    try:
+        with server.client(server.new_key("pia")) as api:
+            run = idle_run(api)
+            deadline = time.monotonic() + 300  # the pool refills after the first run took its sandbox
+            while httpx.get(f"{server.url}/healthz").json()["warmSandboxes"] < 1:
+                assert time.monotonic() < deadline, "the pool did not refill"
+                time.sleep(0.3)
+            remove_sandbox(run["id"])
+            done = follow_up(api, run["id"])
+            assert_restored(api, run["id"], done, "sandbox_lost")
+            restored = [e for e in events_of(api, run["id"]) if e["type"] == "session.restored"]
+            assert restored[-1]["warm"] is True
+    finally:
+        server.stop()
