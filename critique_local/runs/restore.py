@@ -200,15 +200,38 @@ class Restorer:
         finally:
             await asyncio.shield(checkout.discard(prepared))
         t_upload = time.monotonic()
-        await put_tree(sandbox, self.repo(run.id), tree)
-        t_tree = time.monotonic()
+        done: dict[str, float] = {}
+
+        async def tree_in_place() -> None:
+            await put_tree(sandbox, self.repo(run.id), tree)
+            done["tree"] = time.monotonic()
+
+        async def agent_up() -> None:
+            if warm is not None:
+                job.agent = await s.harness.attach(sandbox, password)
+            else:
+                config = launch_config(s, token, password, run.model_id, self.provisioner.network_env(run, token),
+                                       mcp)
+                job.agent = await s.harness.launch(sandbox, config, settings.sandbox.agent_ready_timeout_s)
+            done["agent"] = time.monotonic()
+
+        async def imported() -> str:
+            if warm is None:  # a starting server and the import CLI would both set up its storage
+                await agent_up()
+            assert job.agent is not None
+            return await job.agent.import_session(state)
+
+        # the three are independent: the workspace's files, the agent's server, its transcript
         if warm is not None:
-            job.agent = await s.harness.attach(sandbox, password)
-        else:
-            config = launch_config(s, token, password, run.model_id, self.provisioner.network_env(run, token), mcp)
-            job.agent = await s.harness.launch(sandbox, config, settings.sandbox.agent_ready_timeout_s)
-        t_agent = time.monotonic()
-        session_id = await job.agent.import_session(state)
+            await agent_up()
+        try:
+            async with asyncio.TaskGroup() as group:  # one failing cancels the other
+                group.create_task(tree_in_place())
+                importing = group.create_task(imported())
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        session_id = importing.result()
+        assert job.agent is not None
         t_import = time.monotonic()
         sealed = s.box.seal(password, run.id)
         ready = now_iso()
@@ -217,8 +240,9 @@ class Restorer:
         await s.hub.builder(run.id, {
             "type": "session.restored", "reason": reason, "fromTurn": turn, "warm": warm is not None, "messages": durable.message_count(state),
             "checkoutMs": ms(t0, t_checkout), "sandboxMs": ms(t_checkout, t_sandbox), "uploadMs": ms(t_sandbox, t_upload),
-            "treeMs": ms(t_upload, t_tree), "agentMs": ms(t_tree, t_agent), "importMs": ms(t_agent, t_import),
-            "totalMs": ms(t0, t_import)})
+            # tree and agent run side by side from the upload on; the import follows the agent
+            "treeMs": ms(t_upload, done["tree"]), "agentMs": ms(t_upload, done["agent"]),
+            "importMs": ms(done["agent"], t_import), "totalMs": ms(t0, t_import)})
         job.run = dataclasses.replace(run, sandbox_id=sandbox.id, sandbox_started_at=started,
                                       agent_session_id=session_id, agent_url=job.agent.address, agent_secret=sealed,
                                       agent_ready_at=ready, paused_at=None)
