@@ -111,7 +111,8 @@ class Restorer:
         """A follow-up's sandbox and agent: the live ones, else (paused, expired, lost) the
         session rebuilt from its durable state. RunFailure ``sandbox_gone`` when neither works."""
         run = job.run
-        if run.sandbox_id and not run.paused_at:
+        live = (run.session_expires_at or "") > now_iso()  # past it, the sandbox's lifetime is over
+        if run.sandbox_id and not run.paused_at and live:
             attached = await self.provisioner.attach(run)
             if attached is not None:
                 job.sandbox, job.agent = attached
