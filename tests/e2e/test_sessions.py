@@ -159,7 +159,8 @@ def test_an_expired_session_is_restored(tmp_path: Path) -> None:
         with server.client(server.new_key("exp")) as api:
             run = api.post(RUNS, json={"repository": "acme/web", "prompt": TURN1}).json()["run"]
             expired = wait_for(api, run["id"], {"completed", "failed"}, timeout_s=300)
-            assert expired["sessionEndReason"] == "expired" and our_containers(run["id"]) == []
+            assert expired["sessionEndReason"] == "expired", expired["error"]
+            assert our_containers(run["id"]) == []
             assert expired["sessionActive"] is False and "send_message" in expired["nextActions"]
             resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": TURN2})
             assert resp.status_code == 202 and resp.json()["run"]["id"] == run["id"]
