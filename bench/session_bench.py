@@ -63,7 +63,8 @@ def one(api: httpx.Client, idle_timeout_s: float) -> dict[str, float]:
     wait_for(api, run, {"idle"})
     wait_for(api, run, {"completed"}, timeout_s=idle_timeout_s + 30)  # let the session expire
     t0 = time.monotonic()
-    chained = api.post(f"{RUNS}/{run}/messages", json={"prompt": "@bash true\n@say cold"}).json()["run"]["id"]
+    chained = api.post(f"{RUNS}/{run}/messages", json={"prompt": "@bash true\n@say cold",
+                                                             "fallback": "chain"}).json()["run"]["id"]
     until_working(api, chained, 0)
     cold = (time.monotonic() - t0) * 1000
     wait_for(api, chained, {"idle"})

@@ -335,10 +335,32 @@ class AsyncSandbox:
         return await asyncio.to_thread(remove)
 
     @classmethod
+    async def pause(cls, sandbox_id: str, **opts: Any) -> bool:
+        """As the SDK's ``AsyncSandbox.pause(sandbox_id)``: memory and filesystem are kept (here:
+        the container is frozen); ``connect`` resumes it."""
+        _require_key(opts)
+        _record("pause", sandbox_id=sandbox_id)
+
+        def freeze() -> bool:
+            _container(sandbox_id).pause()
+            return True
+        return await asyncio.to_thread(freeze)
+
+    @classmethod
     async def connect(cls, sandbox_id: str, timeout: int | None = None, **opts: Any) -> AsyncSandbox:
         _require_key(opts)
         _record("connect", sandbox_id=sandbox_id, timeout=timeout)
-        container = await asyncio.to_thread(_container, sandbox_id)
+
+        def resume() -> Any:
+            try:
+                found = _client().containers.get(sandbox_id)
+            except docker.errors.NotFound as exc:
+                raise SandboxNotFoundException(f"sandbox {sandbox_id} not found") from exc
+            if found.status == "paused":
+                found.unpause()
+                _record("resume", sandbox_id=sandbox_id)
+            return _container(sandbox_id)
+        container = await asyncio.to_thread(resume)
         _deadlines[sandbox_id] = time.monotonic() + (timeout or 300)
         return cls(sandbox_id, str(container.attrs["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]))
 

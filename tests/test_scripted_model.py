@@ -116,3 +116,12 @@ def test_script_less_messages_run_the_repair_sections_in_order() -> None:
 def test_without_repair_sections_a_plain_follow_up_makes_the_default_edit() -> None:
     msgs = [*convo("@say hi", 0), {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more"}]
     assert plan_reply(msgs, has_tools=True).tool_args.get("filePath") == "CRITIQUE_SCRIPTED.md"
+
+
+def test_history_counts_the_conversation_it_was_sent() -> None:
+    msgs: list[dict[str, object]] = [
+        {"role": "system", "content": "sys"}, {"role": "user", "content": "@say one"},
+        {"role": "assistant", "content": "one"}, {"role": "user", "content": "@write a\nx\n@end\n@history"},
+        {"role": "assistant", "tool_calls": [{"id": "c1"}]}, {"role": "tool", "content": "ok"}]
+    assert plan_reply(msgs, has_tools=True).text == "history: 2 user messages, 2 assistant messages"
+    assert plan_reply(msgs[:4], has_tools=True).tool_name == "write"

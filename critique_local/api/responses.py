@@ -39,6 +39,11 @@ class RunErrorView(Model):
     message: str
 
 
+class ForkedFromView(Model):
+    run_id: str
+    turn: int = Field(description="The turn of run_id whose tree and transcript this run started from.")
+
+
 class EventView(Model):
     id: int = Field(description="Per-run increasing event id (the SSE id).")
     event: Literal["builder.event", "run.status"]
@@ -102,6 +107,8 @@ class TurnView(Model):
     usage: UsageView
     validation: ValidationView | None = Field(description="Final validation result of this turn.")
     publish: PublishOutcomeView | None = Field(description="What publishing did at the end of this turn.")
+    error: RunErrorView | None = Field(None, description="Why this turn failed (status failed), e.g. model_error or "
+                                                         "patch_too_large; the run stays idle after such a turn.")
 
 
 class EnvironmentView(Model):
@@ -162,6 +169,9 @@ class RunView(Model):
                                                 "(.critique/setup.sh), or None.")
     chained_from_run_id: str | None = Field(description="The run this one continues (chained fallback).")
     chained_to_run_id: str | None = Field(description="The run that continued this one.")
+    forked_from: ForkedFromView | None = Field(None, description="The run and turn this run was forked from.")
+    paused_at: str | None = Field(None, description="When the idle session was paused (sandbox.pause_after_s); "
+                                                    "the next message resumes it. Null while not paused.")
     error: RunErrorView | None
     created_at: str
     updated_at: str

@@ -17,6 +17,7 @@ from critique_local.api.schemas import (
     CreateRunRequest,
     DeliveryList,
     DeliveryView,
+    ForkRequest,
     GetRunQuery,
     ListRunsQuery,
     MessageRequest,
@@ -28,6 +29,7 @@ from critique_local.api.views import run_view
 from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES, STOPPING, WEBHOOKS
 from critique_local.errors import ErrorCode, InvalidRequest, NotFound
 from critique_local.runs import create as creating
+from critique_local.runs import forks
 from critique_local.runs.events import RUN_STATUS as RUN_STATUS_EVENT
 from critique_local.runs.states import TERMINAL, RunStatus
 from critique_local.store import environments as environments_store
@@ -129,6 +131,24 @@ async def send_message(request: web.Request, principal: Principal) -> web.Stream
     return respond(await envelope(request.app, carrier), status=200 if req.end_session else 202)
 
 
+async def fork_run(request: web.Request, principal: Principal) -> web.StreamResponse:
+    idempotency_key = header(request, "Idempotency-Key", creating.MAX_IDEMPOTENCY_KEY_CHARS)
+    source = await _owned_run(request, principal)
+    req, raw = await parse_body(request, ForkRequest)
+    run, created = await fork(request.app, source, req, raw, idempotency_key)
+    return respond(await envelope(request.app, run), status=201 if created else 200)
+
+
+async def fork(app: web.Application, source: RunRow, req: ForkRequest, raw: object,
+               idempotency_key: str | None) -> tuple[RunRow, bool]:
+    """Fork ``source`` at ``req.turn`` (or find the fork by idempotency key) and queue it."""
+    order = forks.ForkOrder(req.turn, req.prompt, req.title)
+    run, created = await forks.create(app[SERVICES], source, order, raw, idempotency_key)
+    if created:
+        await app[SCHEDULER].enqueue(run)
+    return run, created
+
+
 async def cancel_run(request: web.Request, principal: Principal) -> web.StreamResponse:
     run = await _owned_run(request, principal)
     return respond(await envelope(request.app, await request.app[CONTROL].cancel(run)))
@@ -226,6 +246,11 @@ ROUTES = [
           "Follow-up on the warm session (202), chained run when the session ended (202, new run), "
           "or {endSession: true} (200)", "write:builder", request=MessageRequest, response=RunEnvelope, status=202,
           other_statuses=(200,), errors=(400, 401, 402, 403, 404, 409, 413, 422)),
+    Route("POST", BASE + "/{id}/fork", fork_run,
+          "Fork the run at a turn: a new run (forkedFrom) from that turn's tree and transcript; with a prompt it "
+          "runs that turn, without one it waits idle (201; 200 for an idempotent replay)", "write:builder",
+          request=ForkRequest, response=RunEnvelope, status=201, other_statuses=(200,),
+          errors=(400, 401, 403, 404, 409, 413, 422)),
     Route("POST", BASE + "/{id}/cancel", cancel_run, "Abort the turn, destroy the sandbox (idempotent)",
           "write:builder", response=RunEnvelope, errors=(401, 403, 404, 409)),
     Route("GET", BASE + "/{id}/webhook-deliveries", webhook_deliveries,

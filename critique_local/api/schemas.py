@@ -17,6 +17,7 @@ from critique_local.api.responses import (  # responses live there; re-exported 
     ErrorBody,
     ErrorEnvelope,
     EventView,
+    ForkedFromView,
     Health,
     Model,
     ModelList,
@@ -184,12 +185,21 @@ class MessageRequest(Model):
     prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS, description="The follow-up.")
     publish: Publish | None = None
     end_session: bool | None = Field(None, description="true: destroy the sandbox and complete the run.")
-    fallback: Literal["chain", "none"] = Field(
-        "chain", description="When the session has ended: chain a new run (default) or answer 409 session_expired.")
+    fallback: Literal["restore", "chain", "none"] = Field(
+        "restore", description="When the session has ended (expired, sandbox lost, idle limit): restore it on the "
+        "same run id from its durable state (default; a chained run when none was kept), always chain a new run, "
+        "or answer 409 session_expired.")
 
     def follow_up(self) -> FollowUp:
         publish = PublishSpec(self.publish.mode, self.publish.branch) if self.publish is not None else None
         return FollowUp(self.prompt, publish, bool(self.end_session), self.fallback)
+
+
+class ForkRequest(Model):
+    turn: int = Field(ge=1, le=1_000_000, description="The turn whose tree and transcript the fork starts from.")
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS,
+                               description="The fork's first turn; without it the fork waits idle.")
+    title: str | None = Field(None, max_length=200, description="The fork's title (default: the source's).")
 
 
 MAX_EVENT_ID = 10**18 - 1  # ids and cursors are SQLite integers; larger numbers are not ours
@@ -214,4 +224,4 @@ class StreamQuery(Model):
     after: int | None = Field(None, ge=0, le=MAX_EVENT_ID,
                               description="Resume after this event id (or send Last-Event-ID).")
 
-__all__ = ["DeliveryList", "DeliveryView", "DiffStats", "DraftPullRequestView", "EnvironmentView", "ErrorBody", "ErrorEnvelope", "EventView", "Health", "Model", "ModelList", "ModelView", "Publish", "PublishOutcomeView", "RepositoryView", "RunEnvelope", "RunErrorView", "RunList", "RunView", "TurnView", "UsageView", "ValidationView"]
+__all__ = ["DeliveryList", "DeliveryView", "DiffStats", "DraftPullRequestView", "EnvironmentView", "ErrorBody", "ErrorEnvelope", "EventView", "ForkRequest", "ForkedFromView", "Health", "Model", "ModelList", "ModelView", "Publish", "PublishOutcomeView", "RepositoryView", "RunEnvelope", "RunErrorView", "RunList", "RunView", "TurnView", "UsageView", "ValidationView"]

@@ -9,6 +9,7 @@ from critique_local.api.schemas import (
     DraftPullRequestView,
     EnvironmentView,
     EventView,
+    ForkedFromView,
     Publish,
     RepositoryView,
     RunErrorView,
@@ -94,6 +95,9 @@ def run_view(
         environment=EnvironmentView.model_validate(environment) if environment else None,
         chained_from_run_id=run.chained_from_run_id,
         chained_to_run_id=run.chained_to_run_id,
+        forked_from=ForkedFromView(run_id=run.forked_from_run_id, turn=run.forked_from_turn or 0)
+        if run.forked_from_run_id else None,
+        paused_at=run.paused_at,
         error=RunErrorView(code=run.error_code, message=run.error_message or "") if run.error_code else None,
         created_at=run.created_at,
         updated_at=run.updated_at,

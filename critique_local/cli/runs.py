@@ -162,12 +162,33 @@ def _post(url: str, key: str, path: str, body: dict[str, Any] | None = None,
 @key_option
 @click.argument("run_id")
 @click.option("--prompt", required=True)
-@click.option("--no-fallback", is_flag=True, help="Answer 409 instead of chaining when the session ended.")
+@click.option("--no-fallback", is_flag=True, help="Answer 409 instead of restoring or chaining when the session ended.")
+@click.option("--chain", is_flag=True, help="Start a chained run instead of restoring when the session ended.")
 @click.option("--watch/--no-watch", default=False)
-def runs_send(url: str, key: str, run_id: str, prompt: str, no_fallback: bool, watch: bool) -> None:
-    """Send a follow-up (a chained run is printed when the session had ended)."""
-    body: dict[str, Any] = {"prompt": prompt, "fallback": "none" if no_fallback else "chain"}
+def runs_send(url: str, key: str, run_id: str, prompt: str, no_fallback: bool, chain: bool, watch: bool) -> None:
+    """Send a follow-up (an ended session is restored on the same run id, else a chained run is printed)."""
+    body: dict[str, Any] = {"prompt": prompt,
+                            "fallback": "none" if no_fallback else "chain" if chain else "restore"}
     run = _post(url, key, f"/api/v1/coding-agent/runs/{run_id}/messages", body)
+    if watch:
+        _watch(url, key, run["id"])
+
+
+@runs.command("fork")
+@url_option
+@key_option
+@click.argument("run_id")
+@click.option("--turn", type=int, required=True, help="The turn whose tree and transcript the fork starts from.")
+@click.option("--prompt", default=None, help="The fork's first turn (without it the fork waits idle).")
+@click.option("--title", default=None)
+@click.option("--idempotency-key", default=None)
+@click.option("--watch/--no-watch", default=False)
+def runs_fork(url: str, key: str, run_id: str, turn: int, prompt: str | None, title: str | None,
+              idempotency_key: str | None, watch: bool) -> None:
+    """Fork a run at a turn into a new run (printed)."""
+    body: dict[str, Any] = {"turn": turn, **({"prompt": prompt} if prompt else {}), **({"title": title} if title else {})}
+    run = _post(url, key, f"/api/v1/coding-agent/runs/{run_id}/fork", body,
+                {"Idempotency-Key": idempotency_key} if idempotency_key else None)
     if watch:
         _watch(url, key, run["id"])
 

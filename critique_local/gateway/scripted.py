@@ -10,6 +10,9 @@ The script is the lines of the latest user message that start with ``@``:
     @sleep SECONDS     the model stalls that long before its next answer
     @fail MESSAGE      the model call fails (HTTP 400) with MESSAGE
     @say TEXT          final assistant text (the turn's summary); ends the turn
+    @history           final assistant text ``history: U user messages, A assistant messages``,
+                       counted from the conversation this call was sent (the whole transcript the
+                       agent holds, this turn's messages included); ends the turn
     @repair            starts the steps for the next user message that has no script of its own
                        (e.g. validationMode tests sending failing output back): the N-th such
                        message after the script runs the N-th @repair section
@@ -40,7 +43,7 @@ TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 @dataclass(frozen=True)
 class Step:
-    action: str  # tool | fail | say
+    action: str  # tool | fail | say | history
     arg: str  # the tool's name, the failure message or the text to say
     args: dict[str, Any] = field(default_factory=dict)  # a tool's arguments
     delay_s: float = 0.0
@@ -143,7 +146,7 @@ def _parse_steps(lines: list[str]) -> list[Step]:
             except ValueError as exc:
                 raise ScriptError(f"@sleep needs seconds, got {arg!r}") from exc
             continue
-        elif verb in ("fail", "say"):
+        elif verb in ("fail", "say", "history"):
             steps.append(Step(verb, arg, {}, delay))
         else:
             continue  # "@" lines that are not verbs are ordinary prompt text
@@ -194,7 +197,16 @@ def plan_reply(messages: list[dict[str, Any]], has_tools: bool) -> Reply:
         return Reply(tool_name=step.arg, tool_args=step.args, delay_s=step.delay_s)
     if step.action == "fail":
         return Reply(error=step.arg or "scripted failure", delay_s=step.delay_s)
+    if step.action == "history":
+        return Reply(text=history_text(messages), delay_s=step.delay_s)
     return Reply(text=step.arg or "Done.", delay_s=step.delay_s)
+
+
+def history_text(messages: list[dict[str, Any]]) -> str:
+    """``history: U user messages, A assistant messages`` of a conversation (by role)."""
+    users = sum(1 for m in messages if m.get("role") == "user")
+    assistants = sum(1 for m in messages if m.get("role") == "assistant")
+    return f"history: {users} user messages, {assistants} assistant messages"
 
 
 def _steps_for(messages: list[dict[str, Any]], last_user: int, prompt: str) -> list[Step] | None:

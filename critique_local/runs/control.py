@@ -17,6 +17,7 @@ from critique_local.runs.spec import FollowUp
 from critique_local.runs.states import CHAINABLE, TERMINAL, Phase, RunStatus, SessionEnd
 from critique_local.store import pulls
 from critique_local.store import runs as store
+from critique_local.store import sessions as sessions_store
 from critique_local.store.runs import RunRow
 
 
@@ -39,17 +40,16 @@ class RunControl:
             run = await self._reload(run.id)
             if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
                 raise TurnInProgress("a turn is in progress on this run; wait until it is idle")
+            restore = req.fallback == "restore"
             if run.status is RunStatus.IDLE:
                 live = (run.session_expires_at or "") > now_iso()
-                attached = await self.executor.attach(run) if live else None
+                # paused: the executor resumes it (or restores it) before the turn
+                attached = await self.executor.attach(run) if live and not run.paused_at else None
                 if attached is not None:
                     await attached[1].close()
-                    publish = await self._turn_publish(run, req)
-                    if await store.begin_follow_up(self.s.db, run.id, req.prompt, publish) is None:
-                        raise TurnInProgress("a turn is in progress on this run")
-                    run = await self._reload(run.id)
-                    await self.scheduler.enqueue(run)
-                    return run
+                if (live and run.paused_at) or attached is not None or (
+                        restore and await self.executor.restorer.restorable(run.id)):
+                    return await self._follow_up(run, req, req.prompt)
                 reason = SessionEnd.EXPIRED if not live else SessionEnd.SANDBOX_LOST
                 run = await self.executor.close_session(run, RunStatus.COMPLETED, Phase.FINISHED, reason)
             if not (run.status is RunStatus.COMPLETED and run.session_end_reason in CHAINABLE):
@@ -60,7 +60,23 @@ class RunControl:
                 raise SessionExpired("the session of this run has ended and fallback is none")
             if problem := creating.chain_problem(run):
                 raise SessionExpired(problem)
+            if restore and await self.executor.restorer.restorable(run.id):
+                publish = await self._turn_publish(run, req)
+                if await sessions_store.reopen(self.s.db, run.id, req.prompt, publish) is None:
+                    raise TurnInProgress("a turn is in progress on this run")
+                run = await self._reload(run.id)
+                await self.s.hub.status(run)
+                await self.scheduler.enqueue(run)
+                return run
             return await self._chain(run, req.prompt)
+
+    async def _follow_up(self, run: RunRow, req: FollowUp, prompt: str) -> RunRow:
+        publish = await self._turn_publish(run, req)
+        if await store.begin_follow_up(self.s.db, run.id, prompt, publish) is None:
+            raise TurnInProgress("a turn is in progress on this run")
+        run = await self._reload(run.id)
+        await self.scheduler.enqueue(run)
+        return run
 
     async def _turn_publish(self, run: RunRow, req: FollowUp) -> dict[str, Any]:
         """A message's publish settings; without any, the previous turn's (a run that publishes

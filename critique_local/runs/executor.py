@@ -18,9 +18,12 @@ from critique_local.clock import now_iso
 from critique_local.envs.builder import Environments
 from critique_local.errors import ErrorCode, RunError, SandboxError
 from critique_local.repos.workrepo import RunRepo
+from critique_local.runs import forks
+from critique_local.runs.durable import SessionStates
 from critique_local.runs.pool import WarmPool
 from critique_local.runs.provision import Job, Provisioner
-from critique_local.runs.states import Phase, RunStatus, SessionEnd
+from critique_local.runs.restore import Restorer
+from critique_local.runs.states import CHAINABLE, Phase, RunStatus, SessionEnd
 from critique_local.runs.turn import Turn, run_repo, transition
 from critique_local.runs.watchdog import Watchdog
 from critique_local.sandboxes.base import Sandbox
@@ -44,6 +47,8 @@ class Executor:
         self.s = services
         self.provisioner = Provisioner(services, environments, pool)
         self.turn = Turn(services, self.provisioner, Watchdog(services.backend, services.settings.sandbox))
+        self.states = SessionStates(services)
+        self.restorer = Restorer(services, self.provisioner, self.states)
 
     @property
     def pool(self) -> WarmPool | None:
@@ -65,12 +70,19 @@ class Executor:
         failure: tuple[ErrorCode, str] | None = None
         try:
             await self.provisioner.remember_secrets(job.run)
-            if first:
+            if first and job.run.forked_from_run_id:  # a fork: its state was copied when it was made
+                job.run = await transition(self.s, job.run, RunStatus.RUNNING, Phase.PROVISIONING,
+                                           started_at=now_iso())
+                await self.restorer.reattach(job, reason="fork")
+                if queued is None:
+                    await forks.settle(self.s, job)
+                    return
+            elif first:
                 job.run = await transition(self.s, job.run, RunStatus.RUNNING, Phase.PROVISIONING,
                                            started_at=now_iso(), turn_count=1)
                 await self.provisioner.provision(job)
             else:
-                await self.provisioner.reattach(job)
+                await self.restorer.reattach(job)
             assert queued is not None
             await self.turn.run(job, *queued)
             return
@@ -142,6 +154,7 @@ class Executor:
                          session_end_reason=SessionEnd.FINISHED.value)
         self.s.redactor.forget_run(run_id)
         await self.run_repo(run_id).discard()
+        await self.states.discard(run_id)
 
     async def close_session(self, run: RunRow, status: RunStatus, phase: Phase, reason: SessionEnd,
                             **fields: Any) -> RunRow:
@@ -152,5 +165,26 @@ class Executor:
                                   sandbox_token=None, agent_secret=None, byok_key=None, mcp_headers=None,
                                   session_end_reason=reason.value, **fields)
         self.s.redactor.forget_run(run.id)
-        await self.run_repo(run.id).discard()
+        if reason not in CHAINABLE:  # otherwise kept: a message restores the session (state_keep_s)
+            await self.run_repo(run.id).discard()
+            await self.states.discard(run.id)
         return closed
+
+    async def pause(self, run: RunRow) -> RunRow:
+        """Pause an idle session: in place where the backend can (E2B), else its sandbox is
+        removed and the next message restores it from its durable state (Docker). Unchanged when
+        neither is possible (no state kept)."""
+        if not run.sandbox_id or run.paused_at:
+            return run
+        if await self.s.backend.pause(run.sandbox_id):
+            fields: dict[str, Any] = {"paused_at": now_iso()}
+        elif await self.restorer.restorable(run.id):
+            await self.destroy(run.sandbox_id)
+            fields = {"paused_at": now_iso(), "sandbox_id": None}
+        else:
+            return run
+        await store.update_run(self.s.db, run.id, **fields)
+        await self.s.hub.builder(run.id, {"type": "session.paused", "inPlace": "sandbox_id" not in fields})
+        paused = await store.get_run(self.s.db, run.id)
+        assert paused is not None
+        return paused

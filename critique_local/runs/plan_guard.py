@@ -35,12 +35,13 @@ RESTORE = (
 MAX_LISTED_PATHS = 200
 
 
-async def discard_changes(sandbox: Sandbox, start: str) -> dict[str, Any] | None:
+async def discard_changes(sandbox: Sandbox, start: str, env: dict[str, str] | None = None) -> dict[str, Any] | None:
     """Put the workspace back to ``start`` (a tree or commit id). Returns the ``warning`` event
     row naming the discarded paths (at most ``MAX_LISTED_PATHS``, with ``pathCount``), or None
-    when the turn changed nothing. Raises :class:`RunFailure` (``plan_changed_tree``) when git
+    when the turn changed nothing. ``env``: e.g. a ``GIT_DIR`` that holds ``start``. Raises :class:`RunFailure` (``plan_changed_tree``) when git
     cannot do it."""
-    res = await sandbox.exec(["bash", "-c", RESTORE, "restore", start], timeout_s=120, max_output_bytes=1_100_000)
+    res = await sandbox.exec(["bash", "-c", RESTORE, "restore", start], env=env, timeout_s=120,
+                             max_output_bytes=1_100_000)
     if not res.ok:
         raise RunFailure(ErrorCode.PLAN_CHANGED_TREE, "a plan turn changed the tree and its changes could not be "
                          f"discarded: {res.stderr.decode(errors='replace')[-300:]}")

@@ -15,8 +15,9 @@ import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
+from datetime import timedelta
 
-from critique_local.clock import now, now_iso, parse_iso
+from critique_local.clock import iso, now, now_iso, parse_iso
 from critique_local.errors import ErrorCode
 from critique_local.ops import logs
 from critique_local.repos import workrepo
@@ -26,6 +27,7 @@ from critique_local.runs.states import TERMINAL, Phase, RunStatus, SessionEnd
 from critique_local.sandboxes.base import SandboxError
 from critique_local.services import Services
 from critique_local.store import runs as store
+from critique_local.store import sessions as sessions_store
 from critique_local.store.runs import RunRow
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,7 @@ class Scheduler:
             swept = time.monotonic()
             await self._reclaim_host()
             try:
+                await self.prune_states()
                 await self.sweep()
             except SandboxError as exc:  # e.g. the container engine is restarting: next round
                 log.warning("sandbox sweep: %s", exc)
@@ -165,12 +168,36 @@ class Scheduler:
 
     async def reap(self) -> None:
         await self.limit_idle_sessions()  # also after a restart or a configuration change
+        await self.pause_idle_sessions()
         for run_id in await store.expired_idle_runs(self.s.db, now_iso()):
             async with self.lock(run_id):
                 run = await store.get_run(self.s.db, run_id)
                 if run is not None and run.status is RunStatus.IDLE and (run.session_expires_at or "") <= now_iso():
                     log.info("session of run %s expired", run_id)
                     await self.executor.close_session(run, RunStatus.COMPLETED, Phase.FINISHED, SessionEnd.EXPIRED)
+
+    async def pause_idle_sessions(self) -> None:
+        """Pause idle sessions unused for ``sandbox.pause_after_s`` (``Executor.pause``)."""
+        after = self.s.settings.sandbox.pause_after_s
+        if not after:
+            return
+        for run_id in await sessions_store.pausable(self.s.db, iso(now() - timedelta(seconds=after))):
+            async with self.lock(run_id):
+                run = await store.get_run(self.s.db, run_id)
+                if run is not None and run.status is RunStatus.IDLE and not run.paused_at:
+                    log.info("pausing the idle session of run %s", run_id)
+                    await self.executor.pause(run)
+
+    async def prune_states(self) -> None:
+        """Durable turn state of ended sessions goes ``sandbox.state_keep_s`` after its last turn
+        (with the run's repository); a message to such a run then chains."""
+        states = self.executor.states
+        for run_id in await states.older_than(self.s.settings.sandbox.state_keep_s):
+            async with self.lock(run_id):
+                run = await store.get_run(self.s.db, run_id)
+                if run is None or run.status in TERMINAL:
+                    await states.discard(run_id)
+                    await self.executor.run_repo(run_id).discard()
 
     async def sweep(self) -> None:
         """Remove sandboxes that nothing can use any more: those of ended runs (their removal
@@ -193,7 +220,7 @@ class Scheduler:
                 log.info("removing sandbox %s of ended run %s", info.id[:12], run.id)
                 with contextlib.suppress(SandboxError):
                     await self.s.backend.destroy(info.id)
-            elif run.status is RunStatus.IDLE and not info.running:
+            elif run.status is RunStatus.IDLE and not info.running and not run.paused_at:
                 async with self.lock(run.id):
                     current = await store.get_run(self.s.db, run.id)
                     if current is not None and current.status is RunStatus.IDLE and current.sandbox_id == info.id:
@@ -217,6 +244,10 @@ class Scheduler:
         keep: set[str] = set()  # sandbox ids of idle runs that are still usable
         lost: list[store.RunRow] = []
         for run in await store.runs_with_status(db, RunStatus.IDLE):
+            if run.paused_at:  # a message resumes (or restores) it, as before the restart
+                if run.sandbox_id:
+                    keep.add(run.sandbox_id)
+                continue
             attached = await self.executor.attach(run)
             if attached is None:
                 lost.append(run)
@@ -240,6 +271,7 @@ class Scheduler:
             await self.executor.fail(run.id, ErrorCode.SERVER_RESTARTED, "the server restarted while this run was active")
         # the server's repositories of runs that ended while it was down (or crashed) go too
         alive = await store.runs_with_status(db, RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.IDLE)
-        await workrepo.prune(self.s.settings.server.data_dir / "runs", {r.id for r in alive})
+        restorable = await sessions_store.restorable_ended(db) & await self.executor.states.kept()
+        await workrepo.prune(self.s.settings.server.data_dir / "runs", {r.id for r in alive} | restorable)
         for run in queued:
             self.submit(run.id, run.user_id)

@@ -178,7 +178,7 @@ class FollowUp:
     prompt: str | None = None
     publish: PublishSpec | None = None
     end_session: bool = False
-    fallback: Literal["chain", "none"] = "chain"
+    fallback: Literal["restore", "chain", "none"] = "restore"
 
 
 def _opt_str(value: Any) -> str | None:

@@ -15,14 +15,14 @@ import asyncio
 import dataclasses
 import json
 import logging
-from datetime import timedelta
 from typing import Any
 
 from critique_local import billing
 from critique_local.agent.base import Agent, EventRow, EventsDropped, TurnErrorKind, TurnEvent, TurnRequest
-from critique_local.clock import iso, now, now_iso, parse_iso
+from critique_local.clock import now, now_iso, parse_iso
 from critique_local.errors import BudgetStop, ErrorCode, RunFailure, SandboxError, TurnStop
 from critique_local.repos.workrepo import RunRepo
+from critique_local.runs import turnstate
 from critique_local.runs.collect import TurnResult, collect
 from critique_local.runs.modelwatch import ModelWatch
 from critique_local.runs.plan_guard import check_unchanged, discard_changes
@@ -68,6 +68,15 @@ class Turn:
         await s.backend.extend(sandbox.id, s.settings.sandbox.turn_timeout_s + TURN_EXTENSION_S)
         run = await transition(s, job.run, RunStatus.RUNNING, Phase.AGENT_RUNNING, error_code=None,
                                error_message=None)
+        try:
+            await self._turn(run, sandbox, agent, idx, prompt)
+        except RunFailure as exc:
+            if not turnstate.turn_failure(exc, idx):
+                raise
+            await turnstate.fail_turn(s, run, sandbox, agent, idx, exc, transition)
+
+    async def _turn(self, run: RunRow, sandbox: Sandbox, agent: Agent, idx: int, prompt: str) -> None:
+        s = self.s
         base, session_id = run.base_commit, run.agent_session_id
         assert base is not None and session_id is not None
         stopped: TurnStop | None = None
@@ -113,10 +122,11 @@ class Turn:
             if validation is not None:
                 validation = validation.with_repairs(repairs)
                 await s.hub.builder(run.id, {"type": "validation", "final": True, **validation.as_json()})
-        await self._finish(run, sandbox, repo, idx, prompt, summary, result, validation, stopped)
+        await self._finish(run, sandbox, agent, repo, idx, prompt, summary, result, validation, stopped)
 
-    async def _finish(self, run: RunRow, sandbox: Sandbox, repo: RunRepo, idx: int, prompt: str, summary: str,
-                      result: TurnResult, validation: ValidationResult | None, stopped: TurnStop | None) -> None:
+    async def _finish(self, run: RunRow, sandbox: Sandbox, agent: Agent, repo: RunRepo, idx: int, prompt: str,
+                      summary: str, result: TurnResult, validation: ValidationResult | None,
+                      stopped: TurnStop | None) -> None:
         """Redact, publish, record the turn; the run goes idle."""
         s, redactor = self.s, self.s.redactor
         # nothing leaves the sandbox with a secret we know in it
@@ -165,7 +175,8 @@ class Turn:
                                          "message": errors["error_message"]})
         if validation is not None:
             errors["validation"] = json.dumps(validation.as_json())
-        expires = self._expiry(run)
+        await turnstate.save_state(s, run, agent, idx)  # before idle: a client seeing idle can rely on it
+        expires = turnstate.expiry(s, run)
         await s.backend.extend(sandbox.id, max(60.0, (parse_iso(expires) - now()).total_seconds() + 60))
         await transition(
             s, run, RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, summary=summary,
@@ -285,10 +296,3 @@ class Turn:
     async def _previous_tree(self, run_id: str, idx: int) -> str | None:
         previous = await store.turn(self.s.db, run_id, idx - 1)
         return previous.tree if previous is not None and previous.tree else None
-
-    def _expiry(self, run: RunRow) -> str:
-        sb = self.s.settings.sandbox
-        idle_until = now() + timedelta(seconds=sb.idle_timeout_s)
-        if run.sandbox_started_at:
-            idle_until = min(idle_until, parse_iso(run.sandbox_started_at) + timedelta(seconds=sb.max_lifetime_s))
-        return iso(idle_until)

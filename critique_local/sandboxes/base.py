@@ -159,6 +159,16 @@ class SandboxBackend(abc.ABC):
     async def extend(self, sandbox_id: str, seconds: float) -> None:  # noqa: B027 - optional
         """Keep the sandbox alive at least ``seconds`` more (remote sandboxes have a lifetime)."""
 
+    async def pause(self, sandbox_id: str) -> bool:
+        """Pause the sandbox in place, keeping its memory and processes while they cost nothing
+        (E2B); False when this backend cannot (Docker: the caller removes the sandbox and
+        restores the session from its durable state later)."""
+        return False
+
+    async def resume(self, sandbox_id: str) -> Sandbox | None:
+        """A sandbox paused by :meth:`pause`, running again; None when it is gone."""
+        return None
+
     async def adopt(self, sandbox_id: str, run_id: str) -> None:  # noqa: B027 - optional
         """A pooled sandbox now belongs to ``run_id`` (for names shown to operators)."""
 

@@ -230,6 +230,20 @@ class E2BBackend(SandboxBackend):
             raise SandboxError(f"E2B connect failed: {exc}") from exc
         return E2BSandbox(self.sdk, box)
 
+    async def pause(self, sandbox_id: str) -> bool:
+        """E2B's own pause (memory and filesystem kept; a paused sandbox costs nothing and does not
+        time out); the next :meth:`resume` (``connect``) resumes it."""
+        try:
+            await self.sdk.AsyncSandbox.pause(sandbox_id, **self._api())
+        except self.sdk.NotFoundException:
+            return False
+        except _errors(self.sdk) as exc:
+            raise SandboxError(f"E2B pause failed: {exc}") from exc
+        return True
+
+    async def resume(self, sandbox_id: str) -> Sandbox | None:
+        return await self.connect(sandbox_id)  # connecting to a paused sandbox resumes it
+
     async def destroy(self, sandbox_id: str) -> None:
         try:
             await self.sdk.AsyncSandbox.kill(sandbox_id, **self._api())

@@ -261,6 +261,20 @@ MIGRATIONS.append(
 )
 
 
+# Sessions that survive (issue 17): a turn's own error and its saved agent state (how many of
+# the agent's messages the turn ended with, for forks), a run's pause and where it was forked from.
+MIGRATIONS.append(
+    """
+    ALTER TABLE turns ADD COLUMN error_code TEXT;
+    ALTER TABLE turns ADD COLUMN error_message TEXT;
+    ALTER TABLE turns ADD COLUMN agent_messages INTEGER;
+    ALTER TABLE runs ADD COLUMN paused_at TEXT;
+    ALTER TABLE runs ADD COLUMN forked_from_run_id TEXT;
+    ALTER TABLE runs ADD COLUMN forked_from_turn INTEGER;
+    """
+)
+
+
 class SchemaTooNew(Exception):
     """The database was written by a newer critique-local (migrations are forward-only)."""
 

@@ -60,6 +60,9 @@ class RunRow:
     chained_to_run_id: str | None
     base_branch: str | None
     validation: dict[str, Any] | None
+    paused_at: str | None = None
+    forked_from_run_id: str | None = None
+    forked_from_turn: int | None = None
 
 
 _COLUMNS = (
@@ -68,7 +71,7 @@ _COLUMNS = (
     "r.error_code, r.error_message, r.turn_count, r.sandbox_id, r.agent_session_id, r.session_expires_at, "
     "r.created_at, r.updated_at, r.started_at, r.agent_ready_at, r.finished_at, r.agent_url, r.agent_secret, "
     "r.sandbox_started_at, r.session_end_reason, r.chained_from_run_id, r.chained_to_run_id, r.base_branch, "
-    "r.validation"
+    "r.validation, r.paused_at, r.forked_from_run_id, r.forked_from_turn"
 )
 _FROM = "FROM runs r JOIN repositories p ON p.id = r.repository_id"
 
@@ -83,7 +86,8 @@ def _row(r: sqlite3.Row) -> RunRow:
         session_expires_at=r[22], created_at=r[23], updated_at=r[24], started_at=r[25],
         agent_ready_at=r[26], finished_at=r[27], agent_url=r[28], agent_secret=r[29], sandbox_started_at=r[30],
         session_end_reason=r[31], chained_from_run_id=r[32], chained_to_run_id=r[33], base_branch=r[34],
-        validation=json.loads(r[35]) if r[35] else None,
+        validation=json.loads(r[35]) if r[35] else None, paused_at=r[36], forked_from_run_id=r[37],
+        forked_from_turn=r[38],
     )
 
 
@@ -232,14 +236,15 @@ async def get_patch(db: Database, run_id: str) -> StoredPatch | None:
 
 async def turns_of(db: Database, run_id: str) -> list[dict[str, Any]]:
     rows = await db.all(
-        "SELECT idx, status, summary, diff_stats, started_at, finished_at, validation, publish_outcome, prompt "
-        "FROM turns WHERE run_id = ? ORDER BY idx",
+        "SELECT idx, status, summary, diff_stats, started_at, finished_at, validation, publish_outcome, error_code, "
+        "error_message, prompt FROM turns WHERE run_id = ? ORDER BY idx",
         (run_id,),
     )
     return [
         {"index": r[0], "status": r[1], "summary": r[2], "diffStats": json.loads(r[3]) if r[3] else None,
          "startedAt": r[4], "finishedAt": r[5], "validation": json.loads(r[6]) if r[6] else None,
-         "publish": json.loads(r[7]) if r[7] else None, "prompt": r[8]}
+         "publish": json.loads(r[7]) if r[7] else None, "prompt": r[10],
+         "error": {"code": r[8], "message": r[9] or ""} if r[8] else None}
         for r in rows
     ]
 
@@ -336,8 +341,10 @@ async def begin_follow_up(db: Database, run_id: str, prompt: str, publish: dict[
 
 
 async def idle_sessions(db: Database) -> list[tuple[str, str]]:
-    """(run id, user id) of every idle run, least recently used (longest idle) first."""
-    rows = await db.all("SELECT id, user_id FROM runs WHERE status = 'idle' ORDER BY updated_at, seq")
+    """(run id, user id) of every idle run holding a sandbox (not paused), least recently used
+    (longest idle) first."""
+    rows = await db.all("SELECT id, user_id FROM runs WHERE status = 'idle' AND paused_at IS NULL "
+                        "ORDER BY updated_at, seq")
     return [(str(r[0]), str(r[1])) for r in rows]
 
 

@@ -116,7 +116,7 @@ def test_an_expired_e2b_sandbox_chains_the_next_message(e2b_server: Server) -> N
     assert wait_for(api, run["id"], {"idle", "failed"})["status"] == "idle"
     box = next(c["sandbox_id"] for c in calls(e2b_server) if c["call"] == "files.write")
     subprocess.run(["docker", "rm", "-f", box], capture_output=True, check=True)  # E2B ended it (timeout)
-    resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@say second"})
+    resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@say second", "fallback": "chain"})
     assert resp.status_code == 202 and resp.json()["run"]["chainedFromRunId"] == run["id"]
     chained = wait_for(api, resp.json()["run"]["id"], {"idle", "failed"})
     assert chained["status"] == "idle" and chained["summary"] == "second"
@@ -157,3 +157,39 @@ def test_an_e2b_sandbox_ending_mid_turn_fails_the_run_clearly(e2b_server: Server
     failed = wait_for(api, run["id"], {"idle", "failed"})
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "sandbox_gone", failed["error"]
+
+
+def test_pause_resume_and_restore_on_e2b(e2b_server: Server) -> None:
+    """An idle session pauses with E2B's own pause, resumes when the next message connects, and a
+    sandbox E2B lost is restored on the same run id."""
+    e2b_server.extra_env["CRITIQUE_LOCAL_SANDBOX_PAUSE_AFTER_S"] = "1"
+    e2b_server.start()
+    api = e2b_server.client(e2b_server.new_key("pauser"))
+    run = api.post(RUNS, json={"repository": "acme/web",
+                               "prompt": "@write a.txt\nfrom turn one\n@end\n@say one"}).json()["run"]
+    assert wait_for(api, run["id"], {"idle", "failed"})["status"] == "idle"
+    box = next(c["sandbox_id"] for c in calls(e2b_server) if c["call"] == "files.write")
+    deadline = time.monotonic() + 60
+    while not (api.get(f"{RUNS}/{run['id']}").json()["run"]["pausedAt"]
+               and any(c["call"] == "pause" and c["sandbox_id"] == box for c in calls(e2b_server))):
+        assert time.monotonic() < deadline, "the idle session was not paused"
+        time.sleep(0.3)
+    resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@bash cat a.txt\n@history"})
+    assert resp.status_code == 202 and resp.json()["run"]["id"] == run["id"]
+    done = wait_for(api, run["id"], {"idle", "failed"})
+    assert done["status"] == "idle", done["error"]
+    assert done["summary"].startswith("history: 2 user messages,")
+    assert any(c["call"] == "resume" and c["sandbox_id"] == box for c in calls(e2b_server))
+    events = [e["data"] for e in api.get(f"{RUNS}/{run['id']}", params={"events": "1"}).json()["run"]["events"]]
+    assert any(e.get("type") == "session.resumed" for e in events)
+    subprocess.run(["docker", "rm", "-f", box], capture_output=True, check=True)  # E2B lost it
+    resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@bash cat a.txt\n@history"})
+    assert resp.status_code == 202 and resp.json()["run"]["id"] == run["id"]
+    done = wait_for(api, run["id"], {"idle", "failed"})
+    assert done["status"] == "idle", done["error"]
+    assert done["summary"].startswith("history: 3 user messages,")
+    events = [e["data"] for e in api.get(f"{RUNS}/{run['id']}", params={"events": "1"}).json()["run"]["events"]]
+    assert any(e.get("type") == "session.restored" for e in events)
+    outputs = [e["output"] for e in events if e.get("tool") == "bash" and "output" in e]
+    assert "from turn one" in outputs[-1]
+    assert sum(1 for c in calls(e2b_server) if c["call"] == "create") == 2  # the first, and the restored one

@@ -149,7 +149,8 @@ def test_docker_daemon_restart_fails_running_runs_and_chains_idle_ones(fresh_ser
     failed = wait_for(api, running["id"], {"idle", "failed"})
     assert failed["status"] == "failed"
     assert failed["error"]["code"] in ("sandbox_gone", "agent_unreachable", "sandbox_error"), failed["error"]
-    resp = api.post(f"{RUNS}/{idle['id']}/messages", json={"prompt": "@say after the daemon came back"})
+    resp = api.post(f"{RUNS}/{idle['id']}/messages", json={"prompt": "@say after the daemon came back",
+                                                            "fallback": "chain"})
     assert resp.status_code == 202 and resp.json()["run"]["chainedFromRunId"] == idle["id"]
     chained = wait_for(api, resp.json()["run"]["id"], {"idle", "failed"})
     assert chained["status"] == "idle" and chained["summary"] == "after the daemon came back"

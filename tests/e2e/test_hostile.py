@@ -348,7 +348,7 @@ def test_idle_sessions_beyond_the_caps_end_least_recently_used_first(fresh_serve
     assert bob.get(f"{RUNS}/{b1['id']}").json()["run"]["status"] == "idle"
     assert carol.get(f"{RUNS}/{c1['id']}").json()["run"]["status"] == "idle"
     # an ended session takes follow-ups as a chained run, like an expired one
-    resp = alice.post(f"{RUNS}/{a1['id']}/messages", json={"prompt": "@say again"})
+    resp = alice.post(f"{RUNS}/{a1['id']}/messages", json={"prompt": "@say again", "fallback": "chain"})
     assert resp.status_code == 202 and resp.json()["run"]["chainedFromRunId"] == a1["id"]
     chained = wait_for(alice, resp.json()["run"]["id"], {"idle", "failed"}, timeout_s=180)
     assert chained["status"] == "idle" and chained["summary"] == "again"

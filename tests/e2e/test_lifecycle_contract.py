@@ -18,7 +18,7 @@ MUTATING = ("send_message", "end_session", "cancel")
 
 def attempt(api: httpx.Client, run_id: str, action: str) -> httpx.Response:
     if action == "send_message":
-        return api.post(f"{RUNS}/{run_id}/messages", json={"prompt": "@say again"})
+        return api.post(f"{RUNS}/{run_id}/messages", json={"prompt": "@say again", "fallback": "chain"})
     if action == "end_session":
         return api.post(f"{RUNS}/{run_id}/messages", json={"endSession": True})
     return api.post(f"{RUNS}/{run_id}/cancel")

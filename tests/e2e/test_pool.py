@@ -130,7 +130,7 @@ def test_stopped_sandboxes_are_swept_whether_pooled_waiting_or_taken(fresh_serve
     assert ended["sessionActive"] is False and ended["status"] == "completed"
     wait_warm(fresh_server, 1)  # the pool replaced its stopped sandbox
     assert len(names_of_ours(fresh_server)) == 1 and waiting not in names_of_ours(fresh_server)
-    resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@say chained"})
+    resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@say chained", "fallback": "chain"})
     assert resp.status_code == 202 and resp.json()["run"]["chainedFromRunId"] == run["id"]
     chained = wait_for(api, resp.json()["run"]["id"], {"idle", "failed"})
     assert chained["status"] == "idle" and chained["summary"] == "chained"

@@ -129,7 +129,8 @@ def test_expiry_completes_the_run_and_a_later_message_chains(fresh_server: Serve
         refused = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@say x", "fallback": "none"})
         assert refused.status_code == 409 and refused.json()["error"]["code"] == "session_expired"
 
-        resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@bash ls\n@say continued"})
+        resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@bash ls\n@say continued",
+                                                                  "fallback": "chain"})
         assert resp.status_code == 202
         chained = resp.json()["run"]
         assert chained["id"] != run["id"] and chained["chainedFromRunId"] == run["id"]
@@ -173,7 +174,7 @@ def test_a_dead_sandbox_chains_on_the_next_message(server: Server, alice: str) -
         run = api.post(RUNS, json={"repository": "acme/web", "prompt": "@say first"}).json()["run"]
         wait_for(api, run["id"], {"idle"})
         subprocess.run(["docker", "rm", "-f", *container_ids(run["id"])], check=True, capture_output=True)
-        resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@say second"})
+        resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@say second", "fallback": "chain"})
         assert resp.status_code == 202
         chained = resp.json()["run"]
         assert chained["chainedFromRunId"] == run["id"]

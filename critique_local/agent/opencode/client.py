@@ -112,6 +112,15 @@ class OpenCodeClient:
     async def abort(self, session_id: str) -> None:
         await self._json("POST", f"/session/{session_id}/abort")
 
+    async def session_export(self, session_id: str) -> dict[str, Any]:
+        """The session as ``opencode export`` writes it (``{"info", "messages": [{info, parts}]}``),
+        read over HTTP (milliseconds instead of the CLI's seconds); bounded like every reply."""
+        info = await self._json("GET", f"/session/{session_id}")
+        messages = await self._json("GET", f"/session/{session_id}/message", timeout_s=60)
+        if not isinstance(info, dict) or info.get("id") != session_id or not isinstance(messages, list):
+            raise AgentError(f"OpenCode GET /session/{session_id}: not the session asked for")
+        return {"info": info, "messages": messages}
+
     async def reply_permission(self, permission_id: str, reply: str) -> None:
         await self._json("POST", f"/permission/{permission_id}/reply", json={"reply": reply})
 

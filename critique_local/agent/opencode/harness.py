@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from typing import Any
 
 from critique_local.agent.base import (
@@ -120,7 +121,11 @@ class OpenCodeAgent(Agent):
         await self.client.aclose()
 
     async def export_session(self, session_id: str) -> bytes:
-        return await export_session(self.sandbox, session_id)
+        try:  # the server's own API is fast; the CLI (seconds) when it does not answer the way we expect
+            data = await self.client.session_export(session_id)
+        except AgentError:
+            return await export_session(self.sandbox, session_id)
+        return json.dumps(data, separators=(",", ":")).encode()
 
     async def import_session(self, state: bytes) -> str:
         return await import_session(self.sandbox, state)

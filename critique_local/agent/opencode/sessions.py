@@ -68,6 +68,7 @@ async def import_session(sandbox: Sandbox, state: bytes) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         tar_path = Path(tmp) / "session.tar"
         await asyncio.to_thread(tar_path.write_bytes, _tar_of("session.json", state))
+        await sandbox.exec(["mkdir", "-p", IMPORT_DIR], timeout_s=30)
         await sandbox.upload_tar(IMPORT_DIR, tar_path)
     res = await sandbox.exec(["opencode", "import", f"{IMPORT_DIR}/session.json"], cwd=WORKSPACE,
                              timeout_s=CLI_TIMEOUT_S, max_output_bytes=64_000)

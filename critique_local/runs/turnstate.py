@@ -1,0 +1,90 @@
+"""The end of a turn as far as sessions that survive are concerned (``runs/durable.py``).
+
+- :func:`save_state`: the agent's transcript is exported and kept, under the run's lock and
+  *before* the run goes idle, so that once a client sees ``idle`` the turn can be restored even
+  if the sandbox disappears the next moment.
+- :func:`fail_turn`: a follow-up turn that failed for a reason of its own (:data:`TURN_FAILURES`:
+  the model refused the call, the patch grew over ``limits.max_patch_bytes``) does not throw the
+  session away: the workspace goes back to the last good turn's tree, the turn is ``failed``
+  with its ``error``, and the run is ``idle`` again with the earlier turns' patch intact. Failures
+  of the sandbox or of the agent process end the session as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from critique_local.agent.base import Agent
+from critique_local.clock import iso, now, now_iso, parse_iso
+from critique_local.errors import AgentError, ErrorCode, RunFailure, SandboxError
+from critique_local.repos.workrepo import RunRepo
+from critique_local.runs import durable
+from critique_local.runs.restore import put_tree
+from critique_local.runs.states import Phase, RunStatus
+from critique_local.sandboxes.base import Sandbox
+from critique_local.services import Services
+from critique_local.store import runs as store
+from critique_local.store import sessions as sessions_store
+from critique_local.store.runs import RunRow
+
+log = logging.getLogger(__name__)
+
+TURN_FAILURES = frozenset({ErrorCode.MODEL_ERROR, ErrorCode.PATCH_TOO_LARGE})
+
+
+def turn_failure(exc: RunFailure, idx: int) -> bool:
+    """Whether ``exc`` ends only turn ``idx`` (a follow-up: a first turn has nothing to keep)."""
+    return idx > 1 and exc.code in TURN_FAILURES
+
+
+async def save_state(s: Services, run: RunRow, agent: Agent, idx: int) -> None:
+    """Export the agent's session and keep it as the run's state after turn ``idx``; a state
+    that cannot be kept is a ``warning`` event (the session then cannot be restored)."""
+    assert run.agent_session_id is not None
+    why = ""
+    try:
+        state = await agent.export_session(run.agent_session_id)
+        count: int | None = durable.message_count(state)
+        if not await durable.SessionStates(s).save(run.id, state):
+            count, why = None, f"the agent's session is larger than sandbox.max_state_bytes ({len(state)} bytes)"
+    except (AgentError, SandboxError) as exc:
+        count, why = None, f"the agent's session could not be exported: {exc}"
+    await sessions_store.set_turn_messages(s.db, run.id, idx, count)
+    if count is None:
+        log.warning("run %s turn %d: %s", run.id, idx, why)
+        await s.hub.builder(run.id, {"type": "warning", "code": "session_state_not_saved",
+                                     "message": f"{why}; if the sandbox goes, a message starts a chained run"})
+
+
+def expiry(s: Services, run: RunRow) -> str:
+    """When an idle session of ``run`` ends: ``sandbox.idle_timeout_s`` from now, never beyond
+    the sandbox's ``max_lifetime_s``."""
+    sb = s.settings.sandbox
+    idle_until = now() + timedelta(seconds=sb.idle_timeout_s)
+    if run.sandbox_started_at:
+        idle_until = min(idle_until, parse_iso(run.sandbox_started_at) + timedelta(seconds=sb.max_lifetime_s))
+    return iso(idle_until)
+
+
+async def fail_turn(s: Services, run: RunRow, sandbox: Sandbox, agent: Agent, idx: int, exc: RunFailure,
+                    transition: Any) -> None:
+    """Turn ``idx`` failed with ``exc`` (see :func:`turn_failure`): put the workspace back, record
+    the turn as failed, keep the session's state, and the run goes idle with the error."""
+    assert run.base_commit is not None
+    repo = RunRepo(s.settings.server.data_dir / "runs", run.id)
+    previous = await store.turn(s.db, run.id, idx - 1)
+    tree = previous.tree if previous is not None and previous.tree else await repo.tree_of(run.base_commit)
+    await put_tree(sandbox, repo, tree)
+    message = s.redactor.clean(exc.message, run.id)
+    await s.hub.builder(run.id, {"type": "error", "code": exc.code, "message": message, "turn": idx})
+    await store.update_turn(s.db, run.id, idx, status="failed", error_code=exc.code.value, error_message=message,
+                            tree=tree, finished_at=now_iso())
+    await save_state(s, run, agent, idx)
+    expires = expiry(s, run)
+    await s.backend.extend(sandbox.id, max(60.0, (parse_iso(expires) - now()).total_seconds() + 60))
+    current = await store.get_run(s.db, run.id)
+    assert current is not None
+    await transition(s, current, RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, error_code=exc.code.value,
+                     error_message=message, session_expires_at=expires)
