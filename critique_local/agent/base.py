@@ -175,6 +175,11 @@ class Agent(abc.ABC):
     async def import_session(self, state: bytes) -> str:
         """Recreate an exported session here; returns its id."""
 
+    async def warm_up(self, model_id: str, timeout_s: float) -> None:
+        """Do the agent's one-time first-turn work now (a sandbox waiting in the warm pool), so
+        that a run's first turn does not pay it. Nothing of it may reach a run's session. Never
+        raises for the agent's own failure; the default does nothing."""
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release the connection (idempotent)."""

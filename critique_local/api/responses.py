@@ -101,6 +101,9 @@ class TurnView(Model):
     usage: UsageView
     validation: ValidationView | None = Field(description="Final validation result of this turn.")
     publish: PublishOutcomeView | None = Field(description="What publishing did at the end of this turn.")
+    first_model_call_at: str | None = Field(
+        None, description="When the gateway received this turn's first model call (the agent started working); "
+                          "null until then, and for a turn that made none.")
 
 
 class EnvironmentView(Model):
@@ -166,6 +169,9 @@ class RunView(Model):
     updated_at: str
     started_at: str | None
     agent_ready_at: str | None
+    first_model_call_at: str | None = Field(
+        description="When the gateway received the current turn's first model call (for the first turn: "
+                    "POST -> first model call is what a user waits before the agent works); null until then.")
     finished_at: str | None
     status_url: str
     stream_url: str

@@ -60,6 +60,7 @@ class RunRow:
     chained_to_run_id: str | None
     base_branch: str | None
     validation: dict[str, Any] | None
+    first_model_call_at: str | None  # of the current turn (the latest started)
 
 
 _COLUMNS = (
@@ -68,7 +69,7 @@ _COLUMNS = (
     "r.error_code, r.error_message, r.turn_count, r.sandbox_id, r.agent_session_id, r.session_expires_at, "
     "r.created_at, r.updated_at, r.started_at, r.agent_ready_at, r.finished_at, r.agent_url, r.agent_secret, "
     "r.sandbox_started_at, r.session_end_reason, r.chained_from_run_id, r.chained_to_run_id, r.base_branch, "
-    "r.validation"
+    "r.validation, (SELECT t.first_model_call_at FROM turns t WHERE t.run_id = r.id AND t.idx = r.turn_count)"
 )
 _FROM = "FROM runs r JOIN repositories p ON p.id = r.repository_id"
 
@@ -83,7 +84,7 @@ def _row(r: sqlite3.Row) -> RunRow:
         session_expires_at=r[22], created_at=r[23], updated_at=r[24], started_at=r[25],
         agent_ready_at=r[26], finished_at=r[27], agent_url=r[28], agent_secret=r[29], sandbox_started_at=r[30],
         session_end_reason=r[31], chained_from_run_id=r[32], chained_to_run_id=r[33], base_branch=r[34],
-        validation=json.loads(r[35]) if r[35] else None,
+        validation=json.loads(r[35]) if r[35] else None, first_model_call_at=r[36],
     )
 
 
@@ -219,16 +220,22 @@ async def get_patch(db: Database, run_id: str) -> StoredPatch | None:
 
 async def turns_of(db: Database, run_id: str) -> list[dict[str, Any]]:
     rows = await db.all(
-        "SELECT idx, status, summary, diff_stats, started_at, finished_at, validation, publish_outcome FROM turns "
-        "WHERE run_id = ? ORDER BY idx",
+        "SELECT idx, status, summary, diff_stats, started_at, finished_at, validation, publish_outcome, "
+        "first_model_call_at FROM turns WHERE run_id = ? ORDER BY idx",
         (run_id,),
     )
     return [
         {"index": r[0], "status": r[1], "summary": r[2], "diffStats": json.loads(r[3]) if r[3] else None,
          "startedAt": r[4], "finishedAt": r[5], "validation": json.loads(r[6]) if r[6] else None,
-         "publish": json.loads(r[7]) if r[7] else None}
+         "publish": json.loads(r[7]) if r[7] else None, "firstModelCallAt": r[8]}
         for r in rows
     ]
+
+
+async def mark_first_model_call(db: Database, run_id: str, idx: int, at: str) -> None:
+    """Record ``at`` (ISO time) as turn ``idx``'s first model call, unless one is recorded."""
+    await db.write("UPDATE turns SET first_model_call_at = ? WHERE run_id = ? AND idx = ? "
+                   "AND first_model_call_at IS NULL", (at, run_id, idx))
 
 
 async def transition(

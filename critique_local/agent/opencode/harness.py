@@ -37,11 +37,14 @@ from critique_local.agent.opencode.config import OPENCODE_PORT, PROVIDER_ID, TOK
 from critique_local.agent.opencode.sessions import export_session, import_session
 from critique_local.bounds import clip_text
 from critique_local.errors import AgentError, ErrorCode
-from critique_local.sandboxes.base import Sandbox
+from critique_local.sandboxes.base import Sandbox, SandboxError
 
 START_OPENCODE = ("mkdir -p ~/.cache/opencode/bin && ln -sf /usr/bin/rg ~/.cache/opencode/bin/rg && "
                   f"exec opencode serve --hostname 0.0.0.0 --port {OPENCODE_PORT}")
 LOG_PATH = "/tmp/opencode.log"
+WARM_UP_DIR = "/tmp/.critique-warm-up"
+WARM_UP_REPO = (f"mkdir -p {WARM_UP_DIR} && cd {WARM_UP_DIR} && git init -q && git -c user.name=warm-up "
+                "-c user.email=warm-up@localhost commit -q --allow-empty -m warm-up")
 IDLE_WAIT_S = 3.0  # after the reply, how long the stream may take to say the session is idle
 BUDGET_MARK = "budget_exceeded"  # the gateway's refusal, as OpenCode quotes it in the turn's error
 
@@ -118,6 +121,22 @@ class OpenCodeAgent(Agent):
 
     async def close(self) -> None:
         await self.client.aclose()
+
+    async def warm_up(self, model_id: str, timeout_s: float) -> None:
+        """A throwaway one-step turn in a scratch git repository (its own OpenCode project, so
+        the workspace's project and sessions are untouched), in a session deleted afterwards.
+        OpenCode's first prompt loads its session loop, tools and model runtime (seconds on a
+        loaded machine, once per process); this pays it before a run claims the sandbox. The
+        model call is refused by the gateway (the sandbox's token is bound to no run yet): it
+        is the work before the call that is wanted."""
+        with contextlib.suppress(AgentError, SandboxError):
+            await self.sandbox.exec(["bash", "-c", WARM_UP_REPO], timeout_s=timeout_s)
+            session_id = await self.client.create_session("warm-up", directory=WARM_UP_DIR)
+            try:
+                await self.client.prompt(session_id, "@say ok", provider_id=PROVIDER_ID, model_id=model_id,
+                                         agent="build", timeout_s=timeout_s, directory=WARM_UP_DIR)
+            finally:
+                await self.client.delete_session(session_id, directory=WARM_UP_DIR)
 
     async def export_session(self, session_id: str) -> bytes:
         return await export_session(self.sandbox, session_id)
