@@ -173,7 +173,7 @@ def main() -> None:
                 with server.client(key) as api:
                     if not args.smoke:
                         one_run(api)  # warm-up: image layers, page cache, mirror
-                    for i in range(args.runs):
+                    for _ in range(args.runs):
                         if name == "pool":
                             wait_warm(server, 1)
                         rows[name].append(one_run(api, follow_up=name == "pool"))

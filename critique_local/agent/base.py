@@ -179,6 +179,7 @@ class Agent(abc.ABC):
         """Do the agent's one-time first-turn work now (a sandbox waiting in the warm pool), so
         that a run's first turn does not pay it. Nothing of it may reach a run's session. Never
         raises for the agent's own failure; the default does nothing."""
+        return None
 
     @abc.abstractmethod
     async def close(self) -> None:
