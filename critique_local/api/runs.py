@@ -30,6 +30,7 @@ from critique_local.api.views import run_view
 from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES, STOPPING, WEBHOOKS
 from critique_local.errors import ErrorCode, InvalidRequest, NotFound
 from critique_local.runs import create as creating
+from critique_local.runs.events import RUN_STATUS
 from critique_local.runs.states import TERMINAL, RunStatus
 from critique_local.store import environments as environments_store
 from critique_local.store import events as events_store
@@ -41,6 +42,7 @@ from critique_local.store.pulls import PullRequestRow
 from critique_local.store.runs import RunRow, StoredPatch
 
 HEARTBEAT_S = 10.0
+ENDS_STREAM = {st.value for st in TERMINAL} | {RunStatus.IDLE.value}  # the stream closes after these
 MAX_VIEW_EVENTS = 2000  # ?events=1 returns the first ones; the stream (?after=) pages through all
 BASE = "/api/v1/coding-agent/runs"
 
@@ -187,25 +189,34 @@ async def stream(request: web.Request, principal: Principal) -> web.StreamRespon
     last = _resume_point(request)
     s = request.app[SERVICES]
     stopping = request.app[STOPPING]
+    status: str | None = None  # the run's status as the events sent so far tell it (None: not known)
     async with sse_response(request, ping_interval=HEARTBEAT_S) as sse, s.metrics.sse_stream():
         while sse.is_connected() and not stopping.is_set():
             signal = s.hub.signal(run.id)
-            batch = await events_store.after(s.db, run.id, last)
+            batch = s.hub.recent(run.id, last)
+            if batch is None:
+                batch = await events_store.after(s.db, run.id, last)
             for ev in batch:
                 await sse.send(_json(ev.data, ev.seq, ev.created_at), id=str(ev.seq), event=ev.kind)
                 last = ev.seq
+                if ev.kind == RUN_STATUS:
+                    status = str(ev.data.get("status"))
             if batch:
                 continue
-            current = await store.get_run(s.db, run.id)
-            if current is None or current.status in TERMINAL or current.status is RunStatus.IDLE:
+            if status is None:  # every change of status is a run.status event: read it once, then follow those
+                current = await store.get_run(s.db, run.id)
+                status = current.status.value if current is not None else RunStatus.FAILED.value
+            if status in ENDS_STREAM:
                 # the closing run.status may have landed between the read above and this check
                 for ev in await events_store.after(s.db, run.id, last):
                     await sse.send(_json(ev.data, ev.seq, ev.created_at), id=str(ev.seq), event=ev.kind)
                 break
             waits = {asyncio.ensure_future(signal.wait()), asyncio.ensure_future(stopping.wait())}
-            _, pending = await asyncio.wait(waits, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait(waits, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
             for waiter in pending:
                 waiter.cancel()
+            if not done:  # quiet for a while: look at the run itself again
+                status = None
     return sse
 
 
