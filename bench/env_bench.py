@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import NO_RATE_LIMIT, add_smoke, load_note, machine, poll, post, write  # noqa: E402
+from bench._common import NO_RATE_LIMIT, add_smoke, load_note, machine, poll, post, summary, write  # noqa: E402
 from critique_local.clock import ms_between  # noqa: E402
 from tests.helpers import Server, git, make_repo  # noqa: E402
 
@@ -68,7 +67,7 @@ def wait_warm(server: Server, count: int) -> None:
 
 
 def stats(values: list[float]) -> dict[str, float]:
-    return {"median": float(statistics.median(values)), "min": min(values), "max": max(values)}
+    return summary(values)
 
 
 def main() -> None:
@@ -100,13 +99,14 @@ def main() -> None:
             assert got["environment"] == "reused"
             reuse.append(got["ready_ms"])
             plain.append(run_once(api, "bench/plain")["ready_ms"])
-        server.stop()
-        # the same data dir (the environment is kept) with the pool holding it
-        server.extra_env.update({"CRITIQUE_LOCAL_POOL_ENVIRONMENTS": '{"bench/setup": 1}',
-                                 "CRITIQUE_LOCAL_POOL_SIZE": "1"})
-        server.start()
         pooled, pooled_plain = [], []
-        for _ in range(args.runs):
+        if not args.smoke:  # within the smoke budget: build and reuse only
+            server.stop()
+            # the same data dir (the environment is kept) with the pool holding it
+            server.extra_env.update({"CRITIQUE_LOCAL_POOL_ENVIRONMENTS": '{"bench/setup": 1}',
+                                     "CRITIQUE_LOCAL_POOL_SIZE": "1"})
+            server.start()
+        for _ in range(0 if args.smoke else args.runs):
             wait_warm(server, 2)
             got = run_once(api, "bench/setup")
             assert got["warm"] and got["environment"] == "reused", got
