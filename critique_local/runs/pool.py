@@ -249,7 +249,8 @@ class WarmPool:
             config = launch_config(self.s, token, password, self.s.settings.models.default)
             agent = await self.s.harness.launch(sandbox, config, self.s.settings.sandbox.agent_ready_timeout_s)
             try:
-                await agent.warm_up(self.s.settings.models.default, self.s.settings.sandbox.agent_ready_timeout_s)
+                await agent.warm_up(self.s.settings.models.default, self.s.settings.sandbox.agent_ready_timeout_s,
+                                    in_workspace=prepared is not None)
             finally:
                 await agent.close()
         except BaseException:

@@ -122,21 +122,25 @@ class OpenCodeAgent(Agent):
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def warm_up(self, model_id: str, timeout_s: float) -> None:
-        """A throwaway one-step turn in a scratch git repository (its own OpenCode project, so
-        the workspace's project and sessions are untouched), in a session deleted afterwards.
-        OpenCode's first prompt loads its session loop, tools and model runtime (seconds on a
-        loaded machine, once per process); this pays it before a run claims the sandbox. The
-        model call is refused by the gateway (the sandbox's token is bound to no run yet): it
-        is the work before the call that is wanted."""
+    async def warm_up(self, model_id: str, timeout_s: float, in_workspace: bool = False) -> None:
+        """A throwaway one-step turn in a session deleted afterwards: in the workspace when it
+        already holds the run's checkout, else in a scratch git repository (its own OpenCode
+        project: an empty workspace's project would be mistaken for a project-less directory
+        and kept so). OpenCode's first prompt loads its session loop, tools and model runtime
+        (once per process), and boots the project's services (once per directory): seconds on
+        a loaded machine, paid here before a run claims the sandbox. The model call is refused
+        by the gateway (the sandbox's token is bound to no run yet): the work before it is what
+        is wanted."""
+        directory = WORKSPACE if in_workspace else WARM_UP_DIR
         with contextlib.suppress(AgentError, SandboxError):
-            await self.sandbox.exec(["bash", "-c", WARM_UP_REPO], timeout_s=timeout_s)
-            session_id = await self.client.create_session("warm-up", directory=WARM_UP_DIR)
+            if not in_workspace:
+                await self.sandbox.exec(["bash", "-c", WARM_UP_REPO], timeout_s=timeout_s)
+            session_id = await self.client.create_session("warm-up", directory=directory)
             try:
                 await self.client.prompt(session_id, "@say ok", provider_id=PROVIDER_ID, model_id=model_id,
-                                         agent="build", timeout_s=timeout_s, directory=WARM_UP_DIR)
+                                         agent="build", timeout_s=timeout_s, directory=directory)
             finally:
-                await self.client.delete_session(session_id, directory=WARM_UP_DIR)
+                await self.client.delete_session(session_id, directory=directory)
 
     async def export_session(self, session_id: str) -> bytes:
         return await export_session(self.sandbox, session_id)
