@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
-from collections.abc import Awaitable
+import time
 from typing import Any
 
 from aiohttp import web
@@ -26,20 +25,22 @@ from critique_local.api.schemas import (
     RunList,
     StreamQuery,
 )
+from critique_local.api.viewcache import VIEW_CACHE
 from critique_local.api.views import run_view
 from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES, STOPPING, WEBHOOKS
+from critique_local.clock import parse_iso
 from critique_local.errors import ErrorCode, InvalidRequest, NotFound
 from critique_local.runs import create as creating
 from critique_local.runs.events import RUN_STATUS
 from critique_local.runs.states import TERMINAL, RunStatus
 from critique_local.store import environments as environments_store
 from critique_local.store import events as events_store
-from critique_local.store import pulls
+from critique_local.store import ledger, pulls
 from critique_local.store import runs as store
-from critique_local.store.events import EventRow
+from critique_local.store.db import NOTHING as _NOTHING
+from critique_local.store.db import Read
 from critique_local.store.keys import Principal
-from critique_local.store.pulls import PullRequestRow
-from critique_local.store.runs import RunRow, StoredPatch
+from critique_local.store.runs import RunRow
 
 HEARTBEAT_S = 10.0
 ENDS_STREAM = {st.value for st in TERMINAL} | {RunStatus.IDLE.value}  # the stream closes after these
@@ -62,33 +63,22 @@ async def _owned_run(request: web.Request, principal: Principal) -> RunRow:
 async def envelope(app: web.Application, run: RunRow, *, patch: bool = False, events: bool = False,
                    brief: bool = False) -> RunEnvelope:
     """The public view of ``run`` as the REST API and the MCP tools return it."""
-    return await _envelope_of(app, run, _reads(app, run.id, patch=patch, events=events, brief=brief), brief=brief)
+    found = await app[SERVICES].db.read(*_view_reads(run.id, patch=patch, events=events, brief=brief))
+    return _envelope_of(app, run, found, brief=brief)
 
 
-_Reads = tuple[list[dict[str, Any]], dict[int, billing.Usage], StoredPatch | None, list[EventRow] | None,
-               PullRequestRow | None, dict[str, Any] | None]
+def _view_reads(run_id: str, *, patch: bool, events: bool, brief: bool) -> list[Read[Any]]:
+    """Everything of a run's view besides the run row: turns, usage per turn, patch, events,
+    pull request, environment (None where not asked for). One hop to the database for all."""
+    return [store.turns_read(run_id) if not brief else _NOTHING, ledger.usage_by_turn_read(run_id),
+            store.patch_read(run_id) if patch else _NOTHING,
+            events_store.after_read(run_id, 0, limit=MAX_VIEW_EVENTS) if events else _NOTHING,
+            pulls.of_run_read(run_id), environments_store.of_run_read(run_id)]
 
 
-def _reads(app: web.Application, run_id: str, *, patch: bool, events: bool, brief: bool) -> Awaitable[_Reads]:
-    """Everything of a run's view besides the run row, read at once: the reads queue on the
-    database's thread together, so a status poll waits for one hop, not six in a row."""
-    db = app[SERVICES].db
-
-    async def none() -> None:
-        return None
-
-    async def no_turns() -> list[dict[str, Any]]:
-        return []
-
-    return asyncio.gather(
-        no_turns() if brief else store.turns_of(db, run_id), billing.usage_by_turn(db, run_id),
-        store.get_patch(db, run_id) if patch else none(),
-        events_store.after(db, run_id, 0, limit=MAX_VIEW_EVENTS) if events else none(),
-        pulls.of_run(db, run_id), environments_store.of_run(db, run_id))
-
-
-async def _envelope_of(app: web.Application, run: RunRow, reads: Awaitable[_Reads], *, brief: bool) -> RunEnvelope:
-    turns, per_turn, stored_patch, event_rows, pull_request, environment = await reads
+def _envelope_of(app: web.Application, run: RunRow, found: list[Any], *, brief: bool) -> RunEnvelope:
+    turns, per_turn, stored_patch, event_rows, pull_request, environment = found
+    turns = turns or []
     for turn in turns:
         turn["usage"] = per_turn.get(int(turn["index"]), billing.Usage()).view()
     return RunEnvelope(run=run_view(
@@ -133,17 +123,22 @@ async def run_page(app: web.Application, principal: Principal, q: ListRunsQuery)
 
 async def get_run(request: web.Request, principal: Principal) -> web.StreamResponse:
     q = parse_query(request, GetRunQuery)
-    # the view's reads go out with the ownership check; another user's run shows nothing of them
-    reads = asyncio.ensure_future(_reads(request.app, request.match_info["id"], patch=q.patch in ("1", "true"),
-                                         events=q.events in ("1", "true"), brief=False))
-    try:
-        run = await _owned_run(request, principal)
-    except BaseException:
-        reads.cancel()
-        with contextlib.suppress(BaseException):
-            await reads
-        raise
-    return respond(await _envelope_of(request.app, run, reads, brief=False))
+    run_id, db, cache = request.match_info["id"], request.app[SERVICES].db, request.app.get(VIEW_CACHE)
+    key, changes = (run_id, q.patch in ("1", "true"), q.events in ("1", "true")), db.changes
+    body = cache.get(key, principal.user_id, changes) if cache is not None else None
+    if body is None:
+        # the run (only the caller's) and its view's reads in one hop
+        run, *found = await db.read(store.run_read(run_id, principal.user_id),
+                                    *_view_reads(run_id, patch=key[1], events=key[2], brief=False))
+        if run is None:  # another user's run is indistinguishable from a missing one
+            raise NotFound("run not found", code=ErrorCode.RUN_NOT_FOUND)
+        view = _envelope_of(request.app, run, found, brief=False)
+        body = view.model_dump_json(by_alias=True).encode()
+        if cache is not None:
+            expiry = view.run.session_expires_at if view.run.session_active else None
+            cache.put(key, principal.user_id, changes, body,
+                      (parse_iso(expiry).timestamp() - time.time()) if expiry else None)
+    return web.Response(body=body, content_type="application/json")
 
 
 async def get_patch(request: web.Request, principal: Principal) -> web.StreamResponse:
