@@ -188,6 +188,11 @@ def main() -> None:
                         proc.wait()
                     wait_warm(server, 1)
                     result["burst"] = burst(server, key, args.burst)
+            except BaseException:
+                log = server.base / "server.log"
+                if log.exists():  # why, before the data dir goes
+                    print(f"--- {name}: server.log (tail)\n{log.read_text(errors='replace')[-6000:]}", file=sys.stderr)
+                raise
             finally:
                 server.stop()
     finally:
