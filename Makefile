@@ -52,15 +52,12 @@ test: setup lint typecheck
 	$(BIN)/pytest -q -rs -n $(TEST_WORKERS) --dist loadfile -m "not exclusive"
 	$(BIN)/pytest -q -rs -m exclusive
 
+# every bench/*.py but the _helpers, each with its defaults (make test runs them with --smoke)
 bench: setup
-	$(BIN)/python bench/run_bench.py
-	$(BIN)/python bench/session_bench.py
-	$(BIN)/python bench/gateway_bench.py
-	$(BIN)/python bench/pool_bench.py
-	$(BIN)/python bench/ui_bench.py
 	@command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null || \
 		echo "wrk unavailable: polling load falls back to the (slower) httpx client"
-	$(BIN)/python bench/load_bench.py
+	@for b in $(sort $(filter-out bench/_%,$(wildcard bench/*.py))); do \
+		echo "==> $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -10,7 +10,7 @@
 Goals: a reusing run within 1.2x of a no-setup run; under 1 s with the pool holding the
 environment.
 
-    .venv/bin/python bench/env_bench.py [--runs 5] [--setup-s 20]
+    .venv/bin/python bench/env_bench.py [--runs 5] [--setup-s 20] [--smoke]
 
 Loopback only. Prints a table and writes bench/results/env-bench.json.
 """
@@ -18,10 +18,7 @@ Loopback only. Prints a table and writes bench/results/env-bench.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._common import NO_RATE_LIMIT, add_smoke, load_note, machine, poll, post, summary, write  # noqa: E402
 from critique_local.clock import ms_between  # noqa: E402
 from tests.helpers import Server, git, make_repo  # noqa: E402
 
@@ -42,12 +40,8 @@ FILES = {"app.py": "def add(a, b):\n    return a + b\n", "README.md": "bench\n"}
 
 
 def run_once(api: httpx.Client, repo: str) -> dict[str, Any]:
-    run = api.post(RUNS, json={"repository": repo, "prompt": "@say ready"}).json()["run"]
-    while True:
-        run = api.get(f"{RUNS}/{run['id']}", params={"events": "1"}).json()["run"]
-        if run["status"] in ("idle", "failed", "completed"):
-            break
-        time.sleep(0.05)
+    run = post(api, RUNS, {"repository": repo, "prompt": "@say ready"})
+    run = poll(api, run["id"], {"idle", "failed", "completed"}, interval_s=0.05, events=True)
     assert run["status"] == "idle", run["error"]
     ready = next(e["data"] for e in run["events"] if e["data"].get("type") == "sandbox.ready")
     api.post(f"{RUNS}/{run['id']}/messages", json={"endSession": True})
@@ -73,19 +67,22 @@ def wait_warm(server: Server, count: int) -> None:
 
 
 def stats(values: list[float]) -> dict[str, float]:
-    return {"median": float(statistics.median(values)), "min": min(values), "max": max(values)}
+    return summary(values)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--setup-s", type=int, default=20)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.runs, args.setup_s = 1, 1
     work = Path(tempfile.mkdtemp(prefix="env-bench-"))
-    result: dict[str, Any] = {"cpus": os.cpu_count(), "runs": args.runs, "setup_s": args.setup_s}
+    result: dict[str, Any] = {"machine": machine(), "runs": args.runs, "setup_s": args.setup_s}
     setup = (f"sleep {args.setup_s}\nmkdir -p ~/.local/share/bench deps && head -c 20000000 /dev/urandom "
              "> ~/.local/share/bench/blob && echo ok > deps/state\n")
-    server = Server(work, extra_env={"CRITIQUE_LOCAL_LIMITS_REQUESTS_PER_MINUTE": "0",  # it polls
+    server = Server(work, extra_env={**NO_RATE_LIMIT,
                                      "CRITIQUE_LOCAL_SANDBOX_AGENT_READY_TIMEOUT_S": "300"})  # a loaded machine
     try:
         server.repos.mkdir(parents=True)
@@ -102,13 +99,14 @@ def main() -> None:
             assert got["environment"] == "reused"
             reuse.append(got["ready_ms"])
             plain.append(run_once(api, "bench/plain")["ready_ms"])
-        server.stop()
-        # the same data dir (the environment is kept) with the pool holding it
-        server.extra_env.update({"CRITIQUE_LOCAL_POOL_ENVIRONMENTS": '{"bench/setup": 1}',
-                                 "CRITIQUE_LOCAL_POOL_SIZE": "1"})
-        server.start()
         pooled, pooled_plain = [], []
-        for _ in range(args.runs):
+        if not args.smoke:  # within the smoke budget: build and reuse only
+            server.stop()
+            # the same data dir (the environment is kept) with the pool holding it
+            server.extra_env.update({"CRITIQUE_LOCAL_POOL_ENVIRONMENTS": '{"bench/setup": 1}',
+                                     "CRITIQUE_LOCAL_POOL_SIZE": "1"})
+            server.start()
+        for _ in range(0 if args.smoke else args.runs):
             wait_warm(server, 2)
             got = run_once(api, "bench/setup")
             assert got["warm"] and got["environment"] == "reused", got
@@ -132,10 +130,8 @@ def main() -> None:
     result.update(first_build_ms=first["ready_ms"], reuse=stats(reuse), plain=stats(plain),
                   pooled_env=stats(pooled), pooled_plain=stats(pooled_plain))
     result["reuse_over_plain"] = result["reuse"]["median"] / result["plain"]["median"]
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "env-bench.json").write_text(json.dumps(result, indent=2))
-    print(f"{os.cpu_count()} CPUs; setup.sh takes >= {args.setup_s} s; N={args.runs}; POST -> agent ready, ms")
+    write("env-bench", result, args.smoke)
+    print(f"{load_note(result)}; setup.sh takes >= {args.setup_s} s; N={args.runs}; POST -> agent ready, ms")
     print(f"{'first run (builds)':34} {first['ready_ms']:8.0f}")
     for name, key in (("reuse (newer commit)", "reuse"), ("no setup", "plain"),
                       ("reuse, pool holds the environment", "pooled_env"), ("no setup, pool", "pooled_plain")):

@@ -2,15 +2,13 @@
 chat completion through critique-local vs sent directly to the same upstream (a loopback
 OpenAI-compatible stand-in), and throughput of concurrent streamed calls both ways.
 
-    .venv/bin/python bench/gateway_bench.py [--calls N] [--concurrency C]
+    .venv/bin/python bench/gateway_bench.py [--calls N] [--concurrency C] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import shutil
 import statistics
 import sys
@@ -24,6 +22,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._common import NO_RATE_LIMIT, add_smoke, load_note, machine, write  # noqa: E402
 from tests.helpers import Server  # noqa: E402
 from tests.upstream_standin import UpstreamStandIn  # noqa: E402
 
@@ -59,12 +58,13 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def measure(server: Server, key: str, upstream_port: int, calls: int, concurrency: int) -> dict[str, Any]:
+async def measure(server: Server, key: str, upstream_port: int, calls: int, concurrency: int,
+                  warm_up: int = 20) -> dict[str, Any]:
     ours = (server.url + "/api/v1/chat/completions", {"Authorization": f"Bearer {key}"}, "bench/upstream")
     direct = (f"http://127.0.0.1:{upstream_port}/v1/chat/completions", {}, "bench-upstream")
     lat: dict[str, list[float]] = {"ours": [], "direct": []}
     async with httpx.AsyncClient(timeout=60) as client:
-        for _ in range(20):  # warm-up
+        for _ in range(warm_up):
             await ttft(client, *ours)
             await ttft(client, *direct)
         for _ in range(calls):  # interleaved
@@ -85,26 +85,30 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=32)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.calls, args.concurrency = 10, 4
     upstream = UpstreamStandIn()
     upstream.start()
     base = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     config = base / "config.toml"
     config.write_text(f'[providers.up]\nbase_url = "http://127.0.0.1:{upstream.port}/v1"\napi_key = "k"\n'
                       '[[catalog]]\nid = "bench/upstream"\nprovider = "up"\nupstream_id = "bench-upstream"\n')
-    server = Server(base, extra_env={"CRITIQUE_LOCAL_CONFIG": str(config)})
+    server = Server(base, extra_env={**NO_RATE_LIMIT, "CRITIQUE_LOCAL_CONFIG": str(config)})
+    result: dict[str, Any] = {"machine": machine()}
     server.start()
     try:
-        result = asyncio.run(measure(server, server.new_key("bench"), upstream.port, args.calls, args.concurrency))
+        result.update(asyncio.run(measure(server, server.new_key("bench"), upstream.port, args.calls, args.concurrency,
+                                          2 if args.smoke else 20)))
     finally:
         server.stop()
         upstream.stop()
         shutil.rmtree(base, ignore_errors=True)
-    result.update({"calls": args.calls, "concurrency": args.concurrency, "cpus": os.cpu_count()})
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gateway-bench.json").write_text(json.dumps(result, indent=2))
-    print(f"{args.calls} streamed calls each way, interleaved; throughput at concurrency {args.concurrency}")
+    result.update({"calls": args.calls, "concurrency": args.concurrency})
+    write("gateway-bench", result, args.smoke)
+    print(f"{args.calls} streamed calls each way, interleaved; throughput at concurrency {args.concurrency}; "
+          f"{load_note(result)}")
     for name in ("direct", "ours"):
         t = result[f"ttft_{name}_ms"]
         print(f"TTFT {name:<7} p50 {t['p50']:6.2f} ms   p99 {t['p99']:6.2f} ms")

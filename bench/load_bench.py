@@ -11,7 +11,7 @@
 3. Concurrency: C scripted runs (default 20) started at once on the Docker backend; wall time
    until all are idle, failures, server CPU seconds and peak RSS; next to one run alone.
 
-    .venv/bin/python bench/load_bench.py [--seconds 10] [--subscribers 500] [--runs 20]
+    .venv/bin/python bench/load_bench.py [--seconds 10] [--subscribers 500] [--runs 20] [--smoke]
 
 Writes bench/results/load-bench.json.
 """
@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -40,6 +39,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._common import NO_RATE_LIMIT, add_smoke, load_note, machine, write  # noqa: E402
 from tests.helpers import Server, make_repo  # noqa: E402
 
 RUNS = "/api/v1/coding-agent/runs"
@@ -188,10 +188,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--subscribers", type=int, default=500)
     parser.add_argument("--runs", type=int, default=20)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.seconds, args.subscribers, args.runs = 1, 20, 2
     base = Path(tempfile.mkdtemp(prefix="load-bench-"))
-    result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
-    server = Server(base, extra_env={"CRITIQUE_LOCAL_LIMITS_REQUESTS_PER_MINUTE": "0",
+    result: dict[str, Any] = {"machine": machine()}
+    server = Server(base, extra_env={**NO_RATE_LIMIT,
                                      "CRITIQUE_LOCAL_SCHEDULER_MAX_CONCURRENT_RUNS": str(args.runs),
                                      "CRITIQUE_LOCAL_SCHEDULER_MAX_CONCURRENT_RUNS_PER_USER": str(args.runs),
                                      "CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S": "600"})
@@ -220,9 +223,9 @@ def main() -> None:
         api.post(f"{RUNS}/{run['id']}/messages", json={"endSession": True})
 
         # 2. SSE fan-out on active runs
-        steps = "".join("@bash echo step\n@sleep 0.5\n" for _ in range(16)) + "@say streamed"
+        steps = "".join("@bash echo step\n@sleep 0.5\n" for _ in range(4 if args.smoke else 16)) + "@say streamed"
         active = [api.post(RUNS, json={"repository": "bench/small", "prompt": steps}).json()["run"]["id"]
-                  for _ in range(5)]
+                  for _ in range(2 if args.smoke else 5)]
         for run_id in active:
             deadline = time.monotonic() + 120
             while api.get(f"{RUNS}/{run_id}").json()["run"]["lifecycle"] != "agent_running":
@@ -267,9 +270,8 @@ def main() -> None:
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "load-bench.json").write_text(json.dumps(result, indent=2))
+    write("load-bench", result, args.smoke)
+    print(load_note(result))
     for clients, row in result["polling"].items():
         o, b = row["ours"], row["bare_aiohttp"]
         print(f"polling c={clients} ({o['client']}): ours p50 {o['p50_ms']:.1f} ms p99 {o['p99_ms']:.1f} ms {o['rps']:.0f} req/s "

@@ -8,7 +8,7 @@
    checkout, later runs reuse it), and the mirror cache with a pool preloaded with the
    repository's default branch.
 
-    .venv/bin/python bench/pool_bench.py [--runs 8] [--files 50000] [--commits 5000]
+    .venv/bin/python bench/pool_bench.py [--runs 8] [--files 50000] [--commits 5000] [--smoke]
 
 Loopback only. Prints tables and writes bench/results/pool-bench.json.
 """
@@ -16,9 +16,7 @@ Loopback only. Prints tables and writes bench/results/pool-bench.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -33,6 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._common import NO_RATE_LIMIT, add_smoke, load_note, machine, poll, post, write  # noqa: E402
 from critique_local.clock import ms_between  # noqa: E402
 from tests.helpers import Server, make_repo  # noqa: E402
 
@@ -75,12 +74,8 @@ def large_repo(root: Path, files: int, commits: int) -> Path:
 
 
 def run_once(api: httpx.Client, repo: str) -> dict[str, Any]:
-    run = api.post(RUNS, json={"repository": repo, "prompt": "@say ready"}).json()["run"]
-    while True:
-        run = api.get(f"{RUNS}/{run['id']}", params={"events": "1"}).json()["run"]
-        if run["status"] in ("idle", "failed", "completed"):
-            break
-        time.sleep(0.05)
+    run = post(api, RUNS, {"repository": repo, "prompt": "@say ready"})
+    run = poll(api, run["id"], {"idle", "failed", "completed"}, interval_s=0.05, events=True)
     assert run["status"] == "idle", run["error"]
     ready = next(e["data"] for e in run["events"] if e["data"].get("type") == "sandbox.ready")
     api.post(f"{RUNS}/{run['id']}/messages", json={"endSession": True})
@@ -106,7 +101,7 @@ def p90(values: list[float]) -> float:
 
 
 def server_with(base: Path, env: dict[str, str], large: Path) -> Server:
-    server = Server(base, extra_env={"CRITIQUE_LOCAL_LIMITS_REQUESTS_PER_MINUTE": "0", **env})
+    server = Server(base, extra_env={**NO_RATE_LIMIT, **env})
     make_repo(server.repos, "bench/small", {"README.md": "# bench\n", "app.py": "x = 1\n"})
     (server.repos / "bench").mkdir(parents=True, exist_ok=True)
     os.symlink(large, server.repos / "bench" / "large.git")
@@ -118,10 +113,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--files", type=int, default=50_000)
     parser.add_argument("--commits", type=int, default=5_000)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.runs, args.files, args.commits = 1, 200, 20
     work = Path(tempfile.mkdtemp(prefix="pool-bench-"))
-    result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                              "runs": args.runs, "large": {"files": args.files, "commits": args.commits}}
+    result: dict[str, Any] = {"machine": machine(), "runs": args.runs,
+                              "large": {"files": args.files, "commits": args.commits}}
     try:
         t0 = time.monotonic()
         large = large_repo(work / "gen", args.files, args.commits)
@@ -130,14 +128,16 @@ def main() -> None:
 
         # 1. agent ready, pool off vs on (small repository)
         ready: dict[str, list[float]] = {}
-        for name, env in (("pool_off", {}), ("pool_on", {"CRITIQUE_LOCAL_POOL_SIZE": "1"})):
+        modes: tuple[tuple[str, dict[str, str]], ...] = (("pool_off", {}), ("pool_on", {"CRITIQUE_LOCAL_POOL_SIZE": "1"}))
+        for name, env in modes[1:] if args.smoke else modes:  # smoke: the cold path is every e2e test's
             server = server_with(work / name, {"CRITIQUE_LOCAL_SCHEDULER_MAX_CONCURRENT_RUNS": "1", **env}, large)
             server.start()
             try:
                 api = server.client(server.new_key("bench"))
                 if env:
                     wait_warm(server, 1)
-                run_once(api, "bench/small")  # warm-up: page cache, mirror
+                if not args.smoke:
+                    run_once(api, "bench/small")  # warm-up: page cache, mirror
                 samples = []
                 for _ in range(args.runs):
                     if env:
@@ -147,7 +147,7 @@ def main() -> None:
             finally:
                 server.stop()
         result["agent_ready_ms"] = {k: {"median": med(v), "p90": p90(v), "samples": v} for k, v in ready.items()}
-        result["agent_ready_ratio"] = med(ready["pool_off"]) / med(ready["pool_on"])
+        result["agent_ready_ratio"] = med(ready.get("pool_off", [float("nan")])) / med(ready["pool_on"])
 
         # 2. preparation, small vs large, three set-ups
         setups = {
@@ -157,6 +157,8 @@ def main() -> None:
                                             "CRITIQUE_LOCAL_POOL_REPOSITORIES": '{"bench/small": 1, "bench/large": 1}'},
         }
         prep: dict[str, Any] = {}
+        if args.smoke:  # the most involved set-up only
+            setups = {k: v for k, v in setups.items() if k == "mirror_cache_preloaded_pool"}
         for name, env in setups.items():
             server = server_with(work / name, {"CRITIQUE_LOCAL_SCHEDULER_MAX_CONCURRENT_RUNS": "1",
                                                "CRITIQUE_LOCAL_SANDBOX_WORKSPACE_MB": "4096", **env}, large)
@@ -185,14 +187,13 @@ def main() -> None:
         result["preparation"] = prep
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pool-bench.json").write_text(json.dumps(result, indent=2))
+    write("pool-bench", result, args.smoke)
     a = result["agent_ready_ms"]
-    print(f"{os.cpu_count()} CPUs; large repo: {args.files} files, {args.commits} commits "
+    print(f"{load_note(result)}; large repo: {args.files} files, {args.commits} commits "
           f"({result['large']['bare_mb']} MB packed)")
-    print(f"POST -> agent ready (N={args.runs}): pool off median {a['pool_off']['median']:.0f} ms "
-          f"(p90 {a['pool_off']['p90']:.0f}), pool on median {a['pool_on']['median']:.0f} ms "
+    off = a.get("pool_off", {"median": float("nan"), "p90": float("nan")})
+    print(f"POST -> agent ready (N={args.runs}): pool off median {off['median']:.0f} ms "
+          f"(p90 {off['p90']:.0f}), pool on median {a['pool_on']['median']:.0f} ms "
           f"(p90 {a['pool_on']['p90']:.0f}) -> {result['agent_ready_ratio']:.1f}x")
     print(f"{'set-up':30} {'small ms':>9} {'large ms':>9} {'large/small':>11} {'large 1st':>9} {'large ready':>11}")
     for name, rows in prep.items():

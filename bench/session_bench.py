@@ -5,14 +5,13 @@ as a ratio; and the time from endSession to container gone.
 "Agent working" is the first ``step.start`` event of the turn (OpenCode has called the model),
 read from the SSE stream; times are client wall-clock from the POST.
 
-    .venv/bin/python bench/session_bench.py [--runs N]
+    .venv/bin/python bench/session_bench.py [--runs N] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ from httpx_sse import connect_sse
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._common import NO_RATE_LIMIT, add_smoke, get, load_note, machine, write  # noqa: E402
 from tests.helpers import Server, make_repo, wait_for  # noqa: E402
 
 RUNS = "/api/v1/coding-agent/runs"
@@ -43,7 +43,7 @@ def until_working(api: httpx.Client, run_id: str, after: int) -> None:
 
 
 def last_event(api: httpx.Client, run_id: str) -> int:
-    events = api.get(f"{RUNS}/{run_id}", params={"events": "1"}).json()["run"]["events"]
+    events = get(api, f"{RUNS}/{run_id}", params={"events": "1"}).json()["run"]["events"]
     return int(events[-1]["id"]) if events else 0
 
 
@@ -78,29 +78,31 @@ def one(api: httpx.Client, idle_timeout_s: float) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
+    add_smoke(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.runs = 1
     idle = 3.0
     base = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
-    server = Server(base, extra_env={"CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S": str(idle),
+    server = Server(base, extra_env={**NO_RATE_LIMIT, "CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S": str(idle),
                                      "CRITIQUE_LOCAL_SANDBOX_REAP_INTERVAL_S": "0.2"})
     make_repo(server.repos, "bench/small", {"README.md": "# bench\n"})
     server.start()
     try:
         with server.client(server.new_key("bench")) as api:
-            one(api, idle)  # warm-up
+            if not args.smoke:
+                one(api, idle)  # warm-up
             samples = [one(api, idle) for _ in range(args.runs)]
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)
-    result: dict[str, Any] = {"runs": args.runs, "cpus": os.cpu_count()}
+    result: dict[str, Any] = {"runs": args.runs, "machine": machine()}
     for metric in ("warm_ms", "chained_ms", "end_session_ms"):
         values = [s[metric] for s in samples]
         result[metric] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     result["ratio_chained_over_warm"] = result["chained_ms"]["median"] / result["warm_ms"]["median"]
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "session-bench.json").write_text(json.dumps(result, indent=2))
-    print(f"N={args.runs}, {os.cpu_count()} CPUs")
+    write("session-bench", result, args.smoke)
+    print(f"N={args.runs}; {load_note(result)}")
     for metric, label in (("warm_ms", "warm follow-up: message -> agent working"),
                           ("chained_ms", "chained cold follow-up: message -> agent working"),
                           ("end_session_ms", "endSession -> container gone")):

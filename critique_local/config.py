@@ -189,6 +189,12 @@ class MetricsSettings(Section):
 
 class PoolSettings(Section):
     size: int = Field(1, ge=0, le=64, description="Warm sandboxes with OpenCode running and an empty workspace.")
+    max_size: int = Field(
+        0, ge=0, le=64, description="Grow the empty-workspace pool above pool.size, up to this many, while runs "
+        "asked for that many warm sandboxes within pool.demand_window_s (0: fixed at pool.size).")
+    demand_window_s: float = Field(300, gt=0, description="How far back recent demand is counted for pool.max_size.")
+    refill_parallel: int = Field(
+        2, ge=1, le=16, description="Warm sandboxes started at once while the pool refills.")
     repositories: dict[str, int] = Field(
         default_factory=dict, description="Warm sandboxes that already hold a repository's default branch.")
     environments: dict[str, int] = Field(

@@ -12,10 +12,11 @@ from typing import Any
 
 from aiohttp import web
 
-from critique_local.api.middleware import authenticated, error_middleware
+from critique_local.api.middleware import KeyCache, authenticated, error_middleware
 from critique_local.api.ratelimit import RateLimiter
 from critique_local.api.registry import Route
 from critique_local.api.routes import SANDBOX_ROUTES
+from critique_local.api.viewcache import VIEW_CACHE, ViewCache
 from critique_local.appkeys import (
     CLAIM,
     CONTROL,
@@ -71,8 +72,10 @@ def listener_app(settings: Settings, routes: tuple[Route, ...], limiter: RateLim
     app[SERVED_ROUTES] = routes
     app[LIMITER] = limiter
     app[GUARD] = guard
+    keys = KeyCache()  # one per listener: a poll costs no key lookup (revocation: within 1 s)
+    app[VIEW_CACHE] = ViewCache()  # a poll of an unchanged run costs no database read
     for route in routes:
-        app.router.add_route(route.method, route.path, authenticated(route, DB, limiter))
+        app.router.add_route(route.method, route.path, authenticated(route, DB, limiter, keys))
     return app
 
 

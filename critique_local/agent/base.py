@@ -175,6 +175,14 @@ class Agent(abc.ABC):
     async def import_session(self, state: bytes) -> str:
         """Recreate an exported session here; returns its id."""
 
+    async def warm_up(self, model_id: str, timeout_s: float, in_workspace: bool = False) -> None:
+        """Do the agent's one-time first-turn work now (a sandbox waiting in the warm pool), so
+        that a run's first turn does not pay it; ``in_workspace`` when the workspace already
+        holds the checkout a run will use (its per-project work can be done too). Nothing of it
+        may reach a run's session or the workspace's files. Never raises for the agent's own
+        failure; the default does nothing."""
+        return None
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release the connection (idempotent)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -20,7 +21,7 @@ from critique_local.errors import (
 )
 from critique_local.store.db import Database
 from critique_local.store.keys import Principal, principal_for_key
-from critique_local.tokens import API_KEY_PREFIX
+from critique_local.tokens import API_KEY_PREFIX, token_hash
 
 log = logging.getLogger(__name__)
 ANONYMOUS = Principal("", "", frozenset())
@@ -71,9 +72,36 @@ def bearer(request: web.Request) -> str | None:
     return token
 
 
-def authenticated(route: Route, db_key: web.AppKey[Database],
-                  limiter: RateLimiter | None = None) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+class KeyCache:
+    """API keys verified within the last ``ttl_s`` seconds: a client polling a run costs no key
+    lookup per request. Keys are revoked by the CLI (another process), so a revoked key keeps
+    working for at most ``ttl_s``; unknown keys are never cached (a new key works at once)."""
+
+    def __init__(self, ttl_s: float = 1.0, max_entries: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s, self.max_entries, self.clock = ttl_s, max_entries, clock
+        self._verified: dict[str, tuple[Principal, float]] = {}
+
+    async def principal(self, db: Database, token: str) -> Principal | None:
+        """The key's principal, or None for an unknown or revoked key."""
+        now, key = self.clock(), token_hash(token)  # plain keys are not kept
+        hit = self._verified.get(key)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        principal = await principal_for_key(db, token)
+        if principal is None:
+            self._verified.pop(key, None)
+            return None
+        if len(self._verified) >= self.max_entries:  # bounded under key churn
+            self._verified.clear()
+        self._verified[key] = (principal, now + self.ttl_s)
+        return principal
+
+
+def authenticated(route: Route, db_key: web.AppKey[Database], limiter: RateLimiter | None = None,
+                  keys: KeyCache | None = None) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     handler: Handler = route.handler
+    cache = keys or KeyCache(ttl_s=0)
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         if route.scope is None:
@@ -81,7 +109,7 @@ def authenticated(route: Route, db_key: web.AppKey[Database],
         token = bearer(request)
         if token is None or not token.startswith(API_KEY_PREFIX):
             raise Unauthorized("missing or malformed API key: send Authorization: Bearer crt_...")
-        principal = await principal_for_key(request.app[db_key], token)
+        principal = await cache.principal(request.app[db_key], token)
         if principal is None:
             raise Unauthorized("invalid or revoked API key")
         request[PRINCIPAL] = principal

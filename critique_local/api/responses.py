@@ -109,6 +109,9 @@ class TurnView(Model):
     publish: PublishOutcomeView | None = Field(description="What publishing did at the end of this turn.")
     error: RunErrorView | None = Field(None, description="Why this turn failed (status failed), e.g. model_error or "
                                                          "patch_too_large; the run stays idle after such a turn.")
+    first_model_call_at: str | None = Field(
+        None, description="When the gateway received this turn's first model call (the agent started working); "
+                          "null until then, and for a turn that made none.")
 
 
 class EnvironmentView(Model):
@@ -177,6 +180,9 @@ class RunView(Model):
     updated_at: str
     started_at: str | None
     agent_ready_at: str | None
+    first_model_call_at: str | None = Field(
+        description="When the gateway received the current turn's first model call (for the first turn: "
+                    "POST -> first model call is what a user waits before the agent works); null until then.")
     finished_at: str | None
     status_url: str
     stream_url: str

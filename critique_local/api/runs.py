@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 import re
+import time
+from typing import Any
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
@@ -25,8 +27,10 @@ from critique_local.api.schemas import (
     RunList,
     StreamQuery,
 )
+from critique_local.api.viewcache import VIEW_CACHE
 from critique_local.api.views import run_view
 from critique_local.appkeys import CONTROL, SCHEDULER, SERVICES, STOPPING, WEBHOOKS
+from critique_local.clock import parse_iso
 from critique_local.errors import ErrorCode, InvalidRequest, NotFound
 from critique_local.runs import create as creating
 from critique_local.runs import forks
@@ -34,14 +38,17 @@ from critique_local.runs.events import RUN_STATUS as RUN_STATUS_EVENT
 from critique_local.runs.states import TERMINAL, RunStatus
 from critique_local.store import environments as environments_store
 from critique_local.store import events as events_store
-from critique_local.store import pulls
+from critique_local.store import ledger, pulls
 from critique_local.store import runs as store
+from critique_local.store.db import NOTHING as _NOTHING
+from critique_local.store.db import Read
 from critique_local.store.keys import Principal
 from critique_local.store.runs import RunRow
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 10.0
 CLOSING_WAIT_S = 2.0  # at most this long for the closing run.status event of an idle or ended run
+ENDS_STREAM = {st.value for st in TERMINAL} | {RunStatus.IDLE.value}  # the stream closes after these
 MAX_VIEW_EVENTS = 2000  # ?events=1 returns the first ones; the stream (?after=) pages through all
 BASE = "/api/v1/coding-agent/runs"
 
@@ -61,20 +68,33 @@ async def _owned_run(request: web.Request, principal: Principal) -> RunRow:
 async def envelope(app: web.Application, run: RunRow, *, patch: bool = False, events: bool = False,
                    brief: bool = False) -> RunEnvelope:
     """The public view of ``run`` as the REST API and the MCP tools return it."""
-    s = app[SERVICES]
-    turns = [] if brief else await store.turns_of(s.db, run.id)
-    per_turn = await billing.usage_by_turn(s.db, run.id)
+    found = await app[SERVICES].db.read(*_view_reads(run.id, patch=patch, events=events, brief=brief))
+    return _envelope_of(app, run, found, brief=brief)
+
+
+def _view_reads(run_id: str, *, patch: bool, events: bool, brief: bool) -> list[Read[Any]]:
+    """Everything of a run's view besides the run row: turns, usage per turn, patch, events,
+    pull request, environment (None where not asked for). One hop to the database for all."""
+    return [store.turns_read(run_id) if not brief else _NOTHING, ledger.usage_by_turn_read(run_id),
+            store.patch_read(run_id) if patch else _NOTHING,
+            events_store.after_read(run_id, 0, limit=MAX_VIEW_EVENTS) if events else _NOTHING,
+            pulls.of_run_read(run_id), environments_store.of_run_read(run_id)]
+
+
+def _envelope_of(app: web.Application, run: RunRow, found: list[Any], *, brief: bool) -> RunEnvelope:
+    turns, per_turn, stored_patch, event_rows, pull_request, environment = found
+    turns = turns or []
     for turn in turns:
         turn["usage"] = per_turn.get(int(turn["index"]), billing.Usage()).view()
     return RunEnvelope(run=run_view(
-        run, s.public_url,
+        run, app[SERVICES].public_url,
         turns=turns,
         usage=billing.total(per_turn).view(),
-        patch=await store.get_patch(s.db, run.id) if patch else None,
-        events=await events_store.after(s.db, run.id, 0, limit=MAX_VIEW_EVENTS) if events else None,
-        pull_request=await pulls.of_run(s.db, run.id),
+        patch=stored_patch,
+        events=event_rows,
+        pull_request=pull_request,
         brief=brief,
-        environment=await environments_store.of_run(s.db, run.id),
+        environment=environment,
     ))
 
 
@@ -110,8 +130,22 @@ async def run_page(app: web.Application, principal: Principal, q: ListRunsQuery)
 
 async def get_run(request: web.Request, principal: Principal) -> web.StreamResponse:
     q = parse_query(request, GetRunQuery)
-    run = await _owned_run(request, principal)
-    return respond(await envelope(request.app, run, patch=q.patch in ("1", "true"), events=q.events in ("1", "true")))
+    run_id, db, cache = request.match_info["id"], request.app[SERVICES].db, request.app.get(VIEW_CACHE)
+    key, changes = (run_id, q.patch in ("1", "true"), q.events in ("1", "true")), db.changes
+    body = cache.get(key, principal.user_id, changes) if cache is not None else None
+    if body is None:
+        # the run (only the caller's) and its view's reads in one hop
+        run, *found = await db.read(store.run_read(run_id, principal.user_id),
+                                    *_view_reads(run_id, patch=key[1], events=key[2], brief=False))
+        if run is None:  # another user's run is indistinguishable from a missing one
+            raise NotFound("run not found", code=ErrorCode.RUN_NOT_FOUND)
+        view = _envelope_of(request.app, run, found, brief=False)
+        body = view.model_dump_json(by_alias=True).encode()
+        if cache is not None:
+            expiry = view.run.session_expires_at if view.run.session_active else None
+            cache.put(key, principal.user_id, changes, body,
+                      (parse_iso(expiry).timestamp() - time.time()) if expiry else None)
+    return web.Response(body=body, content_type="application/json")
 
 
 async def get_patch(request: web.Request, principal: Principal) -> web.StreamResponse:
@@ -194,36 +228,50 @@ async def _follow(app: web.Application, sse: EventSourceResponse, run_id: str, l
     client has gone."""
     s = app[SERVICES]
     stopping = app[STOPPING]
+    status: str | None = None  # the run's status as the events sent so far tell it (None: not known)
     closing_by: float | None = None
     while sse.is_connected() and not stopping.is_set():
         signal = s.hub.signal(run_id)
-        batch = await events_store.after(s.db, run_id, last)
+        batch = s.hub.recent(run_id, last)  # the hub's in-memory tail; None: read the store
+        if batch is None:
+            batch = await events_store.after(s.db, run_id, last)
         for ev in batch:
             await sse.send(_json(ev.data, ev.seq, ev.created_at), id=str(ev.seq), event=ev.kind)
             last = ev.seq
+            if ev.kind == RUN_STATUS_EVENT:
+                status = str(ev.data.get("status"))
         if batch:
             continue
-        current = await store.get_run(s.db, run_id)
+        if status in ENDS_STREAM:  # its closing run.status event was sent
+            return
         timeout_s = HEARTBEAT_S
-        if current is None or current.status in TERMINAL or current.status is RunStatus.IDLE:
-            # the run's row changes just before its closing run.status event is appended: read
-            # what is announced, then send everything up to it; when the event is not there yet,
-            # wait for it (bounded), so the stream never ends without it
-            announced = await events_store.last_of_kind(s.db, run_id, RUN_STATUS_EVENT)
-            for ev in await events_store.after(s.db, run_id, last):
-                await sse.send(_json(ev.data, ev.seq, ev.created_at), id=str(ev.seq), event=ev.kind)
-                last = ev.seq
-            if current is None or (announced or {}).get("status") == current.status.value:
+        if status is None:  # every change of status is a run.status event: read the run once, then follow those
+            current = await store.get_run(s.db, run_id)
+            if current is None:
                 return
-            now = asyncio.get_running_loop().time()
-            closing_by = closing_by or now + CLOSING_WAIT_S
-            if now >= closing_by:
-                return
-            timeout_s = closing_by - now
+            if current.status in TERMINAL or current.status is RunStatus.IDLE:
+                # the run's row changes just before its closing run.status event is appended: read
+                # what is announced, then send everything up to it; when the event is not there
+                # yet, wait for it (bounded), so the stream never ends without it
+                announced = await events_store.last_of_kind(s.db, run_id, RUN_STATUS_EVENT)
+                for ev in await events_store.after(s.db, run_id, last):
+                    await sse.send(_json(ev.data, ev.seq, ev.created_at), id=str(ev.seq), event=ev.kind)
+                    last = ev.seq
+                if (announced or {}).get("status") == current.status.value:
+                    return
+                now = asyncio.get_running_loop().time()
+                closing_by = closing_by or now + CLOSING_WAIT_S
+                if now >= closing_by:
+                    return
+                timeout_s = closing_by - now
+            else:
+                status = current.status.value
         waits = {asyncio.ensure_future(signal.wait()), asyncio.ensure_future(stopping.wait())}
-        _, pending = await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        done, pending = await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         for waiter in pending:
             waiter.cancel()
+        if not done and status not in ENDS_STREAM:  # quiet for a while: look at the run itself again
+            status = None
 
 
 def _json(data: dict[str, object], seq: int, created_at: str) -> str:

@@ -103,6 +103,7 @@ def run_view(
         updated_at=run.updated_at,
         started_at=run.started_at,
         agent_ready_at=run.agent_ready_at,
+        first_model_call_at=run.first_model_call_at,
         finished_at=run.finished_at,
         status_url=url,
         stream_url=f"{url}/stream",

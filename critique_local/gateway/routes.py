@@ -24,6 +24,7 @@ from critique_local.api.middleware import bearer
 from critique_local.api.registry import Route
 from critique_local.api.schemas import Model, ModelList
 from critique_local.appkeys import LIMITER, SERVICES, UPSTREAM
+from critique_local.clock import now_iso
 from critique_local.errors import (
     BadRequest,
     BudgetExceeded,
@@ -144,6 +145,8 @@ async def chat_completions(request: web.Request, principal: Principal) -> web.St
     # the run's model watch learns that the sandbox reached us, and how the provider answered
     log = s.model_calls.get(caller.run.id) if caller.run is not None else None
     call = log.start() if log is not None else -1
+    if log is not None and caller.run is not None and log.calls == 1:  # the turn's first: firstModelCallAt
+        await store.mark_first_model_call(s.db, caller.run.id, max(caller.run.turn_count, 1), now_iso())
     cancelled, outcome, started = False, "ok", time.monotonic()
     try:
         if entry.provider is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 BUILDER_EVENT = "builder.event"
 MAX_EVENT_BYTES = 32_768  # one stored event, as JSON
 RUN_STATUS = "run.status"
+RECENT_EVENTS = 256  # per run, kept in memory for stream readers
+RECENT_RUNS = 512  # runs whose recent events are kept (least recently active dropped first)
 
 
 def bounded(data: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +65,31 @@ class EventHub:
         self._signals: dict[str, asyncio.Event] = {}
         self.on_status_change = on_status_change
         self.observers = observers
+        # the newest events of recently active runs: woken stream readers (hundreds may follow one
+        # run) take new events from here instead of each reading the database
+        self._recent: OrderedDict[str, deque[store.EventRow]] = OrderedDict()
+
+    def recent(self, run_id: str, after_seq: int) -> list[store.EventRow] | None:
+        """The run's events after ``after_seq`` from memory, oldest first; None when memory
+        cannot tell (the run is not among the recent ones, or events after ``after_seq`` are
+        older than what is kept): then read the database."""
+        tail = self._recent.get(run_id)
+        if not tail or tail[0].seq > after_seq + 1:
+            return None
+        found = sorted((e for e in tail if e.seq > after_seq), key=lambda e: e.seq)
+        if any(e.seq != after_seq + 1 + i for i, e in enumerate(found)):  # appended out of order: not yet all here
+            return None
+        return found
+
+    def _remember(self, row: store.EventRow) -> None:
+        tail = self._recent.get(row.run_id)
+        if tail is None:
+            tail = self._recent[row.run_id] = deque(maxlen=RECENT_EVENTS)
+            while len(self._recent) > RECENT_RUNS:
+                self._recent.popitem(last=False)
+        else:
+            self._recent.move_to_end(row.run_id)
+        tail.append(row)
 
     def signal(self, run_id: str) -> asyncio.Event:
         """The event set on the next append for ``run_id``. Take it *before* reading, so an
@@ -72,6 +100,7 @@ class EventHub:
         """Persist (secrets redacted, at most :data:`MAX_EVENT_BYTES`) and wake the run's stream
         readers."""
         row = await store.append(self._db, run_id, kind, bounded(self.redactor.data(data, run_id)))
+        self._remember(row)
         old = self._signals.pop(run_id, None)
         if old is not None:
             old.set()

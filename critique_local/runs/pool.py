@@ -1,7 +1,10 @@
 """The warm pool: sandboxes started ahead of demand, with the agent already healthy.
 
-``pool.size`` sandboxes wait with an empty workspace; a run takes one and only has to upload
-its checkout and open a session. ``pool.repositories`` keeps sandboxes that already hold a
+``pool.size`` sandboxes wait with an empty workspace (more, up to ``pool.max_size``, while
+recent demand asks for more); a run takes one and only has to upload its checkout and open a
+session. Before a sandbox is offered, its agent does its one-time first-turn work (a throwaway
+turn in a session of its own, deleted: :meth:`Agent.warm_up`), so the run's first model call
+follows its POST closely. ``pool.repositories`` keeps sandboxes that already hold a
 repository's default branch (from the mirror cache): a run on that exact commit uploads
 nothing, so its start does not grow with the repository's size.
 
@@ -18,6 +21,8 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
+from collections import deque
 from dataclasses import dataclass
 
 from critique_local.agent.base import LaunchConfig, McpServer
@@ -33,6 +38,12 @@ log = logging.getLogger(__name__)
 WORKSPACE = "/workspace"
 REFILL_CHECK_S = 30.0
 KEEP_ALIVE_S = 900.0
+
+
+def wanted_empty(size: int, max_size: int, demand: int) -> int:
+    """Empty-workspace sandboxes to keep: ``size``, grown to the ``demand`` (runs that asked for
+    one within the demand window) but never above ``max_size`` (0 or <= size: fixed)."""
+    return size if max_size <= size else min(max_size, max(size, demand))
 
 
 @dataclass(frozen=True)
@@ -64,10 +75,23 @@ class WarmPool:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._repo_keys: dict[str, str] = {}  # repository -> checkout key of its default branch now
+        self._asked: deque[float] = deque(maxlen=64)  # monotonic times runs asked for an empty one
+        self.clock = time.monotonic
 
     @property
     def enabled(self) -> bool:
-        return self.settings.size > 0 or bool(self.settings.repositories) or bool(self.settings.environments)
+        return (self.settings.size > 0 or self.settings.max_size > 0 or bool(self.settings.repositories)
+                or bool(self.settings.environments))
+
+    def demand(self) -> int:
+        """Runs that asked for an empty-workspace sandbox within ``pool.demand_window_s``."""
+        since = self.clock() - self.settings.demand_window_s
+        return sum(1 for t in self._asked if t >= since)
+
+    @property
+    def target(self) -> int:
+        """How many empty-workspace sandboxes the pool keeps now."""
+        return wanted_empty(self.settings.size, self.settings.max_size, self.demand())
 
     def eligible(self, model_id: str, network_mode: str) -> bool:
         return self.enabled and model_id == self.s.settings.models.default and network_mode == "none"
@@ -76,6 +100,9 @@ class WarmPool:
         """A ready sandbox: one already holding ``checkout_key`` if any, else an empty one; of
         the environment ``env_key`` (None: of none). One that stopped while waiting (engine
         restart, removed from outside) is dropped."""
+        if env_key is None:
+            self._asked.append(self.clock())
+            self._wake.set()  # the demand grew: the pool may want more (a miss takes nothing)
         while True:
             ready = [w for w in self._ready if w.env_key == env_key]
             chosen = next((w for w in ready if checkout_key and w.checkout_key == checkout_key), None)
@@ -133,8 +160,8 @@ class WarmPool:
                 await asyncio.wait_for(self._wake.wait(), REFILL_CHECK_S)
 
     async def _fill_once(self) -> None:
-        """Keep waiting sandboxes alive (remote ones have a lifetime), then top the pool up, one
-        sandbox at a time (this machine's cores are for runs)."""
+        """Keep waiting sandboxes alive (remote ones have a lifetime), then top the pool up,
+        ``pool.refill_parallel`` sandboxes at a time; empty ones above :attr:`target` go."""
         for warm in list(self._ready):
             try:
                 if not await self.s.backend.alive(warm.sandbox.id):
@@ -156,10 +183,30 @@ class WarmPool:
                     await self.s.backend.destroy(warm.sandbox.id)
             while sum(1 for w in self._ready if w.checkout_key == prepared.key) < wanted:
                 self._ready.append(await self._create(prepared))
-        while sum(1 for w in self._ready if w.checkout_key is None) < self.settings.size:
-            self._ready.append(await self._create(None))
+        empty = [w for w in self._ready if w.checkout_key is None and w.env_key is None]
+        for warm in empty[self.target:]:  # demand fell: the oldest stay
+            self._ready.remove(warm)
+            with contextlib.suppress(SandboxError):
+                await self.s.backend.destroy(warm.sandbox.id)
+        await self._add_empty(self.target - len(empty))
         for full_name, wanted in self.settings.environments.items():
             await self._fill_environment(full_name, wanted)
+
+    async def _add_empty(self, count: int) -> None:
+        """Start ``count`` empty-workspace sandboxes, ``pool.refill_parallel`` at a time; each is
+        offered as soon as it is ready. Raises the first failure once all are done."""
+        if count <= 0:
+            return
+        limit = asyncio.Semaphore(self.settings.refill_parallel)
+
+        async def one() -> None:
+            async with limit:
+                self._ready.append(await self._create(None))
+
+        results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def _fill_environment(self, full_name: str, wanted: int) -> None:
         """Sandboxes of the kept environment of ``full_name``'s default branch (none while no
@@ -201,7 +248,11 @@ class WarmPool:
                 await run_start(self.s, sandbox, start)
             config = launch_config(self.s, token, password, self.s.settings.models.default)
             agent = await self.s.harness.launch(sandbox, config, self.s.settings.sandbox.agent_ready_timeout_s)
-            await agent.close()
+            try:
+                await agent.warm_up(self.s.settings.models.default, self.s.settings.sandbox.agent_ready_timeout_s,
+                                    in_workspace=prepared is not None)
+            finally:
+                await agent.close()
         except BaseException:
             with contextlib.suppress(SandboxError):
                 await asyncio.shield(self.s.backend.destroy(sandbox.id))

@@ -281,7 +281,10 @@ class DockerBackend(dockerenv.DockerEnvironments, SandboxBackend):  # environmen
 
     async def list_ours(self) -> list[SandboxInfo]:
         def listing() -> list[SandboxInfo]:
-            found = self.client.containers.list(all=True, filters={"label": f"{LABEL_INSTANCE}={self._instance}"})
+            # ignore_removed: one removed between the listing and its inspection (a pooled sandbox
+            # whose start failed, a run's at its end) is simply not there, not an error
+            found = self.client.containers.list(all=True, filters={"label": f"{LABEL_INSTANCE}={self._instance}"},
+                                                ignore_removed=True)
             return [SandboxInfo(str(c.id), c.labels.get(LABEL_RUN), c.status == "running") for c in found]
 
         try:

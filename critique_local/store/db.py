@@ -36,16 +36,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import aiosqlite
 
 from critique_local.store.migrations import pending
 
 Row = sqlite3.Row
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Read(Generic[T]):
+    """One query and how its rows become a value: several go to the database in one hop
+    (:meth:`Database.read`)."""
+
+    sql: str
+    params: tuple[Any, ...]
+    parse: Callable[[list[Row]], T]
+
+
+NOTHING: Read[None] = Read("SELECT 1 WHERE 0", (), lambda rows: None)  # a placeholder among reads
+
+
+def _fetch(conn: sqlite3.Connection, reads: tuple[Read[Any], ...]) -> list[list[Row]]:
+    out = []
+    for r in reads:
+        cur = conn.execute(r.sql, r.params)
+        try:
+            out.append(cur.fetchall())
+        finally:
+            cur.close()
+    return out
 
 
 class Database:
@@ -92,6 +118,21 @@ class Database:
 
     async def all(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
         return list(await self._conn.execute_fetchall(sql, tuple(params)))
+
+    @property
+    def changes(self) -> int:
+        """Rows this connection (every write of this server) changed since it opened: when it
+        has not moved, nothing the server wrote has changed."""
+        return int(self._conn.total_changes)
+
+    async def read(self, *reads: Read[Any]) -> list[Any]:
+        """Several reads in one hop to the connection's thread (one snapshot of the database
+        is not promised: they are separate statements); each read's parsed value, in order.
+        A status poll makes six reads: one hop costs the event loop one wake-up, not six."""
+        # aiosqlite runs queued functions on its connection's thread: the same path as
+        # execute_fetchall, with all the statements of one view in one function
+        rows: list[list[Row]] = await self._conn._execute(_fetch, self._conn._conn, reads)  # type: ignore[no-untyped-call]
+        return [r.parse(found) for r, found in zip(reads, rows, strict=True)]
 
     @asynccontextmanager
     async def tx(self) -> AsyncIterator[aiosqlite.Connection]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from critique_local.clock import now_iso
-from critique_local.store.db import Database
+from critique_local.store.db import Database, Read, Row
 
 _COLUMNS = "key, repository, backend, ref, size_bytes, build_ms, created_at, last_used_at, stale"
 
@@ -82,10 +82,17 @@ async def record_run(db: Database, run_id: str, key: str, status: str, build_ms:
                    (run_id, key, status, build_ms))
 
 
-async def of_run(db: Database, run_id: str) -> dict[str, Any] | None:
+def of_run_read(run_id: str) -> Read[dict[str, Any] | None]:
     """A run's ``environment`` field: ``{key, reused, buildMs}`` (buildMs: the build it waited
     for, None when it reused one), or None when it started without an environment."""
-    r = await db.one("SELECT env_key, status, build_ms FROM run_environments WHERE run_id = ?", (run_id,))
-    if r is None:
-        return None
+    return Read("SELECT env_key, status, build_ms FROM run_environments WHERE run_id = ?", (run_id,),
+                lambda rows: _of_run(rows[0]) if rows else None)
+
+
+async def of_run(db: Database, run_id: str) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = (await db.read(of_run_read(run_id)))[0]
+    return found
+
+
+def _of_run(r: Row) -> dict[str, Any]:
     return {"key": str(r[0]), "reused": str(r[1]) == "reused", "buildMs": None if r[2] is None else int(r[2])}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from critique_local.clock import now_iso
-from critique_local.store.db import Database
+from critique_local.store.db import Database, Read
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,15 @@ async def append(db: Database, run_id: str, kind: str, data: dict[str, Any]) -> 
     return EventRow(run_id, seq, kind, data, created)
 
 
+def after_read(run_id: str, after_seq: int, limit: int = 500) -> Read[list[EventRow]]:
+    return Read("SELECT seq, kind, data, created_at FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (run_id, after_seq, limit),
+                lambda rows: [EventRow(run_id, r[0], r[1], json.loads(r[2]), r[3]) for r in rows])
+
+
 async def after(db: Database, run_id: str, after_seq: int, limit: int = 500) -> list[EventRow]:
-    rows = await db.all(
-        "SELECT seq, kind, data, created_at FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-        (run_id, after_seq, limit),
-    )
-    return [EventRow(run_id, r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
+    found: list[EventRow] = (await db.read(after_read(run_id, after_seq, limit)))[0]
+    return found
 
 
 async def last_of_kind(db: Database, run_id: str, kind: str) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from critique_local.clock import now_iso
-from critique_local.store.db import Database
+from critique_local.store.db import Database, Read
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,13 @@ async def usage(db: Database, run_id: str, turn_idx: int | None = None) -> Usage
     return Usage(int(row[0]), int(row[1]), float(row[2]), int(row[3]))
 
 
-async def usage_by_turn(db: Database, run_id: str) -> dict[int, Usage]:
+def usage_by_turn_read(run_id: str) -> Read[dict[int, Usage]]:
     """Usage of every turn of a run in one query (turn index -> usage; 0: calls outside a turn)."""
-    rows = await db.all(
-        "SELECT turn_idx, SUM(input_tokens), SUM(output_tokens), SUM(credits), COUNT(*) FROM model_calls "
-        "WHERE run_id = ? GROUP BY turn_idx", (run_id,))
-    return {int(r[0] or 0): Usage(int(r[1]), int(r[2]), float(r[3]), int(r[4])) for r in rows}
+    return Read("SELECT turn_idx, SUM(input_tokens), SUM(output_tokens), SUM(credits), COUNT(*) FROM model_calls "
+                "WHERE run_id = ? GROUP BY turn_idx", (run_id,),
+                lambda rows: {int(r[0] or 0): Usage(int(r[1]), int(r[2]), float(r[3]), int(r[4])) for r in rows})
+
+
+async def usage_by_turn(db: Database, run_id: str) -> dict[int, Usage]:
+    found: dict[int, Usage] = (await db.read(usage_by_turn_read(run_id)))[0]
+    return found

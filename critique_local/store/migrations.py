@@ -274,6 +274,9 @@ MIGRATIONS.append(
     """
 )
 
+# Issue 18: when the gateway received the turn's first model call (the moment a user starts
+# seeing the agent work), per turn.
+MIGRATIONS.append("ALTER TABLE turns ADD COLUMN first_model_call_at TEXT;")
 
 class SchemaTooNew(Exception):
     """The database was written by a newer critique-local (migrations are forward-only)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from critique_local.clock import now_iso
-from critique_local.store.db import Database
+from critique_local.store.db import Database, Read, Row
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,17 @@ _COLUMNS = ("run_id, host, repository_full_name, number, url, branch, base_ref, 
             "created_at, updated_at")
 
 
+def of_run_read(run_id: str) -> Read[PullRequestRow | None]:
+    return Read(f"SELECT {_COLUMNS} FROM pull_requests WHERE run_id = ?", (run_id,),
+                lambda rows: _pull(rows[0]) if rows else None)
+
+
 async def of_run(db: Database, run_id: str) -> PullRequestRow | None:
-    row = await db.one(f"SELECT {_COLUMNS} FROM pull_requests WHERE run_id = ?", (run_id,))
-    if row is None:
-        return None
+    found: PullRequestRow | None = (await db.read(of_run_read(run_id)))[0]
+    return found
+
+
+def _pull(row: Row) -> PullRequestRow:
     return PullRequestRow(run_id=row[0], host=row[1], repository_full_name=row[2], number=int(row[3]), url=row[4],
                           branch=row[5], base_ref=row[6], head_sha=row[7], state=row[8], draft=bool(row[9]),
                           title=row[10], body=row[11], created_at=row[12], updated_at=row[13])

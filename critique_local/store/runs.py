@@ -17,7 +17,7 @@ from typing import Any
 from critique_local.clock import iso, now, now_iso
 from critique_local.runs.spec import RunSpec
 from critique_local.runs.states import Phase, RunStatus, check_transition
-from critique_local.store.db import Database
+from critique_local.store.db import Database, Read
 
 IDEMPOTENCY_TTL_H = 24
 
@@ -63,6 +63,7 @@ class RunRow:
     paused_at: str | None = None
     forked_from_run_id: str | None = None
     forked_from_turn: int | None = None
+    first_model_call_at: str | None = None  # of the current turn (the latest started)
 
 
 _COLUMNS = (
@@ -71,7 +72,8 @@ _COLUMNS = (
     "r.error_code, r.error_message, r.turn_count, r.sandbox_id, r.agent_session_id, r.session_expires_at, "
     "r.created_at, r.updated_at, r.started_at, r.agent_ready_at, r.finished_at, r.agent_url, r.agent_secret, "
     "r.sandbox_started_at, r.session_end_reason, r.chained_from_run_id, r.chained_to_run_id, r.base_branch, "
-    "r.validation, r.paused_at, r.forked_from_run_id, r.forked_from_turn"
+    "r.validation, r.paused_at, r.forked_from_run_id, r.forked_from_turn, "
+    "(SELECT t.first_model_call_at FROM turns t WHERE t.run_id = r.id AND t.idx = r.turn_count)"
 )
 _FROM = "FROM runs r JOIN repositories p ON p.id = r.repository_id"
 
@@ -88,6 +90,7 @@ def _row(r: sqlite3.Row) -> RunRow:
         session_end_reason=r[31], chained_from_run_id=r[32], chained_to_run_id=r[33], base_branch=r[34],
         validation=json.loads(r[35]) if r[35] else None, paused_at=r[36], forked_from_run_id=r[37],
         forked_from_turn=r[38],
+        first_model_call_at=r[39],
     )
 
 
@@ -166,14 +169,18 @@ def _day_ago() -> str:
     return iso(now() - timedelta(hours=IDEMPOTENCY_TTL_H))
 
 
-async def get_run(db: Database, run_id: str, user_id: str | None = None) -> RunRow | None:
+def run_read(run_id: str, user_id: str | None = None) -> Read[RunRow | None]:
     sql = f"SELECT {_COLUMNS} {_FROM} WHERE r.id = ?"
-    params: list[Any] = [run_id]
+    params: tuple[Any, ...] = (run_id,)
     if user_id is not None:
         sql += " AND r.user_id = ?"
-        params.append(user_id)
-    row = await db.one(sql, params)
-    return _row(row) if row else None
+        params += (user_id,)
+    return Read(sql, params, lambda rows: _row(rows[0]) if rows else None)
+
+
+async def get_run(db: Database, run_id: str, user_id: str | None = None) -> RunRow | None:
+    found: RunRow | None = (await db.read(run_read(run_id, user_id)))[0]
+    return found
 
 
 async def run_of_sandbox(db: Database, sandbox_id: str) -> RunRow | None:
@@ -226,27 +233,48 @@ class StoredPatch:
     redactions: int
 
 
-async def get_patch(db: Database, run_id: str) -> StoredPatch | None:
-    row = await db.one("SELECT patch, patch_redactions FROM runs WHERE id = ?", (run_id,))
-    if row is None or row[0] is None:
+def _patch(rows: list[sqlite3.Row]) -> StoredPatch | None:
+    if not rows or rows[0][0] is None:
         return None
+    row = rows[0]
     data = row[0].encode() if isinstance(row[0], str) else bytes(row[0])  # text: stored before patches were bytes
     return StoredPatch(data, int(row[1] or 0))
 
 
+def patch_read(run_id: str) -> Read[StoredPatch | None]:
+    return Read("SELECT patch, patch_redactions FROM runs WHERE id = ?", (run_id,), _patch)
+
+
+async def get_patch(db: Database, run_id: str) -> StoredPatch | None:
+    found: StoredPatch | None = (await db.read(patch_read(run_id)))[0]
+    return found
+
+
+def turns_read(run_id: str) -> Read[list[dict[str, Any]]]:
+    return Read("SELECT idx, status, summary, diff_stats, started_at, finished_at, validation, publish_outcome, "
+                "first_model_call_at, error_code, error_message, prompt FROM turns WHERE run_id = ? ORDER BY idx",
+                (run_id,), _turns)
+
+
 async def turns_of(db: Database, run_id: str) -> list[dict[str, Any]]:
-    rows = await db.all(
-        "SELECT idx, status, summary, diff_stats, started_at, finished_at, validation, publish_outcome, error_code, "
-        "error_message, prompt FROM turns WHERE run_id = ? ORDER BY idx",
-        (run_id,),
-    )
+    found: list[dict[str, Any]] = (await db.read(turns_read(run_id)))[0]
+    return found
+
+
+def _turns(rows: list[sqlite3.Row]) -> list[dict[str, Any]]:
     return [
         {"index": r[0], "status": r[1], "summary": r[2], "diffStats": json.loads(r[3]) if r[3] else None,
          "startedAt": r[4], "finishedAt": r[5], "validation": json.loads(r[6]) if r[6] else None,
-         "publish": json.loads(r[7]) if r[7] else None, "prompt": r[10],
-         "error": {"code": r[8], "message": r[9] or ""} if r[8] else None}
+         "publish": json.loads(r[7]) if r[7] else None, "firstModelCallAt": r[8], "prompt": r[11],
+         "error": {"code": r[9], "message": r[10] or ""} if r[9] else None}
         for r in rows
     ]
+
+
+async def mark_first_model_call(db: Database, run_id: str, idx: int, at: str) -> None:
+    """Record ``at`` (ISO time) as turn ``idx``'s first model call, unless one is recorded."""
+    await db.write("UPDATE turns SET first_model_call_at = ? WHERE run_id = ? AND idx = ? "
+                   "AND first_model_call_at IS NULL", (at, run_id, idx))
 
 
 async def transition(

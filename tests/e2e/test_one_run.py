@@ -44,6 +44,9 @@ def test_run_with_write_bash_say_completes_with_patch(server: Server, alice: str
         assert done["diffStats"] == {"filesChanged": 2, "additions": 3, "deletions": 1}
         assert done["turnCount"] == 1 and done["turns"][0]["summary"] == done["summary"]
         assert done["agentReadyAt"] is not None
+        # the gateway saw the turn's first model call after the agent was ready, before the turn ended
+        assert done["agentReadyAt"] <= done["firstModelCallAt"] <= done["turns"][0]["finishedAt"]
+        assert done["turns"][0]["firstModelCallAt"] == done["firstModelCallAt"]
         assert "patch" not in done or done["patch"] is None
 
         full = api.get(f"{RUNS}/{run['id']}", params={"patch": "1", "events": "1"}).json()["run"]

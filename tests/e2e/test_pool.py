@@ -4,6 +4,7 @@ restart never keeps pooled sandboxes whose secrets were only in memory."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
@@ -52,6 +53,14 @@ def test_runs_take_warm_sandboxes_and_the_pool_refills(fresh_server: Server) -> 
     assert sandbox_event(api, run["id"]) == {"type": "sandbox.ready", "warm": True, "preloaded": True}
     assert done["changedPaths"] == ["a.txt"] and done["baseRef"] == "main"
     assert f"critique-{run['id']}" in names_of_ours(fresh_server)  # renamed to its run
+    # the pool's warm-up turn happened in a session of its own: the run's session holds only the run
+    exported = subprocess.run(["docker", "exec", "-w", "/workspace", f"critique-{run['id']}", "opencode", "export",
+                               done["agentSessionId"]], capture_output=True, text=True, timeout=120)
+    session = json.loads(exported.stdout[exported.stdout.index("{"):])
+    users = [p.get("text", "") for m in session["messages"] if m["info"]["role"] == "user" for p in m["parts"]
+             if p.get("type") == "text"]
+    assert users == ["@write a.txt\nA\n@end\n@say a"], users
+    assert done["agentReadyAt"] <= done["firstModelCallAt"]
 
     # another ref: an empty warm sandbox, with the checkout uploaded
     make_feature = fresh_server.repos / ".work" / "acme" / "web"

@@ -33,6 +33,12 @@ HEALTH_CALL_S = 10.0  # one health check
 CALL_TIMEOUT_S = 30.0  # a whole call (connect, send, every byte of the reply), unless the call says otherwise
 
 
+def _where(directory: str | None) -> dict[str, str]:
+    """OpenCode serves every directory it is asked about (``?directory=``), each with its own
+    project state; without it, the one it was started in."""
+    return {"directory": directory} if directory else {}
+
+
 class OpenCodeClient:
     def __init__(self, base_url: str, headers: Mapping[str, str]) -> None:
         self.base_url = base_url
@@ -90,24 +96,30 @@ class OpenCodeClient:
             await asyncio.sleep(0.1)
         raise AgentError(f"OpenCode did not become healthy within {timeout_s:.0f}s ({last})", ErrorCode.AGENT_START_TIMEOUT)
 
-    async def create_session(self, title: str) -> str:
-        data = await self._json("POST", "/session", json={"title": title})
+    async def create_session(self, title: str, directory: str | None = None) -> str:
+        """A new session (in ``directory``, default: where OpenCode was started); its id."""
+        data = await self._json("POST", "/session", json={"title": title}, params=_where(directory))
         session_id = data.get("id") if isinstance(data, dict) else None
         if not isinstance(session_id, str) or not 0 < len(session_id) <= 200:
             raise AgentError("OpenCode POST /session: the reply has no session id")
         return session_id
 
     async def prompt(
-        self, session_id: str, text: str, *, provider_id: str, model_id: str, agent: str, timeout_s: float
+        self, session_id: str, text: str, *, provider_id: str, model_id: str, agent: str, timeout_s: float,
+        directory: str | None = None,
     ) -> dict[str, Any]:
         """Send a prompt and wait for the whole turn; returns ``{info, parts}`` of the last
         assistant message (``info.error`` is set when the turn failed)."""
         body = {"parts": [{"type": "text", "text": text}], "agent": agent,
                 "model": {"providerID": provider_id, "modelID": model_id}}
-        result = await self._json("POST", f"/session/{session_id}/message", json=body, timeout_s=timeout_s)
+        result = await self._json("POST", f"/session/{session_id}/message", json=body, timeout_s=timeout_s,
+                                  params=_where(directory))
         if result is not None and not isinstance(result, dict):
             raise AgentError("OpenCode POST /session/.../message: the reply is not a message")
         return result or {}
+
+    async def delete_session(self, session_id: str, directory: str | None = None) -> None:
+        await self._json("DELETE", f"/session/{session_id}", params=_where(directory))
 
     async def abort(self, session_id: str) -> None:
         await self._json("POST", f"/session/{session_id}/abort")

@@ -39,6 +39,10 @@ def opencode_config(gateway_url: str, model_id: str, context_tokens: int, output
         "$schema": "https://opencode.ai/config.json",
         "autoupdate": False,
         "share": "disabled",
+        # OpenCode's own per-step snapshots (a shadow git repository of the whole tree, refreshed
+        # before every model call: seconds on a large tree) serve its undo/revert, which a
+        # headless run does not use: the server computes the patch with git itself.
+        "snapshot": False,
         "provider": {
             PROVIDER_ID: {
                 "npm": "@ai-sdk/openai-compatible",

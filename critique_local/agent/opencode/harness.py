@@ -38,11 +38,14 @@ from critique_local.agent.opencode.config import OPENCODE_PORT, PROVIDER_ID, TOK
 from critique_local.agent.opencode.sessions import export_session, import_session
 from critique_local.bounds import clip_text
 from critique_local.errors import AgentError, ErrorCode
-from critique_local.sandboxes.base import Sandbox
+from critique_local.sandboxes.base import Sandbox, SandboxError
 
 START_OPENCODE = ("mkdir -p ~/.cache/opencode/bin && ln -sf /usr/bin/rg ~/.cache/opencode/bin/rg && "
                   f"exec opencode serve --hostname 0.0.0.0 --port {OPENCODE_PORT}")
 LOG_PATH = "/tmp/opencode.log"
+WARM_UP_DIR = "/tmp/.critique-warm-up"
+WARM_UP_REPO = (f"mkdir -p {WARM_UP_DIR} && cd {WARM_UP_DIR} && git init -q && git -c user.name=warm-up "
+                "-c user.email=warm-up@localhost commit -q --allow-empty -m warm-up")
 IDLE_WAIT_S = 3.0  # after the reply, how long the stream may take to say the session is idle
 BUDGET_MARK = "budget_exceeded"  # the gateway's refusal, as OpenCode quotes it in the turn's error
 
@@ -119,6 +122,26 @@ class OpenCodeAgent(Agent):
 
     async def close(self) -> None:
         await self.client.aclose()
+
+    async def warm_up(self, model_id: str, timeout_s: float, in_workspace: bool = False) -> None:
+        """A throwaway one-step turn in a session deleted afterwards: in the workspace when it
+        already holds the run's checkout, else in a scratch git repository (its own OpenCode
+        project: an empty workspace's project would be mistaken for a project-less directory
+        and kept so). OpenCode's first prompt loads its session loop, tools and model runtime
+        (once per process), and boots the project's services (once per directory): seconds on
+        a loaded machine, paid here before a run claims the sandbox. The model call is refused
+        by the gateway (the sandbox's token is bound to no run yet): the work before it is what
+        is wanted."""
+        directory = WORKSPACE if in_workspace else WARM_UP_DIR
+        with contextlib.suppress(AgentError, SandboxError):
+            if not in_workspace:
+                await self.sandbox.exec(["bash", "-c", WARM_UP_REPO], timeout_s=timeout_s)
+            session_id = await self.client.create_session("warm-up", directory=directory)
+            try:
+                await self.client.prompt(session_id, "@say ok", provider_id=PROVIDER_ID, model_id=model_id,
+                                         agent="build", timeout_s=timeout_s, directory=directory)
+            finally:
+                await self.client.delete_session(session_id, directory=directory)
 
     async def export_session(self, session_id: str) -> bytes:
         try:  # the server's own API is fast; the CLI (seconds) when it does not answer the way we expect
