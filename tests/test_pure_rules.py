@@ -31,6 +31,9 @@ LIFECYCLE_TABLE = [
     (RunStatus.RUNNING, Phase.AGENT_RUNNING, None, None, "agent_running", False, False, {"cancel"}),
     (RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, None, None, "awaiting_follow_up", True, True,
      {"send_message", "end_session", "cancel"}),
+    # a follow-up lost its sandbox: idle without a session until a message restores it
+    (RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, "sandbox_lost", None, "awaiting_follow_up", True, True,
+     {"send_message", "end_session", "cancel"}),
     (RunStatus.COMPLETED, Phase.FINISHED, "end_session", None, "finished", False, False, set()),
     (RunStatus.COMPLETED, Phase.FINISHED, "expired", None, "finished", False, True, {"send_message"}),
     (RunStatus.COMPLETED, Phase.FINISHED, "sandbox_lost", None, "finished", False, True, {"send_message"}),
@@ -47,7 +50,8 @@ def test_lifecycle_table(status: RunStatus, phase: Phase, end: str | None, chain
         lc = lifecycle_of(status, phase, has_patch, end, chained)
         assert lc.lifecycle == name
         assert lc.terminal == (status in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED))
-        assert (lc.awaiting_follow_up, lc.can_follow_up, lc.session_active) == (awaiting, can, status is RunStatus.IDLE)
+        assert (lc.awaiting_follow_up, lc.can_follow_up, lc.session_active) == (
+            awaiting, can, status is RunStatus.IDLE and end is None)
         assert set(lc.next_actions) == actions | ({"get_patch"} if has_patch else set())
 
 

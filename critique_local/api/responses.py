@@ -133,7 +133,8 @@ class RunView(Model):
     session_end_reason: str | None = Field(
         None, description="Why the sandbox went: end_session, expired, sandbox_lost, idle_limit (least recently "
                           "used beyond scheduler.max_idle_sessions(_per_user)), finished, server_stopped "
-                          "(server.end_idle_sessions_on_stop); null while it lives.")
+                          "(server.end_idle_sessions_on_stop); null while it lives. An idle run with sandbox_lost: a "
+                          "follow-up turn lost its sandbox or agent; the next message restores the session.")
     turn_count: int
     repository: RepositoryView
     model_id: str

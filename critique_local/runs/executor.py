@@ -1,7 +1,8 @@
 """Runs, job by job: one scheduler job is a run's first turn (provisioning, ``runs/provision.py``)
 or a follow-up turn (reattaching), then the turn itself (``runs/turn.py``). This module owns
 the job's lifecycle: what happens when it fails (the run fails with the error's code, after its
-sandbox is gone), when it is cancelled, and how an idle session ends.
+sandbox is gone; a follow-up whose sandbox or agent failed only ends its session when the run's
+state was kept, ``turnstate.lose_session``), when it is cancelled, and how an idle session ends.
 
 A terminal status always means the sandbox is gone: teardown comes first.
 """
@@ -18,7 +19,7 @@ from critique_local.clock import now_iso
 from critique_local.envs.builder import Environments
 from critique_local.errors import ErrorCode, RunError, SandboxError
 from critique_local.repos.workrepo import RunRepo
-from critique_local.runs import forks
+from critique_local.runs import forks, turnstate
 from critique_local.runs.durable import SessionStates
 from critique_local.runs.pool import WarmPool
 from critique_local.runs.provision import Job, Provisioner
@@ -106,10 +107,15 @@ class Executor:
         finally:
             if job.agent is not None:
                 await job.agent.close()
-        # teardown first, so a terminal status always means the sandbox is gone
+        # teardown first, so a terminal status always means the sandbox is gone (and an idle run
+        # whose session was lost holds none)
         sandbox_id = job.sandbox_id or job.run.sandbox_id
         if sandbox_id:
             await self.destroy(sandbox_id)
+        if (queued is not None and turnstate.session_lost(failure[0], queued[0])
+                and await self.restorer.restorable(job.run.id)):
+            await turnstate.lose_session(self.s, job.run.id, queued[0], *failure, transition)
+            return
         await self.fail(job.run.id, *failure)
 
     async def _abandon(self, job: Job) -> None:

@@ -174,7 +174,10 @@ class Scheduler:
                 run = await store.get_run(self.s.db, run_id)
                 if run is not None and run.status is RunStatus.IDLE and (run.session_expires_at or "") <= now_iso():
                     log.info("session of run %s expired", run_id)
-                    await self.executor.close_session(run, RunStatus.COMPLETED, Phase.FINISHED, SessionEnd.EXPIRED)
+                    # a run whose turn lost its session keeps saying so
+                    reason = SessionEnd.SANDBOX_LOST if run.session_end_reason == SessionEnd.SANDBOX_LOST \
+                        else SessionEnd.EXPIRED
+                    await self.executor.close_session(run, RunStatus.COMPLETED, Phase.FINISHED, reason)
 
     async def pause_idle_sessions(self) -> None:
         """Pause idle sessions unused for ``sandbox.pause_after_s`` (``Executor.pause``)."""
@@ -200,11 +203,11 @@ class Scheduler:
                     await self.executor.run_repo(run_id).discard()
 
     async def sweep(self) -> None:
-        """Remove sandboxes that nothing can use any more: those of ended runs (their removal
-        failed, e.g. while the container engine was restarting), and stopped ones of idle runs,
-        whose session then ends as ``sandbox_lost`` (a message chains into a new run, as after a
-        restart), and stopped ones no run holds. Running sandboxes no run holds are the pool's
-        (or being handed to a run) and stay."""
+        """Remove sandboxes that nothing can use any more: those of ended runs and those an idle
+        run no longer holds (their removal failed, e.g. while the container engine was
+        restarting), stopped ones of idle runs, whose session then ends as ``sandbox_lost`` (a
+        message restores or chains, as after a restart), and stopped ones no run holds. Running
+        sandboxes no run holds are the pool's (or being handed to a run) and stay."""
         for info in await self.s.backend.list_ours():
             run = await store.get_run(self.s.db, info.run_id) if info.run_id else None
             run = run or await store.run_of_sandbox(self.s.db, info.id)  # a pooled one a run took
@@ -220,6 +223,15 @@ class Scheduler:
                 log.info("removing sandbox %s of ended run %s", info.id[:12], run.id)
                 with contextlib.suppress(SandboxError):
                     await self.s.backend.destroy(info.id)
+            elif run.status is RunStatus.IDLE and run.sandbox_id != info.id:
+                # the sandbox of a turn that lost its session, whose removal failed (an idle run
+                # gets a new sandbox only once it runs again)
+                async with self.lock(run.id):
+                    current = await store.get_run(self.s.db, run.id)
+                    if current is not None and current.status is RunStatus.IDLE and current.sandbox_id != info.id:
+                        log.info("removing sandbox %s that idle run %s no longer holds", info.id[:12], run.id)
+                        with contextlib.suppress(SandboxError):
+                            await self.s.backend.destroy(info.id)
             elif run.status is RunStatus.IDLE and not info.running and not run.paused_at:
                 async with self.lock(run.id):
                     current = await store.get_run(self.s.db, run.id)
@@ -244,7 +256,8 @@ class Scheduler:
         keep: set[str] = set()  # sandbox ids of idle runs that are still usable
         lost: list[store.RunRow] = []
         for run in await store.runs_with_status(db, RunStatus.IDLE):
-            if run.paused_at:  # a message resumes (or restores) it, as before the restart
+            # paused, or a turn lost its sandbox: a message resumes (or restores) it, as before the restart
+            if run.paused_at or not run.sandbox_id:
                 if run.sandbox_id:
                     keep.add(run.sandbox_id)
                 continue

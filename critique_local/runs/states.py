@@ -60,7 +60,7 @@ class SessionEnd(StrEnum):
 
     END_SESSION = "end_session"  # the client ended it: messages get 409 run_terminal
     EXPIRED = "expired"  # idle timeout or lifetime cap: messages start a chained run
-    SANDBOX_LOST = "sandbox_lost"  # sandbox or agent died while idle: messages chain
+    SANDBOX_LOST = "sandbox_lost"  # sandbox or agent died (idle, or in a follow-up turn): messages restore or chain
     IDLE_LIMIT = "idle_limit"  # least recently used beyond scheduler.max_idle_sessions(_per_user): messages chain
     FINISHED = "finished"  # turn ended with the run (failed, cancelled)
     SERVER_STOPPED = "server_stopped"  # server.end_idle_sessions_on_stop: messages start a chained run
@@ -131,4 +131,5 @@ def lifecycle_of(status: RunStatus, phase: Phase, has_patch: bool, session_end: 
         actions.append("cancel")
     if has_patch:
         actions.append("get_patch")
-    return Lifecycle(name, terminal, idle, idle or chainable, idle, tuple(actions))
+    # an idle run whose follow-up lost its sandbox has no session until a message restores it
+    return Lifecycle(name, terminal, idle, idle or chainable, idle and session_end is None, tuple(actions))

@@ -67,7 +67,7 @@ class Turn:
         await store.update_turn(s.db, job.run.id, idx, status="running", started_at=now_iso())
         await s.backend.extend(sandbox.id, s.settings.sandbox.turn_timeout_s + TURN_EXTENSION_S)
         run = await transition(s, job.run, RunStatus.RUNNING, Phase.AGENT_RUNNING, error_code=None,
-                               error_message=None)
+                               error_message=None, session_end_reason=None)
         try:
             await self._turn(run, sandbox, agent, idx, prompt)
         except RunFailure as exc:

@@ -6,8 +6,13 @@
 - :func:`fail_turn`: a follow-up turn that failed for a reason of its own (:data:`TURN_FAILURES`:
   the model refused the call, the patch grew over ``limits.max_patch_bytes``) does not throw the
   session away: the workspace goes back to the last good turn's tree, the turn is ``failed``
-  with its ``error``, and the run is ``idle`` again with the earlier turns' patch intact. Failures
-  of the sandbox or of the agent process end the session as before.
+  with its ``error``, and the run is ``idle`` again with the earlier turns' patch intact.
+- :func:`lose_session`: a follow-up turn whose sandbox or agent process failed
+  (:data:`SESSION_LOSSES`: the sandbox stopped, the agent died or broke) ends the session but not
+  the run, when its durable state was kept: the turn is ``failed`` with its ``error``, the run
+  ``idle`` with the error, no sandbox (``sessionActive`` false, ``sessionEndReason``
+  ``sandbox_lost``) and the earlier turns' patch; the next message restores the session from the
+  last kept turn (``runs/restore.py``). Without kept state the run fails as before.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from critique_local.errors import AgentError, ErrorCode, RunFailure, SandboxErro
 from critique_local.repos.workrepo import RunRepo
 from critique_local.runs import durable
 from critique_local.runs.restore import put_tree
-from critique_local.runs.states import Phase, RunStatus
+from critique_local.runs.states import Phase, RunStatus, SessionEnd
 from critique_local.sandboxes.base import Sandbox
 from critique_local.services import Services
 from critique_local.store import runs as store
@@ -32,11 +37,21 @@ from critique_local.store.runs import RunRow
 log = logging.getLogger(__name__)
 
 TURN_FAILURES = frozenset({ErrorCode.MODEL_ERROR, ErrorCode.PATCH_TOO_LARGE})
+# the sandbox or the agent process failed (stopped, removed, killed by its limits, unreachable, or
+# broken): the sandbox cannot be trusted any more, a restore from the last kept turn can
+SESSION_LOSSES = frozenset({ErrorCode.SANDBOX_GONE, ErrorCode.SANDBOX_ERROR, ErrorCode.AGENT_UNREACHABLE,
+                            ErrorCode.AGENT_ERROR, ErrorCode.OUT_OF_MEMORY, ErrorCode.PROCESS_LIMIT})
 
 
 def turn_failure(exc: RunFailure, idx: int) -> bool:
     """Whether ``exc`` ends only turn ``idx`` (a follow-up: a first turn has nothing to keep)."""
     return idx > 1 and exc.code in TURN_FAILURES
+
+
+def session_lost(code: ErrorCode, idx: int) -> bool:
+    """Whether a failure with ``code`` of turn ``idx`` ends only the session (a follow-up whose
+    sandbox or agent failed); the caller also checks that the run's state was kept."""
+    return idx > 1 and code in SESSION_LOSSES
 
 
 async def save_state(s: Services, run: RunRow, agent: Agent, idx: int) -> None:
@@ -88,3 +103,30 @@ async def fail_turn(s: Services, run: RunRow, sandbox: Sandbox, agent: Agent, id
     assert current is not None
     await transition(s, current, RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, error_code=exc.code.value,
                      error_message=message, session_expires_at=expires)
+
+
+async def lose_session(s: Services, run_id: str, idx: int, code: ErrorCode, message: str,
+                       transition: Any) -> None:
+    """Turn ``idx`` failed with ``code`` (see :func:`session_lost`) and its sandbox is already
+    removed: the turn is ``failed`` with its error, the session ends (``sandbox_lost``) and the
+    run is ``idle`` with the error and the earlier turns' results, until the next message
+    restores it or ``sandbox.idle_timeout_s`` completes it. Needs a restore point
+    (``Restorer.restorable``)."""
+    point = await sessions_store.restore_point(s.db, run_id)
+    run = await store.get_run(s.db, run_id)
+    assert point is not None and run is not None
+    if run.status is not RunStatus.RUNNING:  # cancelled (or ended) in the meantime
+        return
+    message = s.redactor.clean(message, run_id)
+    log.info("run %s turn %d lost its session: %s: %s", run_id, idx, code, message)
+    await s.hub.builder(run_id, {"type": "error", "code": code, "message": message, "turn": idx})
+    # the turn's tree is the one a restore puts back: the next turn's changes are counted from it
+    await store.update_turn(s.db, run_id, idx, status="failed", error_code=code.value, error_message=message,
+                            tree=point[1], finished_at=now_iso())
+    await s.hub.builder(run_id, {
+        "type": "session.ended", "reason": SessionEnd.SANDBOX_LOST.value,
+        "message": f"the turn's sandbox or agent failed; the next message restores the session from turn {point[0]}"})
+    expires = iso(now() + timedelta(seconds=s.settings.sandbox.idle_timeout_s))
+    await transition(s, run, RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, error_code=code.value, error_message=message,
+                     sandbox_id=None, paused_at=None, session_end_reason=SessionEnd.SANDBOX_LOST.value,
+                     session_expires_at=expires)

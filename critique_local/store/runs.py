@@ -329,7 +329,7 @@ async def idle_sessions(db: Database) -> list[tuple[str, str]]:
     """(run id, user id) of every idle run holding a sandbox (not paused), least recently used
     (longest idle) first."""
     rows = await db.all("SELECT id, user_id FROM runs WHERE status = 'idle' AND paused_at IS NULL "
-                        "ORDER BY updated_at, seq")
+                        "AND sandbox_id IS NOT NULL ORDER BY updated_at, seq")
     return [(str(r[0]), str(r[1])) for r in rows]
 
 

@@ -90,9 +90,9 @@ async def create_fork(db: Database, new: NewRun, source: RunRow, turn: int, prom
 
 
 async def pausable(db: Database, idle_before: str) -> list[str]:
-    """Idle runs, not paused, idle since before ``idle_before`` (ISO time)."""
-    rows = await db.all("SELECT id FROM runs WHERE status = 'idle' AND paused_at IS NULL AND updated_at <= ? "
-                        "ORDER BY updated_at", (idle_before,))
+    """Idle runs holding a sandbox, not paused, idle since before ``idle_before`` (ISO time)."""
+    rows = await db.all("SELECT id FROM runs WHERE status = 'idle' AND paused_at IS NULL AND sandbox_id IS NOT NULL "
+                        "AND updated_at <= ? ORDER BY updated_at", (idle_before,))
     return [str(r[0]) for r in rows]
 
 

@@ -152,6 +152,34 @@ def test_a_failed_follow_up_keeps_the_session(api: httpx.Client, failing: str, c
     assert "+from turn one" in patch and "+three" in patch
 
 
+def test_a_follow_up_that_loses_its_sandbox_leaves_the_run_idle_for_a_restore(api: httpx.Client) -> None:
+    run = idle_run(api)
+    resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@sleep 600\n@say never"})
+    assert resp.status_code == 202
+    deadline = time.monotonic() + 300
+    while api.get(f"{RUNS}/{run['id']}").json()["run"]["firstModelCallAt"] is None:  # turn 2's, in the sleep
+        assert time.monotonic() < deadline, "turn 2 never called the model"
+        time.sleep(0.2)
+    remove_sandbox(run["id"])  # mid-turn, from outside
+    lost = wait_for(api, run["id"], {"idle", "failed", "completed"})
+    assert lost["status"] == "idle" and lost["error"]["code"] == "sandbox_gone", lost["error"]
+    assert lost["sessionActive"] is False and lost["sessionEndReason"] == "sandbox_lost"
+    assert lost["sessionExpiresAt"] is None and "send_message" in lost["nextActions"]
+    assert lost["turns"][1]["status"] == "failed" and lost["turns"][1]["error"]["code"] == "sandbox_gone"
+    assert lost["changedPaths"] == ["a.txt"] and lost["summary"] == "wrote a.txt"
+    assert "+from turn one" in api.get(f"{RUNS}/{run['id']}/patch").text
+    assert our_containers(run["id"]) == []
+    third = follow_up(api, run["id"], "@bash cat a.txt\n@history")  # the same run id, restored
+    assert "from turn one" in bash_outputs(api, run["id"])[-1]
+    # turn 1's transcript and this prompt: turn 2's went with its sandbox
+    assert third["summary"].startswith("history: 2 user messages,"), third["summary"]
+    assert third["turnCount"] == 3 and third["turns"][2]["status"] == "completed" and third["error"] is None
+    assert third["sessionActive"] is True and third["sessionEndReason"] is None
+    assert third["changedPaths"] == ["a.txt"] and len(our_containers(run["id"])) == 1
+    restored = [e for e in events_of(api, run["id"]) if e["type"] == "session.restored"]
+    assert restored and restored[-1]["reason"] == "sandbox_lost" and restored[-1]["fromTurn"] == 1
+
+
 def test_an_expired_session_is_restored(tmp_path: Path) -> None:
     server = _server(tmp_path, CRITIQUE_LOCAL_SANDBOX_IDLE_TIMEOUT_S="3")
     server.start()
