@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from critique_local.errors import ErrorCode
 from critique_local.repos.names import ref_problem, repository_name_problem
 from critique_local.repos.workrepo import Numstat, parse_numstat
 from critique_local.runs.intent import classify
 from critique_local.runs.states import IllegalTransition, Phase, RunStatus, check_transition, lifecycle_of
+from critique_local.runs.turnstate import session_lost
 
 
 @pytest.mark.parametrize(("prompt", "intent"), [
@@ -53,6 +55,19 @@ def test_lifecycle_table(status: RunStatus, phase: Phase, end: str | None, chain
         assert (lc.awaiting_follow_up, lc.can_follow_up, lc.session_active) == (
             awaiting, can, status is RunStatus.IDLE and end is None)
         assert set(lc.next_actions) == actions | ({"get_patch"} if has_patch else set())
+
+
+@pytest.mark.parametrize(("code", "idx", "lost"), [
+    (ErrorCode.SANDBOX_GONE, 2, True),
+    (ErrorCode.AGENT_UNREACHABLE, 3, True),
+    (ErrorCode.OUT_OF_MEMORY, 2, True),
+    (ErrorCode.SANDBOX_GONE, 1, False),  # a first turn has nothing to restore: the run fails
+    (ErrorCode.MODEL_ERROR, 2, False),  # the turn's own failure: the sandbox stays
+    (ErrorCode.TURN_TIMEOUT, 2, False),
+    (ErrorCode.INTERNAL_ERROR, 2, False),
+])
+def test_which_failures_end_only_the_session(code: ErrorCode, idx: int, lost: bool) -> None:
+    assert session_lost(code, idx) is lost
 
 
 def test_terminal_states_are_final() -> None:
