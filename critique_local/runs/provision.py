@@ -21,6 +21,7 @@ from critique_local.clock import ms_between, now_iso
 from critique_local.envs.builder import Environments
 from critique_local.errors import AgentError, ErrorCode, RunFailure, SandboxError
 from critique_local.repos import checkout
+from critique_local.runs import envstart
 from critique_local.runs.mcp_servers import relay_servers
 from critique_local.runs.network import network_policy, proxy_env
 from critique_local.runs.pool import WarmPool, launch_config
@@ -60,22 +61,9 @@ class Provisioner:
                                           run.base_ref, settings.server.data_dir, self.s.mirrors)
         t_checkout = time.monotonic()
         mode = network_policy(settings, run.spec.network)[0]
-        warm = env = None
         try:
-            env_plan = await self.envs.plan(run, prepared)  # None: the repository declares no setup
-            env_key = env_plan.key if env_plan is not None and env_plan.setup is not None else None
-            if self.pool is not None and self.pool.eligible(run.model_id, mode) and (
-                    env_plan is None or env_key is not None):
-                warm = await self.pool.take(prepared.key, env_key)
-                if warm is not None and env_plan is not None:  # started from the kept environment
-                    env = await self.envs.reused(env_plan, run)
-                    if env is None:  # removed meanwhile (envs prune)
-                        await self.s.backend.destroy(warm.sandbox.id)
-                        warm = None
-            if env_plan is not None and env_plan.setup is not None and env is None:
-                env = await self.envs.ensure(env_plan, run, prepared.tar_path)
-                if env.status == "built" and self.pool is not None:
-                    self.pool.wake()  # pool.environments may want sandboxes of it
+            start = await envstart.origin(self.s, self.envs, self.pool, run, prepared, mode)
+            warm, env = start.warm, start.env
             t_env = time.monotonic()
             token = warm.token if warm else new_token(SANDBOX_TOKEN_PREFIX)
             password = warm.password if warm else secrets.token_urlsafe(24)
@@ -94,7 +82,7 @@ class Provisioner:
                 await self.s.backend.adopt(sandbox.id, run.id)
             else:
                 sandbox = await self.s.backend.create(SandboxSpec(run.id, run.user_id, network_mode=mode,
-                                                                  environment=env.ref if env else None))
+                                                                  environment=start.environment))
                 job.sandbox_id, started = sandbox.id, now_iso()
                 await store.update_run(self.s.db, run.id, sandbox_id=sandbox.id, sandbox_started_at=started)
             job.sandbox = sandbox
@@ -107,14 +95,12 @@ class Provisioner:
             await asyncio.shield(checkout.discard(prepared))
         run = dataclasses.replace(run, base_commit=prepared.base_commit, base_ref=prepared.base_ref,
                                   base_branch=prepared.base_branch, sandbox_id=sandbox.id, sandbox_started_at=started)
-        if env_plan is not None and env_plan.start is not None and warm is None:  # a warm one ran it
-            await self.s.hub.builder(run.id, {"type": "start.finished", **await self.envs.start(
-                sandbox, env_plan, self.network_env(run, token))})
+        await envstart.start_script(self.s, self.envs, start, run, sandbox, self.network_env(run, token))
         await self.s.hub.builder(run.id, {
             "type": "sandbox.ready", "warm": warm is not None, "preloaded": preloaded,
             "checkoutMs": round((t_checkout - t0) * 1000), "sandboxMs": round((t_sandbox - t_env) * 1000),
             "uploadMs": round((t_upload - t_sandbox) * 1000),
-            **({"environment": env.event(), "environmentMs": round((t_env - t_checkout) * 1000)} if env else {})})
+            **({**start.event(), "environmentMs": round((t_env - t_checkout) * 1000)} if env else {})})
         harness = self.s.harness
         if warm is not None:
             job.agent = await harness.attach(sandbox, password)

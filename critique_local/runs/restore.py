@@ -1,7 +1,9 @@
 """Rebuilding a session from its durable turn state (``runs/durable.py``): a new sandbox with the
 workspace at a turn's tree and the agent's transcript imported. Used when a message reaches an
 idle run whose sandbox expired, was removed, was lost to a restart or was paused (Docker), and
-when a run is forked at a turn.
+when a run is forked at a turn. The new sandbox starts from the environment the run's checkout
+needs, as the run's first one did (``runs/envstart.py``: the kept one, or built again when it
+was removed meanwhile), and ``.critique/start.sh`` runs on the restored tree.
 
 The tree is put in place the way a plan turn is undone (``runs/plan_guard.py``), with a git the
 agent cannot configure: the server sends the tree's files (``git archive`` from the run's own
@@ -26,7 +28,7 @@ from critique_local.errors import ErrorCode, RunFailure, SandboxError
 from critique_local.repos import checkout
 from critique_local.repos.checkout import NEUTRAL_ATTRIBUTES
 from critique_local.repos.workrepo import RunRepo
-from critique_local.runs import durable
+from critique_local.runs import durable, envstart
 from critique_local.runs.mcp_servers import relay_servers
 from critique_local.runs.network import network_policy
 from critique_local.runs.plan_guard import discard_changes
@@ -174,24 +176,26 @@ class Restorer:
         t_checkout = time.monotonic()
         mode = network_policy(settings, run.spec.network)[0]
         mcp = relay_servers(s.gateway_url, run.spec)
-        pool = self.provisioner.pool
-        # a warm sandbox has the agent running already (and maybe this checkout): the restore's
-        # largest costs gone
-        warm = await pool.take(prepared.key) if pool is not None and pool.eligible(run.model_id, mode) and not mcp \
-            else None
-        token = warm.token if warm else new_token(SANDBOX_TOKEN_PREFIX)
-        password = warm.password if warm else secrets.token_urlsafe(24)
-        s.redactor.add(token, run.id)
         try:
             if prepared.base_commit != run.base_commit:
                 raise RunFailure(ErrorCode.CHECKOUT_FAILED, "the run's base commit is no longer available")
+            # the environment the checkout needs (kept, else built again), and a warm sandbox of it
+            # when one fits: it has the agent running already (and maybe this checkout)
+            start = await envstart.origin(s, self.provisioner.envs, self.provisioner.pool, run, prepared, mode,
+                                          warm_ok=not mcp)
+            warm = start.warm
+            t_env = time.monotonic()
+            token = warm.token if warm else new_token(SANDBOX_TOKEN_PREFIX)
+            password = warm.password if warm else secrets.token_urlsafe(24)
+            s.redactor.add(token, run.id)
             await store.update_run(s.db, run.id, sandbox_token_hash=token_hash(token),
                                    sandbox_token=s.box.seal(token, f"{run.id}:token"))
             if warm is not None:
                 sandbox = warm.sandbox
                 await s.backend.adopt(sandbox.id, run.id)
             else:
-                sandbox = await s.backend.create(SandboxSpec(run.id, run.user_id, network_mode=mode))
+                sandbox = await s.backend.create(SandboxSpec(run.id, run.user_id, network_mode=mode,
+                                                             environment=start.environment))
             job.sandbox_id, started = sandbox.id, now_iso()
             await store.update_run(s.db, run.id, sandbox_id=sandbox.id, sandbox_started_at=started)
             job.sandbox = sandbox
@@ -206,6 +210,9 @@ class Restorer:
         async def tree_in_place() -> None:
             await put_tree(sandbox, self.repo(run.id), tree)
             done["tree"] = time.monotonic()
+            # on the turn's tree, as at the run's first start (a warm sandbox ran it already)
+            await envstart.start_script(s, self.provisioner.envs, start, run, sandbox,
+                                        self.provisioner.network_env(run, token))
 
         async def agent_up() -> None:
             if warm is not None:
@@ -240,7 +247,8 @@ class Restorer:
                                agent_secret=sealed, agent_ready_at=ready, paused_at=None)
         await s.hub.builder(run.id, {
             "type": "session.restored", "reason": reason, "fromTurn": turn, "warm": warm is not None, "messages": durable.message_count(state),
-            "checkoutMs": ms(t0, t_checkout), "sandboxMs": ms(t_checkout, t_sandbox), "uploadMs": ms(t_sandbox, t_upload),
+            "checkoutMs": ms(t0, t_checkout), **start.event(), "environmentMs": ms(t_checkout, t_env),
+            "sandboxMs": ms(t_env, t_sandbox), "uploadMs": ms(t_sandbox, t_upload),
             # tree and agent run side by side from the upload on; the import follows the agent
             "treeMs": ms(t_upload, done["tree"]), "agentMs": ms(t_upload, done["agent"]),
             "importMs": ms(done["agent"], t_import), "totalMs": ms(t0, t_import)})

@@ -77,8 +77,9 @@ async def delete(db: Database, key: str) -> None:
 
 
 async def record_run(db: Database, run_id: str, key: str, status: str, build_ms: int | None) -> None:
-    """``status``: built | joined | reused."""
-    await db.write("INSERT OR REPLACE INTO run_environments (run_id, env_key, status, build_ms) VALUES (?, ?, ?, ?)",
+    """``status``: built | joined | reused. The first one of a run stays (a restore of its session
+    does not change what the run started from)."""
+    await db.write("INSERT OR IGNORE INTO run_environments (run_id, env_key, status, build_ms) VALUES (?, ?, ?, ?)",
                    (run_id, key, status, build_ms))
 
 

@@ -24,7 +24,7 @@ import pytest
 from tests.e2b_standin import SNAPSHOT_REPOSITORY
 from tests.e2e.test_e2b_backend import calls as e2b_calls
 from tests.e2e.test_e2b_backend import e2b_server  # noqa: F401 - a fixture
-from tests.helpers import Server, free_port, git, make_repo, wait_for
+from tests.helpers import Server, free_port, git, make_repo, our_containers, wait_for
 
 pytestmark = pytest.mark.e2e
 RUNS = "/api/v1/coding-agent/runs"
@@ -84,10 +84,13 @@ class PackageIndex:
         return f"http://{INDEX_HOST}:{self.port}"
 
 
+SETUP_NEEDS_TOKEN = 'test -n "${REPO_TOKEN:-}" || { echo "setup has no REPO_TOKEN"; exit 3; }\n'
+
+
 def setup_script(index: PackageIndex) -> str:
     return (
         "set -eu\n"
-        'test -n "${REPO_TOKEN:-}" || { echo "setup has no REPO_TOKEN"; exit 3; }\n'
+        f"{SETUP_NEEDS_TOKEN}"
         "echo installing greetlib\n"
         f"python3 -c \"import urllib.request; urllib.request.urlretrieve('{index.url}/pip.whl', '/tmp/pip.whl')\"\n"
         "python3 /tmp/pip.whl/pip install --user --break-system-packages --no-cache-dir --disable-pip-version-check "
@@ -118,6 +121,14 @@ def env_server(tmp_path_factory: pytest.TempPathFactory, index: PackageIndex) ->
         ".gitignore": "build-output/\n",
         ".critique/setup.sh": setup_script(index),
         ".critique/test": 'test -n "$REPO_TOKEN" && test -f build-output/marker.txt && python3 -m pytest -q\n',
+        "test_greet.py": "from greetlib import greet\n\n\ndef test_greet():\n    assert greet() == 'hello from greetlib'\n",
+    })
+    make_repo(srv.repos, "acme/envkeep", {
+        "requirements.txt": f"--index-url {index.url}/simple\ngreetlib==1.0\n",
+        ".gitignore": "build-output/\n",
+        ".critique/setup.sh": setup_script(index).replace(SETUP_NEEDS_TOKEN, ""),
+        ".critique/start.sh": "echo started >> /tmp/start-marker\n",  # /tmp is not kept: it ran in this sandbox
+        ".critique/test": "test -f build-output/marker.txt && python3 -m pytest -q\n",
         "test_greet.py": "from greetlib import greet\n\n\ndef test_greet():\n    assert greet() == 'hello from greetlib'\n",
     })
     make_repo(srv.repos, "acme/envfail", {"README.md": "x\n", ".critique/setup.sh":
@@ -241,6 +252,54 @@ def test_setup_once_then_reuse_on_a_newer_commit_then_a_new_lockfile_builds_anew
     assert shown["key"] == newest and shown["stale"] is False and shown["lastUsedAt"] >= shown["createdAt"]
     env_server.cli("envs", "rebuild", newest[:12])  # the next run needing it runs setup again
     assert json.loads(env_server.cli("envs", "show", newest[:12]).stdout)["stale"] is True
+
+
+def message(api: Any, run_id: str, prompt: str) -> dict[str, Any]:
+    resp = api.post(f"{RUNS}/{run_id}/messages", json={"prompt": prompt})
+    assert resp.status_code == 202 and resp.json()["run"]["id"] == run_id, resp.text  # the same run
+    done = wait_for(api, run_id, {"idle", "failed", "completed"}, timeout_s=600)
+    assert done["status"] == "idle", done["error"]
+    return done
+
+
+def bash_output(api: Any, run_id: str) -> str:
+    return [e["output"] for e in events(api, run_id) if e.get("tool") == "bash" and "output" in e][-1]
+
+
+def test_a_restored_session_starts_from_the_run_environment_built_again_when_removed(env_server: Server) -> None:
+    """A session whose sandbox was removed is restored from the environment its checkout needs:
+    the package setup installed imports, start.sh ran in the new sandbox; when the kept
+    environment was marked for rebuild meanwhile, the restore builds it again."""
+    api = env_server.client(env_server.new_key("envs-restore"))
+    check = ("@bash echo start-lines=$(wc -l < /tmp/start-marker); python3 -c "
+             "'import greetlib; print(\"{tag}\", greetlib.greet())'\n@say checked")
+    first = wait_for(api, run_once(api, "acme/envkeep", "@say hi")["id"], {"idle", "failed", "completed"},
+                     timeout_s=600)
+    assert first["status"] == "idle" and first["validation"]["status"] == "passed", first
+    run_id, key = first["id"], first["environment"]["key"]
+    for turn, rebuilt in ((2, False), (3, True)):
+        if rebuilt:
+            env_server.cli("envs", "rebuild", key[:12])  # the next sandbox needing it runs setup again
+        boxes = our_containers(run_id)
+        assert len(boxes) == 1
+        subprocess.run(["docker", "rm", "-f", *boxes], check=True, capture_output=True)
+        done = message(api, run_id, check.format(tag=f"turn{turn}"))
+        assert done["turnCount"] == turn and done["validation"]["status"] == "passed", done["validation"]
+        assert f"turn{turn} hello from greetlib" in bash_output(api, run_id)
+        assert "start-lines=1" in bash_output(api, run_id)  # start.sh ran once, in this new sandbox
+        evs = events(api, run_id)
+        restored = of_type(evs, "session.restored")
+        assert len(restored) == turn - 1 and restored[-1]["reason"] == "sandbox_lost"
+        env = restored[-1]["environment"]
+        assert env["key"] == key and env["reused"] is (not rebuilt) and env["status"] == (
+            "built" if rebuilt else "reused")
+        assert (env["buildMs"] > 0) if rebuilt else env["buildMs"] is None
+        assert len(of_type(evs, "setup.started")) == 1 + rebuilt
+        assert len(of_type(evs, "start.finished")) == turn
+        assert our_containers(run_id) != boxes
+    assert done["environment"] == first["environment"]  # what the run started from
+    assert json.loads(env_server.cli("envs", "show", key[:12]).stdout)["stale"] is False
+    api.post(f"{RUNS}/{run_id}/messages", json={"endSession": True})
 
 
 @pytest.mark.parametrize(("repo", "expected"), [
