@@ -75,7 +75,10 @@ def listener_app(settings: Settings, routes: tuple[Route, ...], limiter: RateLim
     keys = KeyCache()  # one per listener: a poll costs no key lookup (revocation: within 1 s)
     app[VIEW_CACHE] = ViewCache()  # a poll of an unchanged run costs no database read
     for route in routes:
-        app.router.add_route(route.method, route.path, authenticated(route, DB, limiter, keys))
+        handler = authenticated(route, DB, limiter, keys)
+        app.router.add_route(route.method, route.path, handler)
+        if route.method == "GET" and not route.sse:  # HEAD: the same answer without its body (RFC 9110)
+            app.router.add_route("HEAD", route.path, handler)
     return app
 
 

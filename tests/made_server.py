@@ -45,6 +45,10 @@ def clean_copy(dest: Path) -> Path:
     assets = ROOT / "critique_local/ui/node_modules"
     if assets.is_dir():
         (dest / "critique_local/ui/node_modules").symlink_to(assets, target_is_directory=True)
+    # and the opencode binary the image build fetched from npm
+    for fetched in (ROOT / ".cache").glob("opencode-*"):
+        (dest / ".cache").mkdir(exist_ok=True)
+        (dest / ".cache" / fetched.name).symlink_to(fetched, target_is_directory=True)
     return dest
 
 

@@ -248,6 +248,15 @@ async def test_unknown_route_and_method_use_the_error_envelope(server: Contract,
         assert resp.status_code == 404 and error_of(resp)["code"] == "not_found"
         resp = await api.delete(RUNS)
         assert resp.status_code == 405 and error_of(resp)["code"] == "method_not_allowed"
+        assert set(resp.headers["Allow"].split(", ")) >= {"GET", "POST"}  # RFC 9110: a 405 says what is
+
+
+async def test_head_answers_every_get_route_without_a_body(server: Contract, alice: str) -> None:
+    async with server.client(alice) as api:
+        for path in ("/healthz", RUNS):
+            got, head = await api.get(path), await api.request("HEAD", path)
+            assert head.status_code == got.status_code == 200 and head.content == b""
+            assert head.headers["Content-Type"] == got.headers["Content-Type"]
 
 
 # ---- idempotency ---------------------------------------------------------------------------

@@ -42,9 +42,10 @@ async def error_middleware(
     except web.HTTPNotFound:
         err = NotFound(f"no route for {request.path}")
         return web.json_response(err.body(), status=err.status)
-    except web.HTTPMethodNotAllowed:
-        err = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
-        return web.json_response(err.body(), status=err.status)
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        err = MethodNotAllowed(f"{request.method} is not allowed on {request.path} (allowed: {allowed})")
+        return web.json_response(err.body(), status=err.status, headers={"Allow": allowed})
     except web.HTTPException as exc:
         if exc.status >= 400:
             return web.json_response({"error": {"code": exc.reason.lower().replace(" ", "_"),

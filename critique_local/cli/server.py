@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 from pathlib import Path
@@ -47,6 +48,12 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
         pass
     except InstanceInUse as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise click.ClickException(
+            f"{settings.server.host}:{settings.server.port} is already in use (another server?): choose another "
+            "port with --port, server.port or CRITIQUE_LOCAL_SERVER_PORT") from exc
 
 
 @click.group("config")

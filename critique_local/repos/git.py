@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -41,21 +42,44 @@ async def run_git_bytes(args: list[str], cwd: Path | None, env: dict[str, str], 
     try:
         out, err = await asyncio.wait_for(_communicate(proc, stdin, max_bytes), timeout_s)
     except OutputTooLarge:
-        proc.kill()
-        await proc.wait()
+        await _reap(proc)
         raise
     except TimeoutError as exc:
-        proc.kill()
-        await proc.wait()
+        await _reap(proc)
         raise RunFailure(ErrorCode.CLONE_TIMEOUT, f"git {args[0]} took longer than {timeout_s:.0f}s") from exc
     except BaseException:  # cancelled: a push must not land after its run was reported ended
-        proc.kill()
-        await asyncio.shield(proc.wait())
+        await asyncio.shield(_reap(proc))
         raise
     if proc.returncode not in ok_codes:
         command = next((a for a in args if not a.startswith("-") and "=" not in a), args[0])
         raise RunFailure(ErrorCode.GIT_ERROR, f"git {command} failed: {err.decode(errors='replace').strip()[-500:]}")
     return out
+
+
+REAP_TIMEOUT_S = 30.0
+log = logging.getLogger(__name__)
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Kill git and wait for it, within :data:`REAP_TIMEOUT_S`. On Python 3.11
+    ``Process.wait()`` returns only once every pipe of the process is closed (CPython's
+    ``BaseSubprocessTransport._call_connection_lost`` wakes its waiters), and a pipe whose reader
+    stopped early, paused by flow control with git's output still in it, never reads its end of
+    file: so what is left is read and dropped first. Without this a patch over its limit (git
+    killed mid-output) left the turn waiting forever."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+
+    async def drain(stream: asyncio.StreamReader | None) -> None:
+        if stream is not None:
+            with contextlib.suppress(RuntimeError, ConnectionError):  # RuntimeError: another task reads it
+                while await stream.read(65536):
+                    pass
+
+    try:
+        await asyncio.wait_for(asyncio.gather(drain(proc.stdout), drain(proc.stderr), proc.wait()), REAP_TIMEOUT_S)
+    except TimeoutError:
+        log.warning("git (pid %s) was killed but did not end within %.0f s", proc.pid, REAP_TIMEOUT_S)
 
 
 async def _communicate(proc: asyncio.subprocess.Process, stdin: bytes | None,

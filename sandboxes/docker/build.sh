@@ -16,12 +16,6 @@ BASE="${SANDBOX_BASE_IMAGE:-critique-local/base:bookworm}"
 PACKAGES="git,ca-certificates,python3,python3-pytest,ripgrep,procps,less"
 cache="$root/.cache"
 
-# Up to date already (same Dockerfile, opencode version and base image): nothing to fetch or copy.
-inputs_of() { (cat "$here/Dockerfile"; echo "$OPENCODE_VERSION"; docker image inspect -f '{{.Id}}' "$BASE") | sha256sum | cut -c1-16; }
-if docker image inspect "$BASE" >/dev/null 2>&1 && \
-   [ "$(docker image inspect -f '{{index .Config.Labels "critique.inputs"}}' "$IMAGE" 2>/dev/null || true)" = "$(inputs_of)" ]; then
-  exit 0
-fi
 mkdir -p "$cache"
 
 # 1. opencode
@@ -36,6 +30,14 @@ if [ ! -x "$oc_bin" ]; then
   [ -n "$found" ] || { echo "opencode binary not found in the npm package" >&2; exit 1; }
   mkdir -p "$oc_dir" && cp "$found" "$oc_bin" && chmod 755 "$oc_bin"
   rm -rf "$oc_dir.tmp"
+fi
+
+# Up to date already (same Dockerfile, opencode version and base image): nothing more to do. The
+# binary above is always there: bench/ runs it on the host beside the sandboxes.
+inputs_of() { (cat "$here/Dockerfile"; echo "$OPENCODE_VERSION"; docker image inspect -f '{{.Id}}' "$BASE") | sha256sum | cut -c1-16; }
+if docker image inspect "$BASE" >/dev/null 2>&1 && \
+   [ "$(docker image inspect -f '{{index .Config.Labels "critique.inputs"}}' "$IMAGE" 2>/dev/null || true)" = "$(inputs_of)" ]; then
+  exit 0
 fi
 
 # 2. base image
