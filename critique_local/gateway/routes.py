@@ -188,13 +188,16 @@ async def _scripted(request: web.Request, req: ChatRequest, raw: dict[str, Any],
         return web.json_response(body)
     include_usage = bool((raw.get("stream_options") or {}).get("include_usage"))
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    for chunk in wire.stream_chunks(req.model, reply, prompt_tokens, completion_tokens, include_usage):
-        meter.feed(chunk)
-        await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-    meter.feed({"usage": wire.usage(prompt_tokens, completion_tokens)})  # we know exactly what we served
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
+    try:
+        await resp.prepare(request)
+        for chunk in wire.stream_chunks(req.model, reply, prompt_tokens, completion_tokens, include_usage):
+            meter.feed(chunk)
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        meter.feed({"usage": wire.usage(prompt_tokens, completion_tokens)})  # we know exactly what we served
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+    except ConnectionResetError:  # the agent went away (its turn was aborted): no one listens any more
+        pass
     return resp
 
 
