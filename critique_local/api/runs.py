@@ -84,8 +84,11 @@ def _view_reads(run_id: str, *, patch: bool, events: bool, brief: bool) -> list[
 def _envelope_of(app: web.Application, run: RunRow, found: list[Any], *, brief: bool) -> RunEnvelope:
     turns, per_turn, stored_patch, event_rows, pull_request, environment = found
     turns = turns or []
+    redactor = app[SERVICES].redactor
     for turn in turns:
         turn["usage"] = per_turn.get(int(turn["index"]), billing.Usage()).view()
+        if turn.get("prompt"):  # shown back like the summary: no secret or token in it
+            turn["prompt"] = redactor.clean(turn["prompt"], run.id)
     return RunEnvelope(run=run_view(
         run, app[SERVICES].public_url,
         turns=turns,
