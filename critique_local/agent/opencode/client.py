@@ -29,7 +29,8 @@ def basic_auth(password: str, user: str = "opencode") -> dict[str, str]:
 
 MAX_REPLY_BYTES = 16_000_000  # the largest reply of one call (a turn's last message with its parts)
 MAX_EVENT_BYTES = 4_000_000  # the largest event; larger ones are dropped
-HEALTH_CALL_S = 10.0  # one health check
+HEALTH_FIRST_CALL_S = 0.5  # the first health check's time limit; doubled after each one that times out
+HEALTH_CALL_S = 10.0  # the longest a health check may take (a loaded machine)
 CALL_TIMEOUT_S = 30.0  # a whole call (connect, send, every byte of the reply), unless the call says otherwise
 
 
@@ -81,18 +82,29 @@ class OpenCodeClient:
 
     async def wait_healthy(self, timeout_s: float) -> None:
         """Return once ``GET /global/health`` answers healthy; raise ``AgentError``
-        (``agent_start_timeout``) after ``timeout_s`` seconds. One slow answer (a loaded machine)
-        may take up to 10 s of that time."""
+        (``agent_start_timeout``) after ``timeout_s`` seconds.
+
+        A request that reaches ``opencode serve`` (1.18) while it is still starting can be
+        accepted and never answered, while the next one is answered at once (measured here: a
+        first check with a 10 s limit hung all 10 s, one sent a second later answered in 40 ms).
+        So each check has a short limit (:data:`HEALTH_FIRST_CALL_S`), doubled after each check
+        that times out, up to :data:`HEALTH_CALL_S` for a loaded machine; a refused connection
+        (not listening yet) is retried every 0.1 s. The whole wait stays within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         last = "no answer"
+        call_s = HEALTH_FIRST_CALL_S
         while (left := deadline - time.monotonic()) > 0:
-            try:  # a loaded machine can take seconds to answer; the whole wait stays within timeout_s
-                health = await self._json("GET", "/global/health", timeout_s=min(HEALTH_CALL_S, max(left, 0.5)))
+            limit = min(call_s, max(left, 0.1))
+            started = time.monotonic()
+            try:
+                health = await self._json("GET", "/global/health", timeout_s=limit)
                 if isinstance(health, dict) and health.get("healthy") is True:
                     return
                 last = "not healthy"
             except AgentError as exc:
                 last = str(exc)[:200]
+                if time.monotonic() - started >= limit * 0.9:  # timed out, not refused: allow longer
+                    call_s = min(call_s * 2, HEALTH_CALL_S)
             await asyncio.sleep(0.1)
         raise AgentError(f"OpenCode did not become healthy within {timeout_s:.0f}s ({last})", ErrorCode.AGENT_START_TIMEOUT)
 
