@@ -158,10 +158,14 @@ def main() -> None:
     opencode = next((ROOT / ".cache").glob("opencode-*/opencode"))
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     result: dict[str, Any] = {"machine": machine(), "runs": args.runs}
-    rows: dict[str, list[dict[str, Any]]] = {"cold": [], "pool": [], "bare": []}
+    rows: dict[str, list[dict[str, Any]]] = {"cold": [], "pool": [], "repo": [], "bare": []}
     configs = [("pool", {"CRITIQUE_LOCAL_POOL_SIZE": "1", "CRITIQUE_LOCAL_POOL_MAX_SIZE": str(args.pool_max)})]
     if not args.smoke:  # the cold path is the pool-off path of every other e2e test
         configs.insert(0, ("cold", {}))
+        # the pool holding the repository's checkout (pool.repositories): OpenCode's per-directory
+        # start is paid by the pooled sandbox's warm-up turn in /workspace, before the run claims it
+        configs.insert(1, ("repo", {"CRITIQUE_LOCAL_POOL_SIZE": "0",
+                                    "CRITIQUE_LOCAL_POOL_REPOSITORIES": '{"bench/small": 1}'}))
     try:
         for name, env in configs:
             server = Server(work / name, extra_env={**NO_RATE_LIMIT, **env,
@@ -174,9 +178,9 @@ def main() -> None:
                     if not args.smoke:
                         one_run(api)  # warm-up: image layers, page cache, mirror
                     for _ in range(args.runs):
-                        if name == "pool":
+                        if name in ("pool", "repo"):
                             wait_warm(server, 1)
-                        rows[name].append(one_run(api, follow_up=name == "pool"))
+                        rows[name].append(one_run(api, follow_up=name in ("pool", "repo")))
                 if name == "pool":
                     proc, base = start_bare(server, key, repo, opencode, work / "bare")
                     try:
@@ -203,10 +207,13 @@ def main() -> None:
                             for m in ("ready_ms", "first_call_ms", "idle_ms", "follow_up_first_call_ms")
                             if any(m in s for s in samples)}
     result["ratio_idle_pool_over_bare"] = result["pool"]["idle_ms"]["median"] / result["bare"]["idle_ms"]["median"]
+    if "repo" in result:
+        result["ratio_idle_repo_pool_over_bare"] = (result["repo"]["idle_ms"]["median"]
+                                                    / result["bare"]["idle_ms"]["median"])
     write("run-bench", result, args.smoke)
     print(f"N={args.runs} one-step runs ({PROMPT!r}) per set-up; {load_note(result)}")
     print(f"{'':48}{'median':>9}{'p90':>9}{'min':>9}{'max':>9}")
-    for name, label in (("cold", "pool off"), ("pool", "warm pool (size 1)")):
+    for name, label in (("cold", "pool off"), ("pool", "warm pool (size 1)"), ("repo", "pool with the repo")):
         for metric, what in (*METRICS, ("follow_up_first_call_ms", "warm follow-up: message -> 1st call")):
             s = result.get(name, {}).get(metric)
             if s:
@@ -215,6 +222,9 @@ def main() -> None:
     print(f"{'bare opencode serve':<20}{'new session + turn (warm)':<28}{s['median']:>9.0f}{s['p90']:>9.0f}"
           f"{s['min']:>9.0f}{s['max']:>9.0f}")
     print(f"POST -> idle, warm pool / bare warm opencode (median): {result['ratio_idle_pool_over_bare']:.2f}x")
+    if "ratio_idle_repo_pool_over_bare" in result:
+        print(f"POST -> idle, pool with the repo / bare warm opencode (median): "
+              f"{result['ratio_idle_repo_pool_over_bare']:.2f}x")
     b = result["burst"]
     print(f"burst of {b['runs']} at once ({b['warm']} found a warm sandbox, wall {b['wall_s']:.1f} s): POST -> first "
           f"model call median {b['first_call_ms']['median']:.0f} ms, p90 {b['first_call_ms']['p90']:.0f}, "
