@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import NO_RATE_LIMIT, add_smoke, load_note, machine, write  # noqa: E402
-from tests.helpers import Server, make_repo  # noqa: E402
+from tests.helpers import Server, free_port, make_repo  # noqa: E402
 
 RUNS = "/api/v1/coding-agent/runs"
 
@@ -137,6 +138,71 @@ def bare_server(body: bytes) -> tuple[str, web.AppRunner, asyncio.AbstractEventL
     return f"http://127.0.0.1:{holder['port']}/run", holder["runner"], loop
 
 
+BARE_SSE = r"""
+import asyncio, json, sys
+from datetime import datetime, timezone
+from aiohttp import web
+streams, events, interval = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+subscribers: dict[int, list[web.StreamResponse]] = {i: [] for i in range(streams)}
+start, done = asyncio.Event(), asyncio.Event()
+
+async def stream(request):
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    subscribers[int(request.match_info["n"])].append(resp)
+    await done.wait()
+    return resp
+
+async def go(request):
+    start.set()
+    return web.Response(text="ok")
+
+async def emit(app):
+    async def run():
+        await start.wait()
+        for i in range(events):
+            for n, subs in subscribers.items():
+                data = json.dumps({"id": i, "createdAt": datetime.now(timezone.utc).isoformat(), "data": {"n": n}})
+                for resp in subs:
+                    await resp.write(f"id: {i}\ndata: {data}\n\n".encode())
+            await asyncio.sleep(interval)
+        done.set()
+    task = asyncio.create_task(run())
+    yield
+    task.cancel()
+
+app = web.Application()
+app.router.add_get("/s/{n}", stream)
+app.router.add_post("/go", go)
+app.cleanup_ctx.append(emit)
+print(sys.argv[4], flush=True)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[4]), print=None, access_log=None)
+"""
+
+
+def bare_sse(streams: int, subscribers: int, events: int, interval_s: float = 0.1) -> dict[str, float]:
+    """The floor for SSE fan-out on this machine: a bare aiohttp server in its own process writing
+    ``events`` small events on each of ``streams`` streams, to the same client as ours."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", BARE_SSE, str(streams), str(events), str(interval_s), str(port)],
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+
+        async def go() -> None:
+            async with httpx.AsyncClient() as c:
+                await c.post(f"http://127.0.0.1:{port}/go")
+
+        async def measure() -> dict[str, float]:
+            return await fan_out(f"http://127.0.0.1:{port}", "-", [f"/s/{i}" for i in range(streams)], subscribers, go)
+
+        return asyncio.run(measure())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def proc_stats(pid: int) -> tuple[float, int]:
     """(CPU seconds, RSS bytes) of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -145,18 +211,21 @@ def proc_stats(pid: int) -> tuple[float, int]:
     return cpu, rss
 
 
-async def fan_out(server: Server, key: str, run_ids: list[str], subscribers: int) -> dict[str, float]:
+async def fan_out(base_url: str, key: str, paths: list[str], subscribers: int,
+                  on_connected: Callable[[], Awaitable[None]] | None = None) -> dict[str, float]:
+    """``subscribers`` SSE clients in this process over ``paths`` (round robin); the lag of each
+    event created after all connected: receive time minus its ``createdAt``."""
     lags: list[float] = []
     connected = 0
     all_connected = asyncio.Event()
     limits = httpx.Limits(max_connections=subscribers + 10, max_keepalive_connections=0)
 
-    async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, limits=limits,
+    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, limits=limits,
                                  timeout=httpx.Timeout(30, read=120)) as client:
 
-        async def subscribe(run_id: str) -> None:
+        async def subscribe(path: str) -> None:
             nonlocal connected
-            async with client.stream("GET", f"{RUNS}/{run_id}/stream", params={"after": "0"}) as resp:
+            async with client.stream("GET", path, params={"after": "0"}) as resp:
                 connected += 1
                 if connected == subscribers:
                     all_connected.set()
@@ -173,9 +242,11 @@ async def fan_out(server: Server, key: str, run_ids: list[str], subscribers: int
                         data = ""
 
         connected_at = [time.time() + 3600]
-        tasks = [asyncio.create_task(subscribe(run_ids[i % len(run_ids)])) for i in range(subscribers)]
+        tasks = [asyncio.create_task(subscribe(paths[i % len(paths)])) for i in range(subscribers)]
         await asyncio.wait_for(all_connected.wait(), 120)
         connected_at[0] = time.time()
+        if on_connected is not None:
+            await on_connected()
         await asyncio.wait(tasks, timeout=300)
         for task in tasks:
             task.cancel()
@@ -232,7 +303,9 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise RuntimeError("run did not start")
                 time.sleep(0.1)
-        result["sse"] = asyncio.run(fan_out(server, key, active, args.subscribers))
+        result["sse"] = asyncio.run(fan_out(server.url, key, [f"{RUNS}/{r}/stream" for r in active], args.subscribers))
+        events = max(1, round(result["sse"]["events_measured"] / args.subscribers))
+        result["sse_bare"] = bare_sse(len(active), args.subscribers, events)
         for run_id in active:
             wait_status(api, run_id, {"idle", "failed"})
             api.post(f"{RUNS}/{run_id}/messages", json={"endSession": True})
@@ -280,6 +353,9 @@ def main() -> None:
     s = result["sse"]
     print(f"SSE {s['subscribers']} subscribers: lag p50 {s['p50_ms']:.1f} ms p99 {s['p99_ms']:.1f} ms "
           f"over {s['events_measured']} deliveries")
+    b = result["sse_bare"]
+    print(f"SSE bare aiohttp, same client: lag p50 {b['p50_ms']:.1f} ms p99 {b['p99_ms']:.1f} ms "
+          f"over {b['events_measured']} deliveries")
     c = result["concurrency"]
     print(f"{c['runs']} concurrent runs: wall {c['wall_s']:.1f} s (one alone {c['single_run_s']:.1f} s), "
           f"{len(c['failures'])} failures, server CPU {c['server_cpu_s']:.1f} s, peak RSS {c['server_peak_rss_mb']:.0f} MB")
