@@ -56,6 +56,7 @@ async def hostile() -> AsyncIterator[tuple[OpenCodeClient, dict[str, object]]]:
         if mode.get("health_hangs", 0):  # opencode serve 1.18 can leave a check sent while it starts unanswered
             mode["health_hangs"] = int(str(mode["health_hangs"])) - 1
             await stop.wait()
+        await asyncio.sleep(float(str(mode.get("health_delay_s", 0))))
         return web.json_response(mode["health"])
 
     async def events(request: web.Request) -> web.StreamResponse:
@@ -164,6 +165,13 @@ async def test_a_health_check_left_unanswered_is_retried_without_waiting_out_the
     await client.wait_healthy(60)
     assert time.monotonic() - started < HEALTH_CALL_S
     assert mode["health_hangs"] == 0
+
+
+async def test_a_slow_health_answer_still_counts(hostile: tuple[OpenCodeClient, dict[str, object]]) -> None:
+    """A loaded machine may take seconds to answer; a check is not abandoned for a newer one."""
+    client, mode = hostile
+    mode["health"], mode["health_delay_s"] = {"healthy": True}, 2.0
+    await client.wait_healthy(30)
 
 
 async def test_health_checks_that_always_hang_end_at_the_deadline(

@@ -29,8 +29,8 @@ def basic_auth(password: str, user: str = "opencode") -> dict[str, str]:
 
 MAX_REPLY_BYTES = 16_000_000  # the largest reply of one call (a turn's last message with its parts)
 MAX_EVENT_BYTES = 4_000_000  # the largest event; larger ones are dropped
-HEALTH_FIRST_CALL_S = 0.5  # the first health check's time limit; doubled after each one that times out
-HEALTH_CALL_S = 10.0  # the longest a health check may take (a loaded machine)
+HEALTH_CALL_S = 10.0  # the longest one health check may take (a loaded machine)
+HEALTH_EVERY_S = 0.5  # a new health check while earlier ones are still unanswered
 CALL_TIMEOUT_S = 30.0  # a whole call (connect, send, every byte of the reply), unless the call says otherwise
 
 
@@ -84,28 +84,36 @@ class OpenCodeClient:
         """Return once ``GET /global/health`` answers healthy; raise ``AgentError``
         (``agent_start_timeout``) after ``timeout_s`` seconds.
 
-        A request that reaches ``opencode serve`` (1.18) while it is still starting can be
-        accepted and never answered, while the next one is answered at once (measured here: a
-        first check with a 10 s limit hung all 10 s, one sent a second later answered in 40 ms).
-        So each check has a short limit (:data:`HEALTH_FIRST_CALL_S`), doubled after each check
-        that times out, up to :data:`HEALTH_CALL_S` for a loaded machine; a refused connection
-        (not listening yet) is retried every 0.1 s. The whole wait stays within ``timeout_s``."""
+        A request that reaches ``opencode serve`` (1.18) after it listens but before it is ready
+        is accepted and never answered, while one sent later is answered at once (measured here:
+        quiet, a check sent 1.7 s after the start hung for its whole 10 s limit while one sent a
+        second later was answered in 40 ms; at load 8-16 that window lasted 10-16 s). So checks
+        overlap: a new one every :data:`HEALTH_EVERY_S` while earlier ones wait (each up to
+        :data:`HEALTH_CALL_S`, as a loaded machine may answer slowly), every 0.1 s while
+        connections are refused; the first healthy answer wins and the rest are cancelled."""
         deadline = time.monotonic() + timeout_s
         last = "no answer"
-        call_s = HEALTH_FIRST_CALL_S
-        while (left := deadline - time.monotonic()) > 0:
-            limit = min(call_s, max(left, 0.1))
-            started = time.monotonic()
-            try:
-                health = await self._json("GET", "/global/health", timeout_s=limit)
-                if isinstance(health, dict) and health.get("healthy") is True:
-                    return
-                last = "not healthy"
-            except AgentError as exc:
-                last = str(exc)[:200]
-                if time.monotonic() - started >= limit * 0.9:  # timed out, not refused: allow longer
-                    call_s = min(call_s * 2, HEALTH_CALL_S)
-            await asyncio.sleep(0.1)
+        pending: set[asyncio.Task[Any]] = set()
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                pending.add(asyncio.create_task(
+                    self._json("GET", "/global/health", timeout_s=min(HEALTH_CALL_S, max(left, 0.1)))))
+                done, pending = await asyncio.wait(pending, timeout=min(HEALTH_EVERY_S, left),
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for check in done:
+                    try:
+                        health = check.result()
+                    except AgentError as exc:
+                        last = str(exc)[:200]
+                        continue
+                    if isinstance(health, dict) and health.get("healthy") is True:
+                        return
+                    last = "not healthy"
+                await asyncio.sleep(0.1)
+        finally:
+            for check in pending:
+                check.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         raise AgentError(f"OpenCode did not become healthy within {timeout_s:.0f}s ({last})", ErrorCode.AGENT_START_TIMEOUT)
 
     async def create_session(self, title: str, directory: str | None = None) -> str:
