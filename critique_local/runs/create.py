@@ -155,12 +155,8 @@ async def create(
 async def _insert(s: Services, new: store.NewRun, idempotency: tuple[str, str] | None,
                   chained_from: store.RunRow | None = None) -> store.Created:
     """Store a queued run with its first turn (``store.create_run``); a chained one is linked
-    both ways with the run it continues."""
-    result = await store.create_run(s.db, new, idempotency)
-    if result.created and chained_from is not None:
-        await store.update_run(s.db, new.id, chained_from_run_id=chained_from.id)
-        await store.update_run(s.db, chained_from.id, chained_to_run_id=new.id)
-    return result
+    both ways with the run it continues, in the same transaction."""
+    return await store.create_run(s.db, new, idempotency, chained_from.id if chained_from is not None else None)
 
 
 def chain_problem(old: store.RunRow) -> str | None:
