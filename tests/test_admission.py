@@ -2,7 +2,8 @@
 turn stays queued): restored on the same run id when its state was kept, else chained into a
 new run created by the same path as any other, linked both ways. Either way clients hear one
 ``run.status`` per change (``Scheduler.enqueue``), and a run is chained at most once. Local pull
-requests are numbered once per repository even when two runs publish at once."""
+requests are numbered once per repository even when two runs publish at once, and a BYOK run's
+sealed key and fee are stored with it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient
 
+from critique_local import billing
 from critique_local.appkeys import DB, SERVICES
 from critique_local.clock import now_iso
 from critique_local.repos.workrepo import RunRepo
@@ -24,6 +26,7 @@ from critique_local.store import events as events_store
 from critique_local.store import pulls
 from critique_local.store import runs as store
 from critique_local.store import sessions as sessions_store
+from critique_local.store.keys import principal_for_key
 from tests.conftest import SAMPLE_FILES
 from tests.helpers import make_repo
 from tests.inprocess import app_client, new_key, settings_for
@@ -52,7 +55,7 @@ class App:
 async def app(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
     base = tmp_path_factory.mktemp("admission")
     make_repo(base / "repos", "acme/web", SAMPLE_FILES)
-    async with app_client(settings_for(base)) as client:
+    async with app_client(settings_for(base, CRITIQUE_LOCAL_BILLING_ORCHESTRATION_CREDITS="0.5")) as client:
         yield App(client, await new_key(client, "alice"))
 
 
@@ -133,3 +136,19 @@ async def test_concurrent_local_pull_requests_get_distinct_numbers(app: App) -> 
     assert (await pulls.save(db, new_pull(run_ids[2]))).number == 3
     stored = [await pulls.of_run(db, r) for r in run_ids]
     assert sorted(p.number for p in stored if p is not None) == [1, 2, 3]
+
+
+async def test_a_byok_run_is_stored_with_its_sealed_key_and_its_fee(app: App) -> None:
+    db, box = app.client.app[DB], app.client.app[SERVICES].box
+    principal = await principal_for_key(db, app.key)
+    assert principal is not None
+    await billing.grant(db, principal.user_id, 2.0)
+    before = await billing.balance(db, principal.user_id)
+    byok = "sk-or-v1-admission-0123456789abcdef"
+    status, body = await app.post(RUNS, {"repository": "acme/web", "prompt": "@say hi",
+                                         "billing": {"mode": "openrouter", "openRouterApiKey": byok}})
+    assert status == 201, body
+    run_id = body["run"]["id"]
+    sealed = await store.byok_key(db, run_id)
+    assert sealed is not None and byok not in sealed and box.open(sealed, run_id) == byok
+    assert await billing.balance(db, principal.user_id) == pytest.approx(before - 0.5)

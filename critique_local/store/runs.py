@@ -128,6 +128,9 @@ def _row(r: sqlite3.Row) -> RunRow:
 
 @dataclass(frozen=True)
 class NewRun:
+    """A run to insert: ``prompt`` becomes its first turn; ``byok_key`` and ``mcp_headers`` are
+    already sealed for the run; ``fee`` (credits) is debited from its user as it is created."""
+
     id: str
     user_id: str
     repository_id: str
@@ -137,6 +140,9 @@ class NewRun:
     intent: str
     base_ref: str | None
     prompt: str
+    byok_key: str | None = None
+    mcp_headers: str | None = None
+    fee: float = 0.0
 
 
 async def ensure_repository(db: Database, repo_id: str, full_name: str, source: str) -> str:
@@ -171,7 +177,7 @@ async def create_run(db: Database, run: NewRun, idempotency: tuple[str, str] | N
     claimed in the same transaction, so concurrent duplicates create exactly one run; a live key
     (younger than 24 h) returns the run it created instead. ``chained_from``: the id of the run
     this one continues; both are linked (``chained_from_run_id``, ``chained_to_run_id``) in the
-    same transaction."""
+    same transaction, like the run's sealed secrets and its fee: a crash leaves all or nothing."""
     now = now_iso()
     async with db.tx() as conn:
         if idempotency is not None:
@@ -185,11 +191,15 @@ async def create_run(db: Database, run: NewRun, idempotency: tuple[str, str] | N
             await conn.execute("DELETE FROM idempotency_keys WHERE user_id = ? AND key = ?", (run.user_id, idempotency[0]))
         await conn.execute(
             "INSERT INTO runs (id, user_id, repository_id, status, phase, request, model_id, task_kind, intent, "
-            "base_ref, chained_from_run_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "base_ref, chained_from_run_id, byok_key, mcp_headers, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (run.id, run.user_id, run.repository_id, RunStatus.QUEUED.value, Phase.QUEUED.value,
              json.dumps(run.spec.to_stored()), run.model_id, run.task_kind, run.intent, run.base_ref, chained_from,
-             now, now),
+             run.byok_key, run.mcp_headers, now, now),
         )
+        if run.fee:
+            await conn.execute("INSERT INTO credit_ledger (user_id, amount, reason, run_id, created_at) "
+                               "VALUES (?, ?, 'orchestration', ?, ?)", (run.user_id, -run.fee, run.id, now))
         if chained_from is not None:
             await conn.execute("UPDATE runs SET chained_to_run_id = ?, updated_at = ? WHERE id = ?",
                                (run.id, now, chained_from))
