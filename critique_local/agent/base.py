@@ -81,8 +81,13 @@ class TurnRequest:
 
 @dataclass(frozen=True)
 class EventRow:
-    """One row of the run's event log (``builder.event``, the API's shape: ``{"type", ...}``;
-    rows of a subagent carry ``sessionId``)."""
+    """One row of the run's event log (``builder.event``, the API's shape, README "Events"):
+    ``tool`` (``tool``, ``status`` pending/running/completed/error, ``callId``, and ``input``,
+    ``title``, ``output``, ``error``, ``childSessionId`` when known), ``file.edited`` (``path``),
+    ``text`` (an assistant text, finished), ``step.start``, ``step.finish`` (``reason``,
+    ``tokens``), ``retry`` (``attempt``, ``message``, ``retryAt``), ``error`` (``name``,
+    ``message``), ``permission.rejected`` (``permission``, ``patterns``). Rows of a subagent
+    carry ``sessionId`` and ``parentSessionId``. Values are bounded (``bounds.clip_json``)."""
 
     row: dict[str, Any]
 

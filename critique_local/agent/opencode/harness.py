@@ -2,7 +2,7 @@
 driven over its HTTP API (``client.py``) with the configuration of ``config.py``.
 
 A turn is one blocking ``POST /session/{id}/message`` while ``GET /event`` streams the turn's
-events: they become the run's event rows (``agent/normalize.py``) and the neutral signals the
+events: they become the run's event rows (``normalize.py``) and the neutral signals the
 model watch needs (:func:`model_signals`); any permission or question a headless turn would wait
 on is rejected. The reply (any shape: it comes from the sandbox) becomes a
 :class:`~critique_local.agent.base.TurnReply`.
@@ -32,7 +32,7 @@ from critique_local.agent.base import (
     TurnReply,
     TurnRequest,
 )
-from critique_local.agent.normalize import Normalizer
+from critique_local.agent.opencode.normalize import Normalizer
 from critique_local.agent.opencode.client import OpenCodeClient, basic_auth
 from critique_local.agent.opencode.config import OPENCODE_PORT, PROVIDER_ID, TOKEN_ENV, opencode_config
 from critique_local.agent.opencode.sessions import export_session, import_session, message_count, truncated
