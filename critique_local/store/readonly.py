@@ -8,7 +8,6 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-
 DatabaseError = sqlite3.Error
 
 

@@ -32,9 +32,9 @@ from critique_local.agent.base import (
     TurnReply,
     TurnRequest,
 )
-from critique_local.agent.opencode.normalize import Normalizer
 from critique_local.agent.opencode.client import OpenCodeClient, basic_auth
 from critique_local.agent.opencode.config import OPENCODE_PORT, PROVIDER_ID, TOKEN_ENV, opencode_config
+from critique_local.agent.opencode.normalize import Normalizer
 from critique_local.agent.opencode.sessions import export_session, import_session, message_count, truncated
 from critique_local.bounds import clip_text
 from critique_local.errors import AgentError, ErrorCode
