@@ -13,8 +13,7 @@ from critique_local.store import ledger
 from critique_local.store.db import Database
 from critique_local.store.ledger import Usage, balance, record_call, usage, usage_by_turn
 
-__all__ = ["Usage", "balance", "charge_orchestration", "grant", "plan_of", "record_call", "total", "usage",
-           "usage_by_turn"]
+__all__ = ["Usage", "balance", "grant", "plan_of", "record_call", "total", "usage", "usage_by_turn"]
 
 
 async def grant(db: Database, user_id: str, amount: float, reason: str = "grant") -> float:
@@ -32,9 +31,3 @@ def total(parts: dict[int, Usage]) -> Usage:
     values = list(parts.values())
     return Usage(sum(u.input_tokens for u in values), sum(u.output_tokens for u in values),
                  sum(u.credits for u in values), sum(u.model_calls for u in values))
-
-
-async def charge_orchestration(db: Database, user_id: str, run_id: str, amount: float) -> None:
-    """Debit a BYOK run's orchestration fee (``billing.orchestration_credits``)."""
-    if amount:
-        await ledger.add(db, user_id, -amount, "orchestration", run_id)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from critique_local import bounds
-from critique_local.agent.normalize import Normalizer
+from critique_local.agent.opencode.normalize import Normalizer
 from critique_local.agent.sse import sse_data
 from critique_local.runs.events import MAX_EVENT_BYTES, bounded
 

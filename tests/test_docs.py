@@ -38,7 +38,8 @@ def test_every_error_code_is_documented() -> None:
 
 def test_no_error_code_is_written_out_as_a_string() -> None:
     """Codes are raised as ``ErrorCode`` members: a string literal naming one in an error's
-    constructor, a ``code`` attribute or keyword, or a run's ``error_code`` bypasses the enum."""
+    constructor, a ``code`` attribute or keyword, a ``"code"`` or ``"error_code"`` key (an error
+    envelope, an error event), or a run's ``error_code`` bypasses the enum."""
     values = {code.value for code in ErrorCode}
     found: list[str] = []
     for path in PACKAGE.rglob("*.py"):
@@ -53,7 +54,7 @@ def test_no_error_code_is_written_out_as_a_string() -> None:
                 strings.append(node.value)
             elif isinstance(node, ast.Dict):
                 strings += [v for k, v in zip(node.keys, node.values, strict=True)
-                            if isinstance(k, ast.Constant) and k.value in ("error_code",)]
+                            if isinstance(k, ast.Constant) and k.value in ("code", "error_code")]
             found += [f"{path.name}:{s.lineno} {s.value}" for s in strings
                       if isinstance(s, ast.Constant) and s.value in values]
     assert not found, found

@@ -1,4 +1,6 @@
-"""The durable agent state: message counts and the transcript of an earlier turn (a fork's)."""
+"""The durable agent state as the harness reads it (``Harness.message_count``, ``Harness.truncate``):
+message counts and the transcript of an earlier turn (a fork's). ``runs/`` never reads the
+export's format itself."""
 
 from __future__ import annotations
 
@@ -6,8 +8,11 @@ import json
 
 import pytest
 
+from critique_local.agent.opencode import OpenCodeHarness
 from critique_local.errors import AgentError
-from critique_local.runs.durable import message_count, truncated
+
+HARNESS = OpenCodeHarness()
+message_count, truncated = HARNESS.message_count, HARNESS.truncate
 
 EXPORT = json.dumps({"info": {"id": "ses_1"}, "messages": [{"info": {"id": f"m{i}"}, "parts": []} for i in range(5)]})
 
@@ -24,3 +29,5 @@ def test_message_count_and_truncation() -> None:
 def test_a_state_without_messages_is_an_agent_error(state: bytes) -> None:
     with pytest.raises(AgentError):
         message_count(state)
+    with pytest.raises(AgentError):
+        truncated(state, 1)

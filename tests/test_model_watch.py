@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from critique_local.agent.normalize import Normalizer
 from critique_local.agent.opencode.harness import model_signals
+from critique_local.agent.opencode.normalize import Normalizer
 from critique_local.gateway.calls import CallLog, ModelCalls
 from critique_local.gateway.upstream import UpstreamError
 from critique_local.runs.modelwatch import ModelWatch

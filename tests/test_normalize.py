@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from critique_local.agent.normalize import Normalizer
+from critique_local.agent.opencode.normalize import Normalizer
 
 RUN, CHILD, GRANDCHILD, OTHER = "ses_run", "ses_child", "ses_grandchild", "ses_other"
 

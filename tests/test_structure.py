@@ -1,4 +1,5 @@
-"""The package's shape, checked: no import cycles, no module over 400 lines, SQL only in store/."""
+"""The package's shape, checked: no import cycles, no module over 400 lines, SQL only in store/,
+and a run's admission (its status heard, then its job queued) in one scheduler method."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "critique_local"
 MAX_MODULE_LINES = 400
-SQL_STARTS = ("SELECT ", "INSERT ", "UPDATE ", "DELETE ", "CREATE TABLE", "ALTER TABLE")
+SQL_STARTS = ("SELECT ", "INSERT ", "UPDATE ", "DELETE ", "CREATE TABLE", "ALTER TABLE", "PRAGMA ")
+DATABASE_MODULES = ("sqlite3", "aiosqlite")
 
 
 def _modules() -> dict[str, Path]:
@@ -112,3 +114,45 @@ def test_sql_lives_only_in_store() -> None:
                     and node.value.lstrip().upper().startswith(SQL_STARTS):
                 found.append(f"{name}:{node.lineno}")
     assert found == [], f"SQL outside critique_local/store: {found}"
+
+
+def test_only_the_store_opens_a_database() -> None:
+    found = []
+    for name, path in _modules().items():
+        if name.startswith("critique_local.store"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            imported = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{name}:{node.lineno} {m}" for m in imported if m.split(".")[0] in DATABASE_MODULES]
+    assert found == [], f"database drivers used outside critique_local/store: {found}"
+
+
+def _receiver(node: ast.expr) -> str:
+    if isinstance(node, ast.Subscript):  # app[SCHEDULER]
+        return _receiver(node.slice)
+    return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+
+
+def _callers(method: str, receivers: tuple[str, ...]) -> dict[str, list[str]]:
+    """Module -> the functions in it that call ``<receiver>.<method>(...)``, where the receiver
+    (a name, or an attribute's last name) is one of ``receivers``."""
+    out: dict[str, list[str]] = {}
+    for name, path in _modules().items():
+        for func in ast.walk(ast.parse(path.read_text())):
+            if isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef) and any(
+                    isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == method
+                    and _receiver(n.func.value) in receivers for n in ast.walk(func)):
+                out.setdefault(name, []).append(func.name)
+    return out
+
+
+def test_a_run_is_queued_only_through_the_scheduler() -> None:
+    """Created, chained, forked or admitted follow-up: every queued turn reaches the scheduler by
+    ``Scheduler.enqueue`` (clients hear the status, then the job waits), and a run's status is
+    announced only there and by ``runs.turn.transition`` (every other change of state)."""
+    submits = _callers("_submit", ("self", "scheduler", "run_scheduler", "SCHEDULER"))
+    assert submits == {"critique_local.runs.scheduler": ["enqueue", "recover"]}
+    assert _callers("submit", ("self", "scheduler", "run_scheduler", "SCHEDULER")) == {}
+    statuses = _callers("status", ("hub",))
+    assert statuses == {"critique_local.runs.scheduler": ["enqueue"], "critique_local.runs.turn": ["transition"]}

@@ -1,6 +1,6 @@
 """The coding agent in the sandbox: the harness contract a run needs (``base.py``), its one
-implementation (``opencode/``), and the normalisation of OpenCode's events into run events
-(``normalize.py``)."""
+implementation (``opencode/``), and a bounded Server-Sent Events reader any harness may use
+(``sse.py``)."""
 
 from __future__ import annotations
 

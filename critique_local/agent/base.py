@@ -5,7 +5,12 @@ to one that is running (:meth:`Harness.attach`, from what the run persisted: the
 agent's secret). Either gives an :class:`Agent`, a connection to that server: open a session,
 prompt it (one turn, its progress reported through a callback as :data:`TurnEvent` values, its
 outcome a :class:`TurnReply`), abort a turn, export and import a session's state, close the
-connection. ``runs/`` knows only this module; ``agent/opencode/`` is the one implementation.
+connection. An exported state is the harness's own format: only the harness reads it
+(:meth:`Harness.message_count`, :meth:`Harness.truncate`); the server seals and stores it as is.
+``runs/`` knows only this module; ``agent/opencode/`` is the one implementation.
+
+Units: times in seconds (``*_s``), sizes in characters (``*_chars``) or bytes (``*_bytes``);
+ids are the agent's own strings (at most 200 characters).
 
 What the harness reports is untrusted (the agent controls its server): it decides *when* the
 server looks (``runs/modelwatch.py``), never a verdict on its own.
@@ -76,8 +81,13 @@ class TurnRequest:
 
 @dataclass(frozen=True)
 class EventRow:
-    """One row of the run's event log (``builder.event``, the API's shape: ``{"type", ...}``;
-    rows of a subagent carry ``sessionId``)."""
+    """One row of the run's event log (``builder.event``, the API's shape, README "Events"):
+    ``tool`` (``tool``, ``status`` pending/running/completed/error, ``callId``, and ``input``,
+    ``title``, ``output``, ``error``, ``childSessionId`` when known), ``file.edited`` (``path``),
+    ``text`` (an assistant text, finished), ``step.start``, ``step.finish`` (``reason``,
+    ``tokens``), ``retry`` (``attempt``, ``message``, ``retryAt``), ``error`` (``name``,
+    ``message``), ``permission.rejected`` (``permission``, ``patterns``). Rows of a subagent
+    carry ``sessionId`` and ``parentSessionId``. Values are bounded (``bounds.clip_json``)."""
 
     row: dict[str, Any]
 
@@ -119,6 +129,9 @@ OnEvent = Callable[[TurnEvent], Awaitable[None]]
 
 
 class TurnErrorKind(StrEnum):
+    """Why the agent ended a turn with an error; the run layer maps it to a code
+    (``budget_exceeded`` stop, ``model_unreachable`` stop or ``model_error``, ``agent_error``)."""
+
     BUDGET = "budget"  # the gateway refused a model call (``budget_exceeded``): message is its reason
     MODEL = "model"  # a model call failed (the provider, or the way to it)
     AGENT = "agent"  # the agent failed for another reason
@@ -126,6 +139,8 @@ class TurnErrorKind(StrEnum):
 
 @dataclass(frozen=True)
 class TurnError:
+    """The error the agent ended a turn with (what it reported, untrusted)."""
+
     kind: TurnErrorKind
     message: str  # at most TurnRequest.max_text_chars
 
@@ -144,7 +159,8 @@ class Agent(abc.ABC):
     """A connection to one agent server in one sandbox. Not shared between tasks that prompt
     concurrently; :meth:`close` releases the connection (the server keeps running)."""
 
-    address: str  # how the server reaches the agent (persisted with the run, for operators)
+    address: str  # how the server reaches the agent, e.g. ``http://10.0.0.5:4096`` (persisted with the
+    # run as ``agent_url``; a follow-up reattaches only when it is non-empty)
 
     @abc.abstractmethod
     async def wait_healthy(self, timeout_s: float) -> None:
@@ -153,7 +169,8 @@ class Agent(abc.ABC):
 
     @abc.abstractmethod
     async def open_session(self, title: str) -> str:
-        """A new session; returns its id (at most 200 characters)."""
+        """A new session titled ``title`` (at most 200 characters) in the workspace; returns its
+        id (at most 200 characters). ``AgentError`` when the agent refuses or does not answer."""
 
     @abc.abstractmethod
     async def prompt(self, turn: TurnRequest, on_event: OnEvent) -> TurnReply:
@@ -164,16 +181,22 @@ class Agent(abc.ABC):
 
     @abc.abstractmethod
     async def abort(self, session_id: str) -> None:
-        """Stop the session's running turn (its running commands too); returns within seconds."""
+        """Stop the session's running turn (its running commands too); returns within one call's
+        bound (tens of seconds). ``AgentError`` when the agent does not answer (callers that
+        tear the sandbox down anyway suppress it)."""
 
     @abc.abstractmethod
     async def export_session(self, session_id: str) -> bytes:
-        """The session's state (its messages and parts), opaque, for :meth:`import_session` on
-        an agent of the same harness, also in another sandbox."""
+        """The session's state (its messages and parts) as UTF-8 text in the harness's own format,
+        for :meth:`import_session` on an agent of the same harness, also in another sandbox.
+        Bounded in size by the harness (tens of MB); ``AgentError`` when the export fails or is
+        not the session asked for."""
 
     @abc.abstractmethod
     async def import_session(self, state: bytes) -> str:
-        """Recreate an exported session here; returns its id."""
+        """Recreate an exported session here (its id is kept); returns its id. ``AgentError``
+        when ``state`` is not an export of this harness or the import fails; ``SandboxError``
+        when the state cannot be copied into the sandbox."""
 
     async def warm_up(self, model_id: str, timeout_s: float, in_workspace: bool = False) -> None:
         """Do the agent's one-time first-turn work now (a sandbox waiting in the warm pool), so
@@ -197,9 +220,22 @@ class Harness(abc.ABC):
     async def launch(self, sandbox: Sandbox, config: LaunchConfig, timeout_s: float) -> Agent:
         """Start the agent server in ``sandbox`` (its working directory: :data:`WORKSPACE`) and
         wait until it is healthy, at most ``timeout_s`` seconds (``AgentError``
-        ``agent_start_timeout``)."""
+        ``agent_start_timeout``; ``SandboxError`` when it cannot be started). The agent's model
+        calls go to ``config.gateway_url`` with ``config.gateway_token``, never elsewhere."""
 
     @abc.abstractmethod
     async def attach(self, sandbox: Sandbox, secret: str) -> Agent:
         """A connection to the agent server already running in ``sandbox``, started with
-        ``secret``. Checks nothing: call :meth:`Agent.wait_healthy` when it may be gone."""
+        ``secret``. Checks nothing: call :meth:`Agent.wait_healthy` when it may be gone.
+        ``SandboxError`` when the sandbox has no reachable address."""
+
+    @abc.abstractmethod
+    def message_count(self, state: bytes) -> int:
+        """How many messages (the user's and the agent's) an exported session ``state`` holds.
+        ``AgentError`` when ``state`` is not an export of this harness."""
+
+    @abc.abstractmethod
+    def truncate(self, state: bytes, messages: int) -> bytes:
+        """``state`` with only its first ``messages`` messages: the transcript as it was at the
+        end of an earlier turn (a fork's), importable like any export. ``AgentError`` when
+        ``state`` is not an export of this harness."""

@@ -14,6 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
+from critique_local.errors import ErrorCode
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
@@ -82,5 +84,6 @@ async def call_asgi(request: web.Request, app: ASGIApp, extra: dict[str, Any], b
     finally:
         finished.set()
     if response is None:
-        return web.json_response({"error": {"code": "internal_error", "message": "no response"}}, status=500)
+        return web.json_response({"error": {"code": ErrorCode.INTERNAL_ERROR.value, "message": "no response"}},
+                                 status=500)
     return response

@@ -28,6 +28,19 @@ ANONYMOUS = Principal("", "", frozenset())
 PRINCIPAL = web.RequestKey("principal", Principal)  # who called, for the audit trail
 
 
+# what an HTTP error aiohttp raises (not one of ours) says, as one of our codes
+_STATUS_CODES = {400: ErrorCode.BAD_REQUEST, 401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN,
+                 404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 406: ErrorCode.NOT_ACCEPTABLE,
+                 408: ErrorCode.REQUEST_TIMEOUT, 409: ErrorCode.CONFLICT, 413: ErrorCode.PAYLOAD_TOO_LARGE,
+                 415: ErrorCode.UNSUPPORTED_MEDIA_TYPE, 429: ErrorCode.RATE_LIMITED}
+
+
+def code_for_status(status: int) -> ErrorCode:
+    """The code of an HTTP error status (400-599) that none of our errors produced: its own
+    where we have one, else ``bad_request`` (4xx) or ``internal_error`` (5xx)."""
+    return _STATUS_CODES.get(status, ErrorCode.BAD_REQUEST if status < 500 else ErrorCode.INTERNAL_ERROR)
+
+
 @web.middleware
 async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -48,7 +61,7 @@ async def error_middleware(
         return web.json_response(err.body(), status=err.status, headers={"Allow": allowed})
     except web.HTTPException as exc:
         if exc.status >= 400:
-            return web.json_response({"error": {"code": exc.reason.lower().replace(" ", "_"),
+            return web.json_response({"error": {"code": code_for_status(exc.status).value,
                                                 "message": exc.text or exc.reason}}, status=exc.status)
         raise
     except Exception:

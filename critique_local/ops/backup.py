@@ -21,13 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from critique_local import __version__
+from critique_local.store import readonly
 from critique_local.store.migrations import MIGRATIONS, SchemaTooNew
 
 DB_NAME = "critique.db"
@@ -75,14 +75,10 @@ def _copy_private(src: Path, dst: Path) -> None:
 
 def _check_db(path: Path) -> int:
     """The database's schema version, after ``PRAGMA integrity_check`` says ok."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        result = conn.execute("PRAGMA integrity_check").fetchone()[0]
-        if result != "ok":
-            raise BackupError(f"{path}: integrity check failed: {result}")
-        return int(conn.execute("PRAGMA user_version").fetchone()[0])
-    finally:
-        conn.close()
+    result, version = readonly.integrity(path)
+    if result != "ok":
+        raise BackupError(f"{path}: integrity check failed: {result}")
+    return version
 
 
 def backup(data_dir: Path, dest: Path, include_key: bool = True) -> Manifest:
@@ -97,14 +93,7 @@ def backup(data_dir: Path, dest: Path, include_key: bool = True) -> Manifest:
     dest.mkdir(parents=True, exist_ok=True, mode=0o700)
     partial = dest / f".{DB_NAME}.partial"
     os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # private from the start
-    src = sqlite3.connect(source, timeout=30)  # reads only (a read-only open of a WAL database can fail)
-    dst = sqlite3.connect(partial)
-    try:
-        src.backup(dst)  # all pages in one step: one read transaction, a consistent snapshot
-        dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
-    finally:
-        dst.close()
-        src.close()
+    readonly.copy_to(source, partial)  # one read transaction: a consistent snapshot, in one file
     version = _check_db(partial)
     _fsync(partial)
     partial.replace(dest / DB_NAME)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,7 +161,7 @@ def check_database(settings: Settings) -> list[Finding]:
         return [_ok("database", "not created yet")]
     try:
         version, newest = readonly.schema_and_newest_run(path)
-    except sqlite3.Error as exc:
+    except readonly.DatabaseError as exc:
         return [Finding("database", "fail", f"{path}: {exc}", "restore the last backup (critique-local restore)")]
     out = []
     if version > len(MIGRATIONS):

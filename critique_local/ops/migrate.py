@@ -5,10 +5,10 @@ newer critique-local is refused (SchemaTooNew), never changed."""
 from __future__ import annotations
 
 import re
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from critique_local.store import readonly
 from critique_local.store.migrations import MIGRATIONS, pending
 
 STATEMENT = re.compile(r"^\s*(CREATE (?:UNIQUE )?(?:TABLE|INDEX) \w+|ALTER TABLE \w+ ADD COLUMN \w+|DROP \w+ \w+)",
@@ -30,11 +30,5 @@ def describe(script: str) -> list[str]:
 def plan(db_path: Path) -> Plan:
     """What opening ``db_path`` would migrate (reads only; a missing database is version 0).
     Raises SchemaTooNew."""
-    current = 0
-    if db_path.exists():
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-        try:
-            current = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        finally:
-            conn.close()
+    current = readonly.schema_version(db_path) if db_path.exists() else 0
     return Plan(current, len(MIGRATIONS), [(n, describe(script)) for n, script in pending(current)])

@@ -65,7 +65,6 @@ class RunControl:
                 if await sessions_store.reopen(self.s.db, run.id, req.prompt, publish) is None:
                     raise TurnInProgress("a turn is in progress on this run")
                 run = await self._reload(run.id)
-                await self.s.hub.status(run)
                 await self.scheduler.enqueue(run)
                 return run
             return await self._chain(run, req.prompt)

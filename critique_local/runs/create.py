@@ -119,10 +119,13 @@ async def create(
                              code=ErrorCode.UNSUPPORTED)
     mcp_servers.check(s.settings, req)
     repo_id = await _repository_id(s, req)
+    run_id = new_id("run")
     new = store.NewRun(
-        id=new_id("run"), user_id=principal.user_id, repository_id=repo_id, spec=req,
+        id=run_id, user_id=principal.user_id, repository_id=repo_id, spec=req,
         model_id=model_id, task_kind=req.task_kind, intent=intent.classify(order.prompt), base_ref=ref,
-        prompt=order.prompt,
+        prompt=order.prompt, mcp_headers=mcp_servers.seal_headers(s.box, run_id, order.mcp_headers),
+        byok_key=s.box.seal(byok_key, run_id) if byok_key is not None else None,
+        fee=s.settings.billing.orchestration_credits if byok_key is not None else 0.0,
     )
     digest = body_hash(raw)
     if idempotency_key is not None:
@@ -142,11 +145,6 @@ async def create(
     if not result.created and result.body_hash != digest:
         raise IdempotencyKeyReused("Idempotency-Key was already used with a different body",
                                    field="Idempotency-Key")
-    if result.created and (sealed := mcp_servers.seal_headers(s.box, new.id, order.mcp_headers)) is not None:
-        await store.update_run(s.db, new.id, mcp_headers=sealed)
-    if result.created and byok_key is not None:
-        await store.update_run(s.db, new.id, byok_key=s.box.seal(byok_key, new.id))
-        await billing.charge_orchestration(s.db, principal.user_id, new.id, s.settings.billing.orchestration_credits)
     run = await store.get_run(s.db, result.run_id)
     assert run is not None
     return run, result.created
@@ -155,12 +153,8 @@ async def create(
 async def _insert(s: Services, new: store.NewRun, idempotency: tuple[str, str] | None,
                   chained_from: store.RunRow | None = None) -> store.Created:
     """Store a queued run with its first turn (``store.create_run``); a chained one is linked
-    both ways with the run it continues."""
-    result = await store.create_run(s.db, new, idempotency)
-    if result.created and chained_from is not None:
-        await store.update_run(s.db, new.id, chained_from_run_id=chained_from.id)
-        await store.update_run(s.db, chained_from.id, chained_to_run_id=new.id)
-    return result
+    both ways with the run it continues, in the same transaction."""
+    return await store.create_run(s.db, new, idempotency, chained_from.id if chained_from is not None else None)
 
 
 def chain_problem(old: store.RunRow) -> str | None:

@@ -8,8 +8,9 @@ Two parts, both under ``server.data_dir``:
 - the agent's session (its transcript) as the harness exports it, sealed with the server's key
   (it can hold secrets the agent read), in ``<data_dir>/sessions/<run id>.state``: one file per
   run, the latest export, written at the end of every turn *before* the run goes idle. Each turn
-  records how many of the agent's messages it ended with, so turn N's transcript is the first
-  messages of a later export (a fork of turn N).
+  records how many of the agent's messages it ended with (``Harness.message_count``), so turn
+  N's transcript is the first messages of a later export (``Harness.truncate``: a fork of turn
+  N). The export's format is the harness's: nothing here reads it.
 
 Bounded: an export over ``sandbox.max_state_bytes`` is not kept (the turn says so with a
 ``warning`` event; a later restore of that run chains instead). Removed with the run: when its
@@ -21,37 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
 
-from critique_local import bounds
 from critique_local.errors import AgentError
 from critique_local.services import Services
 
 STATE_SUFFIX = ".state"
-
-
-def message_count(state: bytes) -> int:
-    """How many messages an export holds (``{"info", "messages": [...]}``); AgentError otherwise."""
-    try:
-        data = bounds.loads(state)
-    except ValueError as exc:
-        raise AgentError(f"the session state is not JSON ({str(exc)[:200]})") from exc
-    messages = data.get("messages") if isinstance(data, dict) else None
-    if not isinstance(messages, list):
-        raise AgentError("the session state has no messages")
-    return len(messages)
-
-
-def truncated(state: bytes, messages: int) -> bytes:
-    """The export with only its first ``messages`` messages (the transcript as it was at the end
-    of an earlier turn)."""
-    data = bounds.loads(state)
-    assert isinstance(data, dict) and isinstance(data.get("messages"), list)
-    data["messages"] = data["messages"][:messages]
-    return json.dumps(data, separators=(",", ":")).encode()
 
 
 class SessionStates:
@@ -66,10 +44,14 @@ class SessionStates:
 
     async def save(self, run_id: str, state: bytes) -> bool:
         """Keep ``state`` as the run's latest; False (nothing written) when it is over
-        ``sandbox.max_state_bytes``."""
+        ``sandbox.max_state_bytes``. AgentError when it is not UTF-8 text."""
         if len(state) > self.s.settings.sandbox.max_state_bytes:
             return False
-        sealed = self.s.box.seal(state.decode(), f"{run_id}:session")
+        try:
+            text = state.decode()
+        except UnicodeDecodeError as exc:  # the contract: UTF-8 text (the sandbox's word, unchecked)
+            raise AgentError("the agent's session state is not UTF-8 text") from exc
+        sealed = self.s.box.seal(text, f"{run_id}:session")
         path = self.path(run_id)
 
         def write() -> None:

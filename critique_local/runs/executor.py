@@ -30,7 +30,7 @@ from critique_local.runs.watchdog import Watchdog
 from critique_local.sandboxes.base import Sandbox
 from critique_local.services import Services
 from critique_local.store import runs as store
-from critique_local.store.runs import RunRow
+from critique_local.store.runs import RunRow, TurnRow
 
 log = logging.getLogger(__name__)
 ABORT_ON_CANCEL_S = 1.0
@@ -67,7 +67,7 @@ class Executor:
         elif queued is not None:
             await self._guarded(Job(run), queued, first=False)
 
-    async def _guarded(self, job: Job, queued: tuple[int, str] | None, *, first: bool) -> None:
+    async def _guarded(self, job: Job, queued: TurnRow | None, *, first: bool) -> None:
         failure: tuple[ErrorCode, str] | None = None
         try:
             await self.provisioner.remember_secrets(job.run)
@@ -85,7 +85,7 @@ class Executor:
             else:
                 await self.restorer.reattach(job)
             assert queued is not None
-            await self.turn.run(job, *queued)
+            await self.turn.run(job, queued.index, queued.prompt)
             return
         except asyncio.CancelledError:
             if not cancel_requested():
@@ -112,9 +112,9 @@ class Executor:
         sandbox_id = job.sandbox_id or job.run.sandbox_id
         if sandbox_id:
             await self.destroy(sandbox_id)
-        if (queued is not None and turnstate.session_lost(failure[0], queued[0])
+        if (queued is not None and turnstate.session_lost(failure[0], queued.index)
                 and await self.restorer.restorable(job.run.id)):
-            await turnstate.lose_session(self.s, job.run.id, queued[0], *failure, transition)
+            await turnstate.lose_session(self.s, job.run.id, queued.index, *failure, transition)
             return
         await self.fail(job.run.id, *failure)
 

@@ -166,7 +166,7 @@ class Publisher:
             raise PublishError(f"pushed {commit[:12]} to {branch}, but the pull request could not be "
                                f"{'updated' if existing else 'opened'} ({why}); the next turn with "
                                "publish retries", commit) from exc
-        await pulls.save(self.s.db, pr)
+        pr = await pulls.save(self.s.db, pr)
         verb = "updated" if existing else "opened"
         return PublishOutcome("published", f"pushed {commit[:12]} to {branch}; {verb} draft pull request "
                               f"#{pr.number}", branch, commit, pr.number)
@@ -193,8 +193,8 @@ class Publisher:
                             base: str, commit: str, title: str, body: str, run_url: str) -> PullRequestRow:
         created = existing.created_at if existing else ""
         if source.host is None:
-            number = existing.number if existing else await pulls.next_local_number(self.s.db, source.full_name)
-            return PullRequestRow(run.id, "local", source.full_name, number, f"{run_url}#draftPullRequest", branch,
+            number = existing.number if existing else 0  # 0: numbered as it is saved (``pulls.save``)
+            return PullRequestRow(run.id, pulls.LOCAL, source.full_name, number, f"{run_url}#draftPullRequest", branch,
                                   base, commit, existing.state if existing else "open", True, title, body, created, "")
         if existing:
             remote = await source.host.update_pull_request(source.full_name, existing.number, title=title, body=body)

@@ -246,7 +246,7 @@ class Restorer:
         await store.update_run(s.db, run.id, agent_session_id=session_id, agent_url=job.agent.address,
                                agent_secret=sealed, agent_ready_at=ready, paused_at=None)
         await s.hub.builder(run.id, {
-            "type": "session.restored", "reason": reason, "fromTurn": turn, "warm": warm is not None, "messages": durable.message_count(state),
+            "type": "session.restored", "reason": reason, "fromTurn": turn, "warm": warm is not None, "messages": s.harness.message_count(state),
             "checkoutMs": ms(t0, t_checkout), **start.event(), "environmentMs": ms(t_checkout, t_env),
             "sandboxMs": ms(t_env, t_sandbox), "uploadMs": ms(t_sandbox, t_upload),
             # tree and agent run side by side from the upload on; the import follows the agent

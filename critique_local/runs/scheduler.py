@@ -47,14 +47,15 @@ class Scheduler:
         """Serialises state changes of one run (message, endSession, cancel, expiry)."""
         return self._locks[run_id]
 
-    def submit(self, run_id: str, user_id: str) -> None:
+    def _submit(self, run_id: str, user_id: str) -> None:
         self._queue.put(run_id, user_id)
 
     async def enqueue(self, run: RunRow) -> None:
-        """A run that has a queued turn now (created, chained, or a follow-up admitted): clients
-        hear its status, then it waits for a worker."""
+        """A run that has a queued turn now (created, chained, forked, or a follow-up admitted,
+        ``run`` as stored after that change): clients hear its status, then it waits for a
+        worker. The one way a job reaches the queue besides restart recovery."""
         await self.s.hub.status(run)
-        self.submit(run.id, run.user_id)
+        self._submit(run.id, run.user_id)
 
     async def start(self) -> None:
         """Start executing. Call :meth:`recover` first, before the API accepts requests."""
@@ -287,4 +288,4 @@ class Scheduler:
         restorable = await sessions_store.restorable_ended(db) & await self.executor.states.kept()
         await workrepo.prune(self.s.settings.server.data_dir / "runs", {r.id for r in alive} | restorable)
         for run in queued:
-            self.submit(run.id, run.user_id)
+            self._submit(run.id, run.user_id)

@@ -61,7 +61,7 @@ async def save_state(s: Services, run: RunRow, agent: Agent, idx: int) -> None:
     why = ""
     try:
         state = await agent.export_session(run.agent_session_id)
-        count: int | None = durable.message_count(state)
+        count: int | None = s.harness.message_count(state)
         if not await durable.SessionStates(s).save(run.id, state):
             count, why = None, f"the agent's session is larger than sandbox.max_state_bytes ({len(state)} bytes)"
     except (AgentError, SandboxError) as exc:

@@ -24,6 +24,10 @@ __all__ = ["SandboxError", "SandboxGone"]  # defined in errors.py (one exception
 
 @dataclass(frozen=True)
 class SandboxSpec:
+    """What a new sandbox is made for: the run (``run_id``; ``pool-...`` for a warm-pool sandbox
+    no run holds yet) and its user (labels, names shown to operators), extra environment
+    variables of every process in it, its network mode and the kept environment it starts from."""
+
     run_id: str
     user_id: str
     env: Mapping[str, str] = field(default_factory=dict)
@@ -42,6 +46,10 @@ class ResourceUsage:
 
 @dataclass(frozen=True)
 class ExecResult:
+    """A finished command: its exit code (non-zero also when it was killed at its timeout), its
+    output as bytes (each at most the call's ``max_output_bytes``; ``truncated`` when more was
+    dropped)."""
+
     exit_code: int
     stdout: bytes
     stderr: bytes
@@ -62,6 +70,10 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class SandboxInfo:
+    """One of this instance's sandboxes as :meth:`SandboxBackend.list_ours` finds it: its id, the
+    run it was created for (None: a warm-pool sandbox), and whether it is running (else stopped
+    or paused)."""
+
     id: str
     run_id: str | None
     running: bool
@@ -149,7 +161,8 @@ class SandboxBackend(abc.ABC):
 
     @abc.abstractmethod
     async def destroy(self, sandbox_id: str) -> None:
-        """Remove the sandbox; no error when it is already gone."""
+        """Remove the sandbox (its processes and files); no error when it is already gone.
+        SandboxError when the backend cannot be reached (the sweep tries again later)."""
 
     @abc.abstractmethod
     async def list_ours(self) -> list[SandboxInfo]:
@@ -157,23 +170,27 @@ class SandboxBackend(abc.ABC):
         with the run it was created for. SandboxError when the backend cannot list them."""
 
     async def extend(self, sandbox_id: str, seconds: float) -> None:  # noqa: B027 - optional
-        """Keep the sandbox alive at least ``seconds`` more (remote sandboxes have a lifetime)."""
+        """Keep the sandbox alive at least ``seconds`` more from now (remote sandboxes have a
+        lifetime; the default does nothing). SandboxGone when it is gone, SandboxError when the
+        backend refuses."""
 
     async def pause(self, sandbox_id: str) -> bool:
         """Pause the sandbox in place, keeping its memory and processes while they cost nothing
         (E2B); False when this backend cannot (Docker: the caller removes the sandbox and
-        restores the session from its durable state later)."""
+        restores the session from its durable state later). SandboxError when pausing failed."""
         return False
 
     async def resume(self, sandbox_id: str) -> Sandbox | None:
-        """A sandbox paused by :meth:`pause`, running again; None when it is gone."""
+        """A sandbox paused by :meth:`pause`, running again; None when it is gone. SandboxError
+        when the backend cannot tell."""
         return None
 
     async def adopt(self, sandbox_id: str, run_id: str) -> None:  # noqa: B027 - optional
         """A pooled sandbox now belongs to ``run_id`` (for names shown to operators)."""
 
     async def usage(self, sandbox_id: str) -> ResourceUsage:
-        """Resource use against the sandbox's limits, for the run watchdog."""
+        """Resource use against the sandbox's limits, for the run watchdog (fields None where the
+        backend cannot tell). SandboxGone when the sandbox is gone."""
         return ResourceUsage()
 
     async def alive(self, sandbox_id: str) -> bool:
@@ -199,7 +216,8 @@ class SandboxBackend(abc.ABC):
         return True
 
     async def restrict_host(self, ports: list[int]) -> None:  # noqa: B027 - optional: remote backends have no host
-        """Let sandboxes reach only these ports of the host (the gateway, the egress proxy)."""
+        """Let sandboxes reach only these TCP ports of the host (the gateway, the egress proxy).
+        Never raises: rules that cannot be put in place are logged as a warning."""
 
     async def reclaim_host(self) -> None:  # noqa: B027 - optional: remote backends have no host
         """Remove what other server instances left on this host once they are proven gone

@@ -10,25 +10,46 @@ replicas, READ COMMITTED by default) each needs its own guarantee:
                           WHERE id = $1 FOR UPDATE`` first (or a per-run counter column bumped
                           with ``UPDATE ... RETURNING``); the (run_id, seq) key then only backs it up.
 ``runs.begin_follow_up``  admission: status must be ``idle``; the new turn and RUNNING in one go.
-                          Postgres: ``UPDATE runs SET status='running', turn_count=turn_count+1
-                          WHERE id=$1 AND status='idle' RETURNING turn_count``, then the turn insert,
-                          in one transaction (a lost race updates no row).
+``sessions.reopen``       Postgres: ``UPDATE runs SET status='running', turn_count=turn_count+1
+                          WHERE id=$1 AND status='idle' RETURNING turn_count`` (reopen: ``status=
+                          'completed' AND session_end_reason IN (...) AND chained_to_run_id IS
+                          NULL``), then the turn insert, in one transaction (a lost race updates no row).
 ``runs.transition``       status read, checked against the lifecycle, written. Postgres: ``SELECT
                           status ... FOR UPDATE`` in the transaction (or a compare-and-set
                           ``UPDATE ... WHERE status = $old``).
 ``runs.create_run``       idempotency: look the key up, else insert run + key. Postgres: ``INSERT
-                          INTO idempotency_keys ... ON CONFLICT (user_id, key) DO NOTHING
+``sessions.create_fork``  INTO idempotency_keys ... ON CONFLICT (user_id, key) DO NOTHING
                           RETURNING``; on no row, read the winner's run (expired keys: delete them
-                          in the same statement's CTE, or a sweeper).
-``ensure_user``/``ensure_repository``  select-then-insert: ``INSERT ... ON CONFLICT (name) DO
-                          NOTHING`` then select.
+                          in the same statement's CTE, or a sweeper). A chained run's link
+                          (``chained_from``): ``UPDATE runs SET chained_to_run_id = $new WHERE id =
+                          $old AND chained_to_run_id IS NULL``, rolling back when no row changed.
+``keys.ensure_user``      select-then-insert: ``INSERT ... ON CONFLICT (name) DO NOTHING`` then
+``runs.ensure_repository`` select (the user's initial credits only when the insert happened).
+``pulls.save``            a new local pull request's number = MAX(number)+1 per repository.
+                          Postgres: lock the repository's row (``FOR UPDATE``) or a counter row
+                          bumped with ``UPDATE ... RETURNING``; UNIQUE(host, repository, number)
+                          backs it up.
 ``deliveries.due``        a delivery is attempted by whoever reads it due. Postgres with several
                           replicas: claim with ``FOR UPDATE SKIP LOCKED`` and a lease column.
+``Database.changes``      this connection's write counter: the view cache's "nothing changed"
+                          (``api/viewcache.py``). Other replicas' writes do not move it: a version
+                          column per run (bumped by every write of the run, its turns and events)
+                          or ``LISTEN``/``NOTIFY`` invalidation.
+``_migrate``              ``PRAGMA user_version`` under the lock: a schema-version table and
+                          ``pg_advisory_lock`` so that replicas starting together migrate once.
 Not database statements, but the same kind: ``Scheduler.lock`` (one run's message, cancel, expiry)
 and the run queue are in-process; with replicas they become a row lock on the run
 (``FOR UPDATE`` / ``pg_advisory_xact_lock``) and a ``SKIP LOCKED`` queue over queued turns;
-``EventHub`` wakes only this process's stream readers (``LISTEN``/``NOTIFY`` across replicas).
-Credit checks before a call (``balance``/``usage`` then the call) are advisory under either database.
+``EventHub`` wakes only this process's stream readers and keeps recent events in memory
+(``LISTEN``/``NOTIFY`` across replicas; its "did the status change" check reads the last
+``run.status`` then appends, so it belongs in ``append``'s transaction). ``Scheduler.recover``
+fails every ``running`` run as ``server_restarted``: with replicas, only the runs of the replica
+that restarted (an owner column with a lease). Credit checks before a call (``balance``/``usage``
+then the call) are advisory under either database.
+
+Errors: reads and writes raise ``sqlite3.Error`` (``aiosqlite`` passes them through), e.g.
+``IntegrityError`` for a broken constraint; :meth:`Database.open` raises
+``store.migrations.SchemaTooNew`` for a database written by a newer release.
 """
 
 from __future__ import annotations
@@ -76,7 +97,8 @@ def _fetch(conn: sqlite3.Connection, reads: tuple[Read[Any], ...]) -> list[list[
 
 class Database:
     """One aiosqlite connection. Reads run freely; writes go through :meth:`tx`, one at a time,
-    so a multi-statement change is atomic and concurrent requests cannot interleave inside it."""
+    so a multi-statement change is atomic and concurrent requests cannot interleave inside it.
+    Rows are ``sqlite3.Row``; the modules of ``store/`` turn them into typed rows."""
 
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._conn = conn
@@ -84,6 +106,8 @@ class Database:
 
     @classmethod
     async def open(cls, path: Path) -> Database:
+        """Open (creating) the database file at ``path`` in WAL mode and migrate it to this
+        release's schema. Raises SchemaTooNew, or sqlite3.Error when the file is not a database."""
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = await aiosqlite.connect(path, isolation_level=None)
         conn.row_factory = sqlite3.Row
@@ -117,6 +141,7 @@ class Database:
         return rows[0] if rows else None
 
     async def all(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        """Every row of a query."""
         return list(await self._conn.execute_fetchall(sql, tuple(params)))
 
     @property

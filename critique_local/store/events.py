@@ -12,6 +12,9 @@ from critique_local.store.db import Database, Read
 
 @dataclass(frozen=True)
 class EventRow:
+    """One event of a run's log: ``seq`` is its id in the run (1, 2, ... without gaps; the SSE
+    ``id``), ``data`` its JSON object, ``created_at`` ISO-8601 UTC text."""
+
     run_id: str
     seq: int
     kind: str  # "builder.event" | "run.status"
@@ -20,6 +23,8 @@ class EventRow:
 
 
 async def append(db: Database, run_id: str, kind: str, data: dict[str, Any]) -> EventRow:
+    """Store ``data`` as the run's next event (``seq`` = the last one's + 1, in the write
+    transaction); the stored row. sqlite3.IntegrityError for an unknown run."""
     created = now_iso()
     async with db.tx() as conn:
         cur = await conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE run_id = ?", (run_id,))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from critique_local.clock import now_iso
@@ -47,18 +48,25 @@ def _pull(row: Row) -> PullRequestRow:
                           title=row[10], body=row[11], created_at=row[12], updated_at=row[13])
 
 
-async def next_local_number(db: Database, full_name: str) -> int:
-    row = await db.one("SELECT COALESCE(MAX(number), 0) + 1 FROM pull_requests WHERE host = 'local' AND "
-                       "repository_full_name = ?", (full_name,))
-    return int(row[0]) if row else 1
+LOCAL = "local"  # ``host`` of a pull request kept here (a ``git.local_root`` repository)
 
 
-async def save(db: Database, pr: PullRequestRow) -> None:
-    """Insert or update the run's pull request."""
-    await db.write(
-        f"INSERT INTO pull_requests ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT(run_id) DO UPDATE SET url = excluded.url, head_sha = excluded.head_sha, state = excluded.state, "
-        "draft = excluded.draft, title = excluded.title, body = excluded.body, updated_at = excluded.updated_at",
-        (pr.run_id, pr.host, pr.repository_full_name, pr.number, pr.url, pr.branch, pr.base_ref, pr.head_sha,
-         pr.state, int(pr.draft), pr.title, pr.body, pr.created_at or now_iso(), now_iso()),
-    )
+async def save(db: Database, pr: PullRequestRow) -> PullRequestRow:
+    """Insert or update the run's pull request; returns it as saved. A new local one (``host``
+    :data:`LOCAL`, ``number`` 0) is numbered next in its repository (1, 2, ...) in the same
+    transaction, so two runs publishing to one repository at once never share a number."""
+    async with db.tx() as conn:
+        if pr.host == LOCAL and pr.number == 0:
+            cur = await conn.execute("SELECT COALESCE(MAX(number), 0) + 1 FROM pull_requests WHERE host = ? AND "
+                                     "repository_full_name = ?", (LOCAL, pr.repository_full_name))
+            row = await cur.fetchone()
+            pr = dataclasses.replace(pr, number=int(row[0]) if row else 1)
+        await conn.execute(
+            f"INSERT INTO pull_requests ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(run_id) DO UPDATE SET url = excluded.url, head_sha = excluded.head_sha, "
+            "state = excluded.state, draft = excluded.draft, title = excluded.title, body = excluded.body, "
+            "updated_at = excluded.updated_at",
+            (pr.run_id, pr.host, pr.repository_full_name, pr.number, pr.url, pr.branch, pr.base_ref, pr.head_sha,
+             pr.state, int(pr.draft), pr.title, pr.body, pr.created_at or now_iso(), now_iso()),
+        )
+    return pr

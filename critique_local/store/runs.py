@@ -51,6 +51,11 @@ IDEMPOTENCY_TTL_H = 24
 
 @dataclass(frozen=True)
 class RunRow:
+    """A run as stored: ``seq`` orders runs (list cursors), ``spec`` is its request parsed once,
+    ``changed_paths``/``diff_stats`` are cumulative over its turns (``has_patch`` instead of the
+    patch's bytes: ``get_patch``), times are ISO-8601 UTC text. ``agent_secret`` is sealed
+    (``crypto.SecretBox``, bound to the run id); ``first_model_call_at`` is the current turn's."""
+
     seq: int
     id: str
     user_id: str
@@ -123,6 +128,9 @@ def _row(r: sqlite3.Row) -> RunRow:
 
 @dataclass(frozen=True)
 class NewRun:
+    """A run to insert: ``prompt`` becomes its first turn; ``byok_key`` and ``mcp_headers`` are
+    already sealed for the run; ``fee`` (credits) is debited from its user as it is created."""
+
     id: str
     user_id: str
     repository_id: str
@@ -132,9 +140,13 @@ class NewRun:
     intent: str
     base_ref: str | None
     prompt: str
+    byok_key: str | None = None
+    mcp_headers: str | None = None
+    fee: float = 0.0
 
 
 async def ensure_repository(db: Database, repo_id: str, full_name: str, source: str) -> str:
+    """The id of repository ``full_name`` (owner/name), inserted as ``repo_id`` when new."""
     async with db.tx() as conn:
         cur = await conn.execute("SELECT id FROM repositories WHERE full_name = ?", (full_name,))
         row = await cur.fetchone()
@@ -159,10 +171,13 @@ class Created:
     body_hash: str | None = None  # of the first request, when an idempotency key was replayed
 
 
-async def create_run(db: Database, run: NewRun, idempotency: tuple[str, str] | None) -> Created:
+async def create_run(db: Database, run: NewRun, idempotency: tuple[str, str] | None,
+                     chained_from: str | None = None) -> Created:
     """Insert a queued run (and its first turn). With ``idempotency=(key, body_hash)`` the key is
     claimed in the same transaction, so concurrent duplicates create exactly one run; a live key
-    (younger than 24 h) returns the run it created instead."""
+    (younger than 24 h) returns the run it created instead. ``chained_from``: the id of the run
+    this one continues; both are linked (``chained_from_run_id``, ``chained_to_run_id``) in the
+    same transaction, like the run's sealed secrets and its fee: a crash leaves all or nothing."""
     now = now_iso()
     async with db.tx() as conn:
         if idempotency is not None:
@@ -176,10 +191,18 @@ async def create_run(db: Database, run: NewRun, idempotency: tuple[str, str] | N
             await conn.execute("DELETE FROM idempotency_keys WHERE user_id = ? AND key = ?", (run.user_id, idempotency[0]))
         await conn.execute(
             "INSERT INTO runs (id, user_id, repository_id, status, phase, request, model_id, task_kind, intent, "
-            "base_ref, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "base_ref, chained_from_run_id, byok_key, mcp_headers, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (run.id, run.user_id, run.repository_id, RunStatus.QUEUED.value, Phase.QUEUED.value,
-             json.dumps(run.spec.to_stored()), run.model_id, run.task_kind, run.intent, run.base_ref, now, now),
+             json.dumps(run.spec.to_stored()), run.model_id, run.task_kind, run.intent, run.base_ref, chained_from,
+             run.byok_key, run.mcp_headers, now, now),
         )
+        if run.fee:
+            await conn.execute("INSERT INTO credit_ledger (user_id, amount, reason, run_id, created_at) "
+                               "VALUES (?, ?, 'orchestration', ?, ?)", (run.user_id, -run.fee, run.id, now))
+        if chained_from is not None:
+            await conn.execute("UPDATE runs SET chained_to_run_id = ?, updated_at = ? WHERE id = ?",
+                               (run.id, now, chained_from))
         await conn.execute(
             "INSERT INTO turns (run_id, idx, prompt, status, publish) VALUES (?, 1, ?, 'queued', ?)",
             (run.id, run.prompt, json.dumps(run.spec.publish.to_stored() if run.spec.publish else {"mode": "none"})),
@@ -206,11 +229,13 @@ def run_read(run_id: str, user_id: str | None = None) -> Read[RunRow | None]:
 
 
 async def get_run(db: Database, run_id: str, user_id: str | None = None) -> RunRow | None:
+    """The run, or None when there is none (or, with ``user_id``, when it is another user's)."""
     found: RunRow | None = (await db.read(run_read(run_id, user_id)))[0]
     return found
 
 
 async def run_of_sandbox(db: Database, sandbox_id: str) -> RunRow | None:
+    """The newest run that holds (or held) sandbox ``sandbox_id``, or None."""
     row = await db.one(f"SELECT {_COLUMNS} {_FROM} WHERE r.sandbox_id = ? ORDER BY r.seq DESC LIMIT 1", (sandbox_id,))
     return _row(row) if row else None
 
@@ -246,6 +271,7 @@ async def list_runs(db: Database, user_id: str, limit: int, before_seq: int | No
 
 
 async def runs_with_status(db: Database, *statuses: RunStatus) -> list[RunRow]:
+    """Every run in one of ``statuses``, oldest first."""
     marks = ",".join("?" for _ in statuses)
     rows = await db.all(f"SELECT {_COLUMNS} {_FROM} WHERE r.status IN ({marks}) ORDER BY r.seq", [s.value for s in statuses])
     return [_row(r) for r in rows]
@@ -281,7 +307,8 @@ async def transition(
     db: Database, run_id: str, status: RunStatus, phase: Phase, **fields: Any
 ) -> RunRow:
     """Move a run to ``status``/``phase`` (checked against the allowed transitions) and set
-    other columns in the same transaction."""
+    other columns in the same transaction; the run as stored afterwards. Raises KeyError for an
+    unknown run, ``runs.states.IllegalTransition`` for a move the lifecycle does not allow."""
     async with db.tx() as conn:
         cur = await conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,))
         row = await cur.fetchone()
@@ -297,12 +324,15 @@ async def transition(
 
 
 async def update_run(db: Database, run_id: str, **fields: Any) -> None:
+    """Set columns of the run (no status change: that is :func:`transition`); nothing for an
+    unknown run. A blind write: callers hold the run (its job, or ``Scheduler.lock``)."""
     cols = {"updated_at": now_iso(), **fields}
     sets = ", ".join(f"{k} = ?" for k in cols)
     await db.write(f"UPDATE runs SET {sets} WHERE id = ?", (*cols.values(), run_id))
 
 
 async def run_for_sandbox_token(db: Database, token_hash: str) -> RunRow | None:
+    """The run whose sandbox token hashes to ``token_hash`` (``tokens.token_hash``), or None."""
     row = await db.one(f"SELECT {_COLUMNS} {_FROM} WHERE r.sandbox_token_hash = ?", (token_hash,))
     return _row(row) if row else None
 
@@ -339,17 +369,20 @@ async def expired_idle_runs(db: Database, now_text: str) -> list[str]:
 
 
 async def idempotent_run(db: Database, user_id: str, key: str) -> tuple[str, str] | None:
+    """(run id, body hash) of the user's live (younger than 24 h) Idempotency-Key, or None."""
     row = await db.one("SELECT run_id, body_hash FROM idempotency_keys WHERE user_id = ? AND key = ? AND created_at > ?",
                        (user_id, key, _day_ago()))
     return (str(row[0]), str(row[1])) if row else None
 
 
 async def sandbox_token(db: Database, run_id: str) -> str | None:
+    """The run's sealed sandbox token (None: none, or the session ended)."""
     row = await db.one("SELECT sandbox_token FROM runs WHERE id = ?", (run_id,))
     return str(row[0]) if row and row[0] else None
 
 
 async def byok_key(db: Database, run_id: str) -> str | None:
+    """The run's sealed BYOK provider key (None: a managed run, or the session ended)."""
     row = await db.one("SELECT byok_key FROM runs WHERE id = ?", (run_id,))
     return str(row[0]) if row and row[0] else None
 

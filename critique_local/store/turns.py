@@ -72,10 +72,11 @@ async def turn(db: Database, run_id: str, idx: int) -> TurnRow | None:
     return TurnRow(int(r[0]), str(r[1]), str(r[2]), r[3], r[4]) if r else None
 
 
-async def queued_turn(db: Database, run_id: str) -> tuple[int, str] | None:
-    row = await db.one("SELECT idx, prompt FROM turns WHERE run_id = ? AND status = 'queued' ORDER BY idx LIMIT 1",
-                       (run_id,))
-    return (int(row[0]), str(row[1])) if row else None
+async def queued_turn(db: Database, run_id: str) -> TurnRow | None:
+    """The run's oldest turn still ``queued`` (the one a scheduler job carries), or None."""
+    r = await db.one("SELECT idx, prompt, status, summary, tree FROM turns WHERE run_id = ? AND status = 'queued' "
+                     "ORDER BY idx LIMIT 1", (run_id,))
+    return TurnRow(int(r[0]), str(r[1]), str(r[2]), r[3], r[4]) if r else None
 
 
 async def turn_publish(db: Database, run_id: str, idx: int) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 driven over its HTTP API (``client.py``) with the configuration of ``config.py``.
 
 A turn is one blocking ``POST /session/{id}/message`` while ``GET /event`` streams the turn's
-events: they become the run's event rows (``agent/normalize.py``) and the neutral signals the
+events: they become the run's event rows (``normalize.py``) and the neutral signals the
 model watch needs (:func:`model_signals`); any permission or question a headless turn would wait
 on is rejected. The reply (any shape: it comes from the sandbox) becomes a
 :class:`~critique_local.agent.base.TurnReply`.
@@ -32,10 +32,10 @@ from critique_local.agent.base import (
     TurnReply,
     TurnRequest,
 )
-from critique_local.agent.normalize import Normalizer
 from critique_local.agent.opencode.client import OpenCodeClient, basic_auth
 from critique_local.agent.opencode.config import OPENCODE_PORT, PROVIDER_ID, TOKEN_ENV, opencode_config
-from critique_local.agent.opencode.sessions import export_session, import_session
+from critique_local.agent.opencode.normalize import Normalizer
+from critique_local.agent.opencode.sessions import export_session, import_session, message_count, truncated
 from critique_local.bounds import clip_text
 from critique_local.errors import AgentError, ErrorCode
 from critique_local.sandboxes.base import Sandbox, SandboxError
@@ -231,3 +231,9 @@ class OpenCodeHarness(Harness):
     async def attach(self, sandbox: Sandbox, secret: str) -> Agent:
         endpoint = await sandbox.endpoint(OPENCODE_PORT)
         return OpenCodeAgent(sandbox, OpenCodeClient(endpoint.base_url, {**endpoint.headers, **basic_auth(secret)}))
+
+    def message_count(self, state: bytes) -> int:
+        return message_count(state)
+
+    def truncate(self, state: bytes, messages: int) -> bytes:
+        return truncated(state, messages)

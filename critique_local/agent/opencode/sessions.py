@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import tarfile
 import tempfile
 from pathlib import Path
@@ -36,6 +37,27 @@ def session_id_of(state: bytes) -> str:
     if not isinstance(session_id, str) or not 0 < len(session_id) <= 200 or not session_id.startswith("ses"):
         raise AgentError("the session export has no session id")
     return session_id
+
+
+def message_count(state: bytes) -> int:
+    """How many messages an export holds (``{"info", "messages": [...]}``); AgentError otherwise."""
+    try:
+        data = bounds.loads(state)
+    except ValueError as exc:
+        raise AgentError(f"the session state is not JSON ({str(exc)[:200]})") from exc
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if not isinstance(messages, list):
+        raise AgentError("the session state has no messages")
+    return len(messages)
+
+
+def truncated(state: bytes, messages: int) -> bytes:
+    """The export with only its first ``messages`` messages (the transcript as it was at the end
+    of an earlier turn); AgentError when it is not an export."""
+    message_count(state)
+    data = bounds.loads(state)
+    data["messages"] = data["messages"][:messages]
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
 async def export_session(sandbox: Sandbox, session_id: str) -> bytes:
