@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import uvicorn
 from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import TransportSecuritySettings
 
 from tests.conftest import SAMPLE_FILES, SHORT_SESSIONS
 from tests.helpers import Server, free_port, make_repo, our_containers, sandbox_contains, wait_for
@@ -39,7 +40,8 @@ class DocsServer:
             """Look a term up in the team's docs."""
             return f"{term}: defined in the handbook, page 42"
 
-        self.inner = docs.streamable_http_app()
+        self.inner = docs.streamable_http_app(transport_security=TransportSecuritySettings(
+            allowed_hosts=[f"{MCP_HOST}:*"], allowed_origins=[f"http://{MCP_HOST}:*"]))
         self.requests: list[dict[str, str]] = []
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=MCP_HOST, port=self.port, log_level="warning",
@@ -112,7 +114,8 @@ def test_the_agent_uses_an_mcp_server_without_seeing_its_credential(
     assert done["status"] == "idle", done["error"]
     events = [e["data"] for e in api.get(f"{RUNS}/{run['id']}", params={"events": "1"}).json()["run"]["events"]]
     calls = [e for e in events if e.get("type") == "tool" and e.get("tool") == "docs_lookup"]
-    assert calls and calls[-1]["status"] == "completed", calls
+    assert calls and calls[-1]["status"] == "completed", (
+        [e for e in events if e.get("type") in ("tool", "mcp.request", "error")], docs_server.requests)
     assert "page 42" in json.dumps(calls[-1])
     relayed = [e for e in events if e.get("type") == "mcp.request"]
     assert relayed and all(e["server"] == "docs" and e.get("status") for e in relayed)
