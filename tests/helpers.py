@@ -201,3 +201,11 @@ def our_containers(run_id: str) -> list[str]:
     res = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=critique.run={run_id}"],
                          capture_output=True, text=True, check=True)
     return res.stdout.split()
+
+
+def sandbox_contains(container: str, needle: str) -> str:
+    """What in the sandbox holds ``needle``: process environments and every place it can write."""
+    script = (f"cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -F -- '{needle}';"
+              f" grep -rlsF -- '{needle}' /workspace /tmp /home /root /var /run 2>/dev/null; true")
+    return subprocess.run(["docker", "exec", container, "sh", "-c", script], capture_output=True, text=True,
+                          check=True).stdout

@@ -27,7 +27,7 @@ from aiohttp import web
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 
 from critique_local import __version__
 from critique_local.api import meta
@@ -116,8 +116,20 @@ class Tool:
     write: bool = False  # needs write:builder
 
 
+def _revealed(value: Any) -> Any:
+    """``value`` (a python-mode dump) with each SecretStr as its text: what the client sent."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return {k: _revealed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_revealed(v) for v in value]
+    return value
+
+
 async def _create(app: web.Application, principal: Principal, a: CreateRunArgs) -> BaseModel:
-    raw = a.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude={"wait_seconds"})
+    # python mode, secrets revealed: a JSON dump would mask a BYOK key or mcpServers header as "**********"
+    raw = _revealed(a.model_dump(by_alias=True, exclude_unset=True, exclude={"wait_seconds"}))
     run, _ = await rest.start_run(app, principal, CreateRunRequest.model_validate(raw), raw, None)
     return await rest.envelope(app, run)
 

@@ -13,7 +13,8 @@ import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from mcp_types import CallToolResult
+from mcp_types import LATEST_PROTOCOL_VERSION, CallToolResult
+from mcp_types.version import LATEST_HANDSHAKE_VERSION
 
 from tests.helpers import Server
 
@@ -49,6 +50,7 @@ async def test_a_run_through_mcp(server: Server, alice: str) -> None:
         progress.append((value, message))
 
     async with mcp_client(server, alice) as client:
+        assert client.protocol_version == LATEST_PROTOCOL_VERSION  # the current revision (stateless envelope)
         listing = await client.list_tools()
         tools = {t.name: t for t in listing.tools}
         assert set(tools) == TOOLS
@@ -123,6 +125,7 @@ async def test_keys_scopes_and_ownership(server: Server, alice: str, bob: str) -
         assert started["status"] in ("queued", "running")
 
     async with mcp_client(server, bob, mode="legacy") as client:  # the 2025 handshake, as most clients speak
+        assert client.protocol_version == LATEST_HANDSHAKE_VERSION
         assert {t.name for t in (await client.list_tools()).tools} == TOOLS
         hidden = error_of(await client.call_tool("get_run", {"runId": started["id"]}))
         assert hidden == {"code": "run_not_found", "message": "run not found"}

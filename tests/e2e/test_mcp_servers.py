@@ -1,12 +1,13 @@
 """``mcpServers``: the agent in a restricted sandbox calls a tool of a remote MCP server (the
 official SDK's server, started by the test on loopback) through the server's relay, which adds
-the credential header; the header value appears nowhere but in that server's requests."""
+the credential header; the header value appears nowhere but in that server's requests. The
+sandbox itself gains no way to the MCP server's host: the egress proxy refuses it (the host is
+on 127.0.0.2, outside the sandbox's NO_PROXY, so a direct attempt goes through the proxy)."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,13 +18,15 @@ from typing import Any
 import pytest
 import uvicorn
 from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import TransportSecuritySettings
 
 from tests.conftest import SAMPLE_FILES, SHORT_SESSIONS
-from tests.helpers import Server, free_port, make_repo, our_containers, wait_for
+from tests.helpers import Server, free_port, make_repo, our_containers, sandbox_contains, wait_for
 
 pytestmark = pytest.mark.e2e
 RUNS = "/api/v1/coding-agent/runs"
 SECRET = "mcp-secret-7f3a9c2e51d84b06"
+MCP_HOST = "127.0.0.2"
 
 
 class DocsServer:
@@ -37,10 +40,11 @@ class DocsServer:
             """Look a term up in the team's docs."""
             return f"{term}: defined in the handbook, page 42"
 
-        self.inner = docs.streamable_http_app()
+        self.inner = docs.streamable_http_app(transport_security=TransportSecuritySettings(
+            allowed_hosts=[f"{MCP_HOST}:*"], allowed_origins=[f"http://{MCP_HOST}:*"]))
         self.requests: list[dict[str, str]] = []
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host=MCP_HOST, port=self.port, log_level="warning",
                                                       interface="asgi3"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -84,24 +88,25 @@ def relay_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv.stop()
 
 
-def sandbox_contains(container: str, needle: str) -> str:
-    """What in the sandbox holds ``needle``: process environments and every place it can write."""
-    script = (f"cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -F -- '{needle}';"
-              f" grep -rlsF -- '{needle}' /workspace /tmp /home /root /var /run 2>/dev/null; true")
-    return subprocess.run(["docker", "exec", container, "sh", "-c", script], capture_output=True, text=True,
-                          check=True).stdout
+def files_holding(root: Path, needle: str) -> list[str]:
+    """Every file under ``root`` (the server's data dir: database, WAL, run repositories, kept
+    session states) whose bytes hold ``needle``."""
+    return [str(p) for p in root.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
 
 
 def test_the_agent_uses_an_mcp_server_without_seeing_its_credential(
         relay_server: Server, docs_server: DocsServer) -> None:
     api = relay_server.client(relay_server.new_key("alice"))
-    docs = {"url": f"http://127.0.0.1:{docs_server.port}/mcp", "headers": {"Authorization": f"Bearer {SECRET}"}}
+    docs = {"url": f"http://{MCP_HOST}:{docs_server.port}/mcp", "headers": {"Authorization": f"Bearer {SECRET}"}}
     refused = api.post(RUNS, json={"repository": "acme/web", "prompt": "hi", "mcpServers": {"docs": docs},
                                    "safety": {"network": {"mode": "none"}}})
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "mcp_servers_need_network"
     assert not docs_server.requests
 
-    script = '@tool docs_lookup {"term": "relay"}\n@say looked it up'
+    # the agent uses the server's tool, then tries the server's host itself (through the proxy)
+    direct = (f"python3 -c \"import urllib.request as r; r.urlopen('http://{MCP_HOST}:{docs_server.port}/mcp', "
+              "timeout=30)\"; echo direct-exit=$?")
+    script = f'@tool docs_lookup {{"term": "relay"}}\n@bash {direct}\n@say looked it up'
     run = api.post(RUNS, json={"repository": "acme/web", "prompt": script, "modelId": "critique/scripted",
                                "mcpServers": {"docs": docs},
                                "safety": {"network": {"mode": "restricted", "allowlist": ["pypi.org"]}}}).json()["run"]
@@ -109,10 +114,18 @@ def test_the_agent_uses_an_mcp_server_without_seeing_its_credential(
     assert done["status"] == "idle", done["error"]
     events = [e["data"] for e in api.get(f"{RUNS}/{run['id']}", params={"events": "1"}).json()["run"]["events"]]
     calls = [e for e in events if e.get("type") == "tool" and e.get("tool") == "docs_lookup"]
-    assert calls and calls[-1]["status"] == "completed", calls
+    assert calls and calls[-1]["status"] == "completed", (
+        [e for e in events if e.get("type") in ("tool", "mcp.request", "error")], docs_server.requests)
     assert "page 42" in json.dumps(calls[-1])
     relayed = [e for e in events if e.get("type") == "mcp.request"]
     assert relayed and all(e["server"] == "docs" and e.get("status") for e in relayed)
+    # restricted mode did not put the MCP server's host on the sandbox's allowlist: only the relay reaches it
+    attempts = [e["output"] for e in events if e.get("tool") == "bash" and "output" in e]
+    assert attempts, events
+    attempt = attempts[-1]
+    assert "HTTP Error 403" in attempt and "direct-exit=1" in attempt, attempt
+    decisions = [(e["decision"], e["host"]) for e in events if e.get("type") == "network"]
+    assert ("denied", MCP_HOST) in decisions and ("allowed", MCP_HOST) not in decisions, decisions
     # the agent's requests reached the MCP server with the credential, added by the relay
     assert docs_server.requests and all(r["authorization"] == f"Bearer {SECRET}" for r in docs_server.requests)
     assert any(r["method"] == "POST" for r in docs_server.requests)
@@ -120,6 +133,7 @@ def test_the_agent_uses_an_mcp_server_without_seeing_its_credential(
     full = api.get(f"{RUNS}/{run['id']}", params={"patch": "1", "events": "1"}).text
     assert SECRET not in full and "mcp-relay/docs" not in full
     assert SECRET not in Path(relay_server.base / "server.log").read_text()
+    assert files_holding(relay_server.data_dir, SECRET) == []  # stored sealed: not in the database file's bytes
     (container,) = our_containers(run["id"])
     assert sandbox_contains(container, SECRET) == ""
     assert sandbox_contains(container, "mcp-relay/docs") != ""  # the probe finds what is there
@@ -138,3 +152,6 @@ def test_the_agent_uses_an_mcp_server_without_seeing_its_credential(
     with closing(sqlite3.connect(f"file:{relay_server.data_dir / 'critique.db'}?mode=ro", uri=True)) as db:
         (sealed,) = db.execute("SELECT mcp_headers FROM runs WHERE id = ?", (run["id"],)).fetchone()
     assert sealed is None  # the sealed headers went with the session
+    assert files_holding(relay_server.data_dir, SECRET) == []
+    assert SECRET not in Path(relay_server.base / "server.log").read_text()
+    assert files_holding(relay_server.data_dir, f"{MCP_HOST}:{docs_server.port}/mcp") != []  # the probe works

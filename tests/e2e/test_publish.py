@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.githost_standin import APP_ID, GitHostStandIn
-from tests.helpers import Server, git, make_repo, wait_for
+from tests.helpers import Server, git, make_repo, our_containers, sandbox_contains, wait_for
 
 pytestmark = pytest.mark.e2e
 RUNS = "/api/v1/coding-agent/runs"
@@ -336,6 +336,13 @@ def test_gitlab_draft_merge_request_opens_and_follow_ups_update_it(gl_server: Se
     assert githost.merge_requests[("acme/gl", 1)].body == put["json"]["description"]
     git("fetch", "-q", "origin", mr["branch"], cwd=repo)
     assert git("rev-parse", "FETCH_HEAD", cwd=repo) == second["draftPullRequest"]["headSha"] != mr["headSha"]
+    # the server-held token (and the Basic credential git sends) never reached the sandbox or the log
+    basic = base64.b64encode(f"oauth2:{githost.token}".encode()).decode()
+    (container,) = our_containers(run["id"])
+    assert sandbox_contains(container, githost.token) == "" and sandbox_contains(container, basic) == ""
+    assert sandbox_contains(container, "VALUE = 3") != ""  # the probe finds what is there
     assert api.post(f"{RUNS}/{run['id']}/messages", json={"endSession": True}).status_code == 200
     full = api.get(f"{RUNS}/{run['id']}", params={"patch": "1", "events": "1"}).text
-    assert githost.token not in full
+    assert githost.token not in full and basic not in full
+    log = (gl_server.base / "server.log").read_text()
+    assert githost.token not in log and basic not in log
