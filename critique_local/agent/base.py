@@ -5,7 +5,10 @@ to one that is running (:meth:`Harness.attach`, from what the run persisted: the
 agent's secret). Either gives an :class:`Agent`, a connection to that server: open a session,
 prompt it (one turn, its progress reported through a callback as :data:`TurnEvent` values, its
 outcome a :class:`TurnReply`), abort a turn, export and import a session's state, close the
-connection. ``runs/`` knows only this module; ``agent/opencode/`` is the one implementation.
+connection. :meth:`Harness.stop` ends the agent's processes and keeps its files: a later
+:meth:`Harness.launch` in the same sandbox continues its sessions (:meth:`Agent.has_session`),
+which is how a Docker session pauses. ``runs/`` knows only this module; ``agent/opencode/`` is
+the one implementation.
 
 What the harness reports is untrusted (the agent controls its server): it decides *when* the
 server looks (``runs/modelwatch.py``), never a verdict on its own.
@@ -167,6 +170,12 @@ class Agent(abc.ABC):
         """Stop the session's running turn (its running commands too); returns within seconds."""
 
     @abc.abstractmethod
+    async def has_session(self, session_id: str) -> bool:
+        """Whether the agent holds session ``session_id`` (in its own storage: after
+        :meth:`Harness.stop` and a new :meth:`Harness.launch` in the same sandbox, it does).
+        ``AgentError`` ``agent_unreachable`` when the agent does not answer."""
+
+    @abc.abstractmethod
     async def export_session(self, session_id: str) -> bytes:
         """The session's state (its messages and parts), opaque, for :meth:`import_session` on
         an agent of the same harness, also in another sandbox."""
@@ -197,7 +206,17 @@ class Harness(abc.ABC):
     async def launch(self, sandbox: Sandbox, config: LaunchConfig, timeout_s: float) -> Agent:
         """Start the agent server in ``sandbox`` (its working directory: :data:`WORKSPACE`) and
         wait until it is healthy, at most ``timeout_s`` seconds (``AgentError``
-        ``agent_start_timeout``)."""
+        ``agent_start_timeout``). In a sandbox whose agent was stopped (:meth:`stop`) the new
+        server has the old one's sessions."""
+
+    @abc.abstractmethod
+    async def stop(self, sandbox: Sandbox, timeout_s: float) -> None:
+        """End the agent server in ``sandbox`` and every process it started (its tools' commands
+        and what they left running), and wait until they are gone, so the memory they held is
+        freed. The sandbox and its files stay, the agent's own storage of its sessions included;
+        processes the agent did not start (services of ``.critique/start.sh``) keep running.
+        No error when no agent runs; SandboxError when some of its processes are still running
+        after ``timeout_s`` seconds."""
 
     @abc.abstractmethod
     async def attach(self, sandbox: Sandbox, secret: str) -> Agent:
