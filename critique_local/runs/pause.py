@@ -83,7 +83,7 @@ class Pauser:
         elif await self.restorable(run.id):
             await self._destroy(run.sandbox_id)
             await store.update_run(self.s.db, run.id, paused_at=now_iso(), sandbox_id=None)
-            event = {"inPlace": False, "agentStopped": True}
+            event = {"inPlace": False, "agentStopped": False}  # nothing kept: the next message restores
         else:
             return run
         await self.s.hub.builder(run.id, {"type": "session.paused", **event})
