@@ -1,8 +1,10 @@
 """Issue-17 benchmark, side by side: message -> agent working for a warm follow-up, a paused then
-resumed session, a restored session (sandbox removed) and a chained run; a new run's create ->
-agent working and -> agent ready; fork -> agent ready (the fork idle with the transcript
-imported); and the host memory of N idle against N paused sessions (the containers' memory
-use as Docker reports it, tmpfs included, plus the durable state on disk).
+resumed session (Docker: the container kept with its agent stopped, the agent relaunched in it
+on the same session), a restored session (sandbox removed) and a chained run; a new run's create
+-> agent working and -> agent ready; fork -> agent ready (the fork idle with the transcript
+imported); and the host memory of N idle against N paused sessions, measured the same way (the
+containers' memory use as ``docker stats`` reports it, tmpfs included, plus the durable state on
+disk; with the cgroup's own breakdown where cgroup v1 files are readable).
 
 "Agent working" is the turn's first ``step.start`` event (OpenCode called the model), read from
 the SSE stream; times are client wall-clock from the POST. Goals from the issue (reported, not
@@ -97,9 +99,22 @@ def timed_message(api: httpx.Client, run_id: str, prompt: str, **extra: Any) -> 
     return ms, carrier
 
 
+def events(api: httpx.Client, run_id: str) -> list[dict[str, Any]]:
+    return [e["data"] for e in api.get(f"{RUNS}/{run_id}", params={"events": "1"}).json()["run"]["events"]
+            if e["event"] == "builder.event"]
+
+
 def wait_paused(api: httpx.Client, run_id: str) -> None:
+    """Until the run is paused and the pause is done (its last ``session.paused`` event after
+    its last resume): Docker keeps the container with the agent stopped."""
     deadline = time.monotonic() + 120
-    while not (api.get(f"{RUNS}/{run_id}").json()["run"]["pausedAt"] and not containers(run_id)):
+    while True:
+        if api.get(f"{RUNS}/{run_id}").json()["run"]["pausedAt"]:
+            kinds = [e["type"] for e in events(api, run_id)]
+            paused = max((i for i, k in enumerate(kinds) if k == "session.paused"), default=-1)
+            if paused > max((i for i, k in enumerate(kinds) if k in ("session.resumed", "session.restored")),
+                            default=-1):
+                return
         if time.monotonic() > deadline:
             raise RuntimeError(f"run {run_id} was not paused")
         time.sleep(0.2)
@@ -136,25 +151,52 @@ def round_on(api: httpx.Client) -> dict[str, float]:
     return out
 
 
-def resumed_on(api: httpx.Client) -> float:
+def resumed_on(api: httpx.Client) -> dict[str, float]:
+    """Paused, then a message: message -> agent working, and the resume's own timings (the
+    ``session.resumed`` event: the agent relaunched in the kept sandbox, its session found)."""
     run = idle_run(api)
     wait_paused(api, run)
     ms, _ = timed_message(api, run, "@bash true\n@say resumed")
+    out = {"resumed_ms": ms}
+    resumed = [e for e in events(api, run) if e["type"] in ("session.resumed", "session.restored")][-1]
+    if resumed["type"] == "session.resumed":
+        out.update({"resume_agent_ms": resumed.get("agentMs", 0), "resume_total_ms": resumed["totalMs"]})
+    else:  # the resume fell back to a restore: a failure of the path measured here
+        print(f"run {run}: resumed by a restore, not in its kept sandbox", file=sys.stderr)
     api.post(f"{RUNS}/{run}/messages", json={"endSession": True})
-    return ms
+    return out
 
 
-def memory_of(api: httpx.Client, server: Server, sessions: int, pause: Callable[[str], None] | None) -> dict[str, int]:
+def cgroup_memory(run_ids: list[str]) -> dict[str, int]:
+    """What the runs' containers' memory cgroups (v1) hold, summed: ``rss`` (processes),
+    ``shmem`` (tmpfs files), ``cache`` (page cache, shmem included), ``mapped_file``; empty when
+    the files cannot be read (cgroup v2, another layout)."""
+    total: dict[str, int] = {}
+    for cid in (c for r in run_ids for c in containers(r)):
+        path = Path("/sys/fs/cgroup/memory/docker") / cid / "memory.stat"
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            return {}
+        for line in lines:
+            name, _, value = line.partition(" ")
+            if name in ("rss", "shmem", "cache", "mapped_file"):
+                total[name] = total.get(name, 0) + int(value)
+    return total
+
+
+def memory_of(api: httpx.Client, server: Server, sessions: int, pause: Callable[[str], None] | None) -> dict[str, Any]:
     """Memory of ``sessions`` idle sessions (paused first with ``pause``), and their state on disk."""
     runs = [idle_run(api) for _ in range(sessions)]
     for run in runs:
         if pause is not None:
             pause(run)
     used = memory_bytes(runs)
+    detail = cgroup_memory(runs)
     disk = sum((server.data_dir / "sessions" / f"{r}.state").stat().st_size for r in runs)
     for run in runs:
         api.post(f"{RUNS}/{run}/messages", json={"endSession": True})
-    return {"memory": used, "disk": disk}
+    return {"memory": used, "disk": disk, "cgroup": detail}
 
 
 def summary(samples: list[dict[str, float]], metric: str) -> dict[str, float]:
@@ -185,31 +227,38 @@ def main() -> None:
                 round_on(api)  # warm-up
             for _ in range(runs):
                 sample = round_on(api)
-                sample["resumed_ms"] = resumed_on(papi)
+                sample.update(resumed_on(papi))
                 samples.append(sample)
             idle = memory_of(api, steady, sessions, None)
             paused = memory_of(papi, pausing, sessions, lambda r: wait_paused(papi, r))
             mib = 1024 * 1024
             memory = {"idle_mib_per_session": idle["memory"] / sessions / mib,
                       "paused_mib_per_session": paused["memory"] / sessions / mib,
-                      "state_kib_per_session": paused["disk"] / sessions / 1024}
+                      "state_kib_per_session": paused["disk"] / sessions / 1024,
+                      **{f"idle_{k}_mib_per_session": v / sessions / mib for k, v in idle["cgroup"].items()},
+                      **{f"paused_{k}_mib_per_session": v / sessions / mib for k, v in paused["cgroup"].items()}}
     finally:
         for srv in (steady, pausing):
             srv.stop()
         shutil.rmtree(base, ignore_errors=True)
     labels = {"warm_ms": "warm follow-up: message -> agent working",
               "resumed_ms": "paused, resumed: message -> agent working",
+              "resume_agent_ms": "  of which: agent relaunched, healthy",
+              "resume_total_ms": "  of which: whole resume (agent and its session)",
               "restored_ms": "restored (sandbox removed): message -> agent working",
               "chained_ms": "chained run: message -> agent working",
               "new_run_working_ms": "new run: create -> agent working",
               "new_run_ready_ms": "new run: create -> agent ready",
               "fork_ready_ms": "fork: POST -> agent ready (transcript imported)"}
-    result: dict[str, Any] = {"runs": runs, "sessions": sessions, "cpus": os.cpu_count(), **memory}
+    result: dict[str, Any] = {"runs": runs, "sessions": sessions, "cpus": os.cpu_count(),
+                              "loadavg": os.getloadavg(), **memory}
+    labels = {m: label for m, label in labels.items() if any(m in sample for sample in samples)}
     for metric in labels:
         result[metric] = summary(samples, metric)
     ready = result["new_run_ready_ms"]["median"]
     result["restored_over_new_run_ready"] = result["restored_ms"]["median"] / ready
-    print(f"N={runs}, {os.cpu_count()} CPUs{' (smoke)' if args.smoke else ''}")
+    print(f"N={runs}, {os.cpu_count()} CPUs{' (smoke)' if args.smoke else ''}, load average at the end "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     for metric, label in labels.items():
         s = result[metric]
         print(f"{label:<55} median {s['median']:7.0f} ms  (min {s['min']:.0f}, max {s['max']:.0f})")
@@ -218,10 +267,16 @@ def main() -> None:
     print(f"host memory per session: idle {memory['idle_mib_per_session']:.0f} MiB, paused "
           f"{memory['paused_mib_per_session']:.1f} MiB (goal < 20 MB); durable state on disk "
           f"{memory['state_kib_per_session']:.0f} KiB per session ({sessions} sessions)")
+    cgroup = {k: v for k, v in memory.items() if k.endswith("_mib_per_session")
+              and k not in ("idle_mib_per_session", "paused_mib_per_session")}
+    if cgroup:
+        print("  cgroup detail per session (MiB): " + ", ".join(f"{k.removesuffix('_mib_per_session')} {v:.1f}"
+                                                                for k, v in sorted(cgroup.items())))
     if not args.smoke:
         out = ROOT / "bench" / "results"
         out.mkdir(parents=True, exist_ok=True)
         (out / "restore-bench.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

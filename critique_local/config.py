@@ -141,8 +141,9 @@ class SandboxSettings(Section):
     sweep_interval_s: float = Field(30, gt=0, description="How often sandboxes nothing can use any more (of "
                                     "ended runs, or stopped) are looked for and removed.")
     pause_after_s: float = Field(600, ge=0, description="An idle session is paused after this long without a "
-                                 "message (its sandbox's processes stop and its memory is freed; the next message "
-                                 "resumes it); 0: never.")
+                                 "message (Docker: the agent's processes stop and their memory is freed, the "
+                                 "container and its files stay; E2B: paused in place); the next message resumes "
+                                 "it; 0: never.")
     state_keep_s: float = Field(604800, gt=0, description="How long a run's durable turn state (tree and agent "
                                 "transcript, for restore and fork) is kept after its last turn once the session "
                                 "ended (expired, lost, idle limit).")

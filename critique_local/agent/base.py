@@ -7,7 +7,10 @@ prompt it (one turn, its progress reported through a callback as :data:`TurnEven
 outcome a :class:`TurnReply`), abort a turn, export and import a session's state, close the
 connection. An exported state is the harness's own format: only the harness reads it
 (:meth:`Harness.message_count`, :meth:`Harness.truncate`); the server seals and stores it as is.
-``runs/`` knows only this module; ``agent/opencode/`` is the one implementation.
+:meth:`Harness.stop` ends the agent's processes and keeps its files: a later
+:meth:`Harness.launch` in the same sandbox continues its sessions (:meth:`Agent.has_session`),
+which is how a Docker session pauses. ``runs/`` knows only this module; ``agent/opencode/`` is
+the one implementation.
 
 Units: times in seconds (``*_s``), sizes in characters (``*_chars``) or bytes (``*_bytes``);
 ids are the agent's own strings (at most 200 characters).
@@ -186,6 +189,12 @@ class Agent(abc.ABC):
         tear the sandbox down anyway suppress it)."""
 
     @abc.abstractmethod
+    async def has_session(self, session_id: str) -> bool:
+        """Whether the agent holds session ``session_id`` (in its own storage: after
+        :meth:`Harness.stop` and a new :meth:`Harness.launch` in the same sandbox, it does).
+        ``AgentError`` ``agent_unreachable`` when the agent does not answer."""
+
+    @abc.abstractmethod
     async def export_session(self, session_id: str) -> bytes:
         """The session's state (its messages and parts) as UTF-8 text in the harness's own format,
         for :meth:`import_session` on an agent of the same harness, also in another sandbox.
@@ -221,7 +230,17 @@ class Harness(abc.ABC):
         """Start the agent server in ``sandbox`` (its working directory: :data:`WORKSPACE`) and
         wait until it is healthy, at most ``timeout_s`` seconds (``AgentError``
         ``agent_start_timeout``; ``SandboxError`` when it cannot be started). The agent's model
-        calls go to ``config.gateway_url`` with ``config.gateway_token``, never elsewhere."""
+        calls go to ``config.gateway_url`` with ``config.gateway_token``, never elsewhere. In a
+        sandbox whose agent was stopped (:meth:`stop`) the new server has the old one's sessions."""
+
+    @abc.abstractmethod
+    async def stop(self, sandbox: Sandbox, timeout_s: float) -> None:
+        """End the agent server in ``sandbox`` and every process it started (its tools' commands
+        and what they left running), and wait until they are gone, so the memory they held is
+        freed. The sandbox and its files stay, the agent's own storage of its sessions included;
+        processes the agent did not start (services of ``.critique/start.sh``) keep running.
+        No error when no agent runs; SandboxError when some of its processes are still running
+        after ``timeout_s`` seconds."""
 
     @abc.abstractmethod
     async def attach(self, sandbox: Sandbox, secret: str) -> Agent:

@@ -65,7 +65,8 @@ class Metrics:
         self.upstream_errors = Counter("critique_gateway_upstream_errors", "Upstream provider failures, by "
                                        "provider and code.", ["provider", "code"], registry=r)
         self.sandboxes = Gauge("critique_sandboxes", "Sandboxes now: busy (a turn runs), idle (a warm session), "
-                               "pooled (warm pool, no run yet).", ["state"], registry=r)
+                               "paused (a paused session's, its agent stopped or paused in place), pooled (warm "
+                               "pool, no run yet).", ["state"], registry=r)
         self.sandboxes_provisioned = Counter("critique_sandboxes_provisioned", "Sandboxes given to runs, by "
                                              "source (new, pool).", ["source"], registry=r)
         self.webhook_deliveries = Gauge("critique_webhook_deliveries", "Stored webhook deliveries by state "
@@ -166,8 +167,8 @@ class Metrics:
             self.runs.labels(status, lifecycle).inc(n)
             queued += n if status == RunStatus.QUEUED else 0
         self.queue_depth.set(queued)
-        busy, idle = await opsstats.sandboxes_in_use(db)
-        for state, n in (("busy", busy), ("idle", idle), ("pooled", pooled())):
+        busy, idle, paused = await opsstats.sandboxes_in_use(db)
+        for state, n in (("busy", busy), ("idle", idle), ("paused", paused), ("pooled", pooled())):
             self.sandboxes.labels(state).set(n)
         self.webhook_deliveries.clear()
         for state, n in await opsstats.webhook_deliveries_by_state(db):

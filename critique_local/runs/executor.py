@@ -177,20 +177,6 @@ class Executor:
         return closed
 
     async def pause(self, run: RunRow) -> RunRow:
-        """Pause an idle session: in place where the backend can (E2B), else its sandbox is
-        removed and the next message restores it from its durable state (Docker). Unchanged when
-        neither is possible (no state kept)."""
-        if not run.sandbox_id or run.paused_at:
-            return run
-        if await self.s.backend.pause(run.sandbox_id):
-            fields: dict[str, Any] = {"paused_at": now_iso()}
-        elif await self.restorer.restorable(run.id):
-            await self.destroy(run.sandbox_id)
-            fields = {"paused_at": now_iso(), "sandbox_id": None}
-        else:
-            return run
-        await store.update_run(self.s.db, run.id, **fields)
-        await self.s.hub.builder(run.id, {"type": "session.paused", "inPlace": "sandbox_id" not in fields})
-        paused = await store.get_run(self.s.db, run.id)
-        assert paused is not None
-        return paused
+        """Pause an idle session (``runs/pause.py``): in place where the backend can (E2B), else
+        its agent is stopped and the sandbox kept (Docker); unchanged when neither is possible."""
+        return await self.restorer.pauser.pause(run)

@@ -1,7 +1,7 @@
 """Rebuilding a session from its durable turn state (``runs/durable.py``): a new sandbox with the
 workspace at a turn's tree and the agent's transcript imported. Used when a message reaches an
-idle run whose sandbox expired, was removed, was lost to a restart or was paused (Docker), and
-when a run is forked at a turn. The new sandbox starts from the environment the run's checkout
+idle run whose sandbox expired, was removed or was lost to a restart (or a paused session whose
+kept sandbox cannot be resumed, ``runs/pause.py``), and when a run is forked at a turn. The new sandbox starts from the environment the run's checkout
 needs, as the run's first one did (``runs/envstart.py``: the kept one, or built again when it
 was removed meanwhile), and ``.critique/start.sh`` runs on the restored tree.
 
@@ -31,6 +31,7 @@ from critique_local.repos.workrepo import RunRepo
 from critique_local.runs import durable, envstart
 from critique_local.runs.mcp_servers import relay_servers
 from critique_local.runs.network import network_policy
+from critique_local.runs.pause import Pauser
 from critique_local.runs.plan_guard import discard_changes
 from critique_local.runs.pool import launch_config
 from critique_local.runs.provision import Job, Provisioner
@@ -100,6 +101,7 @@ class Restorer:
         self.s = services
         self.provisioner = provisioner
         self.states = states
+        self.pauser = Pauser(services, provisioner, self.restorable)
 
     def repo(self, run_id: str) -> RunRepo:
         return RunRepo(self.s.settings.server.data_dir / "runs", run_id)
@@ -110,8 +112,9 @@ class Restorer:
                 and self.repo(run_id).path.exists())
 
     async def reattach(self, job: Job, reason: str | None = None) -> None:
-        """A follow-up's sandbox and agent: the live ones, else (paused, expired, lost) the
-        session rebuilt from its durable state. RunFailure ``sandbox_gone`` when neither works."""
+        """A follow-up's sandbox and agent: the live ones, else a paused session resumed in its
+        kept sandbox (``runs/pause.py``), else (expired, lost, or its resume failed) the session
+        rebuilt from its durable state. RunFailure ``sandbox_gone`` when none of these works."""
         run = job.run
         live = (run.session_expires_at or "") > now_iso()  # past it, the sandbox's lifetime is over
         if run.sandbox_id and not run.paused_at and live:
@@ -121,10 +124,8 @@ class Restorer:
                 job.sandbox_id = job.sandbox.id
                 return
         why = reason or ("paused" if run.paused_at else "sandbox_lost")
-        if run.sandbox_id and run.paused_at:  # paused in place (E2B): resume it
-            resumed = await self._resume(job)
-            if resumed:
-                return
+        if run.sandbox_id and run.paused_at and live and await self.pauser.resume(job):  # its sandbox was kept
+            return
         if run.sandbox_id:
             await self._destroy(run.sandbox_id)
             await store.update_run(self.s.db, run.id, sandbox_id=None)
@@ -137,26 +138,6 @@ class Restorer:
         if reason is None and run.session_expires_at and run.session_expires_at <= now_iso():
             why = "expired"
         await self.restore(job, point[0], point[1], state, why)
-
-    async def _resume(self, job: Job) -> bool:
-        run = job.run
-        assert run.sandbox_id is not None
-        t0 = time.monotonic()
-        try:
-            sandbox = await self.s.backend.resume(run.sandbox_id)
-        except SandboxError:
-            sandbox = None
-        if sandbox is None:
-            return False
-        attached = await self.provisioner.attach(dataclasses.replace(run, paused_at=None))
-        if attached is None:
-            return False
-        job.sandbox, job.agent = attached
-        job.sandbox_id = sandbox.id
-        await store.update_run(self.s.db, run.id, paused_at=None)
-        job.run = dataclasses.replace(run, paused_at=None)
-        await self.s.hub.builder(run.id, {"type": "session.resumed", "totalMs": round((time.monotonic() - t0) * 1000)})
-        return True
 
     async def _destroy(self, sandbox_id: str) -> None:
         try:

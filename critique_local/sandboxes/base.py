@@ -176,8 +176,8 @@ class SandboxBackend(abc.ABC):
 
     async def pause(self, sandbox_id: str) -> bool:
         """Pause the sandbox in place, keeping its memory and processes while they cost nothing
-        (E2B); False when this backend cannot (Docker: the caller removes the sandbox and
-        restores the session from its durable state later). SandboxError when pausing failed."""
+        (E2B); False when this backend cannot (Docker: the caller stops the agent's processes
+        and keeps the sandbox, ``runs/pause.py``). SandboxError when pausing failed."""
         return False
 
     async def resume(self, sandbox_id: str) -> Sandbox | None:

@@ -21,8 +21,10 @@ async def webhook_deliveries_by_state(db: Database) -> list[tuple[str, int]]:
     return [(str(r[0]), int(r[1])) for r in rows]
 
 
-async def sandboxes_in_use(db: Database) -> tuple[int, int]:
-    """(sandboxes of running turns, sandboxes of idle warm sessions)."""
-    row = await db.one("SELECT SUM(status = 'running'), SUM(status = 'idle') FROM runs "
+async def sandboxes_in_use(db: Database) -> tuple[int, int, int]:
+    """(sandboxes of running turns, of idle warm sessions, of paused sessions: kept with their
+    agent stopped, or paused in place)."""
+    row = await db.one("SELECT SUM(status = 'running'), SUM(status = 'idle' AND paused_at IS NULL), "
+                       "SUM(status = 'idle' AND paused_at IS NOT NULL) FROM runs "
                        "WHERE status IN ('running', 'idle') AND sandbox_id IS NOT NULL")
-    return (int(row[0] or 0), int(row[1] or 0)) if row else (0, 0)
+    return (int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)) if row else (0, 0, 0)

@@ -71,7 +71,8 @@ def test_metrics_after_scripted_runs_readyz_request_ids_and_audit(server: Server
         found.get('critique_agent_ready_duration_seconds_count{source="pool"}', 0) >= 1
     assert found['critique_turn_duration_seconds_count{outcome="finished"}'] >= 2
     for gauge in ('critique_sandboxes{state="busy"}', 'critique_sandboxes{state="idle"}',
-                  'critique_sandboxes{state="pooled"}', "critique_queue_depth", "critique_sse_subscribers"):
+                  'critique_sandboxes{state="paused"}', 'critique_sandboxes{state="pooled"}', "critique_queue_depth",
+                  "critique_sse_subscribers"):
         assert gauge in found
 
     checks = {f["check"]: f for f in map(json.loads, server.cli("doctor", "--json", check=False).stdout.splitlines())}

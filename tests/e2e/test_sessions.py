@@ -199,29 +199,69 @@ def test_an_expired_session_is_restored(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_pause_resume_restart_and_end_session(tmp_path: Path) -> None:
+# turn 1 of a paused run: besides a.txt (untracked in the workspace), files a restore would not
+# bring back (they are outside the tree): only the kept sandbox has them after a resume
+PAUSED_TURN1 = ("@write a.txt\nfrom turn one\n@end\n@bash echo from the home > ~/note.txt && echo scratch > "
+                "/tmp/scratch.txt\n@say wrote a.txt")
+RESUMED_TURN2 = "@bash cat a.txt ~/note.txt /tmp/scratch.txt\n@write b.txt\nfrom turn two\n@end\n@history"
+
+
+def agent_processes(box: str) -> list[str]:
+    """The agent's processes in a container, as the host sees them (``docker top``)."""
+    res = subprocess.run(["docker", "top", box, "-eo", "pid,args"], capture_output=True, text=True, check=True)
+    return [line for line in res.stdout.splitlines()[1:] if "opencode" in line]
+
+
+def resumed_events(api: httpx.Client, run_id: str) -> list[dict[str, Any]]:
+    return [e for e in events_of(api, run_id) if e["type"] in ("session.resumed", "session.restored")]
+
+
+def test_pause_keeps_the_sandbox_and_resume_relaunches_the_agent(tmp_path: Path) -> None:
     server = _server(tmp_path, CRITIQUE_LOCAL_SANDBOX_PAUSE_AFTER_S="1")
     server.start()
     try:
         key = server.new_key("pat")
         with server.client(key) as api:
-            run = idle_run(api)
+            run = idle_run(api, PAUSED_TURN1)
+            box = our_containers(run["id"])
+            assert len(box) == 1 and agent_processes(box[0])
             paused = wait_paused(api, run["id"])
             assert paused["status"] == "idle" and paused["sessionActive"] is True
             assert paused["nextActions"] == run["nextActions"]
-            done = follow_up(api, run["id"])  # the client does nothing different
-            assert_restored(api, run["id"], done, "paused")
+            assert paused["sessionExpiresAt"] == run["sessionExpiresAt"]
+            assert our_containers(run["id"]) == box and agent_processes(box[0]) == []  # kept, the agent stopped
+            done = follow_up(api, run["id"], RESUMED_TURN2)  # the client does nothing different
+            assert our_containers(run["id"]) == box  # the same container
+            assert done["summary"].startswith("history: 2 user messages,")
+            assert bash_outputs(api, run["id"])[-1].split() == ["from", "turn", "one", "from", "the", "home",
+                                                                "scratch"]
+            assert done["changedPaths"] == ["a.txt", "b.txt"]
+            resumed = resumed_events(api, run["id"])
+            assert [e["type"] for e in resumed] == ["session.resumed"] and resumed[0]["relaunched"] is True
             wait_paused(api, run["id"])
-        # a crash while paused (and a sandbox removed while the server is down) loses nothing
+        # a crash while paused loses nothing: the next start keeps the paused sandbox
         server.kill()
         server.start()
         with server.client(key) as api:
             other = idle_run(api)
             assert api.get(f"{RUNS}/{run['id']}").json()["run"]["status"] == "idle"
-            third = follow_up(api, run["id"], "@bash cat b.txt\n@history")
+            assert our_containers(run["id"]) == box
+            third = follow_up(api, run["id"], "@bash cat b.txt ~/note.txt\n@history")
             assert third["summary"].startswith("history: 3 user messages,")
             assert "from turn two" in bash_outputs(api, run["id"])[-1]
+            assert our_containers(run["id"]) == box
+            assert [e["type"] for e in resumed_events(api, run["id"])] == ["session.resumed"] * 2
+            # a paused sandbox removed from outside: the next message restores the session instead
+            wait_paused(api, run["id"])
+            remove_sandbox(run["id"])
+            fourth = follow_up(api, run["id"], "@bash cat a.txt b.txt\n@history")
+            assert fourth["summary"].startswith("history: 4 user messages,")
+            assert "from turn two" in bash_outputs(api, run["id"])[-1]
+            last = resumed_events(api, run["id"])[-1]
+            assert last["type"] == "session.restored" and last["reason"] == "paused"
+            # endSession on a paused run removes its sandbox and state
             wait_paused(api, other["id"])
+            assert len(our_containers(other["id"])) == 1
             state = server.data_dir / "sessions" / f"{other['id']}.state"
             assert state.exists()
             ended = api.post(f"{RUNS}/{other['id']}/messages", json={"endSession": True})
@@ -252,11 +292,15 @@ def test_a_sandbox_lost_to_a_server_crash_is_restored(tmp_path: Path) -> None:
 
 
 def wait_paused(api: httpx.Client, run_id: str, timeout_s: float = 120) -> dict[str, Any]:
+    """The run once paused: ``pausedAt`` set and the pause done (its ``session.paused`` event)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         run: dict[str, Any] = api.get(f"{RUNS}/{run_id}").json()["run"]
-        if run["pausedAt"] and not our_containers(run_id):
-            return run
+        if run["pausedAt"]:
+            events = events_of(api, run_id)
+            last = max((i for i, e in enumerate(events) if e["type"] == "session.paused"), default=-1)
+            if last > max((i for i, e in enumerate(events) if e["type"] == "session.resumed"), default=-1):
+                return run
         time.sleep(0.5)
     raise AssertionError(f"run {run_id} was not paused")
 

@@ -153,6 +153,17 @@ class OpenCodeClient:
             raise AgentError(f"OpenCode GET /session/{session_id}: not the session asked for")
         return {"info": info, "messages": messages}
 
+    async def has_session(self, session_id: str) -> bool:
+        """Whether ``GET /session/{id}`` answers with that session (an HTTP error: it does not).
+        AgentError ``agent_unreachable`` when OpenCode does not answer."""
+        try:
+            info = await self._json("GET", f"/session/{session_id}")
+        except AgentError as exc:
+            if exc.code is ErrorCode.AGENT_UNREACHABLE:
+                raise
+            return False
+        return isinstance(info, dict) and info.get("id") == session_id
+
     async def reply_permission(self, permission_id: str, reply: str) -> None:
         await self._json("POST", f"/permission/{permission_id}/reply", json={"reply": reply})
 

@@ -36,6 +36,7 @@ from critique_local.agent.opencode.client import OpenCodeClient, basic_auth
 from critique_local.agent.opencode.config import OPENCODE_PORT, PROVIDER_ID, TOKEN_ENV, opencode_config
 from critique_local.agent.opencode.normalize import Normalizer
 from critique_local.agent.opencode.sessions import export_session, import_session, message_count, truncated
+from critique_local.agent.processes import stop_marked
 from critique_local.bounds import clip_text
 from critique_local.errors import AgentError, ErrorCode
 from critique_local.sandboxes.base import Sandbox, SandboxError
@@ -46,6 +47,8 @@ LOG_PATH = "/tmp/opencode.log"
 WARM_UP_DIR = "/tmp/.critique-warm-up"
 WARM_UP_REPO = (f"mkdir -p {WARM_UP_DIR} && cd {WARM_UP_DIR} && git init -q && git -c user.name=warm-up "
                 "-c user.email=warm-up@localhost commit -q --allow-empty -m warm-up")
+# in the environment of the server and so of every process it starts: what Harness.stop ends
+AGENT_MARK_NAME, AGENT_MARK_VALUE = "CRITIQUE_AGENT_PROCESS", "opencode"
 IDLE_WAIT_S = 3.0  # after the reply, how long the stream may take to say the session is idle
 BUDGET_MARK = "budget_exceeded"  # the gateway's refusal, as OpenCode quotes it in the turn's error
 
@@ -54,6 +57,7 @@ def agent_env(config: LaunchConfig) -> dict[str, str]:
     """The environment ``opencode serve`` starts with (secrets included: never logged)."""
     return {
         **config.env,
+        AGENT_MARK_NAME: AGENT_MARK_VALUE,
         TOKEN_ENV: config.gateway_token,
         "OPENCODE_SERVER_PASSWORD": config.secret,
         "OPENCODE_CONFIG_CONTENT": opencode_config(config.gateway_url, config.model_id, config.context_tokens,
@@ -143,6 +147,9 @@ class OpenCodeAgent(Agent):
             finally:
                 await self.client.delete_session(session_id, directory=directory)
 
+    async def has_session(self, session_id: str) -> bool:
+        return await self.client.has_session(session_id)
+
     async def export_session(self, session_id: str) -> bytes:
         try:  # the server's own API is fast; the CLI (seconds) when it does not answer the way we expect
             data = await self.client.session_export(session_id)
@@ -219,14 +226,24 @@ class OpenCodeHarness(Harness):
     name = "OpenCode"
 
     async def launch(self, sandbox: Sandbox, config: LaunchConfig, timeout_s: float) -> Agent:
-        await sandbox.spawn(["bash", "-c", START_OPENCODE], env=agent_env(config), cwd=WORKSPACE, log_path=LOG_PATH)
-        agent = await self.attach(sandbox, config.secret)
+        """``opencode serve`` in the background; healthy within ``timeout_s``. Its storage
+        (``~/.local/share/opencode``) is the sandbox's: a relaunch after :meth:`stop` finds the
+        sessions of the server before it."""
+        # where to reach it is looked up while it starts
+        _, endpoint = await asyncio.gather(
+            sandbox.spawn(["bash", "-c", START_OPENCODE], env=agent_env(config), cwd=WORKSPACE, log_path=LOG_PATH),
+            sandbox.endpoint(OPENCODE_PORT))
+        agent = OpenCodeAgent(sandbox, OpenCodeClient(endpoint.base_url, {**endpoint.headers,
+                                                                         **basic_auth(config.secret)}))
         try:
             await agent.wait_healthy(timeout_s)
         except BaseException:
             await agent.close()
             raise
         return agent
+
+    async def stop(self, sandbox: Sandbox, timeout_s: float) -> None:
+        await stop_marked(sandbox, f"{AGENT_MARK_NAME}={AGENT_MARK_VALUE}", timeout_s)
 
     async def attach(self, sandbox: Sandbox, secret: str) -> Agent:
         endpoint = await sandbox.endpoint(OPENCODE_PORT)
