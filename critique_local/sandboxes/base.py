@@ -60,11 +60,29 @@ class Endpoint:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+POOL_PREFIX = "pool-"  # the run id a pooled sandbox is created (and labelled) with
+
+
 @dataclass(frozen=True)
 class SandboxInfo:
+    """A sandbox of this instance as the backend lists it. ``run_id``: the run it was *created*
+    for (its ``critique.run`` label or metadata): ``pool-<hex>`` for a pooled one, also after a
+    run took it (labels cannot change); :func:`run_of_sandbox` says whose it is now."""
+
     id: str
     run_id: str | None
     running: bool
+
+
+def run_of_sandbox(sandbox_id: str, created_for: str | None, bound: Mapping[str, str]) -> str | None:
+    """The run a sandbox belongs to: the run our store binds it to (``runs.sandbox_id``; the
+    one truth, also for a pooled sandbox a run took), else the run it was created for; None for
+    a pooled sandbox no run took. ``bound``: sandbox id -> run id, from the store."""
+    if sandbox_id in bound:
+        return bound[sandbox_id]
+    if created_for and not created_for.startswith(POOL_PREFIX):
+        return created_for
+    return None
 
 
 class Sandbox(abc.ABC):
