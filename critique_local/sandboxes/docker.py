@@ -131,9 +131,13 @@ class DockerBackend(dockerenv.DockerEnvironments, SandboxBackend):  # environmen
         self._firewalled = self._close_dns = True
 
     async def reclaim_host(self) -> None:
+        def reclaim() -> None:
+            dockerhost.reclaim(self.client, self._host, self._instance, rules=self._settings.host_firewall)
+            if self._settings.host_firewall:
+                dockerhost.prune_jumps(self.client, self._host)
+
         try:
-            await asyncio.to_thread(dockerhost.reclaim, self.client, self._host, self._instance,
-                                    rules=self._settings.host_firewall)
+            await asyncio.to_thread(reclaim)
         except (*ENGINE_ERRORS, *HOST_ERRORS) as exc:
             log.warning("could not remove what stopped servers left on the host: %s", exc)
 

@@ -76,8 +76,8 @@ def ensure_network(client: docker.DockerClient, host: HostState, instance_id: st
 
 def reclaim(client: docker.DockerClient, host: HostState, own_instance: str, *, rules: bool) -> None:
     """Remove what instances proven gone left on the host: their firewall chains (at once, when
-    ``rules``), and their containers once they can never come back. With ``rules``, also drops
-    INPUT jumps of bridges that no longer exist.
+    ``rules``), and their containers once they can never come back. The Docker client is used
+    only for the containers of instances that can never come back.
 
     Only instances this server's host state knows (a claim under ``server.host_state_dir``) are
     considered: a chain ``CRIT-<id>`` of an id that has no claim there belongs to a server with
@@ -108,8 +108,11 @@ def reclaim(client: docker.DockerClient, host: HostState, own_instance: str, *, 
                         container.remove(force=True, v=True)
                     except docker.errors.NotFound:
                         pass
-    if not rules:
-        return
+
+
+def prune_jumps(client: docker.DockerClient, host: HostState) -> None:
+    """Drop the INPUT jumps of bridges that no Docker network has any more (nothing when
+    iptables cannot be used)."""
     try:
         firewall.check_available()
     except firewall.FirewallError:
