@@ -168,8 +168,8 @@ def test_drain_on_sigterm_ends_idle_sessions_json_logs_metrics_listener_and_gc(f
         db.close()
     try:
         listed = fresh_server.cli("sandbox", "ls").stdout.splitlines()
-        assert [line for line in listed if taken[:12] in line][0].endswith(f"run {slow} (completed)"), listed
-        assert [line for line in listed if waiting[:12] in line][0].endswith("pooled"), listed
+        assert next(line for line in listed if taken[:12] in line).endswith(f"run {slow} (completed)"), listed
+        assert next(line for line in listed if waiting[:12] in line).endswith("pooled"), listed
         dry = fresh_server.cli("sandbox", "gc").stdout
         assert waiting[:10] not in dry, dry
         assert f"would remove sandbox {taken[:10]}" in dry and f"run {slow} is not live" in dry, dry
