@@ -1,4 +1,5 @@
-"""The durable agent state: message counts and the transcript of an earlier turn (a fork's)."""
+"""The durable agent state as the harness reads it: message counts and the transcript of an
+earlier turn (a fork's, a restore's), for OpenCode's export format."""
 
 from __future__ import annotations
 
@@ -6,21 +7,25 @@ import json
 
 import pytest
 
+from critique_local.agent.opencode.harness import OpenCodeHarness
 from critique_local.errors import AgentError
-from critique_local.runs.durable import message_count, truncated
 
 EXPORT = json.dumps({"info": {"id": "ses_1"}, "messages": [{"info": {"id": f"m{i}"}, "parts": []} for i in range(5)]})
+HARNESS = OpenCodeHarness()
 
 
 def test_message_count_and_truncation() -> None:
-    assert message_count(EXPORT.encode()) == 5
-    cut = truncated(EXPORT.encode(), 2)
-    assert message_count(cut) == 2
+    assert HARNESS.transcript_length(EXPORT.encode()) == 5
+    cut = HARNESS.transcript_prefix(EXPORT.encode(), 2)
+    assert HARNESS.transcript_length(cut) == 2
     assert json.loads(cut)["info"] == {"id": "ses_1"}
     assert [m["info"]["id"] for m in json.loads(cut)["messages"]] == ["m0", "m1"]
+    assert HARNESS.transcript_prefix(EXPORT.encode(), 9) == HARNESS.transcript_prefix(EXPORT.encode(), 5)
 
 
 @pytest.mark.parametrize("state", [b"not json", b"[]", b'{"info": {}}'])
 def test_a_state_without_messages_is_an_agent_error(state: bytes) -> None:
     with pytest.raises(AgentError):
-        message_count(state)
+        HARNESS.transcript_length(state)
+    with pytest.raises(AgentError):
+        HARNESS.transcript_prefix(state, 1)

@@ -5,7 +5,8 @@ to one that is running (:meth:`Harness.attach`, from what the run persisted: the
 agent's secret). Either gives an :class:`Agent`, a connection to that server: open a session,
 prompt it (one turn, its progress reported through a callback as :data:`TurnEvent` values, its
 outcome a :class:`TurnReply`), abort a turn, export and import a session's state, close the
-connection. ``runs/`` knows only this module; ``agent/opencode/`` is the one implementation.
+connection. An exported state is opaque outside the harness: the harness counts its messages and
+cuts it back to an earlier turn (:meth:`Harness.transcript_length`, :meth:`Harness.transcript_prefix`). ``runs/`` knows only this module; ``agent/opencode/`` is the one implementation.
 
 What the harness reports is untrusted (the agent controls its server): it decides *when* the
 server looks (``runs/modelwatch.py``), never a verdict on its own.
@@ -203,3 +204,16 @@ class Harness(abc.ABC):
     async def attach(self, sandbox: Sandbox, secret: str) -> Agent:
         """A connection to the agent server already running in ``sandbox``, started with
         ``secret``. Checks nothing: call :meth:`Agent.wait_healthy` when it may be gone."""
+
+    # ---- exported session states (:meth:`Agent.export_session`): opaque outside the harness
+
+    @abc.abstractmethod
+    def transcript_length(self, state: bytes) -> int:
+        """How many messages the exported ``state`` holds (a turn records the count it ended
+        with). ``AgentError`` when ``state`` is not an export of this harness."""
+
+    @abc.abstractmethod
+    def transcript_prefix(self, state: bytes, messages: int) -> bytes:
+        """``state`` with only its first ``messages`` messages: the transcript as it was at the
+        end of an earlier turn, for :meth:`Agent.import_session`. ``AgentError`` when ``state``
+        is not an export of this harness."""

@@ -8,8 +8,12 @@ Two parts, both under ``server.data_dir``:
 - the agent's session (its transcript) as the harness exports it, sealed with the server's key
   (it can hold secrets the agent read), in ``<data_dir>/sessions/<run id>.state``: one file per
   run, the latest export, written at the end of every turn *before* the run goes idle. Each turn
-  records how many of the agent's messages it ended with, so turn N's transcript is the first
-  messages of a later export (a fork of turn N).
+  records how many of the agent's messages it ended with (counted by the harness, which alone
+  knows the export's format: ``Harness.transcript_length``), so turn N's transcript is the first
+  messages of a later export (``Harness.transcript_prefix``): a fork of turn N, and every
+  restore, which imports the transcript of the turn whose tree it puts back. A follow-up that
+  failed on its own records the count of the last good turn (its workspace went back to that
+  turn's tree), so a restore forgets what the failed turn said and did.
 
 Bounded: an export over ``sandbox.max_state_bytes`` is not kept (the turn says so with a
 ``warning`` event; a later restore of that run chains instead). Removed with the run: when its
@@ -21,37 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
 
-from critique_local import bounds
-from critique_local.errors import AgentError
 from critique_local.services import Services
 
 STATE_SUFFIX = ".state"
-
-
-def message_count(state: bytes) -> int:
-    """How many messages an export holds (``{"info", "messages": [...]}``); AgentError otherwise."""
-    try:
-        data = bounds.loads(state)
-    except ValueError as exc:
-        raise AgentError(f"the session state is not JSON ({str(exc)[:200]})") from exc
-    messages = data.get("messages") if isinstance(data, dict) else None
-    if not isinstance(messages, list):
-        raise AgentError("the session state has no messages")
-    return len(messages)
-
-
-def truncated(state: bytes, messages: int) -> bytes:
-    """The export with only its first ``messages`` messages (the transcript as it was at the end
-    of an earlier turn)."""
-    data = bounds.loads(state)
-    assert isinstance(data, dict) and isinstance(data.get("messages"), list)
-    data["messages"] = data["messages"][:messages]
-    return json.dumps(data, separators=(",", ":")).encode()
 
 
 class SessionStates:

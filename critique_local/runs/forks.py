@@ -76,7 +76,7 @@ async def create(s: Services, source: RunRow, req: ForkOrder, raw: Any,
     if created:
         dst = RunRepo(s.settings.server.data_dir / "runs", run_id).path
         await asyncio.to_thread(shutil.copytree, src_repo.path, dst, symlinks=True)
-        await states.save(run_id, durable.truncated(state, point[2]))
+        await states.save(run_id, s.harness.transcript_prefix(state, point[2]))
     run = await store.get_run(s.db, run_id)
     assert run is not None
     return run, created

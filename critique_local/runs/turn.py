@@ -73,7 +73,7 @@ class Turn:
         except RunFailure as exc:
             if not turnstate.turn_failure(exc, idx):
                 raise
-            await turnstate.fail_turn(s, run, sandbox, agent, idx, exc, transition)
+            await turnstate.fail_turn(s, run, sandbox, idx, exc, transition)
 
     async def _turn(self, run: RunRow, sandbox: Sandbox, agent: Agent, idx: int, prompt: str) -> None:
         s = self.s

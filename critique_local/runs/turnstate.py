@@ -6,7 +6,10 @@
 - :func:`fail_turn`: a follow-up turn that failed for a reason of its own (:data:`TURN_FAILURES`:
   the model refused the call, the patch grew over ``limits.max_patch_bytes``) does not throw the
   session away: the workspace goes back to the last good turn's tree, the turn is ``failed``
-  with its ``error``, and the run is ``idle`` again with the earlier turns' patch intact.
+  with its ``error``, and the run is ``idle`` again with the earlier turns' patch intact. The
+  kept transcript stays the last good turn's, so a restore (its sandbox lost, paused, expired)
+  forgets the failed turn like the workspace did; the live agent, while its session lasts,
+  still has the failed turn in its conversation (and sees the files as they are now).
 - :func:`lose_session`: a follow-up turn whose sandbox or agent process failed
   (:data:`SESSION_LOSSES`: the sandbox stopped, the agent died or broke) ends the session but not
   the run, when its durable state was kept: the turn is ``failed`` with its ``error``, the run
@@ -61,7 +64,7 @@ async def save_state(s: Services, run: RunRow, agent: Agent, idx: int) -> None:
     why = ""
     try:
         state = await agent.export_session(run.agent_session_id)
-        count: int | None = durable.message_count(state)
+        count: int | None = s.harness.transcript_length(state)
         if not await durable.SessionStates(s).save(run.id, state):
             count, why = None, f"the agent's session is larger than sandbox.max_state_bytes ({len(state)} bytes)"
     except (AgentError, SandboxError) as exc:
@@ -83,10 +86,11 @@ def expiry(s: Services, run: RunRow) -> str:
     return iso(idle_until)
 
 
-async def fail_turn(s: Services, run: RunRow, sandbox: Sandbox, agent: Agent, idx: int, exc: RunFailure,
+async def fail_turn(s: Services, run: RunRow, sandbox: Sandbox, idx: int, exc: RunFailure,
                     transition: Any) -> None:
     """Turn ``idx`` failed with ``exc`` (see :func:`turn_failure`): put the workspace back, record
-    the turn as failed, keep the session's state, and the run goes idle with the error."""
+    the turn as failed (the restore point stays the last good turn), and the run goes idle with
+    the error."""
     assert run.base_commit is not None
     repo = RunRepo(s.settings.server.data_dir / "runs", run.id)
     previous = await store.turn(s.db, run.id, idx - 1)
@@ -94,9 +98,11 @@ async def fail_turn(s: Services, run: RunRow, sandbox: Sandbox, agent: Agent, id
     await put_tree(sandbox, repo, tree)
     message = s.redactor.clean(exc.message, run.id)
     await s.hub.builder(run.id, {"type": "error", "code": exc.code, "message": message, "turn": idx})
+    # no agent state is recorded for this turn: the restore point stays the last good turn (its
+    # tree and its transcript, kept when it ended), so a restore forgets the failed turn as the
+    # workspace did
     await store.update_turn(s.db, run.id, idx, status="failed", error_code=exc.code.value, error_message=message,
                             tree=tree, finished_at=now_iso())
-    await save_state(s, run, agent, idx)
     expires = expiry(s, run)
     await s.backend.extend(sandbox.id, max(60.0, (parse_iso(expires) - now()).total_seconds() + 60))
     current = await store.get_run(s.db, run.id)

@@ -35,7 +35,7 @@ from critique_local.agent.base import (
 from critique_local.agent.normalize import Normalizer
 from critique_local.agent.opencode.client import OpenCodeClient, basic_auth
 from critique_local.agent.opencode.config import OPENCODE_PORT, PROVIDER_ID, TOKEN_ENV, opencode_config
-from critique_local.agent.opencode.sessions import export_session, import_session
+from critique_local.agent.opencode.sessions import export_session, import_session, message_count, truncated
 from critique_local.bounds import clip_text
 from critique_local.errors import AgentError, ErrorCode
 from critique_local.sandboxes.base import Sandbox, SandboxError
@@ -231,3 +231,9 @@ class OpenCodeHarness(Harness):
     async def attach(self, sandbox: Sandbox, secret: str) -> Agent:
         endpoint = await sandbox.endpoint(OPENCODE_PORT)
         return OpenCodeAgent(sandbox, OpenCodeClient(endpoint.base_url, {**endpoint.headers, **basic_auth(secret)}))
+
+    def transcript_length(self, state: bytes) -> int:
+        return message_count(state)
+
+    def transcript_prefix(self, state: bytes, messages: int) -> bytes:
+        return truncated(state, messages)

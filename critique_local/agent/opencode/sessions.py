@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from critique_local import bounds
 from critique_local.agent.base import WORKSPACE
@@ -36,6 +38,30 @@ def session_id_of(state: bytes) -> str:
     if not isinstance(session_id, str) or not 0 < len(session_id) <= 200 or not session_id.startswith("ses"):
         raise AgentError("the session export has no session id")
     return session_id
+
+
+def _export(state: bytes) -> dict[str, Any]:
+    try:
+        data = bounds.loads(state)
+    except ValueError as exc:
+        raise AgentError(f"the session state is not JSON ({str(exc)[:200]})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise AgentError("the session state has no messages")
+    return data
+
+
+def message_count(state: bytes) -> int:
+    """How many messages an export holds (``{"info", "messages": [...]}``); AgentError otherwise."""
+    return len(_export(state)["messages"])
+
+
+def truncated(state: bytes, messages: int) -> bytes:
+    """The export with only its first ``messages`` messages (each message carries its own parts,
+    so a prefix is the transcript as it was at the end of an earlier turn); AgentError when
+    ``state`` is not an export."""
+    data = _export(state)
+    data["messages"] = data["messages"][:max(0, messages)]
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
 async def export_session(sandbox: Sandbox, session_id: str) -> bytes:
