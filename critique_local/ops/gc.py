@@ -81,7 +81,7 @@ def listing(settings: Settings) -> list[Listed]:
                                        ignore_removed=True)
         rows = []
         for c in found:
-            run = run_of_sandbox(str(c.id), c.labels.get(LABEL_RUN), bound)
+            run = run_of_sandbox(str(c.id), c.labels.get(LABEL_RUN), bound, str(c.name))
             rows.append(Listed(str(c.short_id), str(c.name), c.status == "running", run, statuses.get(run or "")))
         return rows
     finally:
@@ -130,7 +130,7 @@ def _docker(settings: Settings, host: HostState, instance: str, running: bool, l
     actions: list[Action] = []
     try:
         for c in client.containers.list(all=True, filters={"label": f"{dockerhost.LABEL_INSTANCE}={instance}"}):
-            run = run_of_sandbox(str(c.id), c.labels.get(LABEL_RUN), bound)
+            run = run_of_sandbox(str(c.id), c.labels.get(LABEL_RUN), bound, str(c.name))
             if (run and run in live) or (running and not run):
                 continue  # a live run's, or (server running) a pooled one no run took
             why = f"run {run} is not live" if run else "a pooled sandbox of a stopped server"

@@ -195,12 +195,13 @@ class Restorer:
                                    sandbox_token=s.box.seal(token, f"{run.id}:token"))
             if warm is not None:
                 sandbox = warm.sandbox
-                await s.backend.adopt(sandbox.id, run.id)
             else:
                 sandbox = await s.backend.create(SandboxSpec(run.id, run.user_id, network_mode=mode,
                                                              environment=start.environment))
             job.sandbox_id, started = sandbox.id, now_iso()
             await store.update_run(s.db, run.id, sandbox_id=sandbox.id, sandbox_started_at=started)
+            if warm is not None:  # bound first: a taken pool sandbox is the run's before it bears its name
+                await s.backend.adopt(sandbox.id, run.id)
             job.sandbox = sandbox
             t_sandbox = time.monotonic()
             if warm is None or warm.checkout_key != prepared.key:

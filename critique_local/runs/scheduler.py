@@ -241,9 +241,10 @@ class Scheduler:
 
     async def _owner(self, info: SandboxInfo) -> RunRow | None:
         """The run a sandbox belongs to (``run_of_sandbox``: our store's binding first, so a
-        pooled sandbox a run took is that run's although its labels still name the pool)."""
+        pooled sandbox a run took is that run's although its labels still name the pool; then
+        its labels, then its name)."""
         bound = await store.run_of_sandbox(self.s.db, info.id)
-        owner = run_of_sandbox(info.id, info.run_id, {info.id: bound.id} if bound else {})
+        owner = run_of_sandbox(info.id, info.run_id, {info.id: bound.id} if bound else {}, info.name)
         if bound is not None or owner is None:
             return bound
         return await store.get_run(self.s.db, owner)

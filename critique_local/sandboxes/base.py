@@ -61,28 +61,37 @@ class Endpoint:
 
 
 POOL_PREFIX = "pool-"  # the run id a pooled sandbox is created (and labelled) with
+NAME_PREFIX = "critique-"  # a Docker sandbox's name: critique-<run id> (a pooled one's: renamed when taken)
 
 
 @dataclass(frozen=True)
 class SandboxInfo:
     """A sandbox of this instance as the backend lists it. ``run_id``: the run it was *created*
     for (its ``critique.run`` label or metadata): ``pool-<hex>`` for a pooled one, also after a
-    run took it (labels cannot change); :func:`run_of_sandbox` says whose it is now."""
+    run took it (labels cannot change); ``name``: its name where the backend has names (Docker:
+    ``critique-<run id>``, renamed to the run's when a run takes a pooled one). Whose it is now:
+    :func:`run_of_sandbox`."""
 
     id: str
     run_id: str | None
     running: bool
+    name: str | None = None
 
 
-def run_of_sandbox(sandbox_id: str, created_for: str | None, bound: Mapping[str, str]) -> str | None:
-    """The run a sandbox belongs to: the run our store binds it to (``runs.sandbox_id``; the
-    one truth, also for a pooled sandbox a run took), else the run it was created for; None for
-    a pooled sandbox no run took. ``bound``: sandbox id -> run id, from the store."""
+def run_of_sandbox(sandbox_id: str, created_for: str | None, bound: Mapping[str, str],
+                   name: str | None = None) -> str | None:
+    """The run a sandbox belongs to: the run our store binds it to (``runs.sandbox_id``, the one
+    truth, also for a pooled sandbox a run took), else the run it was created for, else (a
+    pooled sandbox a run took and no longer holds, e.g. after a restore gave it another) the run
+    its name ``critique-<run id>`` names; None for a pooled sandbox no run took. ``bound``:
+    sandbox id -> run id, from the store."""
     if sandbox_id in bound:
         return bound[sandbox_id]
     if created_for and not created_for.startswith(POOL_PREFIX):
         return created_for
-    return None
+    bare = (name or "").lstrip("/")  # Docker's API prefixes names with a slash
+    named = bare[len(NAME_PREFIX):] if bare.startswith(NAME_PREFIX) else ""
+    return named if named and not named.startswith(POOL_PREFIX) else None
 
 
 class Sandbox(abc.ABC):
