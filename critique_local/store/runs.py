@@ -288,7 +288,7 @@ async def transition(
         if row is None:
             raise KeyError(run_id)
         check_transition(RunStatus(row[0]), status)
-        cols = {"status": status.value, "phase": phase.value, "updated_at": now_iso(), **fields}
+        cols: dict[str, Any] = {"status": status.value, "phase": phase.value, "updated_at": now_iso(), **fields}
         if status in TERMINAL:
             cols["paused_at"] = None  # an ended run has no session, paused or not
         sets = ", ".join(f"{k} = ?" for k in cols)
