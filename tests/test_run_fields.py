@@ -45,7 +45,7 @@ async def test_first_model_call_is_the_runs_first_and_paused_at_ends_with_the_ru
     run_id = (await (await client.post(RUNS, json=OK_BODY, headers=auth)).json())["run"]["id"]
     first, second = "2026-12-06T05:00:01.000000Z", "2026-12-06T05:10:02.000000Z"
     # turn 1 runs, calls the model, the run waits idle and is paused; turn 2 calls the model later
-    await store.transition(db, run_id, RunStatus.RUNNING, Phase.AGENT_RUNNING)
+    await store.transition(db, run_id, RunStatus.RUNNING, Phase.AGENT_RUNNING, turn_count=1)  # as the executor starts it
     await store.mark_first_model_call(db, run_id, 1, first)
     await store.transition(db, run_id, RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP)
     await store.update_run(db, run_id, paused_at="2026-12-06T05:05:00.000000Z")
