@@ -198,9 +198,14 @@ def sse_events(client: httpx.Client, run_id: str, headers: dict[str, str] | None
 
 
 def our_containers(run_id: str) -> list[str]:
-    res = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=critique.run={run_id}"],
-                         capture_output=True, text=True, check=True)
-    return res.stdout.split()
+    """Short ids of the run's containers, found the way README "Finding a run's sandbox" says: by
+    the name ``critique-<run id>`` (a pooled sandbox is renamed when a run takes it, while its
+    labels keep naming the pool) or by the label ``critique.run=<run id>``."""
+    found: list[str] = []
+    for how in (f"name=^/?critique-{run_id}$", f"label=critique.run={run_id}"):
+        res = subprocess.run(["docker", "ps", "-aq", "--filter", how], capture_output=True, text=True, check=True)
+        found += [c for c in res.stdout.split() if c not in found]
+    return found
 
 
 def sandbox_contains(container: str, needle: str) -> str:

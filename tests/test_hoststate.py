@@ -105,3 +105,36 @@ def test_two_servers_on_a_new_data_dir_get_one_instance_id(tmp_path: Path) -> No
     ids = {p.communicate(timeout=60)[0].strip() for p in procs}
     assert len(ids) == 1 and ids == {(tmp_path / "data" / "instance_id").read_text()}
     assert sorted(os.listdir(tmp_path / "data")) == ["instance_id"]
+
+
+RECLAIM = """
+import subprocess, sys
+from pathlib import Path
+import docker
+from critique_local.hoststate import HostState
+from critique_local.sandboxes import dockerhost, firewall
+host, data = HostState(Path(sys.argv[1])), Path(sys.argv[2])
+own, dead, foreign = sys.argv[3:6]
+host.claim(dead, data).release()  # a server of this host state that stopped (its data dir stays)
+for instance in (own, dead, foreign):
+    subprocess.run(["iptables", "-w", "-N", firewall.chain_of(instance)], check=True)
+# never connects: only instances that can never come back have containers removed, and none here can't
+client = docker.DockerClient(base_url="unix:///nonexistent/docker.sock", version="1.41")
+dockerhost.reclaim(client, host, own, rules=True)
+print(" ".join(sorted(firewall.instance_chains())))
+"""
+
+
+def test_reclaim_leaves_the_rules_of_instances_this_host_state_does_not_know(tmp_path: Path) -> None:
+    """A server with another ``server.host_state_dir`` (or a non-root one, whose claims fall back
+    to a per-user temp dir) may be running: its chain is not ours to remove. A gone instance of
+    our own host state loses its chain. In a network namespace of its own: the host's real
+    iptables (other servers' chains) are never touched."""
+    if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs root (a private network namespace for iptables)")
+    own, dead, foreign = "1111111111111111", "2222222222222222", "3333333333333333"
+    data = data_dir_of(tmp_path, dead)
+    res = subprocess.run(["unshare", "--net", sys.executable, "-c", RECLAIM, str(tmp_path / "host"), str(data),
+                          own, dead, foreign], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [own, foreign]

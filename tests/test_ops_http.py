@@ -1,16 +1,20 @@
 """In-process: /readyz answers 503 naming what failed, /metrics stays off the public port
-without metrics.token and needs it when set, request ids, and audit rows for refused actions."""
+without metrics.token and needs it when set, request ids, audit rows for refused actions, and a
+log without a line per HTTP request the server makes."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from critique_local.appkeys import SERVICES
+from critique_local.ops import logs
 from critique_local.services import Services
 from critique_local.store import audit
 from tests.inprocess import app_client, new_key, settings_for
@@ -66,3 +70,35 @@ async def test_request_ids_and_refused_actions_in_the_audit_trail(app: tuple[Tes
         ("run.cancel", "run_not_found", 404, "alice", "run_nope"),
         ("run.create", "unauthorized", 401, "", None)]
     assert rows[0].key_prefix and key.startswith(rows[0].key_prefix)
+
+
+class Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_the_log_has_no_line_per_http_request_but_keeps_the_servers_own(
+        app: tuple[TestClient, Services, str]) -> None:
+    """httpx logs every request at INFO (the server calls each sandbox's agent over it): with the
+    logging ``serve`` sets up at level info, those lines are gone and the server's own stay."""
+    client, _, _ = app
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, {name: logging.getLogger(name).level for name in logs.CHATTY}
+    kept = Kept()
+    try:
+        logs.configure("info", "text")
+        root.addHandler(kept)
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(str(client.make_url("/healthz")))).status_code == 200
+        logging.getLogger("critique_local.runs").info("a line of our own")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        for name, level in saved[2].items():
+            logging.getLogger(name).setLevel(level)
+    assert [r.name for r in kept.records if r.name.split(".")[0] in logs.CHATTY] == []
+    assert "a line of our own" in [r.getMessage() for r in kept.records]

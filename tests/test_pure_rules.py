@@ -1,4 +1,5 @@
-"""Pure rules: intent classification, lifecycle derivation, name checks, diff parsing."""
+"""Pure rules: intent classification, lifecycle derivation, name checks, diff parsing, whose a
+sandbox is."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from critique_local.repos.workrepo import Numstat, parse_numstat
 from critique_local.runs.intent import classify
 from critique_local.runs.states import IllegalTransition, Phase, RunStatus, check_transition, lifecycle_of
 from critique_local.runs.turnstate import session_lost
+from critique_local.sandboxes.base import run_of_sandbox
 
 
 @pytest.mark.parametrize(("prompt", "intent"), [
@@ -107,3 +109,20 @@ def test_parse_numstat() -> None:
     assert parse_numstat(raw[:raw.index(b"caf")]) == Numstat([b"new.txt", b"dir/a b.py", b"img.png"], 3, 3)
     # paths are bytes as git stores them (any encoding, tabs allowed)
     assert parse_numstat(b"1\t1\tcaf\xe9\tx\x00").paths == [b"caf\xe9\tx"]
+
+
+@pytest.mark.parametrize(("sandbox_id", "created_for", "bound", "name", "owner"), [
+    ("c1", "run_a", {}, "/critique-run_a", "run_a"),  # started for its run
+    ("c2", "pool-0a1b", {}, "/critique-pool-0a1b", None),  # waiting in the pool
+    ("c3", "pool-0a1b", {"c3": "run_b"}, "/critique-run_b", "run_b"),  # taken: the store says whose
+    ("c4", "pool-0a1b", {"c4": "run_b"}, "/critique-pool-0a1b", "run_b"),  # taken, its rename failed
+    ("c5", "pool-0a1b", {}, "/critique-run_c", "run_c"),  # taken, then the run moved on (a restore)
+    ("c6", "pool-0a1b", {}, None, None),  # E2B: no names, a waiting one
+    ("c7", "run_a", {"c7": "run_z"}, "critique-run_a", "run_z"),  # the store wins
+    ("c8", None, {}, "someone-else", None),
+])
+def test_whose_sandbox_it_is(sandbox_id: str, created_for: str | None, bound: dict[str, str], name: str | None,
+                             owner: str | None) -> None:
+    """A pooled sandbox keeps its labels (``critique.run=pool-...``) when a run takes it: the
+    store's binding decides, then the label, then the name ``critique-<run id>``."""
+    assert run_of_sandbox(sandbox_id, created_for, bound, name) == owner

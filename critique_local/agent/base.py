@@ -248,13 +248,17 @@ class Harness(abc.ABC):
         ``secret``. Checks nothing: call :meth:`Agent.wait_healthy` when it may be gone.
         ``SandboxError`` when the sandbox has no reachable address."""
 
+    # ---- exported session states (:meth:`Agent.export_session`): opaque outside the harness
+
     @abc.abstractmethod
     def message_count(self, state: bytes) -> int:
-        """How many messages (the user's and the agent's) an exported session ``state`` holds.
-        ``AgentError`` when ``state`` is not an export of this harness."""
+        """How many messages (the user's and the agent's) an exported session ``state`` holds (a
+        turn records the count it ended with). ``AgentError`` when ``state`` is not an export of
+        this harness."""
 
     @abc.abstractmethod
     def truncate(self, state: bytes, messages: int) -> bytes:
-        """``state`` with only its first ``messages`` messages: the transcript as it was at the
-        end of an earlier turn (a fork's), importable like any export. ``AgentError`` when
+        """``state`` with only its first ``messages`` messages (at most all of them, none when
+        ``messages`` < 1): the transcript as it was at the end of an earlier turn (a fork's, a
+        restore's), importable like any export (:meth:`Agent.import_session`). ``AgentError`` when
         ``state`` is not an export of this harness."""

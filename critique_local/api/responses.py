@@ -175,15 +175,19 @@ class RunView(Model):
     chained_to_run_id: str | None = Field(description="The run that continued this one.")
     forked_from: ForkedFromView | None = Field(None, description="The run and turn this run was forked from.")
     paused_at: str | None = Field(None, description="When the idle session was paused (sandbox.pause_after_s); "
-                                                    "the next message resumes it. Null while not paused.")
+                                                    "the next message resumes it. Null while not paused, once "
+                                                    "resumed, and once the run ended.")
     error: RunErrorView | None
     created_at: str
     updated_at: str
     started_at: str | None
-    agent_ready_at: str | None
+    agent_ready_at: str | None = Field(
+        description="When the run's first agent session was ready (restores do not change it: their timings are in "
+                    "the session.restored event); null until then.")
     first_model_call_at: str | None = Field(
-        description="When the gateway received the current turn's first model call (for the first turn: "
-                    "POST -> first model call is what a user waits before the agent works); null until then.")
+        description="When the gateway received the run's first model call (of its earliest turn that made one: "
+                    "firstModelCallAt - createdAt is what a user waits before the agent works); null until then. "
+                    "Each turn's is turns[].firstModelCallAt.")
     finished_at: str | None
     status_url: str
     stream_url: str

@@ -59,7 +59,8 @@ class SafetyNetwork(Model):
 
 class SafetyResources(Model):
     max_turns: int | None = Field(None, ge=1, le=1000, description="Budget: agent model calls.")
-    max_credits: float | None = Field(None, gt=0, le=1_000_000, description="Budget: credits.")
+    max_credits: float | None = Field(None, gt=0, le=1_000_000, allow_inf_nan=False,
+                                      description="Budget: credits (a finite number).")
 
 
 class Safety(Model):
@@ -196,7 +197,8 @@ class MessageRequest(Model):
 
 
 class ForkRequest(Model):
-    turn: int = Field(ge=1, le=1_000_000, description="The turn whose tree and transcript the fork starts from.")
+    turn: int = Field(ge=1, le=1_000_000, strict=True,
+                      description="The turn whose tree and transcript the fork starts from (a JSON integer).")
     prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS,
                                description="The fork's first turn; without it the fork waits idle.")
     title: str | None = Field(None, max_length=200, description="The fork's title (default: the source's).")

@@ -59,6 +59,24 @@ def sandbox_gc(config_path: Path | None, apply: bool) -> None:
     click.echo(f"{len(actions)} item(s) {verb}" + ("" if apply or not actions else "; run again with --apply"))
 
 
+@sandbox.command("ls")
+@config_option
+def sandbox_ls(config_path: Path | None) -> None:
+    """This instance's sandboxes and whose they are: the run our store binds each to (a pooled
+    sandbox a run took still carries the label critique.run=pool-...), or "pooled"."""
+    import docker.errors
+
+    from critique_local.ops.gc import listing
+
+    try:
+        rows = listing(settings_of(config_path))
+    except docker.errors.DockerException as exc:
+        raise click.ClickException(f"the Docker engine is not reachable: {exc}") from exc
+    for r in rows:
+        owner = f"run {r.run} ({r.status or 'unknown'})" if r.run else "pooled"
+        click.echo(f"{r.short_id}  {r.name}  {'running' if r.running else 'stopped'}  {owner}")
+
+
 @click.command()
 @config_option
 @click.option("--no-key", is_flag=True, help="Leave secret.key out (keep it safe elsewhere).")

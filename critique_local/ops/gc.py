@@ -1,10 +1,17 @@
 """``critique-local sandbox gc``: remove what this instance (this data dir's ``instance_id``) left
 that no live run owns: its sandboxes, its firewall chain, the sandbox networks nobody uses, and
-leftovers in the data dir (interrupted mirror clones, work repositories of ended runs).
+leftovers in the data dir (interrupted mirror clones, work repositories of ended runs); and
+``critique-local sandbox ls``: this instance's sandboxes and whose they are.
+
+Whose a sandbox is comes from the store first (the run whose ``sandbox_id`` it is), then from
+its ``critique.run`` label: a pooled sandbox keeps the label ``critique.run=pool-<hex>`` (and an
+empty ``critique.user``) after a run takes it, since Docker cannot relabel a container
+(``sandboxes.base.run_of_sandbox``, which the server's sweep uses too).
 
 Only this instance's things are touched (containers labelled ``critique.instance=<id>``, the
-chain ``CRIT-<id>``); networks only when no container is attached and no running server
-(``hoststate``) lists them. While this instance's server runs, gc stays out of its way: pooled
+chain ``CRIT-<id>``); networks only when no container is attached, no running server
+(``hoststate``) lists them, and no instance unknown to this host state (a server with another
+``server.host_state_dir``) has a sandbox or a firewall chain on the host. While this instance's server runs, gc stays out of its way: pooled
 sandboxes, its firewall chain, networks and partial clones stay, and only sandboxes and work
 repositories of runs that ended go. While it does not run, gc holds the instance's lock, so
 the server cannot start meanwhile. Blocking (Docker SDK, iptables, file locks).
@@ -15,10 +22,13 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from critique_local.config import Settings
 from critique_local.hoststate import HostState, default_root
 from critique_local.sandboxes import dockerhost, firewall
+from critique_local.sandboxes.base import run_of_sandbox
+from critique_local.sandboxes.container import LABEL_RUN
 from critique_local.store import readonly
 
 LIVE = ("queued", "running", "idle")
@@ -31,13 +41,51 @@ class Action:
     why: str
 
 
-def _runs(db_path: Path) -> tuple[set[str], set[str], set[str]]:
-    """(live run ids, their sandbox ids, ended run ids)."""
+def _runs(db_path: Path) -> tuple[set[str], dict[str, str], set[str]]:
+    """(live run ids, sandbox id -> the run bound to it, ended run ids)."""
     if not db_path.exists():
-        return set(), set(), set()
+        return set(), {}, set()
     rows = readonly.run_sandboxes(db_path)
     live = {r[0] for r in rows if r[1] in LIVE}
-    return live, {r[2] for r in rows if r[1] in LIVE and r[2]}, {r[0] for r in rows if r[1] not in LIVE}
+    bound = {r[2]: r[0] for r in rows if r[2]}
+    return live, bound, {r[0] for r in rows if r[1] not in LIVE}
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One sandbox of this instance: ``run`` is whose it is (``run_of_sandbox``: the run our
+    store binds it to, else the run it was created for; None: pooled, no run took it) and
+    ``status`` that run's status (None when pooled or unknown to the store)."""
+
+    short_id: str
+    name: str
+    running: bool
+    run: str | None
+    status: str | None
+
+
+def listing(settings: Settings) -> list[Listed]:
+    """This instance's Docker sandboxes and whose they are. Raises docker.errors.DockerException
+    when the engine cannot be reached."""
+    import docker
+
+    id_file = settings.server.data_dir / "instance_id"
+    if settings.sandbox.backend != "docker" or not id_file.exists():
+        return []
+    instance = id_file.read_text().strip()
+    statuses = {r[0]: r[1] for r in readonly.run_sandboxes(settings.db_path)} if settings.db_path.exists() else {}
+    bound = _runs(settings.db_path)[1]
+    client = docker.from_env(timeout=60)
+    try:
+        found = client.containers.list(all=True, filters={"label": f"{dockerhost.LABEL_INSTANCE}={instance}"},
+                                       ignore_removed=True)
+        rows = []
+        for c in found:
+            run = run_of_sandbox(str(c.id), c.labels.get(LABEL_RUN), bound, str(c.name))
+            rows.append(Listed(str(c.short_id), str(c.name), c.status == "running", run, statuses.get(run or "")))
+        return rows
+    finally:
+        client.close()
 
 
 def collect(settings: Settings, apply: bool = False) -> list[Action]:
@@ -53,10 +101,10 @@ def collect(settings: Settings, apply: bool = False) -> list[Action]:
 
 
 def _collect(settings: Settings, host: HostState, instance: str, running: bool, apply: bool) -> list[Action]:
-    live, live_sandboxes, ended = _runs(settings.db_path)
+    live, bound, ended = _runs(settings.db_path)
     actions: list[Action] = []
     if settings.sandbox.backend == "docker":
-        actions += _docker(settings, host, instance, running, live, live_sandboxes, apply)
+        actions += _docker(settings, host, instance, running, live, bound, apply)
     data = settings.server.data_dir
     runs_dir = data / "runs"
     for entry in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
@@ -74,7 +122,7 @@ def _collect(settings: Settings, host: HostState, instance: str, running: bool, 
 
 
 def _docker(settings: Settings, host: HostState, instance: str, running: bool, live: set[str],
-            live_sandboxes: set[str], apply: bool) -> list[Action]:
+            bound: dict[str, str], apply: bool) -> list[Action]:
     import docker
     import docker.errors
 
@@ -82,9 +130,9 @@ def _docker(settings: Settings, host: HostState, instance: str, running: bool, l
     actions: list[Action] = []
     try:
         for c in client.containers.list(all=True, filters={"label": f"{dockerhost.LABEL_INSTANCE}={instance}"}):
-            run = c.labels.get("critique.run")
-            if c.id in live_sandboxes or (run and run in live) or (running and not run):
-                continue  # a live run's, or (server running) a pooled one
+            run = run_of_sandbox(str(c.id), c.labels.get(LABEL_RUN), bound, str(c.name))
+            if (run and run in live) or (running and not run):
+                continue  # a live run's, or (server running) a pooled one no run took
             why = f"run {run} is not live" if run else "a pooled sandbox of a stopped server"
             actions.append(Action("sandbox", f"{c.short_id} ({c.name})", why))
             if apply:
@@ -100,14 +148,15 @@ def _docker(settings: Settings, host: HostState, instance: str, running: bool, l
                 with host.exclusive():
                     firewall.remove(instance)
         in_use = {n for r in host.live_records(excluding=instance) for n in r.networks}
+        strangers = _strangers(client, host, instance, settings.docker.host_firewall)
         for name in dict.fromkeys([settings.docker.network, settings.docker.open_network]):
             nets = [n for n in client.networks.list(names=[name]) if n.name == name]
             for net in nets:
                 net.reload()
                 if (net.attrs.get("Labels") or {}).get(dockerhost.LABEL) != "1" or net.attrs.get("Containers"):
                     continue
-                if name in in_use:
-                    continue
+                if name in in_use or strangers:
+                    continue  # a running server (of this host state, or maybe of another) may use it
                 actions.append(Action("network", name, "no container attached and no running server uses it"))
                 if apply:
                     with host.exclusive():  # servers create networks under this lock: check again inside
@@ -120,3 +169,14 @@ def _docker(settings: Settings, host: HostState, instance: str, running: bool, l
     finally:
         client.close()
     return actions
+
+
+def _strangers(client: Any, host: HostState, instance: str, rules: bool) -> set[str]:
+    """Instances with a sandbox or a firewall chain on this host but no claim in this host
+    state: servers with another ``server.host_state_dir``, which may be running (and using the
+    shared networks) without this host state knowing."""
+    known = host.known() | {instance}
+    labelled = {c.labels.get(dockerhost.LABEL_INSTANCE, "") for c in
+                client.containers.list(all=True, filters={"label": dockerhost.LABEL_INSTANCE})}
+    chains = firewall.instance_chains() if rules and shutil.which("iptables") else set()
+    return {i for i in labelled | chains if i and i not in known}

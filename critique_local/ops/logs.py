@@ -24,8 +24,15 @@ class ContextFilter(logging.Filter):
         return True
 
 
+# libraries that log one INFO line per HTTP request (every call to a sandbox's agent, the Docker
+# engine's API, webhooks): at level info they would drown the server's own lines
+CHATTY = ("httpx", "httpcore")
+
+
 def configure(level: str, fmt: str) -> None:
-    """Root logging for ``serve``: ``fmt`` is ``text`` or ``json`` (``server.log_format``)."""
+    """Root logging for ``serve``: ``fmt`` is ``text`` or ``json`` (``server.log_format``).
+    ``level`` applies to the server's own loggers; :data:`CHATTY` libraries log warnings and
+    errors only, unless ``level`` is ``debug``."""
     handler = logging.StreamHandler()
     handler.addFilter(ContextFilter())
     if fmt == "json":
@@ -35,6 +42,8 @@ def configure(level: str, fmt: str) -> None:
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING)
 
 
 def for_run(run_id: str) -> None:

@@ -8,9 +8,13 @@ Two parts, both under ``server.data_dir``:
 - the agent's session (its transcript) as the harness exports it, sealed with the server's key
   (it can hold secrets the agent read), in ``<data_dir>/sessions/<run id>.state``: one file per
   run, the latest export, written at the end of every turn *before* the run goes idle. Each turn
-  records how many of the agent's messages it ended with (``Harness.message_count``), so turn
-  N's transcript is the first messages of a later export (``Harness.truncate``: a fork of turn
-  N). The export's format is the harness's: nothing here reads it.
+  records how many of the agent's messages it ended with (counted by the harness, which alone
+  knows the export's format: ``Harness.message_count``), so turn N's transcript is the first
+  messages of a later export (``Harness.truncate``): a fork of turn N, and every restore, which
+  imports the transcript of the turn whose tree it puts back. A follow-up that failed on its own
+  records the count of the last good turn (its workspace went back to that turn's tree), so a
+  restore forgets what the failed turn said and did. The export's format is the harness's:
+  nothing here reads it.
 
 Bounded: an export over ``sandbox.max_state_bytes`` is not kept (the turn says so with a
 ``warning`` event; a later restore of that run chains instead). Removed with the run: when its

@@ -29,7 +29,7 @@ from critique_local.agent.base import LaunchConfig, McpServer
 from critique_local.envs.builder import Environments, run_start
 from critique_local.errors import RunFailure
 from critique_local.repos import checkout
-from critique_local.sandboxes.base import Sandbox, SandboxError, SandboxSpec
+from critique_local.sandboxes.base import POOL_PREFIX, Sandbox, SandboxError, SandboxSpec
 from critique_local.services import Services
 from critique_local.store import environments as env_store
 from critique_local.tokens import SANDBOX_TOKEN_PREFIX, new_token
@@ -239,7 +239,7 @@ class WarmPool:
     async def _create(self, prepared: checkout.Checkout | None, environment: str | None = None,
                       env_key: str | None = None, keep_checkout: bool = False, start: str | None = None) -> WarmSandbox:
         token, password = new_token(SANDBOX_TOKEN_PREFIX), secrets.token_urlsafe(24)
-        sandbox = await self.s.backend.create(SandboxSpec(f"pool-{secrets.token_hex(6)}", "", network_mode="none",
+        sandbox = await self.s.backend.create(SandboxSpec(f"{POOL_PREFIX}{secrets.token_hex(6)}", "", network_mode="none",
                                                           environment=environment))
         try:
             if prepared is not None:

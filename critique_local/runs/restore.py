@@ -137,7 +137,9 @@ class Restorer:
                              "its session state was not kept")
         if reason is None and run.session_expires_at and run.session_expires_at <= now_iso():
             why = "expired"
-        await self.restore(job, point[0], point[1], state, why)
+        # the transcript as the restored turn ended (the kept export may hold more: a later turn
+        # whose tree was not kept), as a fork cuts it
+        await self.restore(job, point[0], point[1], self.s.harness.truncate(state, point[2]), why)
 
     async def _destroy(self, sandbox_id: str) -> None:
         try:
@@ -148,7 +150,8 @@ class Restorer:
     async def restore(self, job: Job, turn: int, tree: str, state: bytes, reason: str) -> None:
         """A new sandbox for ``job.run`` with the workspace at ``tree`` (in the run's own
         repository) and the agent's transcript ``state`` imported; fills ``job`` and writes the
-        run's bindings; a ``session.restored`` event carries the timings. Raises RunError."""
+        run's bindings; a ``session.restored`` event carries the timings and when this agent was
+        ready (the run's ``agentReadyAt`` stays its first session's). Raises RunError."""
         run, s, settings = job.run, self.s, self.s.settings
         assert run.base_commit is not None
         t0 = time.monotonic()
@@ -173,12 +176,13 @@ class Restorer:
                                    sandbox_token=s.box.seal(token, f"{run.id}:token"))
             if warm is not None:
                 sandbox = warm.sandbox
-                await s.backend.adopt(sandbox.id, run.id)
             else:
                 sandbox = await s.backend.create(SandboxSpec(run.id, run.user_id, network_mode=mode,
                                                              environment=start.environment))
             job.sandbox_id, started = sandbox.id, now_iso()
             await store.update_run(s.db, run.id, sandbox_id=sandbox.id, sandbox_started_at=started)
+            if warm is not None:  # bound first: a taken pool sandbox is the run's before it bears its name
+                await s.backend.adopt(sandbox.id, run.id)
             job.sandbox = sandbox
             t_sandbox = time.monotonic()
             if warm is None or warm.checkout_key != prepared.key:
@@ -224,10 +228,12 @@ class Restorer:
         t_import = time.monotonic()
         sealed = s.box.seal(password, run.id)
         ready = now_iso()
+        first_ready = run.agent_ready_at or ready  # the run's first session's (a fork's first is this one)
         await store.update_run(s.db, run.id, agent_session_id=session_id, agent_url=job.agent.address,
-                               agent_secret=sealed, agent_ready_at=ready, paused_at=None)
+                               agent_secret=sealed, agent_ready_at=first_ready, paused_at=None)
         await s.hub.builder(run.id, {
-            "type": "session.restored", "reason": reason, "fromTurn": turn, "warm": warm is not None, "messages": s.harness.message_count(state),
+            "type": "session.restored", "reason": reason, "fromTurn": turn, "warm": warm is not None,
+            "messages": s.harness.message_count(state), "agentReadyAt": ready,
             "checkoutMs": ms(t0, t_checkout), **start.event(), "environmentMs": ms(t_checkout, t_env),
             "sandboxMs": ms(t_env, t_sandbox), "uploadMs": ms(t_sandbox, t_upload),
             # tree and agent run side by side from the upload on; the import follows the agent
@@ -235,4 +241,4 @@ class Restorer:
             "importMs": ms(done["agent"], t_import), "totalMs": ms(t0, t_import)})
         job.run = dataclasses.replace(run, sandbox_id=sandbox.id, sandbox_started_at=started,
                                       agent_session_id=session_id, agent_url=job.agent.address, agent_secret=sealed,
-                                      agent_ready_at=ready, paused_at=None)
+                                      agent_ready_at=first_ready, paused_at=None)

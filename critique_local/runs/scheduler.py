@@ -24,7 +24,7 @@ from critique_local.repos import workrepo
 from critique_local.runs.executor import Executor
 from critique_local.runs.queue import RunQueue
 from critique_local.runs.states import TERMINAL, Phase, RunStatus, SessionEnd
-from critique_local.sandboxes.base import SandboxError
+from critique_local.sandboxes.base import SandboxError, SandboxInfo, run_of_sandbox
 from critique_local.services import Services
 from critique_local.store import runs as store
 from critique_local.store import sessions as sessions_store
@@ -210,8 +210,7 @@ class Scheduler:
         message restores or chains, as after a restart), and stopped ones no run holds. Running
         sandboxes no run holds are the pool's (or being handed to a run) and stay."""
         for info in await self.s.backend.list_ours():
-            run = await store.get_run(self.s.db, info.run_id) if info.run_id else None
-            run = run or await store.run_of_sandbox(self.s.db, info.id)  # a pooled one a run took
+            run = await self._owner(info)
             if run is None:
                 if not info.running:  # a pooled sandbox that stopped (a waiting one is running)
                     log.info("removing stopped sandbox %s", info.id[:12])
@@ -240,6 +239,16 @@ class Scheduler:
                         log.info("sandbox of idle run %s stopped; its session ends", run.id)
                         await self.executor.close_session(current, RunStatus.COMPLETED, Phase.FINISHED,
                                                           SessionEnd.SANDBOX_LOST)
+
+    async def _owner(self, info: SandboxInfo) -> RunRow | None:
+        """The run a sandbox belongs to (``run_of_sandbox``: our store's binding first, so a
+        pooled sandbox a run took is that run's although its labels still name the pool; then
+        its labels, then its name)."""
+        bound = await store.run_of_sandbox(self.s.db, info.id)
+        owner = run_of_sandbox(info.id, info.run_id, {info.id: bound.id} if bound else {}, info.name)
+        if bound is not None or owner is None:
+            return bound
+        return await store.get_run(self.s.db, owner)
 
     async def _reclaim_host(self) -> None:
         """What stopped servers left on this host (their firewall rules, orphaned sandboxes)."""
@@ -276,7 +285,9 @@ class Scheduler:
         # sandboxes from before the restart go too: their secrets lived in memory)
         for info in await self.s.backend.list_ours():
             if info.id not in keep:
-                log.info("removing sandbox %s of run %s left from before the restart", info.id[:12], info.run_id)
+                owner = await self._owner(info)
+                log.info("removing sandbox %s (%s) left from before the restart", info.id[:12],
+                         f"of run {owner.id}" if owner else "pooled")
                 with contextlib.suppress(Exception):
                     await self.s.backend.destroy(info.id)
         for run in lost:

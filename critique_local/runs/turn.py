@@ -68,12 +68,18 @@ class Turn:
         await s.backend.extend(sandbox.id, s.settings.sandbox.turn_timeout_s + TURN_EXTENSION_S)
         run = await transition(s, job.run, RunStatus.RUNNING, Phase.AGENT_RUNNING, error_code=None,
                                error_message=None, session_end_reason=None)
+        # one line at each end of a turn (the run's lines carry its id): the HTTP requests it
+        # makes are not logged at level info (ops/logs.py)
+        log.info("run %s turn %d started", run.id, idx)
         try:
             await self._turn(run, sandbox, agent, idx, prompt)
         except RunFailure as exc:
             if not turnstate.turn_failure(exc, idx):
                 raise
-            await turnstate.fail_turn(s, run, sandbox, agent, idx, exc, transition)
+            log.info("run %s turn %d failed on its own (%s); the session stays", run.id, idx, exc.code)
+            await turnstate.fail_turn(s, run, sandbox, idx, exc, transition)
+            return
+        log.info("run %s turn %d finished", run.id, idx)
 
     async def _turn(self, run: RunRow, sandbox: Sandbox, agent: Agent, idx: int, prompt: str) -> None:
         s = self.s

@@ -6,7 +6,11 @@
 - :func:`fail_turn`: a follow-up turn that failed for a reason of its own (:data:`TURN_FAILURES`:
   the model refused the call, the patch grew over ``limits.max_patch_bytes``) does not throw the
   session away: the workspace goes back to the last good turn's tree, the turn is ``failed``
-  with its ``error``, and the run is ``idle`` again with the earlier turns' patch intact.
+  with its ``error``, and the run is ``idle`` again with the earlier turns' patch intact. The
+  kept transcript stays the last good turn's, so a restore (its sandbox lost, expired, or paused
+  without it) forgets the failed turn like the workspace did; the live agent, while its session
+  lasts (also when a Docker pause kept its sandbox and ``runs/pause.py`` relaunches it on the
+  same session), still has the failed turn in its conversation (and sees the files as they are now).
 - :func:`lose_session`: a follow-up turn whose sandbox or agent process failed
   (:data:`SESSION_LOSSES`: the sandbox stopped, the agent died or broke) ends the session but not
   the run, when its durable state was kept: the turn is ``failed`` with its ``error``, the run
@@ -83,10 +87,11 @@ def expiry(s: Services, run: RunRow) -> str:
     return iso(idle_until)
 
 
-async def fail_turn(s: Services, run: RunRow, sandbox: Sandbox, agent: Agent, idx: int, exc: RunFailure,
+async def fail_turn(s: Services, run: RunRow, sandbox: Sandbox, idx: int, exc: RunFailure,
                     transition: Any) -> None:
     """Turn ``idx`` failed with ``exc`` (see :func:`turn_failure`): put the workspace back, record
-    the turn as failed, keep the session's state, and the run goes idle with the error."""
+    the turn as failed (the restore point stays the last good turn), and the run goes idle with
+    the error."""
     assert run.base_commit is not None
     repo = RunRepo(s.settings.server.data_dir / "runs", run.id)
     previous = await store.turn(s.db, run.id, idx - 1)
@@ -94,9 +99,11 @@ async def fail_turn(s: Services, run: RunRow, sandbox: Sandbox, agent: Agent, id
     await put_tree(sandbox, repo, tree)
     message = s.redactor.clean(exc.message, run.id)
     await s.hub.builder(run.id, {"type": "error", "code": exc.code, "message": message, "turn": idx})
+    # no agent state is recorded for this turn: the restore point stays the last good turn (its
+    # tree and its transcript, kept when it ended), so a restore forgets the failed turn as the
+    # workspace did
     await store.update_turn(s.db, run.id, idx, status="failed", error_code=exc.code.value, error_message=message,
                             tree=tree, finished_at=now_iso())
-    await save_state(s, run, agent, idx)
     expires = expiry(s, run)
     await s.backend.extend(sandbox.id, max(60.0, (parse_iso(expires) - now()).total_seconds() + 60))
     current = await store.get_run(s.db, run.id)

@@ -68,15 +68,38 @@ class Endpoint:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+POOL_PREFIX = "pool-"  # the run id a pooled sandbox is created (and labelled) with
+NAME_PREFIX = "critique-"  # a Docker sandbox's name: critique-<run id> (a pooled one's: renamed when taken)
+
+
 @dataclass(frozen=True)
 class SandboxInfo:
-    """One of this instance's sandboxes as :meth:`SandboxBackend.list_ours` finds it: its id, the
-    run it was created for (None: a warm-pool sandbox), and whether it is running (else stopped
-    or paused)."""
+    """A sandbox of this instance as :meth:`SandboxBackend.list_ours` finds it. ``run_id``: the
+    run it was *created* for (its ``critique.run`` label or metadata): ``pool-<hex>`` for a pooled
+    one, also after a run took it (labels cannot change); ``running``: else stopped or paused;
+    ``name``: its name where the backend has names (Docker: ``critique-<run id>``, renamed to the
+    run's when a run takes a pooled one). Whose it is now: :func:`run_of_sandbox`."""
 
     id: str
     run_id: str | None
     running: bool
+    name: str | None = None
+
+
+def run_of_sandbox(sandbox_id: str, created_for: str | None, bound: Mapping[str, str],
+                   name: str | None = None) -> str | None:
+    """The run a sandbox belongs to: the run our store binds it to (``runs.sandbox_id``, the one
+    truth, also for a pooled sandbox a run took), else the run it was created for, else (a
+    pooled sandbox a run took and no longer holds, e.g. after a restore gave it another) the run
+    its name ``critique-<run id>`` names; None for a pooled sandbox no run took. ``bound``:
+    sandbox id -> run id, from the store."""
+    if sandbox_id in bound:
+        return bound[sandbox_id]
+    if created_for and not created_for.startswith(POOL_PREFIX):
+        return created_for
+    bare = (name or "").lstrip("/")  # Docker's API prefixes names with a slash
+    named = bare[len(NAME_PREFIX):] if bare.startswith(NAME_PREFIX) else ""
+    return named if named and not named.startswith(POOL_PREFIX) else None
 
 
 class Sandbox(abc.ABC):

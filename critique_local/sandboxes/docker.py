@@ -36,6 +36,7 @@ from critique_local.errors import ErrorCode
 from critique_local.hoststate import HostLockTimeout, InstanceClaim
 from critique_local.sandboxes import dockerenv, dockerhost, firewall
 from critique_local.sandboxes.base import (
+    NAME_PREFIX,
     ResourceUsage,
     Sandbox,
     SandboxBackend,
@@ -131,15 +132,19 @@ class DockerBackend(dockerenv.DockerEnvironments, SandboxBackend):  # environmen
         self._firewalled = self._close_dns = True
 
     async def reclaim_host(self) -> None:
+        def reclaim() -> None:
+            dockerhost.reclaim(self.client, self._host, self._instance, rules=self._settings.host_firewall)
+            if self._settings.host_firewall:
+                dockerhost.prune_jumps(self.client, self._host)
+
         try:
-            await asyncio.to_thread(dockerhost.reclaim, self.client, self._host, self._instance,
-                                    rules=self._settings.host_firewall)
+            await asyncio.to_thread(reclaim)
         except (*ENGINE_ERRORS, *HOST_ERRORS) as exc:
             log.warning("could not remove what stopped servers left on the host: %s", exc)
 
     async def adopt(self, sandbox_id: str, run_id: str) -> None:
         try:
-            await asyncio.to_thread(self.client.api.rename, sandbox_id, f"critique-{run_id}")
+            await asyncio.to_thread(self.client.api.rename, sandbox_id, f"{NAME_PREFIX}{run_id}")
         except ENGINE_ERRORS as exc:
             log.warning("could not rename pooled sandbox %s: %s", sandbox_id[:12], exc)
 
@@ -195,7 +200,7 @@ class DockerBackend(dockerenv.DockerEnvironments, SandboxBackend):  # environmen
         memory = s.memory_mb + s.workspace_mb + s.tmp_mb + 3 * s.home_mb
         kwargs: dict[str, Any] = {
             "image": spec.environment or s.image,
-            "name": f"critique-{spec.run_id}",
+            "name": f"{NAME_PREFIX}{spec.run_id}",
             "labels": {LABEL: "1", LABEL_INSTANCE: self._instance, LABEL_RUN: spec.run_id, LABEL_USER: spec.user_id},
             "user": AGENT_USER,
             "init": True,
@@ -285,7 +290,7 @@ class DockerBackend(dockerenv.DockerEnvironments, SandboxBackend):  # environmen
             # whose start failed, a run's at its end) is simply not there, not an error
             found = self.client.containers.list(all=True, filters={"label": f"{LABEL_INSTANCE}={self._instance}"},
                                                 ignore_removed=True)
-            return [SandboxInfo(str(c.id), c.labels.get(LABEL_RUN), c.status == "running") for c in found]
+            return [SandboxInfo(str(c.id), c.labels.get(LABEL_RUN), c.status == "running", str(c.name)) for c in found]
 
         try:
             return await asyncio.to_thread(listing)

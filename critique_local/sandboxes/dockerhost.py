@@ -7,8 +7,10 @@ the leftovers of servers that died.
   no container and no other running server uses it.
 - **Firewall rules and containers** belong to one instance (``critique.instance`` label,
   ``CRIT-<id>`` chain). A server removes another instance's chain once that instance is proven
-  gone (its claim can be taken), and its containers once it also can never come back (its data
-  dir no longer holds its id): until then a restart of that server reattaches them.
+  gone (its claim in this server's ``server.host_state_dir`` can be taken), and its containers
+  once it also can never come back (its data dir no longer holds its id): until then a restart
+  of that server reattaches them. An instance with no claim in this host state (a server with
+  another ``host_state_dir``) cannot be proven gone: its chain and containers are never touched.
 
 Every function blocks (Docker SDK, iptables, file locks): call them from a worker thread.
 """
@@ -74,10 +76,20 @@ def ensure_network(client: docker.DockerClient, host: HostState, instance_id: st
 
 def reclaim(client: docker.DockerClient, host: HostState, own_instance: str, *, rules: bool) -> None:
     """Remove what instances proven gone left on the host: their firewall chains (at once, when
-    ``rules``), and their containers once they can never come back. With ``rules``, also drops
-    INPUT jumps of bridges that no longer exist."""
+    ``rules``), and their containers once they can never come back. The Docker client is used
+    only for the containers of instances that can never come back.
+
+    Only instances this server's host state knows (a claim under ``server.host_state_dir``) are
+    considered: a chain ``CRIT-<id>`` of an id that has no claim there belongs to a server with
+    another ``host_state_dir`` (or another user's per-user fallback), which may well be running,
+    so it stays, and so do that instance's containers."""
+    known = host.known()
     chains = _chains() if rules else set()
-    for instance in sorted((host.known() | chains) - {own_instance}):
+    foreign = sorted(chains - known - {own_instance})
+    if foreign:
+        log.debug("leaving the firewall chains of instances with no claim in %s (servers with another "
+                  "server.host_state_dir): %s", host.root, ", ".join(foreign))
+    for instance in sorted(known - {own_instance}):
         record = host.read_record(instance)
         final = not record.can_return()
         with host.if_gone(instance, forget=final) as gone:
@@ -96,8 +108,11 @@ def reclaim(client: docker.DockerClient, host: HostState, own_instance: str, *, 
                         container.remove(force=True, v=True)
                     except docker.errors.NotFound:
                         pass
-    if not rules:
-        return
+
+
+def prune_jumps(client: docker.DockerClient, host: HostState) -> None:
+    """Drop the INPUT jumps of bridges that no Docker network has any more (nothing when
+    iptables cannot be used)."""
     try:
         firewall.check_available()
     except firewall.FirewallError:

@@ -16,7 +16,7 @@ from typing import Any
 
 from critique_local.clock import iso, now, now_iso
 from critique_local.runs.spec import RunSpec
-from critique_local.runs.states import Phase, RunStatus, check_transition
+from critique_local.runs.states import TERMINAL, Phase, RunStatus, check_transition
 from critique_local.store.db import Database, Read
 from critique_local.store.turns import (  # turns are part of a run's store
     TurnRow as TurnRow,
@@ -95,7 +95,7 @@ class RunRow:
     paused_at: str | None = None
     forked_from_run_id: str | None = None
     forked_from_turn: int | None = None
-    first_model_call_at: str | None = None  # of the current turn (the latest started)
+    first_model_call_at: str | None = None  # the run's first (of its earliest turn that made one)
 
 
 _COLUMNS = (
@@ -105,7 +105,7 @@ _COLUMNS = (
     "r.created_at, r.updated_at, r.started_at, r.agent_ready_at, r.finished_at, r.agent_url, r.agent_secret, "
     "r.sandbox_started_at, r.session_end_reason, r.chained_from_run_id, r.chained_to_run_id, r.base_branch, "
     "r.validation, r.paused_at, r.forked_from_run_id, r.forked_from_turn, "
-    "(SELECT t.first_model_call_at FROM turns t WHERE t.run_id = r.id AND t.idx = r.turn_count)"
+    "(SELECT MIN(t.first_model_call_at) FROM turns t WHERE t.run_id = r.id)"
 )
 _FROM = "FROM runs r JOIN repositories p ON p.id = r.repository_id"
 
@@ -307,15 +307,18 @@ async def transition(
     db: Database, run_id: str, status: RunStatus, phase: Phase, **fields: Any
 ) -> RunRow:
     """Move a run to ``status``/``phase`` (checked against the allowed transitions) and set
-    other columns in the same transaction; the run as stored afterwards. Raises KeyError for an
-    unknown run, ``runs.states.IllegalTransition`` for a move the lifecycle does not allow."""
+    other columns in the same transaction; a terminal status also clears ``paused_at``. The run
+    as stored afterwards. Raises KeyError for an unknown run, ``runs.states.IllegalTransition``
+    for a move the lifecycle does not allow."""
     async with db.tx() as conn:
         cur = await conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,))
         row = await cur.fetchone()
         if row is None:
             raise KeyError(run_id)
         check_transition(RunStatus(row[0]), status)
-        cols = {"status": status.value, "phase": phase.value, "updated_at": now_iso(), **fields}
+        cols: dict[str, Any] = {"status": status.value, "phase": phase.value, "updated_at": now_iso(), **fields}
+        if status in TERMINAL:
+            cols["paused_at"] = None  # an ended run has no session, paused or not
         sets = ", ".join(f"{k} = ?" for k in cols)
         await conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", (*cols.values(), run_id))
     updated = await get_run(db, run_id)

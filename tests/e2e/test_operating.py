@@ -153,6 +153,31 @@ def test_drain_on_sigterm_ends_idle_sessions_json_logs_metrics_listener_and_gc(f
         subprocess.run(["iptables", "-w", "-X", f"CRIT-{OTHER}"], capture_output=True)
         other.release()
 
+    # a warm-pool sandbox keeps its labels (critique.run=pool-..., empty critique.user) when a run
+    # takes it: whose it is comes from the store. While the instance runs (held here, as its
+    # server would), gc keeps a pooled one no run took and removes one that an ended run took.
+    claim = HostState(default_root(Path("/run/critique-local"))).claim(instance, fresh_server.data_dir, wait_s=0)
+    waiting = _container(image, {"critique.instance": instance, "critique.run": "pool-0123456789ab",
+                                 "critique.user": ""})
+    taken = _container(image, {"critique.instance": instance, "critique.run": "pool-ba9876543210",
+                               "critique.user": ""})
+    db = sqlite3.connect(fresh_server.data_dir / "critique.db")
+    try:
+        with db:
+            db.execute("UPDATE runs SET sandbox_id = ? WHERE id = ?", (taken, slow))
+    finally:
+        db.close()
+    try:
+        listed = fresh_server.cli("sandbox", "ls").stdout.splitlines()
+        assert next(line for line in listed if taken[:12] in line).endswith(f"run {slow} (completed)"), listed
+        assert next(line for line in listed if waiting[:12] in line).endswith("pooled"), listed
+        dry = fresh_server.cli("sandbox", "gc").stdout
+        assert waiting[:10] not in dry, dry
+        assert f"would remove sandbox {taken[:10]}" in dry and f"run {slow} is not live" in dry, dry
+    finally:
+        subprocess.run(["docker", "rm", "-f", waiting, taken], capture_output=True)
+        claim.release()
+
 
 OTHER = "0f1e2d3c4b5a6978"  # an instance id that is not ours
 

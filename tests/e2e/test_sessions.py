@@ -152,12 +152,34 @@ def test_a_failed_follow_up_keeps_the_session(api: httpx.Client, failing: str, c
     assert "+from turn one" in patch and "+three" in patch
 
 
+def test_a_restore_after_a_failed_follow_up_forgets_that_turn(api: httpx.Client) -> None:
+    """The failed turn's files went back to the last good tree; after a restore its messages are
+    gone from the transcript too. The run's agentReadyAt and firstModelCallAt stay the first
+    session's and turn's; the restore's are in its event and turn."""
+    run = idle_run(api)
+    resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@write c.txt\nnot kept\n@end\n@fail refused"})
+    assert resp.status_code == 202
+    failed = wait_for(api, run["id"], {"idle", "failed", "completed"})
+    assert failed["status"] == "idle" and failed["error"]["code"] == "model_error", failed["error"]
+    remove_sandbox(run["id"])
+    done = follow_up(api, run["id"], "@bash ls\n@history")
+    # turn 1's transcript and this prompt: the failed turn's prompt and answer went with its files
+    assert done["summary"].startswith("history: 2 user messages,"), done["summary"]
+    listing = bash_outputs(api, run["id"])[-1]
+    assert "a.txt" in listing and "c.txt" not in listing
+    restored = [e for e in events_of(api, run["id"]) if e["type"] == "session.restored"]
+    assert restored[-1]["fromTurn"] == 1 and restored[-1]["reason"] == "sandbox_lost"
+    assert done["agentReadyAt"] == run["agentReadyAt"] < restored[-1]["agentReadyAt"]
+    first, third = done["turns"][0]["firstModelCallAt"], done["turns"][2]["firstModelCallAt"]
+    assert done["firstModelCallAt"] == run["firstModelCallAt"] == first < third
+
+
 def test_a_follow_up_that_loses_its_sandbox_leaves_the_run_idle_for_a_restore(api: httpx.Client) -> None:
     run = idle_run(api)
     resp = api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@sleep 600\n@say never"})
     assert resp.status_code == 202
     deadline = time.monotonic() + 300
-    while api.get(f"{RUNS}/{run['id']}").json()["run"]["firstModelCallAt"] is None:  # turn 2's, in the sleep
+    while api.get(f"{RUNS}/{run['id']}").json()["run"]["turns"][1]["firstModelCallAt"] is None:  # in the sleep
         assert time.monotonic() < deadline, "turn 2 never called the model"
         time.sleep(0.2)
     remove_sandbox(run["id"])  # mid-turn, from outside
@@ -238,6 +260,7 @@ def test_pause_keeps_the_sandbox_and_resume_relaunches_the_agent(tmp_path: Path)
             assert done["changedPaths"] == ["a.txt", "b.txt"]
             resumed = resumed_events(api, run["id"])
             assert [e["type"] for e in resumed] == ["session.resumed"] and resumed[0]["relaunched"] is True
+            assert done["agentReadyAt"] == run["agentReadyAt"]  # the run's first agent's, also after a resume
             wait_paused(api, run["id"])
         # a crash while paused loses nothing: the next start keeps the paused sandbox
         server.kill()
@@ -259,6 +282,7 @@ def test_pause_keeps_the_sandbox_and_resume_relaunches_the_agent(tmp_path: Path)
             assert "from turn two" in bash_outputs(api, run["id"])[-1]
             last = resumed_events(api, run["id"])[-1]
             assert last["type"] == "session.restored" and last["reason"] == "paused"
+            assert fourth["agentReadyAt"] == run["agentReadyAt"] < last["agentReadyAt"]  # the restore's: its event
             # endSession on a paused run removes its sandbox and state
             wait_paused(api, other["id"])
             assert len(our_containers(other["id"])) == 1
@@ -266,6 +290,7 @@ def test_pause_keeps_the_sandbox_and_resume_relaunches_the_agent(tmp_path: Path)
             assert state.exists()
             ended = api.post(f"{RUNS}/{other['id']}/messages", json={"endSession": True})
             assert ended.status_code == 200 and ended.json()["run"]["status"] == "completed"
+            assert ended.json()["run"]["pausedAt"] is None  # an ended run is not paused
             assert not state.exists() and not (server.data_dir / "runs" / f"{other['id']}.git").exists()
             assert our_containers(other["id"]) == []
     finally:

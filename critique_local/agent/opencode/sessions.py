@@ -15,6 +15,7 @@ import json
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from critique_local import bounds
 from critique_local.agent.base import WORKSPACE
@@ -39,24 +40,27 @@ def session_id_of(state: bytes) -> str:
     return session_id
 
 
-def message_count(state: bytes) -> int:
-    """How many messages an export holds (``{"info", "messages": [...]}``); AgentError otherwise."""
+def _export(state: bytes) -> dict[str, Any]:
     try:
         data = bounds.loads(state)
     except ValueError as exc:
         raise AgentError(f"the session state is not JSON ({str(exc)[:200]})") from exc
-    messages = data.get("messages") if isinstance(data, dict) else None
-    if not isinstance(messages, list):
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
         raise AgentError("the session state has no messages")
-    return len(messages)
+    return data
+
+
+def message_count(state: bytes) -> int:
+    """How many messages an export holds (``{"info", "messages": [...]}``); AgentError otherwise."""
+    return len(_export(state)["messages"])
 
 
 def truncated(state: bytes, messages: int) -> bytes:
-    """The export with only its first ``messages`` messages (the transcript as it was at the end
-    of an earlier turn); AgentError when it is not an export."""
-    message_count(state)
-    data = bounds.loads(state)
-    data["messages"] = data["messages"][:messages]
+    """The export with only its first ``messages`` messages (each message carries its own parts,
+    so a prefix is the transcript as it was at the end of an earlier turn); AgentError when
+    ``state`` is not an export."""
+    data = _export(state)
+    data["messages"] = data["messages"][:max(0, messages)]
     return json.dumps(data, separators=(",", ":")).encode()
 
 
