@@ -1,27 +1,37 @@
 """``critique-local sandbox gc``: remove what this instance (this data dir's ``instance_id``) left
 that no live run owns: its sandboxes, its firewall chain, the sandbox networks nobody uses, and
-leftovers in the data dir (interrupted mirror clones, work repositories of ended runs).
+leftovers in the data dir (interrupted mirror clones, work repositories of ended runs whose
+session can no longer be restored).
 
 Only this instance's things are touched (containers labelled ``critique.instance=<id>``, the
-chain ``CRIT-<id>``); networks only when no container is attached and no running server
-(``hoststate``) lists them. While this instance's server runs, gc stays out of its way: pooled
-sandboxes, its firewall chain, networks and partial clones stay, and only sandboxes and work
-repositories of runs that ended go. While it does not run, gc holds the instance's lock, so
-the server cannot start meanwhile. Blocking (Docker SDK, iptables, file locks).
+chain ``CRIT-<id>``). Networks only when no container is attached, no running server
+(``hoststate``) lists them, and no other instance's firewall rules name their bridge (a server
+registered in another ``server.host_state_dir`` still shows there). Whether this instance's
+server runs is asked of both the host's instance claims and the data dir's own lock
+(``datalock``), so gc run with another ``host_state_dir`` than the server's still sees it
+running. While it runs, gc stays out of its way: pooled sandboxes, its firewall chain,
+networks and partial clones stay, and only sandboxes and work repositories of runs that ended
+go. While it does not run, gc holds both locks, so the server cannot start meanwhile. A run's
+work repository stays while its durable session state is kept (``sessions/<id>.state``: a
+message may still restore the session, or fork it). Blocking (Docker SDK, iptables, file locks).
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from critique_local.config import Settings
+from critique_local.datalock import DataDirLock
 from critique_local.hoststate import HostState, default_root
 from critique_local.sandboxes import dockerhost, firewall
 from critique_local.store import readonly
 
 LIVE = ("queued", "running", "idle")
+STATE_SUFFIX = ".state"  # runs/durable.py: sessions/<run id>.state
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,8 +58,16 @@ def collect(settings: Settings, apply: bool = False) -> list[Action]:
         return []
     instance = id_file.read_text().strip()
     host = HostState(default_root(settings.server.host_state_dir))
-    with host.if_gone(instance) as gone:
-        return _collect(settings, host, instance, running=gone is None, apply=apply)
+    lock = DataDirLock.take(settings.server.data_dir)
+    try:
+        with host.if_gone(instance) as gone:
+            if gone is not None and lock is None:
+                log.warning("the server of %s runs but holds no claim in %s: run gc with the server's configuration "
+                            "(server.host_state_dir); treating it as running", settings.server.data_dir, host.root)
+            return _collect(settings, host, instance, running=gone is None or lock is None, apply=apply)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _collect(settings: Settings, host: HostState, instance: str, running: bool, apply: bool) -> list[Action]:
@@ -58,11 +76,16 @@ def _collect(settings: Settings, host: HostState, instance: str, running: bool, 
     if settings.sandbox.backend == "docker":
         actions += _docker(settings, host, instance, running, live, live_sandboxes, apply)
     data = settings.server.data_dir
+    states = data / "sessions"
+    kept = {p.name.removesuffix(STATE_SUFFIX) for p in states.glob(f"*{STATE_SUFFIX}")} if states.is_dir() else set()
     runs_dir = data / "runs"
     for entry in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
         run_id = entry.name.removesuffix(".partial").removesuffix(".git")
-        if run_id in ended or (not running and run_id not in live):
-            actions.append(Action("workrepo", str(entry), f"run {run_id} is not live"))
+        if run_id in live or (run_id in ended and run_id in kept):
+            continue  # a live run's, or an ended session a message may still restore (or fork)
+        if run_id in ended or not running:
+            actions.append(Action("workrepo", str(entry), f"run {run_id} is not live and its session state is "
+                                  "not kept" if run_id in ended else f"run {run_id} is not in the database"))
             if apply:
                 shutil.rmtree(entry, ignore_errors=True)
     if not running:
@@ -106,8 +129,8 @@ def _docker(settings: Settings, host: HostState, instance: str, running: bool, l
                 net.reload()
                 if (net.attrs.get("Labels") or {}).get(dockerhost.LABEL) != "1" or net.attrs.get("Containers"):
                     continue
-                if name in in_use:
-                    continue
+                if name in in_use or firewall.instances_on(dockerhost.bridge_of(net.attrs)) - {instance}:
+                    continue  # another instance's rules name its bridge: a server that uses it, wherever registered
                 actions.append(Action("network", name, "no container attached and no running server uses it"))
                 if apply:
                     with host.exclusive():  # servers create networks under this lock: check again inside

@@ -6,8 +6,9 @@ from critique_local.store.db import Database
 
 
 async def ping(db: Database) -> None:
-    """Raises when the database cannot answer a query."""
-    await db.one("SELECT 1")
+    """Raises when the database cannot answer a query that reads the file (``SELECT 1`` alone
+    would not touch it)."""
+    await db.one("SELECT id FROM runs LIMIT 1")
 
 
 async def runs_by_status_phase(db: Database) -> list[tuple[str, str, int]]:
@@ -21,8 +22,11 @@ async def webhook_deliveries_by_state(db: Database) -> list[tuple[str, int]]:
     return [(str(r[0]), int(r[1])) for r in rows]
 
 
-async def sandboxes_in_use(db: Database) -> tuple[int, int]:
-    """(sandboxes of running turns, sandboxes of idle warm sessions)."""
-    row = await db.one("SELECT SUM(status = 'running'), SUM(status = 'idle') FROM runs "
-                       "WHERE status IN ('running', 'idle') AND sandbox_id IS NOT NULL")
-    return (int(row[0] or 0), int(row[1] or 0)) if row else (0, 0)
+async def sandboxes_in_use(db: Database) -> tuple[int, int, int]:
+    """(sandboxes of running turns, sandboxes of idle warm sessions, paused idle sessions).
+    A paused session counts whether its sandbox is paused in place (E2B) or was removed until
+    its next message (Docker); it is never counted as idle."""
+    row = await db.one("SELECT SUM(status = 'running' AND sandbox_id IS NOT NULL), "
+                       "SUM(status = 'idle' AND paused_at IS NULL AND sandbox_id IS NOT NULL), "
+                       "SUM(status = 'idle' AND paused_at IS NOT NULL) FROM runs WHERE status IN ('running', 'idle')")
+    return (int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)) if row else (0, 0, 0)
