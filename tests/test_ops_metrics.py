@@ -182,3 +182,11 @@ async def test_gauges_read_at_scrape_time_count_paused_sessions_apart_from_idle_
         {"busy": 1, "idle": 1, "paused": 2, "pooled": 2}
     assert v["critique_queue_depth"] == 1
     assert sum(n for k, n in v.items() if k.startswith("critique_runs[")) == len(states)
+
+
+def test_the_readme_lists_every_family_by_its_exposed_name() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    listed = {name for row in re.findall(r"^\| (`critique_[^|]+)\|", readme, re.M)
+              for name in re.findall(r"`(critique_[a-z_]+)`", row)}
+    exposed = {name + "_total" if kind == "counter" else name for name, (kind, _) in FAMILIES.items()}
+    assert listed == exposed

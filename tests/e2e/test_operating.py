@@ -146,6 +146,8 @@ def test_drain_on_sigterm_ends_idle_sessions_json_logs_metrics_listener_and_gc(f
     lines = _json_lines(fresh_server.base / "server.log")
     assert lines and all({"time", "level", "logger", "message", "request_id", "run_id"} <= set(x) for x in lines)
     assert any(x["run_id"] == slow for x in lines)  # lines logged while its turn ran
+    about = [x for x in lines if slow in str(x["message"])]  # its turn, the drain, ending its session on stop
+    assert about and all(x["run_id"] == slow for x in about), [x for x in about if x["run_id"] != slow]
 
     # gc: a sandbox of this instance that no live run owns goes; another instance's stays
     image = "critique-local/sandbox:latest"
