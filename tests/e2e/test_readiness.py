@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -99,7 +101,8 @@ def _failed(body: dict[str, Any]) -> set[str]:
 async def test_readyz_names_the_image_proxy_gateway_and_engine_as_each_goes(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     engine = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock").removeprefix("unix://")
-    relay = EngineRelay(tmp_path / "engine.sock", engine)
+    short = Path(tempfile.mkdtemp(prefix="readyz-"))  # a unix socket's path has at most 107 bytes
+    relay = EngineRelay(short / "engine.sock", engine)
     relay.start()
     own = dict(os.environ)  # the docker CLI of this test talks to the engine directly
 
@@ -145,3 +148,4 @@ async def test_readyz_names_the_image_proxy_gateway_and_engine_as_each_goes(tmp_
     finally:
         relay.cut()
         docker("rmi", tag, check=False)
+        shutil.rmtree(short, ignore_errors=True)
