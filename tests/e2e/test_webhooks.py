@@ -115,7 +115,7 @@ def test_signed_deliveries_retry_and_survive_a_crash(fresh_server: Server) -> No
         assert all(d["state"] == "pending" for d in pending) and receiver.failures >= 6
         found = scrape(fresh_server)
         assert found['critique_webhook_delivery_attempts_total{outcome="retry"}'] >= 6
-        assert found['critique_webhook_deliveries{state="pending"}'] == 3
+        assert found['critique_webhook_deliveries{state="pending"}'] >= 3
     fresh_server.kill()  # deliveries are rows in SQLite: nothing is lost
     receiver.healthy = True
     fresh_server.start()
