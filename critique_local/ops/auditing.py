@@ -77,6 +77,8 @@ async def audit_tool(services: Services, tool: str, principal: Principal, argume
     if action is None:
         return
     args = arguments or {}
+    if action == "run.follow_up" and args.get("endSession") is True:
+        action = "run.end_session"
     given = args.get("runId")
     result_id = getattr(getattr(run, "run", None), "id", None)
     run_id = given if isinstance(given, str) and given else result_id
