@@ -4,10 +4,8 @@ leftovers in the data dir (interrupted mirror clones, work repositories of ended
 session can no longer be restored).
 
 Only this instance's things are touched (containers labelled ``critique.instance=<id>``, the
-chain ``CRIT-<id>``). Networks only when no container is attached, no running server
-(``hoststate``) lists them, and no other instance's firewall rules name their bridge (a server
-registered in another ``server.host_state_dir`` still shows there). Whether this instance's
-server runs is asked of both the host's instance claims and the data dir's own lock
+chain ``CRIT-<id>``); networks only when no container is attached and no running server
+(``hoststate``) lists them. Whether this instance's server runs is asked of both the host's instance claims and the data dir's own lock
 (``datalock``), so gc run with another ``host_state_dir`` than the server's still sees it
 running. While it runs, gc stays out of its way: pooled sandboxes, its firewall chain,
 networks and partial clones stay, and only sandboxes and work repositories of runs that ended
@@ -129,8 +127,8 @@ def _docker(settings: Settings, host: HostState, instance: str, running: bool, l
                 net.reload()
                 if (net.attrs.get("Labels") or {}).get(dockerhost.LABEL) != "1" or net.attrs.get("Containers"):
                     continue
-                if name in in_use or firewall.instances_on(dockerhost.bridge_of(net.attrs)) - {instance}:
-                    continue  # another instance's rules name its bridge: a server that uses it, wherever registered
+                if name in in_use:
+                    continue
                 actions.append(Action("network", name, "no container attached and no running server uses it"))
                 if apply:
                     with host.exclusive():  # servers create networks under this lock: check again inside

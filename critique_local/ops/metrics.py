@@ -68,8 +68,8 @@ class Metrics:
         self.upstream_errors = Counter("critique_gateway_upstream_errors", "Upstream provider failures, by "
                                        "provider and code.", ["provider", "code"], registry=r)
         self.sandboxes = Gauge("critique_sandboxes", "Sandboxes now: busy (a turn runs), idle (a warm session), "
-                               "paused (an idle session paused by sandbox.pause_after_s: kept paused in place on "
-                               "E2B, removed on Docker until its next message), pooled (warm pool, no run yet).",
+                               "paused (an idle session paused by sandbox.pause_after_s), pooled (warm pool, no "
+                               "run yet).",
                                ["state"], registry=r)
         self.sandboxes_provisioned = Counter("critique_sandboxes_provisioned", "Sandboxes given to runs, by "
                                              "source (new, pool).", ["source"], registry=r)

@@ -281,8 +281,7 @@ class Scheduler:
         # sandboxes from before the restart go too: their secrets lived in memory)
         for info in await self.s.backend.list_ours():
             if info.id not in keep:
-                with logs.run_context(info.run_id or ""):
-                    log.info("removing sandbox %s of run %s left from before the restart", info.id[:12], info.run_id)
+                log.info("removing sandbox %s of run %s left from before the restart", info.id[:12], info.run_id)
                 with contextlib.suppress(Exception):
                     await self.s.backend.destroy(info.id)
         for run in lost:

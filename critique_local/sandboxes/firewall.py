@@ -149,19 +149,6 @@ def instance_chains() -> set[str]:
             if len(parts) == 2 and parts[0] == "-N" and INSTANCE_CHAIN.fullmatch(parts[1])}
 
 
-def instances_on(bridge: str) -> set[str]:
-    """Instance ids whose rules in the shared chain name ``bridge`` (servers that use its
-    network, or did and left their rules). Empty when iptables is missing or unusable."""
-    if shutil.which("iptables") is None:
-        return set()
-    try:
-        rules = _rules(SHARED_CHAIN)
-    except FirewallError:
-        return set()
-    return {rule[-1][len(CHAIN_PREFIX):] for rule in rules
-            if _arg(rule, "-i") == bridge and rule[-2] == "-j" and INSTANCE_CHAIN.fullmatch(rule[-1])}
-
-
 def prune_bridges(existing: set[str]) -> list[str]:
     """Drop INPUT jumps for bridges that no Docker network has any more; returns those bridges."""
     gone = []

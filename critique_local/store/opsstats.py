@@ -24,8 +24,8 @@ async def webhook_deliveries_by_state(db: Database) -> list[tuple[str, int]]:
 
 async def sandboxes_in_use(db: Database) -> tuple[int, int, int]:
     """(sandboxes of running turns, sandboxes of idle warm sessions, paused idle sessions).
-    A paused session counts whether its sandbox is paused in place (E2B) or was removed until
-    its next message (Docker); it is never counted as idle."""
+    A paused session counts as paused whether the backend keeps its sandbox (paused) or removed
+    it until the next message; never as idle."""
     row = await db.one("SELECT SUM(status = 'running' AND sandbox_id IS NOT NULL), "
                        "SUM(status = 'idle' AND paused_at IS NULL AND sandbox_id IS NOT NULL), "
                        "SUM(status = 'idle' AND paused_at IS NOT NULL) FROM runs WHERE status IN ('running', 'idle')")

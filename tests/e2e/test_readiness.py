@@ -1,7 +1,7 @@
 """``/readyz`` on the real application with the Docker backend (in process, so each piece can be
 taken away on its own): 200 while everything answers, then 503 naming each check that fails as
 the sandbox image, the egress proxy, the gateway listener and the Docker engine go away one by
-one (the database's own failure is in tests/test_ops_http.py). The engine is reached through a
+one (the database's own failure is in tests/test_ops_audit.py). The engine is reached through a
 relay socket this test owns, so cutting it off touches no other server; the image is a tag this
 test made, so removing it removes nothing else."""
 
