@@ -72,7 +72,7 @@ async def audit_tool(services: Services, tool: str, principal: Principal, argume
                      run: Any, error: ApiError | None) -> None:
     """Record an MCP tool call that starts or changes a run (any outcome; ``run``: the
     ``RunEnvelope`` it answered, None on ``error``). ``detail.via`` is ``mcp``; ``http_status``
-    is the status the same refusal gets from the REST API (200 when it succeeded)."""
+    is 200, or the status the same refusal gets from the REST API."""
     action = TOOL_ACTIONS.get(tool)
     if action is None:
         return
