@@ -77,7 +77,8 @@ def test_metrics_after_scripted_runs_readyz_request_ids_and_audit(server: Server
     checks = {f["check"]: f for f in map(json.loads, server.cli("doctor", "--json", check=False).stdout.splitlines())}
     assert checks["sandbox engine"]["level"] == "ok" and "OpenCode 1." in checks["sandbox image"]["detail"]
     assert checks["firewall"]["level"] == "ok" and "of the running server present" in checks["firewall"]["detail"]
-    assert checks["server"]["level"] == "ok" and "running" in checks["server"]["detail"]
+    assert checks["server"]["level"] == "ok" and checks["server"]["detail"].endswith(" running")
+    assert "not running" not in checks["server"]["detail"]
     missing = subprocess.run([*CLI, "doctor"], cwd=ROOT, capture_output=True, text=True,
                              env={**server.env, "CRITIQUE_LOCAL_SANDBOX_IMAGE": "critique-local/sandbox:no-such-tag"})
     assert missing.returncode == 1, missing.stdout
