@@ -34,7 +34,7 @@ TURN_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 CALL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 MAX_TRACKED_RUNS = 100_000  # runs whose turn is followed in memory (bounded even if statuses go missing)
 SANDBOX_STATES = ("busy", "idle", "paused", "pooled")
-disable_created_metrics()  # process-wide in prometheus-client; this process exports only these metrics
+disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide in prometheus-client; this process exports only these metrics
 
 
 class Metrics:
