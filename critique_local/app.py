@@ -65,7 +65,8 @@ from critique_local.contexts import (
     warm_pool,
     webhook_delivery,
 )
-from critique_local.hoststate import HostState, InstanceClaim, default_root
+from critique_local.datalock import LOCK_NAME, DataDirLock
+from critique_local.hoststate import HostState, InstanceClaim, InstanceInUse, default_root
 from critique_local.listeners import ConnectionBudget, ConnectionGuard, GuardedSite, fit_to_open_files, prebind
 from critique_local.ops import shutdown
 from critique_local.ops import web as ops
@@ -93,10 +94,19 @@ def instance_id(settings: Settings) -> str:
 
 
 def claim_instance(settings: Settings, wait_s: float = 10) -> InstanceClaim:
-    """Hold this data dir's instance id on this host for the life of the process (blocking,
-    at most ``wait_s`` seconds). Raises InstanceInUse when another running server holds it."""
+    """Hold this data dir's instance id on this host, and the data dir's own lock (datalock.py),
+    for the life of the process (blocking, at most ``wait_s`` seconds). Raises InstanceInUse
+    when another running server (or a restore, or a gc) holds either: a server started with
+    another ``server.host_state_dir`` is refused by the data dir's lock."""
     host = HostState(default_root(settings.server.host_state_dir))
-    return host.claim(instance_id(settings), settings.server.data_dir, wait_s=wait_s)
+    claim = host.claim(instance_id(settings), settings.server.data_dir, wait_s=wait_s)
+    lock = DataDirLock.take(settings.server.data_dir, wait_s)
+    if lock is None:
+        claim.release()
+        raise InstanceInUse(claim.instance_id, {"data_dir": str(settings.server.data_dir),
+                                                "note": f"another process holds {settings.server.data_dir / LOCK_NAME}"})
+    claim.also_release(lock.release)
+    return claim
 
 
 def create_app(settings: Settings, claim: InstanceClaim, *, execute_runs: bool = True) -> web.Application:

@@ -9,6 +9,7 @@ from aiohttp import web
 from critique_local.api.ratelimit import RateLimiter
 from critique_local.api.registry import Route
 from critique_local.config import Settings
+from critique_local.egress import EgressProxy
 from critique_local.envs.builder import Environments
 from critique_local.gateway.upstream import Upstream
 from critique_local.hoststate import InstanceClaim
@@ -37,5 +38,7 @@ GUARD = web.AppKey("guard", ConnectionGuard)  # the listener's connection budget
 SANDBOX_BUDGET = web.AppKey("sandbox_budget", ConnectionBudget)  # shared by the gateway listener and the proxy
 PUBLIC_URL = web.AppKey("public_url", str)  # how clients reach us (serve() sets it once the port is bound)
 GATEWAY_PORT = web.AppKey("gateway_port", int)  # the sandbox-facing listener's port, once bound
+GATEWAY_RUNNER = web.AppKey("gateway_runner", web.AppRunner)  # the sandbox-facing listener, once bound
+EGRESS = web.AppKey("egress", EgressProxy)  # the egress proxy (listening once the sandbox-facing address is known)
 STOPPING = web.AppKey("stopping", asyncio.Event)  # set when the application shuts down: streams end
 READINESS = web.AppKey("readiness", Readiness)  # /readyz checks, one shared round per second

@@ -21,8 +21,10 @@ from critique_local.appkeys import (
     CLAIM,
     CONTROL,
     DB,
+    EGRESS,
     ENVIRONMENTS,
     GATEWAY_PORT,
+    GATEWAY_RUNNER,
     GUARD,
     LIMITER,
     POOL,
@@ -99,8 +101,8 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     for handler in root.handlers:
         handler.addFilter(log_filter)
     box = SecretBox.from_data_dir(settings.server.data_dir)
-    webhooks = Webhooks(db, box, settings.webhooks)
     metrics = Metrics()
+    webhooks = Webhooks(db, box, settings.webhooks, on_attempt=metrics.webhook_attempt)
     hub = EventHub(db, redactor, on_status_change=webhooks.enqueue,
                    observers=(metrics.observe, auditing.observer(db)))
     s = Services(settings=settings, db=db, hub=hub, backend=make_backend(settings, app[CLAIM]),
@@ -159,6 +161,7 @@ async def gateway_listener(app: web.Application) -> AsyncIterator[None]:
         port = await _bind_gateway(runner, host, settings, guard)
         s.gateway_url = f"http://{host}:{port}/api/v1"
         app[GATEWAY_PORT] = port
+        app[GATEWAY_RUNNER] = runner
         yield
     finally:
         await runner.cleanup()
@@ -172,6 +175,7 @@ async def egress_proxy(app: web.Application) -> AsyncIterator[None]:
     proxy = EgressProxy(egress_policy(s, app[ENVIRONMENTS].egress_tokens), egress_event(s),
                         settings.network.private_cidrs, app[SANDBOX_BUDGET],
                         settings.limits.request_head_timeout_s)
+    app[EGRESS] = proxy
     try:
         if host is not None:
             proxy_port = await proxy.start(host, settings.network.proxy_port)

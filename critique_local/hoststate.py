@@ -30,7 +30,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,8 @@ class InstanceInUse(Exception):
     def __init__(self, instance_id: str, record: dict[str, Any]) -> None:
         self.instance_id = instance_id
         self.record = record
-        who = f"pid {record['pid']}, data dir {record.get('data_dir')}" if "pid" in record else "another process"
+        who = f"pid {record['pid']}, data dir {record.get('data_dir')}" if "pid" in record else \
+            str(record.get("note") or "another process")
         super().__init__(
             f"instance {instance_id} is already running on this host ({who}): every server needs a data_dir of "
             "its own (a copied data dir carries the same instance id: delete its instance_id file)")
@@ -131,6 +132,11 @@ class InstanceClaim:
         self.instance_id = instance_id
         self._fd: int | None = fd
         self._record = record
+        self._also: list[Callable[[], None]] = []
+
+    def also_release(self, release: Callable[[], None]) -> None:
+        """Call ``release`` when this claim is released (a lock held together with it)."""
+        self._also.append(release)
 
     def publish(self, **fields: Any) -> None:
         """Add ``fields`` to the record other servers read (atomically replaced)."""
@@ -144,6 +150,8 @@ class InstanceClaim:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        while self._also:
+            self._also.pop()()
 
 
 class HostState:

@@ -21,6 +21,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from fnmatch import fnmatch
 from typing import Any
@@ -72,8 +73,13 @@ async def user_secret(db: Database, box: SecretBox, user_id: str, rotate: bool =
 
 
 class Webhooks:
-    def __init__(self, db: Database, box: SecretBox, settings: WebhookSettings) -> None:
+    """Deliveries of one server. ``on_attempt`` is told each attempt's outcome: ``delivered``,
+    ``retry`` or ``gave_up`` (the metrics count them)."""
+
+    def __init__(self, db: Database, box: SecretBox, settings: WebhookSettings,
+                 on_attempt: Callable[[str], None] = lambda outcome: None) -> None:
         self._db = db
+        self._on_attempt = on_attempt
         self._box = box
         self._settings = settings
         self._http = httpx.AsyncClient(timeout=settings.timeout_s, follow_redirects=False)
@@ -127,6 +133,7 @@ class Webhooks:
                     code = resp.status_code
             if 200 <= code < 300:
                 await store.delivered(self._db, msg_id, attempts + 1, code)
+                self._on_attempt("delivered")
                 return
             error = f"HTTP {code}"
         except httpx.HTTPError as exc:
@@ -138,6 +145,7 @@ class Webhooks:
         gave_up = next_at > parse_iso(due.created_at) + timedelta(seconds=self._settings.retry_window_s)
         await store.attempt_failed(self._db, msg_id, gave_up=gave_up, attempts=attempts + 1, status_code=code,
                                    error=error, next_attempt_at=iso(next_at))
+        self._on_attempt("gave_up" if gave_up else "retry")
 
     async def for_run(self, run_id: str) -> list[dict[str, Any]]:
         return [{"id": r.id, "url": r.url, "eventType": r.event_type, "state": r.state, "attempts": r.attempts,

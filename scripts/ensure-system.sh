@@ -6,6 +6,7 @@
 #   jq           used by the README's curl walk-through (and its test)
 #   npm          installs the web page's pinned assets (critique_local/ui/package-lock.json)
 #   chromium     the real browser the web page's tests drive (tests/e2e/test_web_ui.py, bench/ui_bench.py)
+#   systemd      its systemd-analyze checks deploy/critique-local.service (tests/test_deploy.py)
 set -euo pipefail
 
 missing=()
@@ -14,6 +15,7 @@ command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ]; then

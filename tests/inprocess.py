@@ -43,11 +43,13 @@ class ServedAsInProduction(TestServer):
 
 
 @asynccontextmanager
-async def app_client(settings: Settings) -> AsyncIterator[TestClient]:
-    """A started application (its cleanup contexts entered) and a client on its loopback port."""
+async def app_client(settings: Settings, execute_runs: bool = False) -> AsyncIterator[TestClient]:
+    """A started application (its cleanup contexts entered) and a client on its loopback port;
+    with ``execute_runs`` the sandbox backend and everything that runs turns start too (a Docker
+    engine is needed: e2e tests only)."""
     claim = await asyncio.to_thread(claim_instance, settings)
     try:
-        app = create_app(settings, claim, execute_runs=False)
+        app = create_app(settings, claim, execute_runs=execute_runs)
         port = free_port()
         app[PUBLIC_URL] = f"http://127.0.0.1:{port}"
         async with TestClient(ServedAsInProduction(app, host="127.0.0.1", port=port)) as client:

@@ -40,9 +40,14 @@ def test_doctor_names_each_problem_with_its_fix_and_exits_1(tmp_path: Path) -> N
     assert found["disk"][0]["level"] in ("ok", "warn") and found["database"][0]["level"] == "ok"
 
     key.chmod(0o600)
-    fixed = findings(doctor(data, CRITIQUE_LOCAL_SANDBOX_BACKEND="e2b", CRITIQUE_LOCAL_E2B_GATEWAY_URL="https://x.example/api/v1"))
+    ok = doctor(data, CRITIQUE_LOCAL_SANDBOX_BACKEND="e2b", CRITIQUE_LOCAL_E2B_GATEWAY_URL="https://x.example/api/v1")
+    assert ok.returncode == 0, ok.stdout
+    fixed = findings(ok)
     assert fixed["secret.key"][0]["level"] == "ok"
     assert all(f["level"] == "ok" for f in fixed["configuration"])
+    warned = doctor(data, CRITIQUE_LOCAL_SANDBOX_BACKEND="e2b", CRITIQUE_LOCAL_E2B_GATEWAY_URL="https://x.example/api/v1",
+                    CRITIQUE_LOCAL_SERVER_HOST="0.0.0.0")
+    assert warned.returncode == 0 and {f["level"] for f in findings(warned)["configuration"]} == {"ok", "warn"}
     text = subprocess.run([sys.executable, "-m", "critique_local", "doctor"], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "CRITIQUE_LOCAL_SERVER_DATA_DIR": str(data), "CRITIQUE_LOCAL_SANDBOX_BACKEND": "e2b"})
     assert "FAIL  configuration: sandbox.backend is e2b but e2b.gateway_url is empty" in text.stdout

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from critique_local.ops.migrate import describe
 from critique_local.store import runs as runs_store
 from critique_local.store.db import Database
 from critique_local.store.migrations import MIGRATIONS, SchemaTooNew
@@ -117,3 +118,9 @@ def test_migrate_check_says_what_would_run_then_migrate_applies_it(tmp_path: Pat
     assert applied.returncode == 0 and f"migrated to schema {len(MIGRATIONS)}" in applied.stdout
     again = _cli(data, "migrate", "--check")
     assert again.returncode == 0 and "up to date" in again.stdout
+
+
+def test_migrate_check_describes_every_statement_of_every_migration() -> None:
+    for number, script in enumerate(MIGRATIONS, start=1):
+        statements = [s for s in script.split(";") if s.strip()]
+        assert len(describe(script)) == len(statements), f"migration {number}: migrate --check would leave some out"

@@ -54,6 +54,7 @@ from critique_local.errors import (
     NotAcceptable,
     UnsupportedMediaType,
 )
+from critique_local.ops import auditing
 from critique_local.runs.spec import FollowUp
 from critique_local.runs.states import TERMINAL, RunStatus
 from critique_local.store import events as events_store
@@ -272,6 +273,7 @@ async def _call(ctx: ServerRequestContext[Any], params: types.CallToolRequestPar
     app: web.Application = scope[APP]
     principal: Principal = scope[PRINCIPAL]
     tool = TOOLS.get(params.name)
+    acted = False  # the audit trail has the call (tools that start or change runs)
     try:
         if tool is None:
             raise InvalidRequest(f"unknown tool: {params.name}", field="name")
@@ -286,6 +288,8 @@ async def _call(ctx: ServerRequestContext[Any], params: types.CallToolRequestPar
         if seconds and isinstance(args, RunRef):  # a follow-up: only this turn's activity
             after = await events_store.last_seq(app[SERVICES].db, args.run_id)
         result = await tool.call(app, principal, args)
+        acted = True
+        await auditing.audit_tool(app[SERVICES], params.name, principal, params.arguments, result, None)
         if seconds and isinstance(result, RunEnvelope):
             run_id = result.run.id
             if run_id != getattr(args, "run_id", run_id):  # chained: the new run carries the turn
@@ -294,6 +298,8 @@ async def _call(ctx: ServerRequestContext[Any], params: types.CallToolRequestPar
             result = await tool.call(app, principal, args) if isinstance(args, GetRunArgs) else \
                 await _get(app, principal, GetRunArgs(run_id=run_id))
     except ApiError as err:
+        if not acted:
+            await auditing.audit_tool(app[SERVICES], params.name, principal, params.arguments, None, err)
         return _error(err)
     except Exception:  # as the REST error middleware does: logged here, no internals to the client
         log.exception("unhandled error in MCP tool %s", params.name)

@@ -167,11 +167,14 @@ def migrate(config_path: Path | None, check: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per entry.")
 def audit_cmd(config_path: Path | None, run_id: str | None, user: str | None, since: str | None, limit: int,
               as_json: bool) -> None:
-    """Who created, followed up, ended, cancelled and published which run (newest first)."""
+    """Who created, forked, followed up, ended, cancelled and published which run (newest first)."""
     from critique_local.store import audit
     from critique_local.store.db import Database
+    from critique_local.store.migrations import SchemaTooNew
 
     settings = settings_of(config_path)
+    if not settings.db_path.exists():  # never create one here
+        raise click.ClickException(f"no database at {settings.db_path}: pass the server's --config")
 
     async def read() -> list[audit.AuditEntry]:
         db = await Database.open(settings.db_path)
@@ -180,7 +183,11 @@ def audit_cmd(config_path: Path | None, run_id: str | None, user: str | None, si
         finally:
             await db.close()
 
-    for e in asyncio.run(read()):
+    try:
+        found = asyncio.run(read())
+    except SchemaTooNew as exc:
+        raise click.ClickException(str(exc)) from exc
+    for e in found:
         if as_json:
             click.echo(json.dumps(asdict(e)))
         else:

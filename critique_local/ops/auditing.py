@@ -1,6 +1,7 @@
-"""What goes into the audit trail: the API's run actions (create, follow-up, end session,
-cancel) seen by :func:`audit_request` after their handler answered, and publishing seen by
-:func:`observer` in the run events. Rows are written by ``store/audit.py``."""
+"""What goes into the audit trail: the API's run actions (create, fork, follow-up, end session,
+cancel) seen by :func:`audit_request` after their handler answered, the same actions taken
+through the MCP endpoint's tools (:func:`audit_tool`), and publishing seen by :func:`observer`
+in the run events. Rows are written by ``store/audit.py``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from critique_local.api.middleware import PRINCIPAL
+from critique_local.errors import ApiError
 from critique_local.services import Services
 from critique_local.store import audit
 from critique_local.store.db import Database
@@ -20,7 +22,10 @@ from critique_local.store.keys import Principal
 
 log = logging.getLogger(__name__)
 RUNS = "/api/v1/coding-agent/runs"
-ACTIONS = {RUNS: "run.create", RUNS + "/{id}/messages": "run.follow_up", RUNS + "/{id}/cancel": "run.cancel"}
+ACTIONS = {RUNS: "run.create", RUNS + "/{id}/messages": "run.follow_up", RUNS + "/{id}/cancel": "run.cancel",
+           RUNS + "/{id}/fork": "run.fork"}
+TOOL_ACTIONS = {"create_run": "run.create", "send_message": "run.follow_up", "end_session": "run.end_session",
+                "cancel_run": "run.cancel"}  # the MCP tools that start or change runs
 
 
 def _json(body: bytes | None) -> dict[str, Any]:
@@ -54,11 +59,40 @@ async def audit_request(services: Services, request: web.Request, response: web.
             detail["chainedRunId"] = run["id"]
     if action == "run.create" and run:
         detail = {"repository": (run.get("repository") or {}).get("fullName"), "modelId": run.get("modelId")}
+    if action == "run.fork" and run.get("id"):
+        detail = {"forkRunId": run["id"], "turn": (run.get("forkedFrom") or {}).get("turn")}
     error: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else {}
     outcome = "ok" if response.status < 400 else str(error.get("code") or response.status)
     await audit.record(services.db, action, user_id=principal.user_id if isinstance(principal, Principal) else None,
                        key_id=principal.key_id if isinstance(principal, Principal) else None, run_id=run_id,
                        outcome=outcome, http_status=response.status, detail=detail)
+
+
+async def audit_tool(services: Services, tool: str, principal: Principal, arguments: dict[str, Any] | None,
+                     run: Any, error: ApiError | None) -> None:
+    """Record an MCP tool call that starts or changes a run (any outcome; ``run``: the
+    ``RunEnvelope`` it answered, None on ``error``). ``detail.via`` is ``mcp``; ``http_status``
+    is 200, or the status the same refusal gets from the REST API."""
+    action = TOOL_ACTIONS.get(tool)
+    if action is None:
+        return
+    args = arguments or {}
+    if action == "run.follow_up" and args.get("endSession") is True:
+        action = "run.end_session"
+    given = args.get("runId")
+    result_id = getattr(getattr(run, "run", None), "id", None)
+    run_id = given if isinstance(given, str) and given else result_id
+    detail: dict[str, Any] = {"via": "mcp"}
+    if action == "run.follow_up" and result_id and result_id != run_id:
+        detail["chainedRunId"] = result_id
+    if action == "run.create" and run is not None:
+        detail.update(repository=run.run.repository.full_name, modelId=run.run.model_id)
+    try:
+        await audit.record(services.db, action, user_id=principal.user_id, key_id=principal.key_id, run_id=run_id,
+                           outcome="ok" if error is None else error.code.value,
+                           http_status=200 if error is None else error.status, detail=detail)
+    except Exception:
+        log.exception("audit: MCP tool %s not recorded", tool)
 
 
 def observer(db: Database) -> Callable[[EventRow], Awaitable[None]]:

@@ -103,9 +103,10 @@ def backup(data_dir: Path, dest: Path, include_key: bool = True) -> Manifest:
         _copy_private(key, dest / KEY_NAME)
         files[KEY_NAME] = _sha256(dest / KEY_NAME)
     manifest = Manifest(version, KEY_NAME in files, files, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    (dest / MANIFEST).write_text(json.dumps({
-        "format": FORMAT, "critiqueLocalVersion": __version__, "createdAt": manifest.created_at,
-        "schemaVersion": version, "includesSecretKey": manifest.includes_key, "sha256": files}, indent=2) + "\n")
+    text = json.dumps({"format": FORMAT, "critiqueLocalVersion": __version__, "createdAt": manifest.created_at,
+                       "schemaVersion": version, "includesSecretKey": manifest.includes_key, "sha256": files}, indent=2)
+    with os.fdopen(os.open(dest / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+        fh.write(text + "\n")  # private like the rest
     return manifest
 
 

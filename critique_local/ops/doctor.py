@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from critique_local import datalock
 from critique_local.config import Settings
 from critique_local.hoststate import HostState, default_root
 from critique_local.sandboxes import firewall
@@ -38,12 +39,26 @@ def _ok(check: str, detail: str) -> Finding:
 
 
 def _instance(settings: Settings) -> tuple[str | None, bool]:
-    """This data dir's instance id (None before the first start) and whether a server runs it."""
+    """This data dir's instance id (None before the first start) and whether a server runs it
+    (its claim on the host, or the data dir's own lock: see datalock.py)."""
     path = settings.server.data_dir / "instance_id"
     if not path.exists():
         return None, False
     instance = path.read_text().strip()
-    return instance, HostState(default_root(settings.server.host_state_dir)).alive(instance)
+    return instance, HostState(default_root(settings.server.host_state_dir)).alive(instance) or \
+        datalock.served(settings.server.data_dir)
+
+
+def check_instance(settings: Settings) -> list[Finding]:
+    instance, running = _instance(settings)
+    if instance is None:
+        return [_ok("server", "not started yet on this data dir")]
+    claimed = HostState(default_root(settings.server.host_state_dir)).alive(instance)
+    if running and not claimed:
+        return [Finding("server", "warn", f"a server runs on {settings.server.data_dir} but holds no claim in "
+                        f"{settings.server.host_state_dir}: this configuration is not the server's",
+                        "run critique-local commands with the server's --config (server.host_state_dir)")]
+    return [_ok("server", f"instance {instance} {'running' if running else 'not running'}")]
 
 
 def check_config(settings: Settings) -> list[Finding]:
@@ -179,7 +194,7 @@ def check_database(settings: Settings) -> list[Finding]:
 
 
 CHECKS: list[Callable[[Settings], list[Finding]]] = [
-    check_config, check_engine, check_firewall, check_disk, check_secret_key, check_database]
+    check_config, check_instance, check_engine, check_firewall, check_disk, check_secret_key, check_database]
 
 
 def run_checks(settings: Settings) -> list[Finding]:

@@ -1,7 +1,8 @@
 """``critique-local sandbox gc``: remove what this instance (this data dir's ``instance_id``) left
 that no live run owns: its sandboxes, its firewall chain, the sandbox networks nobody uses, and
-leftovers in the data dir (interrupted mirror clones, work repositories of ended runs); and
-``critique-local sandbox ls``: this instance's sandboxes and whose they are.
+leftovers in the data dir (interrupted mirror clones, work repositories of ended runs whose
+session can no longer be restored); and ``critique-local sandbox ls``: this instance's sandboxes
+and whose they are.
 
 Whose a sandbox is comes from the store first (the run whose ``sandbox_id`` it is), then from
 its ``critique.run`` label: a pooled sandbox keeps the label ``critique.run=pool-<hex>`` (and an
@@ -11,20 +12,26 @@ empty ``critique.user``) after a run takes it, since Docker cannot relabel a con
 Only this instance's things are touched (containers labelled ``critique.instance=<id>``, the
 chain ``CRIT-<id>``); networks only when no container is attached, no running server
 (``hoststate``) lists them, and no instance unknown to this host state (a server with another
-``server.host_state_dir``) has a sandbox or a firewall chain on the host. While this instance's server runs, gc stays out of its way: pooled
-sandboxes, its firewall chain, networks and partial clones stay, and only sandboxes and work
-repositories of runs that ended go. While it does not run, gc holds the instance's lock, so
-the server cannot start meanwhile. Blocking (Docker SDK, iptables, file locks).
+``server.host_state_dir``) has a sandbox or a firewall chain on the host. Whether this
+instance's server runs is asked of both the host's instance claims and the data dir's own lock
+(``datalock``), so gc run with another ``host_state_dir`` than the server's still sees it
+running. While it runs, gc stays out of its way: pooled sandboxes, its firewall chain,
+networks and partial clones stay, and only sandboxes and work repositories of runs that ended
+go. While it does not run, gc holds both locks, so the server cannot start meanwhile. A run's
+work repository stays while its durable session state is kept (``sessions/<id>.state``: a
+message may still restore the session, or fork it). Blocking (Docker SDK, iptables, file locks).
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from critique_local.config import Settings
+from critique_local.datalock import DataDirLock
 from critique_local.hoststate import HostState, default_root
 from critique_local.sandboxes import dockerhost, firewall
 from critique_local.sandboxes.base import run_of_sandbox
@@ -32,6 +39,8 @@ from critique_local.sandboxes.container import LABEL_RUN
 from critique_local.store import readonly
 
 LIVE = ("queued", "running", "idle")
+STATE_SUFFIX = ".state"  # runs/durable.py: sessions/<run id>.state
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,8 +105,16 @@ def collect(settings: Settings, apply: bool = False) -> list[Action]:
         return []
     instance = id_file.read_text().strip()
     host = HostState(default_root(settings.server.host_state_dir))
-    with host.if_gone(instance) as gone:
-        return _collect(settings, host, instance, running=gone is None, apply=apply)
+    lock = DataDirLock.take(settings.server.data_dir)
+    try:
+        with host.if_gone(instance) as gone:
+            if gone is not None and lock is None:
+                log.warning("the server of %s runs but holds no claim in %s: run gc with the server's configuration "
+                            "(server.host_state_dir); treating it as running", settings.server.data_dir, host.root)
+            return _collect(settings, host, instance, running=gone is None or lock is None, apply=apply)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _collect(settings: Settings, host: HostState, instance: str, running: bool, apply: bool) -> list[Action]:
@@ -106,11 +123,16 @@ def _collect(settings: Settings, host: HostState, instance: str, running: bool, 
     if settings.sandbox.backend == "docker":
         actions += _docker(settings, host, instance, running, live, bound, apply)
     data = settings.server.data_dir
+    states = data / "sessions"
+    kept = {p.name.removesuffix(STATE_SUFFIX) for p in states.glob(f"*{STATE_SUFFIX}")} if states.is_dir() else set()
     runs_dir = data / "runs"
     for entry in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
         run_id = entry.name.removesuffix(".partial").removesuffix(".git")
-        if run_id in ended or (not running and run_id not in live):
-            actions.append(Action("workrepo", str(entry), f"run {run_id} is not live"))
+        if run_id in live or (run_id in ended and run_id in kept):
+            continue  # a live run's, or an ended session a message may still restore (or fork)
+        if run_id in ended or not running:
+            actions.append(Action("workrepo", str(entry), f"run {run_id} is not live and its session state is "
+                                  "not kept" if run_id in ended else f"run {run_id} is not in the database"))
             if apply:
                 shutil.rmtree(entry, ignore_errors=True)
     if not running:

@@ -4,8 +4,10 @@ none applies), taken from context variables that the request middleware and the 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
+from collections.abc import Iterator
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -44,6 +46,16 @@ def configure(level: str, fmt: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     for name in CHATTY:
         logging.getLogger(name).setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING)
+
+
+@contextlib.contextmanager
+def run_context(run_id: str) -> Iterator[None]:
+    """What is logged inside the block carries ``run_id``; the previous run id after it."""
+    token = RUN_ID.set(run_id)
+    try:
+        yield
+    finally:
+        RUN_ID.reset(token)
 
 
 def for_run(run_id: str) -> None:

@@ -7,7 +7,8 @@ durations), the gateway (:meth:`Metrics.gateway_call`, :meth:`Metrics.upstream_e
 egress proxy's decisions and the SSE streams. Gauges (runs by status and lifecycle, queue
 depth, sandboxes, webhook deliveries) are read from the database when scraped
 (:meth:`Metrics.refresh`), so they are right after a restart too. Names follow Prometheus
-conventions: ``critique_`` prefix, base units (seconds), ``_total`` on counters.
+conventions: ``critique_`` prefix, base units (seconds) in the name, ``_total`` on counters;
+no ``_created`` series (they would double every counter and histogram for no use here).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from critique_local.runs.states import Phase, RunStatus, lifecycle_of
 from critique_local.store import opsstats
@@ -32,6 +33,8 @@ READY_BUCKETS = (0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120)
 TURN_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 CALL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 MAX_TRACKED_RUNS = 100_000  # runs whose turn is followed in memory (bounded even if statuses go missing)
+SANDBOX_STATES = ("busy", "idle", "paused", "pooled")
+disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide in prometheus-client; this process exports only these metrics
 
 
 class Metrics:
@@ -71,6 +74,9 @@ class Metrics:
                                              "source (new, pool).", ["source"], registry=r)
         self.webhook_deliveries = Gauge("critique_webhook_deliveries", "Stored webhook deliveries by state "
                                         "(read at scrape time).", ["state"], registry=r)
+        self.webhook_attempts = Counter("critique_webhook_delivery_attempts", "Webhook delivery attempts by "
+                                        "outcome: delivered (2xx), retry (failed, tried again later), gave_up "
+                                        "(failed, retry window over).", ["outcome"], registry=r)
         self.sse_subscribers = Gauge("critique_sse_subscribers", "Open event streams (SSE).", registry=r)
         self.egress_decisions = Counter("critique_egress_decisions", "Egress proxy decisions (allowed, denied).",
                                         ["decision"], registry=r)
@@ -140,6 +146,10 @@ class Metrics:
     def upstream_error(self, provider: str | None, code: str) -> None:
         self.upstream_errors.labels(provider or "in-process", code).inc()
 
+    def webhook_attempt(self, outcome: str) -> None:
+        """One webhook delivery attempt: ``delivered``, ``retry`` or ``gave_up``."""
+        self.webhook_attempts.labels(outcome).inc()
+
     def egress_decision(self, event: dict[str, object]) -> None:
         self.egress_decisions.labels(str(event.get("decision"))).inc()
 
@@ -168,7 +178,7 @@ class Metrics:
             queued += n if status == RunStatus.QUEUED else 0
         self.queue_depth.set(queued)
         busy, idle, paused = await opsstats.sandboxes_in_use(db)
-        for state, n in (("busy", busy), ("idle", idle), ("paused", paused), ("pooled", pooled())):
+        for state, n in zip(SANDBOX_STATES, (busy, idle, paused, pooled()), strict=True):
             self.sandboxes.labels(state).set(n)
         self.webhook_deliveries.clear()
         for state, n in await opsstats.webhook_deliveries_by_state(db):

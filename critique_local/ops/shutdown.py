@@ -7,7 +7,8 @@
    start fails them with ``server_restarted``.
 3. Idle (warm) sessions keep their sandboxes for the next start to reattach, unless
    ``server.end_idle_sessions_on_stop``: then they end with session end reason
-   ``server_stopped`` (their runs complete; a message starts a chained run).
+   ``server_stopped`` (their runs complete; a message restores the session on the same run id,
+   as after an expiry).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from critique_local.clock import iso, now, now_iso, parse_iso
@@ -43,9 +44,13 @@ class Scheduler:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._idle_limits = asyncio.Lock()
 
-    def lock(self, run_id: str) -> asyncio.Lock:
-        """Serialises state changes of one run (message, endSession, cancel, expiry)."""
-        return self._locks[run_id]
+    @contextlib.asynccontextmanager
+    async def lock(self, run_id: str) -> AsyncIterator[None]:
+        """Serialises state changes of one run (message, endSession, cancel, expiry); what is
+        logged meanwhile carries the run's id (the reaper's lines about a run too)."""
+        async with self._locks[run_id]:
+            with logs.run_context(run_id):
+                yield
 
     def _submit(self, run_id: str, user_id: str) -> None:
         self._queue.put(run_id, user_id)
@@ -220,7 +225,8 @@ class Scheduler:
                         self.executor.pool.discard(info.id)
                 continue
             if run.status in TERMINAL:
-                log.info("removing sandbox %s of ended run %s", info.id[:12], run.id)
+                with logs.run_context(run.id):
+                    log.info("removing sandbox %s of ended run %s", info.id[:12], run.id)
                 with contextlib.suppress(SandboxError):
                     await self.s.backend.destroy(info.id)
             elif run.status is RunStatus.IDLE and run.sandbox_id != info.id:

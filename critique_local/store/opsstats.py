@@ -6,8 +6,9 @@ from critique_local.store.db import Database
 
 
 async def ping(db: Database) -> None:
-    """Raises when the database cannot answer a query."""
-    await db.one("SELECT 1")
+    """Raises when the database cannot answer a query that reads the file (``SELECT 1`` alone
+    would not touch it)."""
+    await db.one("SELECT id FROM runs LIMIT 1")
 
 
 async def runs_by_status_phase(db: Database) -> list[tuple[str, str, int]]:
@@ -22,9 +23,10 @@ async def webhook_deliveries_by_state(db: Database) -> list[tuple[str, int]]:
 
 
 async def sandboxes_in_use(db: Database) -> tuple[int, int, int]:
-    """(sandboxes of running turns, of idle warm sessions, of paused sessions: kept with their
-    agent stopped, or paused in place)."""
-    row = await db.one("SELECT SUM(status = 'running'), SUM(status = 'idle' AND paused_at IS NULL), "
-                       "SUM(status = 'idle' AND paused_at IS NOT NULL) FROM runs "
-                       "WHERE status IN ('running', 'idle') AND sandbox_id IS NOT NULL")
+    """(sandboxes of running turns, sandboxes of idle warm sessions, paused idle sessions).
+    A paused session counts as paused whether the backend keeps its sandbox (paused) or removed
+    it until the next message; never as idle."""
+    row = await db.one("SELECT SUM(status = 'running' AND sandbox_id IS NOT NULL), "
+                       "SUM(status = 'idle' AND paused_at IS NULL AND sandbox_id IS NOT NULL), "
+                       "SUM(status = 'idle' AND paused_at IS NOT NULL) FROM runs WHERE status IN ('running', 'idle')")
     return (int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)) if row else (0, 0, 0)

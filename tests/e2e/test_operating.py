@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from critique_local.hoststate import HostState, default_root
 from tests.conftest import METRICS_TOKEN
-from tests.helpers import Server, free_port, wait_for, wait_lifecycle
+from tests.helpers import CLI, ROOT, Server, free_port, our_containers, wait_for, wait_lifecycle
 
 pytestmark = pytest.mark.e2e
 RUNS = "/api/v1/coding-agent/runs"
@@ -78,6 +78,13 @@ def test_metrics_after_scripted_runs_readyz_request_ids_and_audit(server: Server
     checks = {f["check"]: f for f in map(json.loads, server.cli("doctor", "--json", check=False).stdout.splitlines())}
     assert checks["sandbox engine"]["level"] == "ok" and "OpenCode 1." in checks["sandbox image"]["detail"]
     assert checks["firewall"]["level"] == "ok" and "of the running server present" in checks["firewall"]["detail"]
+    assert checks["server"]["level"] == "ok" and checks["server"]["detail"].endswith(" running")
+    assert "not running" not in checks["server"]["detail"]
+    missing = subprocess.run([*CLI, "doctor"], cwd=ROOT, capture_output=True, text=True,
+                             env={**server.env, "CRITIQUE_LOCAL_SANDBOX_IMAGE": "critique-local/sandbox:no-such-tag"})
+    assert missing.returncode == 1, missing.stdout
+    assert "FAIL  sandbox image: critique-local/sandbox:no-such-tag is missing" in missing.stdout
+    assert "fix: run `make image`" in missing.stdout
 
     trail = [json.loads(line) for line in server.cli("audit", "--run", run_id, "--json").stdout.splitlines()]
     actions = [(e["action"], e["outcome"], e["http_status"]) for e in reversed(trail)]
@@ -112,6 +119,16 @@ def test_drain_on_sigterm_ends_idle_sessions_json_logs_metrics_listener_and_gc(f
         assert scraped.status_code == 200
         found = samples(scraped.text)
         assert found["critique_turns_started_total"] == 1 and found['critique_sandboxes{state="busy"}'] == 1
+        # gc given another host_state_dir than the server's still sees it running (its data dir's
+        # lock): its firewall chain and its run's sandbox stay
+        instance = (fresh_server.data_dir / "instance_id").read_text().strip()
+        elsewhere = subprocess.run([*CLI, "sandbox", "gc", "--apply"], cwd=ROOT, capture_output=True, text=True,
+                                   env={**fresh_server.env,
+                                        "CRITIQUE_LOCAL_SERVER_HOST_STATE_DIR": str(fresh_server.base / "elsewhere")})
+        assert elsewhere.returncode == 0, elsewhere.stderr
+        assert not {"removed sandbox", "removed firewall", "removed network"} & {
+            " ".join(line.split()[:2]) for line in elsewhere.stdout.splitlines()}, elsewhere.stdout
+        assert _chain(instance) and len(our_containers(slow)) == 1
         assert fresh_server.proc is not None
         fresh_server.proc.terminate()  # SIGTERM while the slow turn runs
         assert fresh_server.proc.wait(240) == 0
@@ -124,7 +141,6 @@ def test_drain_on_sigterm_ends_idle_sessions_json_logs_metrics_listener_and_gc(f
     finally:
         db.close()
     assert (status, reason, summary) == ("completed", "server_stopped", "drained")  # finished, then ended
-    instance = (fresh_server.data_dir / "instance_id").read_text().strip()
     left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=critique.instance={instance}"],
                           capture_output=True, text=True, check=True).stdout.split()
     assert left == []
@@ -132,6 +148,8 @@ def test_drain_on_sigterm_ends_idle_sessions_json_logs_metrics_listener_and_gc(f
     lines = _json_lines(fresh_server.base / "server.log")
     assert lines and all({"time", "level", "logger", "message", "request_id", "run_id"} <= set(x) for x in lines)
     assert any(x["run_id"] == slow for x in lines)  # lines logged while its turn ran
+    about = [x for x in lines if slow in str(x["message"])]  # its turn, the drain, ending its session on stop
+    assert about and all(x["run_id"] == slow for x in about), [x for x in about if x["run_id"] != slow]
 
     # gc: a sandbox of this instance that no live run owns goes; another instance's stays
     image = "critique-local/sandbox:latest"

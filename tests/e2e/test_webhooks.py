@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import Server, wait_for
 
@@ -80,12 +81,22 @@ def deliveries(api: httpx.Client, run_id: str, done: Callable[[list[dict[str, An
     return list(found)
 
 
+METRICS = "webhook-test-metrics-token-0123"
+
+
+def scrape(server: Server) -> dict[str, float]:
+    """/metrics through prometheus-client's own parser: ``name{label="v"}`` -> value."""
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {METRICS}"}).text
+    return {s.name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items())) + "}": s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def test_signed_deliveries_retry_and_survive_a_crash(fresh_server: Server) -> None:
     receiver = Receiver()
     fresh_server.extra_env.update({
         "CRITIQUE_LOCAL_WEBHOOKS_ALLOWED_HOSTS": '["127.0.0.1"]',
         "CRITIQUE_LOCAL_WEBHOOKS_RETRY_BASE_S": "0.3", "CRITIQUE_LOCAL_WEBHOOKS_RETRY_MAX_S": "1",
-        "CRITIQUE_LOCAL_WEBHOOKS_POLL_INTERVAL_S": "0.2"})
+        "CRITIQUE_LOCAL_WEBHOOKS_POLL_INTERVAL_S": "0.2", "CRITIQUE_LOCAL_METRICS_TOKEN": METRICS})
     fresh_server.start()
     key = fresh_server.new_key("hank")
     secret = fresh_server.cli("webhooks", "secret", "--user", "hank").stdout.strip().splitlines()[-1]
@@ -102,6 +113,9 @@ def test_signed_deliveries_retry_and_survive_a_crash(fresh_server: Server) -> No
         pending = deliveries(api, run["id"], lambda ds: [d["status"] for d in ds] == ["queued", "running", "idle"]
                              and all(d["lastStatusCode"] == 500 and d["attempts"] >= 2 for d in ds))
         assert all(d["state"] == "pending" for d in pending) and receiver.failures >= 6
+        found = scrape(fresh_server)
+        assert found['critique_webhook_delivery_attempts_total{outcome="retry"}'] >= 6
+        assert found['critique_webhook_deliveries{state="pending"}'] >= 3
     fresh_server.kill()  # deliveries are rows in SQLite: nothing is lost
     receiver.healthy = True
     fresh_server.start()
@@ -110,6 +124,9 @@ def test_signed_deliveries_retry_and_survive_a_crash(fresh_server: Server) -> No
         assert all(d["attempts"] >= 2 for d in delivered) and len(receiver.received) >= 3
         api.post(f"{RUNS}/{run['id']}/messages", json={"endSession": True})  # (or its session expired already)
         deliveries(api, run["id"], lambda ds: len(ds) == 4 and all(d["state"] == "delivered" for d in ds))
+        found = scrape(fresh_server)  # counters of this server's life; gauges from the database
+        assert found['critique_webhook_delivery_attempts_total{outcome="delivered"}'] == 4
+        assert found['critique_webhook_deliveries{state="delivered"}'] == 4
     assert len(receiver.received) == 4
     statuses = []
     for got in receiver.received:
