@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from critique_local.repos.workrepo import RunRepo
 from critique_local.runs import snapshot
+from critique_local.runs.timeline import Timeline
 from critique_local.sandboxes.base import Sandbox
 
 
@@ -44,17 +45,22 @@ class TurnResult:
 
 
 async def collect(sandbox: Sandbox, repo: RunRepo, base_commit: str, previous: str, max_patch_bytes: int,
-                  max_pack_bytes: int) -> TurnResult:
-    """``previous``: the tree (or commit) the turn started from, for the turn's own stats.
-    Raises :class:`RunFailure` ``collect_failed`` or ``patch_too_large``."""
+                  max_pack_bytes: int, *, timeline: Timeline | None = None) -> TurnResult:
+    """``previous``: the tree (or commit) the turn started from, for the turn's own stats;
+    ``timeline``: its steps are timed there. Raises :class:`RunFailure` ``collect_failed`` or
+    ``patch_too_large``."""
+    timeline = timeline or Timeline()
     base_tree = await repo.tree_of(base_commit)
-    snap = await snapshot.take(sandbox, base_tree, max_pack_bytes)
-    await repo.add_pack(snap.pack, snap.tree)
-    total = await repo.numstat(base_tree, snap.tree)
-    patch = await repo.patch(base_tree, snap.tree, max_patch_bytes) if total.paths else b""
-    if previous != base_commit and await repo.has(f"{previous}^{{tree}}"):
-        turn = await repo.numstat(previous, snap.tree)
-    else:
-        turn = total
+    with timeline.step("collect.snapshot"):
+        snap = await snapshot.take(sandbox, base_tree, max_pack_bytes, timeline)
+    with timeline.step("collect.index"):
+        await repo.add_pack(snap.pack, snap.tree)
+    with timeline.step("collect.diff"):
+        total = await repo.numstat(base_tree, snap.tree)
+        patch = await repo.patch(base_tree, snap.tree, max_patch_bytes) if total.paths else b""
+        if previous != base_commit and await repo.has(f"{previous}^{{tree}}"):
+            turn = await repo.numstat(previous, snap.tree)
+        else:
+            turn = total
     return TurnResult([path_text(p) for p in total.paths], total.additions, total.deletions, patch, snap.tree,
                       turn.as_stats(), [path_text(p) for p in snap.nested], snap.skipped)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from critique_local.errors import ErrorCode, RunFailure
 from critique_local.repos.checkout import NEUTRAL_ATTRIBUTES
+from critique_local.runs.timeline import Timeline
 from critique_local.sandboxes.base import Sandbox, SandboxError
 
 _GIT_CONFIG = " ".join(f"-c {kv}" for kv in (
@@ -139,11 +140,13 @@ def parse_records(raw: bytes) -> dict[bytes, list[bytes]]:
     return out
 
 
-async def take(sandbox: Sandbox, base_tree: str, max_pack_bytes: int) -> Snapshot:
+async def take(sandbox: Sandbox, base_tree: str, max_pack_bytes: int, timeline: Timeline | None = None) -> Snapshot:
     """Snapshot ``/workspace``. Raises ``collect_failed`` when git fails in the sandbox and
     ``patch_too_large`` when the pack is over ``max_pack_bytes`` (``publish.max_bundle_bytes``)."""
-    res = await sandbox.exec(["bash", "-c", SCRIPT, "critique-snapshot", base_tree, NEUTRAL_ATTRIBUTES],
-                             timeout_s=300, max_output_bytes=4_000_000)
+    timeline = timeline or Timeline()
+    with timeline.step("snapshot.exec"):
+        res = await sandbox.exec(["bash", "-c", SCRIPT, "critique-snapshot", base_tree, NEUTRAL_ATTRIBUTES],
+                                 timeout_s=300, max_output_bytes=4_000_000)
     records = parse_records(res.stdout)
     folder = (records.get(b"DIR") or [b""])[0].decode(errors="replace")
     try:
@@ -158,7 +161,8 @@ async def take(sandbox: Sandbox, base_tree: str, max_pack_bytes: int) -> Snapsho
         if int(size) > max_pack_bytes:
             raise RunFailure(ErrorCode.PATCH_TOO_LARGE, f"the changes are {int(size)} bytes as a git pack; the limit is "
                                                 f"{max_pack_bytes} (publish.max_bundle_bytes)")
-        pack = await sandbox.read_file(f"{folder}/changes.pack", max_pack_bytes)
+        with timeline.step("snapshot.read"):
+            pack = await sandbox.read_file(f"{folder}/changes.pack", max_pack_bytes)
         if pack is None or len(pack) != int(size):
             raise RunFailure(ErrorCode.COLLECT_FAILED, "reading the changes out of the sandbox failed")
         skipped = [line.decode(errors="replace") for text in records.get(b"SKIPPED", []) for line in text.splitlines()
@@ -166,5 +170,5 @@ async def take(sandbox: Sandbox, base_tree: str, max_pack_bytes: int) -> Snapsho
         return Snapshot(tree, base, records.get(b"NESTED", []), pack, skipped)
     finally:
         if _DIR.fullmatch(folder):
-            with contextlib.suppress(SandboxError):
+            with contextlib.suppress(SandboxError), timeline.step("snapshot.rm"):
                 await sandbox.exec(["rm", "-rf", "--", folder], timeout_s=60)

@@ -29,6 +29,7 @@ from critique_local.runs.plan_guard import check_unchanged, discard_changes
 from critique_local.runs.provision import Job, Provisioner
 from critique_local.runs.publish import Publisher, PublishOutcome
 from critique_local.runs.states import Phase, RunStatus
+from critique_local.runs.timeline import Timeline
 from critique_local.runs.validate import ValidationResult, repair_prompt, validate
 from critique_local.runs.watchdog import Watchdog
 from critique_local.sandboxes.base import Sandbox
@@ -61,38 +62,47 @@ class Turn:
         self.watchdog = watchdog
 
     async def run(self, job: Job, idx: int, prompt: str) -> None:
-        """Turn ``idx`` of ``job.run`` (provisioned or reattached) with ``prompt``."""
+        """Turn ``idx`` of ``job.run`` (provisioned or reattached) with ``prompt``. Where its time
+        went is written to the debug log (``runs/timeline.py``)."""
         s, sandbox, agent = self.s, job.sandbox, job.agent
         assert sandbox is not None and agent is not None
-        await store.update_turn(s.db, job.run.id, idx, status="running", started_at=now_iso())
-        await s.backend.extend(sandbox.id, s.settings.sandbox.turn_timeout_s + TURN_EXTENSION_S)
-        run = await transition(s, job.run, RunStatus.RUNNING, Phase.AGENT_RUNNING, error_code=None,
-                               error_message=None, session_end_reason=None)
+        timeline = Timeline()
+        with timeline.step("start"):
+            await store.update_turn(s.db, job.run.id, idx, status="running", started_at=now_iso())
+            await s.backend.extend(sandbox.id, s.settings.sandbox.turn_timeout_s + TURN_EXTENSION_S)
+            run = await transition(s, job.run, RunStatus.RUNNING, Phase.AGENT_RUNNING, error_code=None,
+                                   error_message=None, session_end_reason=None)
         try:
-            await self._turn(run, sandbox, agent, idx, prompt)
+            await self._turn(run, sandbox, agent, idx, prompt, timeline)
         except RunFailure as exc:
             if not turnstate.turn_failure(exc, idx):
                 raise
             await turnstate.fail_turn(s, run, sandbox, agent, idx, exc, transition)
+        finally:
+            timeline.log(f"run {job.run.id} turn {idx}")
 
-    async def _turn(self, run: RunRow, sandbox: Sandbox, agent: Agent, idx: int, prompt: str) -> None:
+    async def _turn(self, run: RunRow, sandbox: Sandbox, agent: Agent, idx: int, prompt: str,
+                    timeline: Timeline) -> None:
         s = self.s
         base, session_id = run.base_commit, run.agent_session_id
         assert base is not None and session_id is not None
         stopped: TurnStop | None = None
         try:
-            summary = await self.watchdog.watch(sandbox, self._prompt(run, sandbox, agent, prompt),
-                                                lambda: agent.abort(session_id))
+            with timeline.step("prompt"):
+                summary = await self.watchdog.watch(sandbox, self._prompt(run, sandbox, agent, prompt),
+                                                    lambda: agent.abort(session_id))
         except TurnStop as stop:
             # a budget refused the next model call, or the model cannot be reached: the turn ends
             # here, its work so far is kept, and the run stays usable for follow-ups
             stopped, summary = stop, stop.partial
-        run = await transition(s, run, RunStatus.RUNNING, Phase.COLLECTING)
-        previous = await self._previous_tree(run.id, idx) or base
-        repo = await self._open_repo(run)
+        with timeline.step("collecting"):
+            run = await transition(s, run, RunStatus.RUNNING, Phase.COLLECTING)
+            previous = await self._previous_tree(run.id, idx) or base
+        with timeline.step("repo"):
+            repo = await self._open_repo(run)
         if run.task_kind == "plan" and (warning := await discard_changes(sandbox, previous)):
             await s.hub.builder(run.id, warning)
-        result = await self._collect(sandbox, repo, run, previous)
+        result = await self._collect(sandbox, repo, run, previous, timeline)
         if run.task_kind == "plan":
             check_unchanged(result.turn_stats["filesChanged"])
         validation: ValidationResult | None = None
@@ -116,17 +126,19 @@ class Turn:
                 except TurnStop as stop:
                     stopped, summary = stop, stop.partial or summary
                 run = await transition(s, run, RunStatus.RUNNING, Phase.COLLECTING)
-                result = await self._collect(sandbox, repo, run, previous)
+                result = await self._collect(sandbox, repo, run, previous, timeline)
                 run = await transition(s, run, RunStatus.RUNNING, Phase.VALIDATING)
                 validation = await self._validate(run, sandbox, repo, mode, result.tree)
             if validation is not None:
                 validation = validation.with_repairs(repairs)
                 await s.hub.builder(run.id, {"type": "validation", "final": True, **validation.as_json()})
-        await self._finish(run, sandbox, agent, repo, idx, prompt, summary, result, validation, stopped)
+        with timeline.step("finish"):
+            await self._finish(run, sandbox, agent, repo, idx, prompt, summary, result, validation, stopped,
+                               timeline)
 
     async def _finish(self, run: RunRow, sandbox: Sandbox, agent: Agent, repo: RunRepo, idx: int, prompt: str,
                       summary: str, result: TurnResult, validation: ValidationResult | None,
-                      stopped: TurnStop | None) -> None:
+                      stopped: TurnStop | None, timeline: Timeline) -> None:
         """Redact, publish, record the turn; the run goes idle."""
         s, redactor = self.s, self.s.redactor
         # nothing leaves the sandbox with a secret we know in it
@@ -175,14 +187,16 @@ class Turn:
                                          "message": errors["error_message"]})
         if validation is not None:
             errors["validation"] = json.dumps(validation.as_json())
-        await turnstate.save_state(s, run, agent, idx)  # before idle: a client seeing idle can rely on it
+        with timeline.step("state.save"):  # before idle: a client seeing idle can rely on it
+            await turnstate.save_state(s, run, agent, idx, timeline)
         expires = turnstate.expiry(s, run)
         await s.backend.extend(sandbox.id, max(60.0, (parse_iso(expires) - now()).total_seconds() + 60))
-        await transition(
-            s, run, RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, summary=summary,
-            changed_paths=json.dumps(changed_paths), diff_stats=json.dumps(result.diff_stats),
-            patch=patch or None, patch_redactions=leaked, session_expires_at=expires, **errors,
-        )
+        with timeline.step("idle"):
+            await transition(
+                s, run, RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, summary=summary,
+                changed_paths=json.dumps(changed_paths), diff_stats=json.dumps(result.diff_stats),
+                patch=patch or None, patch_redactions=leaked, session_expires_at=expires, **errors,
+            )
 
     async def _prompt(self, run: RunRow, sandbox: Sandbox, agent: Agent, prompt: str) -> str:
         """One prompt of the turn; its summary. Its events go to the run's log (at most
@@ -243,26 +257,30 @@ class Turn:
         await repo.ensure(source, run.base_commit, mirror, git.clone_timeout_s)
         return repo
 
-    async def _collect(self, sandbox: Sandbox, repo: RunRepo, run: RunRow, previous: str) -> TurnResult:
+    async def _collect(self, sandbox: Sandbox, repo: RunRepo, run: RunRow, previous: str,
+                       timeline: Timeline) -> TurnResult:
         """The turn's results, within :data:`COLLECT_TIMEOUT_S` (every step has its own bound;
         this one guarantees a run never stays ``collecting``). Raises ``collect_failed`` or the
         limit the sandbox hit."""
         try:
             async with asyncio.timeout(COLLECT_TIMEOUT_S):
-                return await self._collect_unbounded(sandbox, repo, run, previous)
+                with timeline.step("collect"):
+                    return await self._collect_unbounded(sandbox, repo, run, previous, timeline)
         except TimeoutError as exc:
             # the traceback shows the step that did not end
             log.error("run %s: collecting took longer than %d s", run.id, COLLECT_TIMEOUT_S, exc_info=exc)
             raise RunFailure(ErrorCode.COLLECT_FAILED, f"reading the turn's results out of the sandbox took "
                              f"longer than {COLLECT_TIMEOUT_S} s") from exc
 
-    async def _collect_unbounded(self, sandbox: Sandbox, repo: RunRepo, run: RunRow, previous: str) -> TurnResult:
+    async def _collect_unbounded(self, sandbox: Sandbox, repo: RunRepo, run: RunRow, previous: str,
+                                 timeline: Timeline) -> TurnResult:
         assert run.base_commit is not None
         settings = self.s.settings
-        await self.watchdog.check_workspace(sandbox)
+        with timeline.step("collect.df"):
+            await self.watchdog.check_workspace(sandbox)
         try:
             result = await collect(sandbox, repo, run.base_commit, previous, settings.limits.max_patch_bytes,
-                                   settings.publish.max_bundle_bytes)
+                                   settings.publish.max_bundle_bytes, timeline=timeline)
         except (RunFailure, SandboxError) as exc:
             # git writes its index and pack to /tmp: a failure there is explained by the mount that
             # filled up when one did (``sandbox_storage_full``)

@@ -28,6 +28,7 @@ from critique_local.repos.workrepo import RunRepo
 from critique_local.runs import durable
 from critique_local.runs.restore import put_tree
 from critique_local.runs.states import Phase, RunStatus, SessionEnd
+from critique_local.runs.timeline import Timeline
 from critique_local.sandboxes.base import Sandbox
 from critique_local.services import Services
 from critique_local.store import runs as store
@@ -54,13 +55,15 @@ def session_lost(code: ErrorCode, idx: int) -> bool:
     return idx > 1 and code in SESSION_LOSSES
 
 
-async def save_state(s: Services, run: RunRow, agent: Agent, idx: int) -> None:
+async def save_state(s: Services, run: RunRow, agent: Agent, idx: int, timeline: Timeline | None = None) -> None:
     """Export the agent's session and keep it as the run's state after turn ``idx``; a state
     that cannot be kept is a ``warning`` event (the session then cannot be restored)."""
     assert run.agent_session_id is not None
     why = ""
+    timeline = timeline or Timeline()
     try:
-        state = await agent.export_session(run.agent_session_id)
+        with timeline.step("state.export"):
+            state = await agent.export_session(run.agent_session_id)
         count: int | None = durable.message_count(state)
         if not await durable.SessionStates(s).save(run.id, state):
             count, why = None, f"the agent's session is larger than sandbox.max_state_bytes ({len(state)} bytes)"
