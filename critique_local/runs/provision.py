@@ -83,7 +83,6 @@ class Provisioner:
             await store.update_run(self.s.db, run.id, **claimed)
             if warm is not None:
                 sandbox = warm.sandbox
-                await self.s.backend.adopt(sandbox.id, run.id)
             else:
                 sandbox = await self.s.backend.create(SandboxSpec(run.id, run.user_id, network_mode=mode,
                                                                   environment=start.environment))
@@ -109,14 +108,17 @@ class Provisioner:
             **({**start.event(), "environmentMs": round((t_env - t_checkout) * 1000)} if env else {})})
         timeline.mark("sandbox.ready")
         harness = self.s.harness
+        title = run.spec.title or f"critique-local {run.id}"
         if warm is not None:
             job.agent = await harness.attach(sandbox, password)
+            # the sandbox's new name is for operators only: given while the session opens
+            _, session_id = await asyncio.gather(self.s.backend.adopt(sandbox.id, run.id),
+                                                 job.agent.open_session(title))
         else:
             config = launch_config(self.s, token, password, run.model_id, self.network_env(run, token),
                                    relay_servers(self.s.gateway_url, run.spec))
             job.agent = await harness.launch(sandbox, config, settings.sandbox.agent_ready_timeout_s)
-        title = run.spec.title or f"critique-local {run.id}"
-        session_id = await job.agent.open_session(title)
+            session_id = await job.agent.open_session(title)
         timeline.mark("session")
         ready, sealed = now_iso(), self.s.box.seal(password, run.id)
         await store.update_run(self.s.db, run.id, agent_session_id=session_id, agent_ready_at=ready,
