@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from critique_local.config import SandboxSettings
+from critique_local.errors import ErrorCode, RunFailure
 from critique_local.repos.checkout import NEUTRAL_ATTRIBUTES
 from critique_local.runs.snapshot import SCRIPT, parse_records, split_pack
-from critique_local.runs.watchdog import MIN_FREE_KB, full_of
+from critique_local.runs.watchdog import MIN_FREE_KB, Watchdog, full_of
 from tests.helpers import git
 
 MAX_PACK = 1_000_000
@@ -100,3 +102,9 @@ def test_full_mounts_from_df_output() -> None:
           "garbage line\n")
     assert full_of(df) == ["/workspace"]
     assert full_of("") == []
+    check = Watchdog(None, SandboxSettings()).disk_check()  # type: ignore[arg-type]  # no backend needed
+    assert check.mounts[0] == "/workspace" and check.min_free_kb == MIN_FREE_KB
+    with pytest.raises(RunFailure) as failed:
+        check.check(df)
+    assert failed.value.code is ErrorCode.WORKSPACE_FULL
+    check.check(df.replace(f" {MIN_FREE_KB - 1} 100% /workspace", " 5000 96% /workspace"))  # /tmp alone: no
