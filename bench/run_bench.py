@@ -11,6 +11,11 @@
    call, and how many found a warm sandbox.
 
     .venv/bin/python bench/run_bench.py [--runs N] [--burst N] [--smoke]
+    .venv/bin/python bench/run_bench.py --timeline [--runs N]
+
+``--timeline`` runs only the pool-with-the-repository set-up, with the server at debug level,
+and prints where a run's start and its turns spend their time, step by step (medians of the
+server's timeline lines, ``runs/timeline.py``; debug logging slows the server a little).
 
 Loopback only. Prints a table and writes bench/results/run-bench.json.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -132,6 +138,67 @@ def bare_turn(base: str) -> dict[str, Any]:
         return {"idle_ms": (time.monotonic() - t0) * 1000}
 
 
+STEP = re.compile(r"(\S+) \+(\d+)(?:/(\d+))?")
+LINES = (("start", re.compile(r"run (\S+) start, (\d+) ms after its POST, timeline \(ms, \+start/duration\): (.*)$")),
+         ("turn", re.compile(r"run (\S+) turn (\d+) timeline \(ms, \+start/duration\): (.*)$")),
+         ("opencode turn", re.compile(r"OpenCode turn of (\S+) \(ms from its start\): (.*)$")))
+
+
+def timelines(log: str) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """The server's timeline lines -> {group: {step: [(start ms, duration ms)]}}; groups: ``start``,
+    ``turn N``, ``opencode turn N`` (N: the turn of its run, or of its agent session)."""
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    seen: dict[str, int] = {}
+    for line in log.splitlines():
+        for kind, pattern in LINES:
+            m = pattern.search(line)
+            if not m:
+                continue
+            if kind == "start":
+                group, steps = "start", f"POST +{m.group(2)} " + " ".join(
+                    f"{n} +{int(a) + int(m.group(2))}" for n, a, _ in STEP.findall(m.group(3)))
+            elif kind == "turn":
+                group, steps = f"turn {m.group(2)}", m.group(3)
+            else:
+                seen[m.group(1)] = seen.get(m.group(1), 0) + 1
+                group, steps = f"opencode turn {seen[m.group(1)]}", m.group(2)
+            for name, start, took in STEP.findall(steps):
+                out.setdefault(group, {}).setdefault(name, []).append((float(start), float(took or 0)))
+    return out
+
+
+def timeline_mode(args: argparse.Namespace, work: Path) -> None:
+    """``--timeline``: one-step runs and a follow-up each on a pool holding the repository,
+    the server at debug level; the median of every step of their timelines."""
+    server = Server(work / "timeline", extra_env={
+        **NO_RATE_LIMIT, "CRITIQUE_LOCAL_POOL_SIZE": "0", "CRITIQUE_LOCAL_POOL_REPOSITORIES": '{"bench/small": 1}',
+        "CRITIQUE_LOCAL_SERVER_LOG_LEVEL": "debug"})
+    make_repo(server.repos, "bench/small", {"README.md": "# bench\n", "app.py": "x = 1\n"})
+    server.start()
+    rows = []
+    try:
+        with server.client(server.new_key("bench")) as api:
+            one_run(api)  # warm-up
+            skip = (server.base / "server.log").stat().st_size
+            for _ in range(args.runs):
+                wait_warm(server, 1)
+                rows.append(one_run(api, follow_up=True))
+        with (server.base / "server.log").open("rb") as fh:
+            fh.seek(skip)
+            log = fh.read().decode(errors="replace")
+    finally:
+        server.stop()
+    print(f"N={len(rows)} one-step runs + a follow-up each, pool holding the repository, server at debug level; "
+          f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())} at end")
+    for metric, what in (*METRICS, ("follow_up_first_call_ms", "follow-up: message -> 1st call")):
+        print(f"  {what:<32} median {summary([r[metric] for r in rows])['median']:7.0f} ms")
+    for group, steps in timelines(log).items():
+        print(f"{group} (ms, median start / median duration):")
+        for name, samples in steps.items():
+            starts, took = summary([a for a, _ in samples]), summary([d for _, d in samples])
+            print(f"  {name:<20} +{starts['median']:6.0f} {took['median']:7.0f}")
+
+
 def burst(server: Server, key: str, n: int) -> dict[str, Any]:
     def go(_: int) -> dict[str, Any]:
         with server.client(key) as api:
@@ -151,12 +218,20 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--burst", type=int, default=10)
     parser.add_argument("--pool-max", type=int, default=4, help="pool.max_size for the burst (pool.size = 1)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="only the pool holding the repository, server at debug level: step by step timelines")
     add_smoke(parser)
     args = parser.parse_args()
     if args.smoke:
         args.runs, args.burst = 1, 2
     opencode = next((ROOT / ".cache").glob("opencode-*/opencode"))
     work = Path(tempfile.mkdtemp(prefix="bench-"))
+    if args.timeline:
+        try:
+            timeline_mode(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     result: dict[str, Any] = {"machine": machine(), "runs": args.runs}
     rows: dict[str, list[dict[str, Any]]] = {"cold": [], "pool": [], "repo": [], "bare": []}
     configs = [("pool", {"CRITIQUE_LOCAL_POOL_SIZE": "1", "CRITIQUE_LOCAL_POOL_MAX_SIZE": str(args.pool_max)})]

@@ -25,6 +25,7 @@ from critique_local.runs import envstart
 from critique_local.runs.mcp_servers import relay_servers
 from critique_local.runs.network import network_policy, proxy_env
 from critique_local.runs.pool import WarmPool, launch_config
+from critique_local.runs.timeline import Timeline
 from critique_local.sandboxes.base import Sandbox, SandboxSpec
 from critique_local.services import Services
 from critique_local.store import runs as store
@@ -56,15 +57,18 @@ class Provisioner:
         """Checkout, then a sandbox with the checkout uploaded and the agent healthy, then a
         session; fills ``job`` (its run with the bindings written). Raises ``RunError``."""
         run, settings = job.run, self.s.settings
+        timeline, after_post_ms = Timeline(), ms_between(run.created_at, now_iso())
         t0 = time.monotonic()
         prepared = await checkout.prepare(settings.git, self.s.hosts.resolve(run.repository_full_name),
                                           run.base_ref, settings.server.data_dir, self.s.mirrors)
         t_checkout = time.monotonic()
+        timeline.mark("checkout")
         mode = network_policy(settings, run.spec.network)[0]
         try:
             start = await envstart.origin(self.s, self.envs, self.pool, run, prepared, mode)
             warm, env = start.warm, start.env
             t_env = time.monotonic()
+            timeline.mark("origin")
             token = warm.token if warm else new_token(SANDBOX_TOKEN_PREFIX)
             password = warm.password if warm else secrets.token_urlsafe(24)
             self.s.redactor.add(token, run.id)
@@ -79,7 +83,6 @@ class Provisioner:
             await store.update_run(self.s.db, run.id, **claimed)
             if warm is not None:
                 sandbox = warm.sandbox
-                await self.s.backend.adopt(sandbox.id, run.id)
             else:
                 sandbox = await self.s.backend.create(SandboxSpec(run.id, run.user_id, network_mode=mode,
                                                                   environment=start.environment))
@@ -87,10 +90,12 @@ class Provisioner:
                 await store.update_run(self.s.db, run.id, sandbox_id=sandbox.id, sandbox_started_at=started)
             job.sandbox = sandbox
             t_sandbox = time.monotonic()
+            timeline.mark("sandbox")
             preloaded = warm is not None and warm.checkout_key is not None and warm.checkout_key == prepared.key
             if not preloaded:
                 await sandbox.upload_tar(WORKSPACE, prepared.tar_path)
             t_upload = time.monotonic()
+            timeline.mark("upload")
         finally:
             await asyncio.shield(checkout.discard(prepared))
         run = dataclasses.replace(run, base_commit=prepared.base_commit, base_ref=prepared.base_ref,
@@ -101,15 +106,20 @@ class Provisioner:
             "checkoutMs": round((t_checkout - t0) * 1000), "sandboxMs": round((t_sandbox - t_env) * 1000),
             "uploadMs": round((t_upload - t_sandbox) * 1000),
             **({**start.event(), "environmentMs": round((t_env - t_checkout) * 1000)} if env else {})})
+        timeline.mark("sandbox.ready")
         harness = self.s.harness
+        title = run.spec.title or f"critique-local {run.id}"
         if warm is not None:
             job.agent = await harness.attach(sandbox, password)
+            # the sandbox's new name is for operators only: given while the session opens
+            _, session_id = await asyncio.gather(self.s.backend.adopt(sandbox.id, run.id),
+                                                 job.agent.open_session(title))
         else:
             config = launch_config(self.s, token, password, run.model_id, self.network_env(run, token),
                                    relay_servers(self.s.gateway_url, run.spec))
             job.agent = await harness.launch(sandbox, config, settings.sandbox.agent_ready_timeout_s)
-        title = run.spec.title or f"critique-local {run.id}"
-        session_id = await job.agent.open_session(title)
+            session_id = await job.agent.open_session(title)
+        timeline.mark("session")
         ready, sealed = now_iso(), self.s.box.seal(password, run.id)
         await store.update_run(self.s.db, run.id, agent_session_id=session_id, agent_ready_at=ready,
                                agent_url=job.agent.address, agent_secret=sealed)
@@ -117,6 +127,8 @@ class Provisioner:
                                           "sinceCreatedMs": ms_between(run.created_at, ready)})
         job.run = dataclasses.replace(run, agent_session_id=session_id, agent_ready_at=ready,
                                       agent_url=job.agent.address, agent_secret=sealed)
+        timeline.mark("agent.ready")
+        timeline.log(f"run {run.id} start, {after_post_ms} ms after its POST,")
 
     def network_env(self, run: RunRow, token: str) -> dict[str, str]:
         if network_policy(self.s.settings, run.spec.network)[0] != "restricted" or not self.s.proxy_address:

@@ -29,6 +29,7 @@ from critique_local.runs.plan_guard import check_unchanged, discard_changes
 from critique_local.runs.provision import Job, Provisioner
 from critique_local.runs.publish import Publisher, PublishOutcome
 from critique_local.runs.states import Phase, RunStatus
+from critique_local.runs.timeline import Timeline
 from critique_local.runs.validate import ValidationResult, repair_prompt, validate
 from critique_local.runs.watchdog import Watchdog
 from critique_local.sandboxes.base import Sandbox
@@ -49,6 +50,16 @@ async def transition(s: Services, run: RunRow, status: RunStatus, phase: Phase, 
     return updated
 
 
+async def settle(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` unless it is done, and wait for its end without raising its outcome (a
+    cancellation of the caller still propagates)."""
+    if not task.done():
+        task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: an outcome nobody needed is not logged as lost
+
+
 def run_repo(s: Services, run_id: str) -> RunRepo:
     """The server's own repository of the run (``repos/workrepo.py``)."""
     return RunRepo(s.settings.server.data_dir / "runs", run_id)
@@ -61,44 +72,68 @@ class Turn:
         self.watchdog = watchdog
 
     async def run(self, job: Job, idx: int, prompt: str) -> None:
-        """Turn ``idx`` of ``job.run`` (provisioned or reattached) with ``prompt``."""
+        """Turn ``idx`` of ``job.run`` (provisioned or reattached) with ``prompt``. Where its time
+        went is written to the debug log (``runs/timeline.py``)."""
         s, sandbox, agent = self.s, job.sandbox, job.agent
         assert sandbox is not None and agent is not None
-        await store.update_turn(s.db, job.run.id, idx, status="running", started_at=now_iso())
-        await s.backend.extend(sandbox.id, s.settings.sandbox.turn_timeout_s + TURN_EXTENSION_S)
-        run = await transition(s, job.run, RunStatus.RUNNING, Phase.AGENT_RUNNING, error_code=None,
-                               error_message=None, session_end_reason=None)
+        timeline = Timeline()
+        with timeline.step("start"):
+            await store.update_turn(s.db, job.run.id, idx, status="running", started_at=now_iso())
+            await s.backend.extend(sandbox.id, s.settings.sandbox.turn_timeout_s + TURN_EXTENSION_S)
+            run = await transition(s, job.run, RunStatus.RUNNING, Phase.AGENT_RUNNING, error_code=None,
+                                   error_message=None, session_end_reason=None)
         # one line at each end of a turn (the run's lines carry its id): the HTTP requests it
         # makes are not logged at level info (ops/logs.py)
         log.info("run %s turn %d started", run.id, idx)
         try:
-            await self._turn(run, sandbox, agent, idx, prompt)
+            await self._turn(run, sandbox, agent, idx, prompt, timeline)
         except RunFailure as exc:
             if not turnstate.turn_failure(exc, idx):
                 raise
             log.info("run %s turn %d failed on its own (%s); the session stays", run.id, idx, exc.code)
             await turnstate.fail_turn(s, run, sandbox, idx, exc, transition)
             return
+        finally:
+            timeline.log(f"run {job.run.id} turn {idx}")
         log.info("run %s turn %d finished", run.id, idx)
 
-    async def _turn(self, run: RunRow, sandbox: Sandbox, agent: Agent, idx: int, prompt: str) -> None:
+    async def _turn(self, run: RunRow, sandbox: Sandbox, agent: Agent, idx: int, prompt: str,
+                    timeline: Timeline) -> None:
+        # Steps that do not depend on each other overlap: the server's repository of the run is
+        # opened while the agent works, and the agent's transcript is read while the tree is
+        # collected (it is saved only once the turn's results are, before the run goes idle).
+        repo_task = asyncio.create_task(self._open_repo(run, timeline))
+        exports: list[asyncio.Task[bytes]] = []
+        try:
+            await self._turn_steps(run, sandbox, agent, idx, prompt, timeline, repo_task, exports)
+        finally:
+            for task in (repo_task, *exports):
+                await settle(task)
+
+    async def _turn_steps(self, run: RunRow, sandbox: Sandbox, agent: Agent, idx: int, prompt: str,
+                          timeline: Timeline, repo_task: asyncio.Task[tuple[RunRepo, str]],
+                          exports: list[asyncio.Task[bytes]]) -> None:
         s = self.s
         base, session_id = run.base_commit, run.agent_session_id
         assert base is not None and session_id is not None
         stopped: TurnStop | None = None
         try:
-            summary = await self.watchdog.watch(sandbox, self._prompt(run, sandbox, agent, prompt),
-                                                lambda: agent.abort(session_id))
+            with timeline.step("prompt"):
+                summary = await self.watchdog.watch(sandbox, self._prompt(run, sandbox, agent, prompt),
+                                                    lambda: agent.abort(session_id))
         except TurnStop as stop:
             # a budget refused the next model call, or the model cannot be reached: the turn ends
             # here, its work so far is kept, and the run stays usable for follow-ups
             stopped, summary = stop, stop.partial
-        run = await transition(s, run, RunStatus.RUNNING, Phase.COLLECTING)
-        previous = await self._previous_tree(run.id, idx) or base
-        repo = await self._open_repo(run)
+        exports.append(turnstate.start_export(agent, session_id, timeline))
+        with timeline.step("collecting"):
+            run = await transition(s, run, RunStatus.RUNNING, Phase.COLLECTING)
+            previous = await self._previous_tree(run.id, idx) or base
+        with timeline.step("repo.wait"):
+            repo, base_tree = await repo_task
         if run.task_kind == "plan" and (warning := await discard_changes(sandbox, previous)):
             await s.hub.builder(run.id, warning)
-        result = await self._collect(sandbox, repo, run, previous)
+        result = await self._collect(sandbox, repo, run, previous, base_tree, timeline)
         if run.task_kind == "plan":
             check_unchanged(result.turn_stats["filesChanged"])
         validation: ValidationResult | None = None
@@ -112,6 +147,7 @@ class Turn:
             while (mode == "tests" and validation is not None and validation.status == "failed"
                    and repairs < s.settings.validation.max_repair_turns and stopped is None):
                 repairs += 1
+                await settle(exports[-1])  # the transcript grows: read again after the repair
                 await s.backend.extend(sandbox.id, s.settings.sandbox.turn_timeout_s + TURN_EXTENSION_S)
                 await s.hub.builder(run.id, {"type": "validation.repair", "attempt": repairs})
                 run = await transition(s, run, RunStatus.RUNNING, Phase.AGENT_RUNNING)
@@ -121,19 +157,23 @@ class Turn:
                         lambda: agent.abort(session_id)) or summary
                 except TurnStop as stop:
                     stopped, summary = stop, stop.partial or summary
+                exports.append(turnstate.start_export(agent, session_id, timeline))
                 run = await transition(s, run, RunStatus.RUNNING, Phase.COLLECTING)
-                result = await self._collect(sandbox, repo, run, previous)
+                result = await self._collect(sandbox, repo, run, previous, base_tree, timeline)
                 run = await transition(s, run, RunStatus.RUNNING, Phase.VALIDATING)
                 validation = await self._validate(run, sandbox, repo, mode, result.tree)
             if validation is not None:
                 validation = validation.with_repairs(repairs)
                 await s.hub.builder(run.id, {"type": "validation", "final": True, **validation.as_json()})
-        await self._finish(run, sandbox, agent, repo, idx, prompt, summary, result, validation, stopped)
+        with timeline.step("finish"):
+            await self._finish(run, sandbox, agent, repo, idx, prompt, summary, result, validation, stopped,
+                               exports[-1], timeline)
 
     async def _finish(self, run: RunRow, sandbox: Sandbox, agent: Agent, repo: RunRepo, idx: int, prompt: str,
                       summary: str, result: TurnResult, validation: ValidationResult | None,
-                      stopped: TurnStop | None) -> None:
-        """Redact, publish, record the turn; the run goes idle."""
+                      stopped: TurnStop | None, export: asyncio.Task[bytes], timeline: Timeline) -> None:
+        """Redact, publish, record the turn, keep its state (``export``: the agent's transcript,
+        being read); the run goes idle."""
         s, redactor = self.s, self.s.redactor
         # nothing leaves the sandbox with a secret we know in it
         summary = redactor.clean(summary, run.id)
@@ -181,14 +221,16 @@ class Turn:
                                          "message": errors["error_message"]})
         if validation is not None:
             errors["validation"] = json.dumps(validation.as_json())
-        await turnstate.save_state(s, run, agent, idx)  # before idle: a client seeing idle can rely on it
+        with timeline.step("state.save"):  # before idle: a client seeing idle can rely on it
+            await turnstate.save_state(s, run, agent, idx, export)
         expires = turnstate.expiry(s, run)
         await s.backend.extend(sandbox.id, max(60.0, (parse_iso(expires) - now()).total_seconds() + 60))
-        await transition(
-            s, run, RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, summary=summary,
-            changed_paths=json.dumps(changed_paths), diff_stats=json.dumps(result.diff_stats),
-            patch=patch or None, patch_redactions=leaked, session_expires_at=expires, **errors,
-        )
+        with timeline.step("idle"):
+            await transition(
+                s, run, RunStatus.IDLE, Phase.AWAITING_FOLLOW_UP, summary=summary,
+                changed_paths=json.dumps(changed_paths), diff_stats=json.dumps(result.diff_stats),
+                patch=patch or None, patch_redactions=leaked, session_expires_at=expires, **errors,
+            )
 
     async def _prompt(self, run: RunRow, sandbox: Sandbox, agent: Agent, prompt: str) -> str:
         """One prompt of the turn; its summary. Its events go to the run's log (at most
@@ -240,35 +282,42 @@ class Turn:
             raise RunFailure(ErrorCode.MODEL_ERROR, error.message)
         raise RunFailure(ErrorCode.AGENT_ERROR, error.message)
 
-    async def _open_repo(self, run: RunRow) -> RunRepo:
+    async def _open_repo(self, run: RunRow, timeline: Timeline) -> tuple[RunRepo, str]:
+        """The run's repository on the server, holding the base commit, and the base tree."""
         assert run.base_commit is not None
-        repo = run_repo(self.s, run.id)
-        source = self.s.hosts.resolve(run.repository_full_name)
-        git = self.s.settings.git
-        mirror = self.s.mirrors.path(source) if source is not None and git.mirror_cache and self.s.mirrors else None
-        await repo.ensure(source, run.base_commit, mirror, git.clone_timeout_s)
-        return repo
+        with timeline.step("repo"):
+            repo = run_repo(self.s, run.id)
+            source = self.s.hosts.resolve(run.repository_full_name)
+            git = self.s.settings.git
+            mirror = (self.s.mirrors.path(source) if source is not None and git.mirror_cache and self.s.mirrors
+                      else None)
+            await repo.ensure(source, run.base_commit, mirror, git.clone_timeout_s)
+            return repo, await repo.tree_of(run.base_commit)
 
-    async def _collect(self, sandbox: Sandbox, repo: RunRepo, run: RunRow, previous: str) -> TurnResult:
+    async def _collect(self, sandbox: Sandbox, repo: RunRepo, run: RunRow, previous: str, base_tree: str,
+                       timeline: Timeline) -> TurnResult:
         """The turn's results, within :data:`COLLECT_TIMEOUT_S` (every step has its own bound;
         this one guarantees a run never stays ``collecting``). Raises ``collect_failed`` or the
         limit the sandbox hit."""
         try:
             async with asyncio.timeout(COLLECT_TIMEOUT_S):
-                return await self._collect_unbounded(sandbox, repo, run, previous)
+                with timeline.step("collect"):
+                    return await self._collect_unbounded(sandbox, repo, run, previous, base_tree, timeline)
         except TimeoutError as exc:
             # the traceback shows the step that did not end
             log.error("run %s: collecting took longer than %d s", run.id, COLLECT_TIMEOUT_S, exc_info=exc)
             raise RunFailure(ErrorCode.COLLECT_FAILED, f"reading the turn's results out of the sandbox took "
                              f"longer than {COLLECT_TIMEOUT_S} s") from exc
 
-    async def _collect_unbounded(self, sandbox: Sandbox, repo: RunRepo, run: RunRow, previous: str) -> TurnResult:
+    async def _collect_unbounded(self, sandbox: Sandbox, repo: RunRepo, run: RunRow, previous: str, base_tree: str,
+                                 timeline: Timeline) -> TurnResult:
         assert run.base_commit is not None
         settings = self.s.settings
-        await self.watchdog.check_workspace(sandbox)
         try:
+            # a full workspace ends the run before git tries to use it (checked by the same command)
             result = await collect(sandbox, repo, run.base_commit, previous, settings.limits.max_patch_bytes,
-                                   settings.publish.max_bundle_bytes)
+                                   settings.publish.max_bundle_bytes, base_tree=base_tree,
+                                   disk=self.watchdog.disk_check(), timeline=timeline)
         except (RunFailure, SandboxError) as exc:
             # git writes its index and pack to /tmp: a failure there is explained by the mount that
             # filled up when one did (``sandbox_storage_full``)

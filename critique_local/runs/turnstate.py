@@ -21,6 +21,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from datetime import timedelta
 from typing import Any
@@ -32,6 +34,7 @@ from critique_local.repos.workrepo import RunRepo
 from critique_local.runs import durable
 from critique_local.runs.restore import put_tree
 from critique_local.runs.states import Phase, RunStatus, SessionEnd
+from critique_local.runs.timeline import Timeline
 from critique_local.sandboxes.base import Sandbox
 from critique_local.services import Services
 from critique_local.store import runs as store
@@ -58,13 +61,29 @@ def session_lost(code: ErrorCode, idx: int) -> bool:
     return idx > 1 and code in SESSION_LOSSES
 
 
-async def save_state(s: Services, run: RunRow, agent: Agent, idx: int) -> None:
-    """Export the agent's session and keep it as the run's state after turn ``idx``; a state
-    that cannot be kept is a ``warning`` event (the session then cannot be restored)."""
+def start_export(agent: Agent, session_id: str, timeline: Timeline | None = None) -> asyncio.Task[bytes]:
+    """Start reading the agent's transcript (its turn has ended) while the turn's other results
+    are collected; :func:`save_state` keeps it."""
+    async def export() -> bytes:
+        with timeline.step("state.export") if timeline is not None else contextlib.nullcontext():
+            return await agent.export_session(session_id)
+    return asyncio.create_task(export())
+
+
+async def save_state(s: Services, run: RunRow, agent: Agent, idx: int,
+                     export: asyncio.Task[bytes] | None = None) -> None:
+    """Export the agent's session (or take ``export``, read since the turn ended:
+    :func:`start_export`) and keep it as the run's state after turn ``idx``; a state that
+    cannot be kept is a ``warning`` event (the session then cannot be restored)."""
     assert run.agent_session_id is not None
     why = ""
     try:
-        state = await agent.export_session(run.agent_session_id)
+        if export is not None:
+            await asyncio.wait({export})
+        if export is not None and not export.cancelled():
+            state = export.result()
+        else:
+            state = await agent.export_session(run.agent_session_id)
         count: int | None = s.harness.message_count(state)
         if not await durable.SessionStates(s).save(run.id, state):
             count, why = None, f"the agent's session is larger than sandbox.max_state_bytes ({len(state)} bytes)"

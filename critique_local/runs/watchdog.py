@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from critique_local.config import SandboxSettings
 from critique_local.errors import AgentError, ErrorCode, RunFailure
+from critique_local.runs.snapshot import DiskCheck
 from critique_local.sandboxes.base import Sandbox, SandboxBackend, SandboxError
 
 WORKSPACE = "/workspace"
@@ -27,6 +28,16 @@ MIN_FREE_KB = 1024
 STOPPED_RECHECKS_S = (0.0, 0.25, 0.25, 0.5)
 SANDBOX_GONE = "the sandbox stopped during the turn (removed from outside, or its engine restarted)"
 T = TypeVar("T")
+
+
+def full_of(df_output: str) -> list[str]:
+    """``df -P -k`` output -> the mounts with less than :data:`MIN_FREE_KB` KiB free."""
+    full = []
+    for line in df_output.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 6 and fields[3].isdigit() and int(fields[3]) < MIN_FREE_KB:
+            full.append(fields[5])
+    return full
 
 
 class Watchdog:
@@ -83,10 +94,14 @@ class Watchdog:
                 return True
         return False
 
-    async def check_workspace(self, sandbox: Sandbox) -> None:
-        if WORKSPACE in await self.full_mounts(sandbox):
-            raise RunFailure(ErrorCode.WORKSPACE_FULL, f"the workspace is full (sandbox.workspace_mb = "
-                             f"{self.settings.workspace_mb}); the run was stopped")
+    def disk_check(self) -> DiskCheck:
+        """The check of a turn's end, done by the snapshot's own command (``runs/snapshot.py``):
+        a full workspace ends the run (``workspace_full``) before git tries to use it."""
+        def check(df_output: str) -> None:
+            if WORKSPACE in full_of(df_output):
+                raise RunFailure(ErrorCode.WORKSPACE_FULL, f"the workspace is full (sandbox.workspace_mb = "
+                                 f"{self.settings.workspace_mb}); the run was stopped")
+        return DiskCheck(WRITABLE, MIN_FREE_KB, check)
 
     async def full_mounts(self, sandbox: Sandbox) -> list[str]:
         """The sandbox's writable mounts with (almost) no space left."""
@@ -94,12 +109,7 @@ class Watchdog:
             res = await sandbox.exec(["df", "-P", "-k", *WRITABLE], timeout_s=30)
         except SandboxError:
             return []
-        full = []
-        for line in res.stdout.decode(errors="replace").splitlines()[1:]:
-            fields = line.split()
-            if len(fields) >= 6 and fields[3].isdigit() and int(fields[3]) < MIN_FREE_KB:
-                full.append(fields[5])
-        return full
+        return full_of(res.stdout.decode(errors="replace"))
 
     async def diagnose(self, sandbox: Sandbox) -> RunFailure | None:
         """Why an agent turn broke, when the sandbox's limits explain it."""

@@ -143,14 +143,23 @@ class DockerSandbox(Sandbox):
         return int(code if code is not None else -1), bytes(err)
 
     async def endpoint(self, port: int) -> Endpoint:
-        try:
-            await asyncio.to_thread(self._container.reload)
-        except docker.errors.NotFound as exc:
-            raise SandboxGone(f"container {self.id[:12]} is gone") from exc
-        except ENGINE_ERRORS as exc:
-            raise SandboxError(f"could not inspect the sandbox: {why(exc)}") from exc
-        networks = self._container.attrs["NetworkSettings"]["Networks"]
-        address = networks.get(self._network, {}).get("IPAddress")
+        """The container's address on the sandbox network, from what Docker last said about it
+        (a running container keeps its address); inspected again only when that has none (a
+        container described before it started)."""
+        address = self._address()
+        if not address:
+            try:
+                await asyncio.to_thread(self._container.reload)
+            except docker.errors.NotFound as exc:
+                raise SandboxGone(f"container {self.id[:12]} is gone") from exc
+            except ENGINE_ERRORS as exc:
+                raise SandboxError(f"could not inspect the sandbox: {why(exc)}") from exc
+            address = self._address()
         if not address:
             raise SandboxError("container has no address on the sandbox network")
         return Endpoint(f"http://{address}:{port}")
+
+    def _address(self) -> str | None:
+        networks = (self._container.attrs.get("NetworkSettings") or {}).get("Networks") or {}
+        address = (networks.get(self._network) or {}).get("IPAddress")
+        return str(address) if address else None

@@ -59,6 +59,21 @@ def test_follow_up_runs_on_the_same_sandbox_and_session(server: Server, alice: s
         # the agent saw its earlier conversation: the scripted model counts assistant turns per user message,
         # and OpenCode re-sends the whole history, so turn 2 ran its own script from step one
 
+        # a turn that changes nothing keeps the patch as it was; one that puts the base back leaves none
+        api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@say nothing to change"})
+        third = wait_for(api, run["id"], {"idle", "failed"})
+        assert third["status"] == "idle", third["error"]
+        assert third["turns"][2]["diffStats"] == {"filesChanged": 0, "additions": 0, "deletions": 0}
+        assert third["diffStats"] == second["diffStats"] and third["changedPaths"] == second["changedPaths"]
+        assert api.get(f"{RUNS}/{run['id']}", params={"patch": "1"}).json()["run"]["patch"] == patch
+        api.post(f"{RUNS}/{run['id']}/messages", json={"prompt": "@bash git checkout -- README.md && rm -r notes\n"
+                                                                 "@say back to the base"})
+        fourth = wait_for(api, run["id"], {"idle", "failed"})
+        assert fourth["status"] == "idle", fourth["error"]
+        assert fourth["turns"][3]["diffStats"] == {"filesChanged": 2, "additions": 0, "deletions": 2}
+        assert fourth["changedPaths"] == [] and fourth["diffStats"]["filesChanged"] == 0
+        assert not api.get(f"{RUNS}/{run['id']}", params={"patch": "1"}).json()["run"]["patch"]
+
         ended = api.post(f"{RUNS}/{run['id']}/messages", json={"endSession": True}).json()["run"]
         assert ended["status"] == "completed" and ended["terminal"] and not ended["sessionActive"]
         assert container_ids(run["id"]) == []

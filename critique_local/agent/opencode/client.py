@@ -147,8 +147,8 @@ class OpenCodeClient:
     async def session_export(self, session_id: str) -> dict[str, Any]:
         """The session as ``opencode export`` writes it (``{"info", "messages": [{info, parts}]}``),
         read over HTTP (milliseconds instead of the CLI's seconds); bounded like every reply."""
-        info = await self._json("GET", f"/session/{session_id}")
-        messages = await self._json("GET", f"/session/{session_id}/message", timeout_s=60)
+        info, messages = await asyncio.gather(self._json("GET", f"/session/{session_id}"),
+                                              self._json("GET", f"/session/{session_id}/message", timeout_s=60))
         if not isinstance(info, dict) or info.get("id") != session_id or not isinstance(messages, list):
             raise AgentError(f"OpenCode GET /session/{session_id}: not the session asked for")
         return {"info": info, "messages": messages}

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import time
 from typing import Any
 
 from critique_local.agent.base import (
@@ -47,6 +49,7 @@ LOG_PATH = "/tmp/opencode.log"
 WARM_UP_DIR = "/tmp/.critique-warm-up"
 WARM_UP_REPO = (f"mkdir -p {WARM_UP_DIR} && cd {WARM_UP_DIR} && git init -q && git -c user.name=warm-up "
                 "-c user.email=warm-up@localhost commit -q --allow-empty -m warm-up")
+log = logging.getLogger(__name__)
 # in the environment of the server and so of every process it starts: what Harness.stop ends
 AGENT_MARK_NAME, AGENT_MARK_VALUE = "CRITIQUE_AGENT_PROCESS", "opencode"
 IDLE_WAIT_S = 3.0  # after the reply, how long the stream may take to say the session is idle
@@ -193,10 +196,13 @@ class OpenCodeAgent(Agent):
                     await on_event(EventRow(row))
 
         pump_task = asyncio.create_task(pump())
+        t0 = time.monotonic()
+        marks: list[tuple[str, float]] = []
         try:
             # OpenCode answered its health check already; on a loaded machine its event stream
             # can still take a while to open, so this waits as long as its start may take
             await asyncio.wait_for(connected.wait(), turn.connect_timeout_s)
+            marks.append(("events.connected", time.monotonic()))
             await on_event(PromptSent())
             try:
                 result = await client.prompt(session_id, turn.text, provider_id=PROVIDER_ID, model_id=turn.model_id,
@@ -208,8 +214,10 @@ class OpenCodeAgent(Agent):
                     raise AgentError("the agent's turn exceeded sandbox.turn_timeout_s",
                                      ErrorCode.TURN_TIMEOUT) from exc
                 raise
+            marks.append(("reply", time.monotonic()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(idle.wait(), IDLE_WAIT_S)
+            marks.append(("idle" if idle.is_set() else "idle.not-seen", time.monotonic()))
         except TimeoutError as exc:
             raise AgentError("OpenCode's event stream did not connect", ErrorCode.AGENT_UNREACHABLE) from exc
         finally:
@@ -219,6 +227,8 @@ class OpenCodeAgent(Agent):
             if client.dropped_events:
                 dropped, client.dropped_events = client.dropped_events, 0
                 await on_event(EventsDropped(dropped))
+            log.debug("OpenCode turn of %s (ms from its start): %s", session_id,
+                      " ".join(f"{name} +{(at - t0) * 1000:.0f}" for name, at in marks))
         return reply_of(result, texts[-1] if texts else "", turn.max_text_chars)
 
 
