@@ -40,7 +40,7 @@ typecheck: deps
 	$(BIN)/mypy
 
 unit: deps
-	$(BIN)/pytest -m "not e2e" -q
+	$(BIN)/pytest -m "not e2e" -q -n $(TEST_WORKERS) --dist loadfile
 
 e2e: setup
 	$(BIN)/pytest -m "e2e and not exclusive" -q -n $(TEST_WORKERS) --dist loadfile
