@@ -5,6 +5,7 @@ in /tmp; and the pure parts (records, the pack after its marker, ``df`` output).
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 from pathlib import Path
@@ -87,7 +88,7 @@ def test_a_full_workspace_stops_it_before_git(base: tuple[Path, str]) -> None:
 
 
 def test_records_are_read_key_by_value() -> None:
-    out = b"DIR\0/tmp/x\0NESTED\0PACKDATA\0NESTED\0a\0PACKSIZE\x003\0PACKDATA\0\0P\0"
+    out = b"DIR\0/tmp/x\0NESTED\0PACKDATA\0NESTED\0a\0PACKSIZE\x003\0PACKDATA\0" + base64.b64encode(b"\0P\0")
     head, pack = split_pack(out)
     assert pack == b"\0P\0"
     assert parse_records(head) == {b"DIR": [b"/tmp/x"], b"NESTED": [b"PACKDATA", b"a"], b"PACKSIZE": [b"3"]}

@@ -34,6 +34,8 @@ when the tree is the base tree), read by the server with ``index-pack --strict -
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import dataclasses
 import re
@@ -136,7 +138,7 @@ size=$(stat -c %s "$d/changes.pack") || exit 7
 printf 'PACKSIZE\0%s\0' "$size"
 if [ "$size" -le "$maxpack" ]; then
   printf 'PACKDATA\0'
-  cat "$d/changes.pack" || exit 7
+  base64 -w0 "$d/changes.pack" || exit 7
 fi
 """.replace("GITCONFIG", _GIT_CONFIG)
 
@@ -181,13 +183,17 @@ def parse_records(raw: bytes) -> dict[bytes, list[bytes]]:
 
 
 def split_pack(raw: bytes) -> tuple[bytes, bytes | None]:
-    """The script's output -> (its records, the raw pack after ``PACKDATA\\0``; None when none
-    was sent). Walks the records key by value, so a value that reads ``PACKDATA`` (a path) is
-    not taken for the marker."""
+    """The script's output -> (its records, the pack sent base64-encoded after ``PACKDATA\\0``,
+    decoded; None when none was sent or it is not valid base64). Base64, because not every
+    backend carries a command's stdout as bytes (E2B's SDK gives text). Walks the records key by
+    value, so a value that reads ``PACKDATA`` (a path) is not taken for the marker."""
     pos = 0
     while (key_end := raw.find(b"\0", pos)) >= 0:
         if raw[pos:key_end] == PACK_MARK:
-            return raw[:pos], raw[key_end + 1:]
+            try:
+                return raw[:pos], base64.b64decode(raw[key_end + 1:], validate=True)
+            except binascii.Error:
+                return raw[:pos], None
         value_end = raw.find(b"\0", key_end + 1)
         if value_end < 0:
             break
@@ -202,7 +208,7 @@ async def take(sandbox: Sandbox, base_tree: str, max_pack_bytes: int, disk: Disk
     mounts = disk.mounts if disk is not None else ()
     res = await sandbox.exec(["bash", "-c", SCRIPT, "critique-snapshot", base_tree, NEUTRAL_ATTRIBUTES,
                               str(max_pack_bytes), str(disk.min_free_kb if disk is not None else 0), *mounts],
-                             timeout_s=300, max_output_bytes=MAX_RECORDS_BYTES + max_pack_bytes)
+                             timeout_s=300, max_output_bytes=MAX_RECORDS_BYTES + (max_pack_bytes + 2) // 3 * 4)
     head, pack = split_pack(res.stdout)
     records = parse_records(head)
     folder = (records.get(b"DIR") or [b""])[0].decode(errors="replace")
